@@ -1,0 +1,149 @@
+//! The plugin registry: a name -> typed, serde-defaulted config and constructor.
+//!
+//! Adding a plugin: write one file with a config struct implementing [`PluginConfig`] and add
+//! one line to [`registry`]. Registering enrols the plugin in `runner list`, in experiment-file
+//! validation and in the conformance suite (`tests/conformance.rs`).
+
+use candle_core::Device;
+use candle_nn::VarBuilder;
+use serde::{de::DeserializeOwned, Serialize};
+
+use arm_core::Conditional;
+
+/// What a plugin constructor gets besides its own config.
+pub struct BuildCtx<'a> {
+    pub vb: VarBuilder<'a>,
+    pub device: Device,
+    pub height: usize,
+    pub width: usize,
+    /// P: parameters per pixel the head needs.
+    pub num_params: usize,
+    /// Seed for anything random inside the model at training time (dropout masks).
+    pub seed: u64,
+}
+
+impl BuildCtx<'_> {
+    pub fn dims(&self) -> usize {
+        self.height * self.width
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("unknown backend {0:?}: expected one of {1}")]
+    Unknown(String, String),
+    /// `key` is relative to the plugin's table.
+    #[error("{key}: {msg}")]
+    Invalid { key: String, msg: String },
+    #[error("building the model: {0}")]
+    Build(#[from] candle_core::Error),
+}
+
+pub fn invalid(key: &str, msg: impl Into<String>) -> PluginError {
+    PluginError::Invalid { key: key.to_string(), msg: msg.into() }
+}
+
+/// A plugin's config: serde with `deny_unknown_fields` and `default`, checked by `validate`.
+pub trait PluginConfig: Serialize + DeserializeOwned + Default + 'static {
+    const NAME: &'static str;
+    const SUMMARY: &'static str;
+    /// 2D plugins read the image as (H, W) and accept only raster order.
+    const IS_2D: bool = false;
+    /// Checks values against each other and the image shape; errors name the key.
+    fn validate(&self, height: usize, width: usize) -> Result<(), PluginError>;
+    fn build(&self, ctx: BuildCtx) -> Result<Box<dyn Conditional>, PluginError>;
+    /// Small configs for the conformance suite (a few variants that cover its options).
+    fn test_configs() -> Vec<Self>;
+    /// One-line help per key for `runner list`.
+    fn key_docs() -> &'static [(&'static str, &'static str)];
+}
+
+/// A registered plugin with its typed config erased behind TOML tables.
+pub struct Plugin {
+    pub name: &'static str,
+    pub summary: &'static str,
+    pub is_2d: bool,
+    pub key_docs: &'static [(&'static str, &'static str)],
+    defaults: fn() -> toml::Table,
+    resolve: fn(&toml::Table, usize, usize) -> Result<toml::Table, PluginError>,
+    build: fn(&toml::Table, BuildCtx) -> Result<Box<dyn Conditional>, PluginError>,
+    test_configs: fn() -> Vec<toml::Table>,
+}
+
+fn to_table<C: Serialize>(c: &C) -> toml::Table {
+    toml::Table::try_from(c).unwrap_or_default()
+}
+
+fn parse<C: PluginConfig>(t: &toml::Table) -> Result<C, PluginError> {
+    let v = toml::Value::Table(t.clone());
+    serde_path_to_error::deserialize::<_, C>(v).map_err(|e| {
+        let path = e.path().to_string();
+        let key = if path == "." { String::new() } else { path };
+        PluginError::Invalid { key, msg: e.into_inner().message().trim().to_string() }
+    })
+}
+
+fn resolve_with<C: PluginConfig>(t: &toml::Table, h: usize, w: usize) -> Result<toml::Table, PluginError> {
+    let c: C = parse(t)?;
+    c.validate(h, w)?;
+    Ok(to_table(&c))
+}
+
+fn build_with<C: PluginConfig>(t: &toml::Table, ctx: BuildCtx) -> Result<Box<dyn Conditional>, PluginError> {
+    let c: C = parse(t)?;
+    c.validate(ctx.height, ctx.width)?;
+    c.build(ctx)
+}
+
+impl Plugin {
+    pub fn of<C: PluginConfig>() -> Self {
+        Plugin {
+            name: C::NAME,
+            summary: C::SUMMARY,
+            is_2d: C::IS_2D,
+            key_docs: C::key_docs(),
+            defaults: || to_table(&C::default()),
+            resolve: resolve_with::<C>,
+            build: build_with::<C>,
+            test_configs: || C::test_configs().iter().map(to_table).collect(),
+        }
+    }
+
+    /// The full default config.
+    pub fn defaults(&self) -> toml::Table {
+        (self.defaults)()
+    }
+
+    /// Parses a (partial) table, fills defaults and validates it for an H x W image; returns the
+    /// complete resolved table.
+    pub fn resolve(&self, t: &toml::Table, height: usize, width: usize) -> Result<toml::Table, PluginError> {
+        (self.resolve)(t, height, width)
+    }
+
+    pub fn build(&self, t: &toml::Table, ctx: BuildCtx) -> Result<Box<dyn Conditional>, PluginError> {
+        (self.build)(t, ctx)
+    }
+
+    pub fn test_configs(&self) -> Vec<toml::Table> {
+        (self.test_configs)()
+    }
+}
+
+/// Every plugin, one line each.
+pub fn registry() -> Vec<Plugin> {
+    vec![
+        Plugin::of::<crate::causal_conv1d::CausalConv1dConfig>(),
+    ]
+}
+
+pub fn plugin_names() -> Vec<&'static str> {
+    registry().iter().map(|p| p.name).collect()
+}
+
+/// Looks a plugin up by name.
+pub fn plugin(name: &str) -> Result<Plugin, PluginError> {
+    registry()
+        .into_iter()
+        .find(|p| p.name == name)
+        .ok_or_else(|| PluginError::Unknown(name.to_string(), plugin_names().join(", ")))
+}

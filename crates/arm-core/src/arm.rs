@@ -1,0 +1,207 @@
+//! The `Arm`: a conditional, a head, a pixel ordering and the number of levels.
+//!
+//! log p(x) = sum_d log p(x_{pi(d)} | x_{pi(<d)}) over the ordering pi, evaluated for all d in one
+//! parallel pass (teacher forcing). Units: nats per image, and bits per dimension
+//! = nats / (D ln 2). Three exact samplers share pre-drawn uniform noise:
+//! - naive: the default stepper (a full forward pass per pixel, O(D^2));
+//! - cached: the plugin's own stepper (O(D) where the plugin keeps caches);
+//! - jacobi: fixed-point iteration of all positions in parallel from the previous iterate with
+//!   the same noise (Song et al. 2021, "Accelerating feedforward computation via parallel
+//!   nonlinear equation solving", Alg. 1); after t iterations the first t positions are final, so
+//!   it ends in at most D passes and returns exactly the sequential sample.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::{Conditional, Head, NaiveStepper, Ordering, Result, Stepper};
+
+/// Nats per image to bits per dimension.
+pub fn bits_per_dim(nats: f64, dims: usize) -> f64 {
+    nats / (dims as f64 * std::f64::consts::LN_2)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sampler {
+    Naive,
+    Cached,
+    Jacobi,
+}
+
+impl std::str::FromStr for Sampler {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "naive" => Ok(Sampler::Naive),
+            "cached" => Ok(Sampler::Cached),
+            "jacobi" => Ok(Sampler::Jacobi),
+            _ => Err(format!("unknown sampler {s:?}: expected naive, cached or jacobi")),
+        }
+    }
+}
+
+pub struct SampleOutput {
+    /// (B, D) levels as f32, in image (row-major) layout.
+    pub images: Tensor,
+    /// Forward passes (jacobi) or steps (naive, cached) taken.
+    pub iterations: usize,
+}
+
+pub struct Arm {
+    conditional: Box<dyn Conditional>,
+    head: Box<dyn Head>,
+    levels: usize,
+    height: usize,
+    width: usize,
+    ordering: Ordering,
+    /// Sequence -> image and image -> sequence index maps; None for the identity.
+    perm: Option<(Tensor, Tensor)>,
+}
+
+impl Arm {
+    pub fn new(
+        conditional: Box<dyn Conditional>,
+        head: Box<dyn Head>,
+        levels: usize,
+        (height, width): (usize, usize),
+        ordering: Ordering,
+    ) -> Result<Self> {
+        if levels < 2 {
+            candle_core::bail!("levels must be at least 2, got {levels}");
+        }
+        if conditional.seq_len() != height * width {
+            candle_core::bail!(
+                "conditional built for {} pixels, data has {height}x{width}",
+                conditional.seq_len()
+            );
+        }
+        let p = ordering.permutation(height, width);
+        let perm = if p.iter().enumerate().all(|(i, &j)| i == j) {
+            None
+        } else {
+            let mut inv = vec![0u32; p.len()];
+            for (i, &j) in p.iter().enumerate() {
+                inv[j] = i as u32;
+            }
+            let dev = conditional.device();
+            let fwd: Vec<u32> = p.iter().map(|&j| j as u32).collect();
+            Some((Tensor::new(fwd, dev)?, Tensor::new(inv, dev)?))
+        };
+        Ok(Self { conditional, head, levels, height, width, ordering, perm })
+    }
+
+    pub fn head(&self) -> &dyn Head {
+        self.head.as_ref()
+    }
+    pub fn conditional(&self) -> &dyn Conditional {
+        self.conditional.as_ref()
+    }
+    pub fn levels(&self) -> usize {
+        self.levels
+    }
+    pub fn dims(&self) -> usize {
+        self.height * self.width
+    }
+    pub fn shape(&self) -> (usize, usize) {
+        (self.height, self.width)
+    }
+    pub fn ordering(&self) -> Ordering {
+        self.ordering
+    }
+    pub fn device(&self) -> &Device {
+        self.conditional.device()
+    }
+
+    /// (B, D) image layout -> (B, D) sequence order.
+    pub fn to_sequence(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.perm {
+            None => Ok(x.clone()),
+            Some((fwd, _)) => x.index_select(fwd, 1),
+        }
+    }
+
+    /// (B, D) sequence order -> (B, D) image layout.
+    pub fn to_image(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.perm {
+            None => Ok(x.clone()),
+            Some((_, inv)) => x.index_select(inv, 1),
+        }
+    }
+
+    /// Levels -> network inputs in [0, 1] (0 stays 0, so zero padding reads as background).
+    fn scale(&self, levels: &Tensor) -> Result<Tensor> {
+        levels.affine(1.0 / (self.levels - 1) as f64, 0.0)
+    }
+
+    /// x: (B, D) levels in image layout -> (B, D) log p per pixel, in sequence order.
+    pub fn log_prob_pixels(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let xs = self.to_sequence(&x.to_dtype(DType::F32)?)?; // (B, D)
+        let params = self.conditional.forward_t(&self.scale(&xs)?, train)?; // (B, D, P)
+        self.head.log_prob(&params, &xs) // (B, D)
+    }
+
+    /// (B,) log p(x) in nats per image.
+    pub fn log_prob(&self, x: &Tensor) -> Result<Tensor> {
+        self.log_prob_pixels(x, false)?.sum(1)
+    }
+
+    /// Mean negative log-likelihood in nats per image (the training loss).
+    pub fn nll(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.log_prob_pixels(x, train)?.sum(1)?.mean(0)?.neg()
+    }
+
+    /// Draws samples; `noise` is (B, D, Q) uniform in [0, 1) indexed by sequence position,
+    /// with Q = head.noise_dim(). The same noise gives the same images for every sampler.
+    pub fn sample(&self, noise: &Tensor, sampler: Sampler) -> Result<SampleOutput> {
+        let (b, d, q) = noise.dims3()?;
+        if d != self.dims() || q != self.head.noise_dim() {
+            candle_core::bail!(
+                "noise shape ({b}, {d}, {q}), expected (B, {}, {})",
+                self.dims(),
+                self.head.noise_dim()
+            );
+        }
+        let (seq, iterations) = match sampler {
+            Sampler::Naive => {
+                let st = NaiveStepper::new(self.conditional.as_ref(), b)?;
+                (self.run_stepper(Box::new(st), noise)?, d)
+            }
+            Sampler::Cached => {
+                let st = self.conditional.stepper(b)?;
+                (self.run_stepper(st, noise)?, d)
+            }
+            Sampler::Jacobi => self.jacobi(noise)?,
+        };
+        Ok(SampleOutput { images: self.to_image(&seq)?, iterations })
+    }
+
+    fn run_stepper(&self, mut st: Box<dyn Stepper + '_>, noise: &Tensor) -> Result<Tensor> {
+        let (_, d, _) = noise.dims3()?;
+        let mut cols = Vec::with_capacity(d);
+        for i in 0..d {
+            let params = st.params()?; // (B, P)
+            let u = noise.narrow(1, i, 1)?.squeeze(1)?; // (B, Q)
+            let x = self.head.sample(&params, &u)?; // (B,)
+            st.push(&self.scale(&x)?)?;
+            cols.push(x);
+        }
+        Tensor::stack(&cols, 1) // (B, D)
+    }
+
+    fn jacobi(&self, noise: &Tensor) -> Result<(Tensor, usize)> {
+        let (b, d, q) = noise.dims3()?;
+        let flat_noise = noise.reshape((b * d, q))?;
+        let mut x = Tensor::zeros((b, d), DType::F32, self.device())?;
+        for it in 1..=d {
+            let params = self.conditional.forward_t(&self.scale(&x)?, false)?; // (B, D, P)
+            let p = params.dim(2)?;
+            let next = self.head.sample(&params.reshape((b * d, p))?, &flat_noise)?.reshape((b, d))?;
+            let changed = next.ne(&x)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+            x = next;
+            // After `it` passes the first `it` positions are final; an unchanged iterate is
+            // a fixed point, which is the sequential sample.
+            if changed == 0.0 || it == d {
+                return Ok((x, it));
+            }
+        }
+        Ok((x, d))
+    }
+}

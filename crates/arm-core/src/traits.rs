@@ -1,0 +1,73 @@
+//! The two plugin traits of DESIGN.md §3 and the naive full-recompute stepper.
+
+use candle_core::{Device, Tensor};
+
+use crate::Result;
+
+/// Maps a sequence of pixels to per-pixel head parameters. Row d of the output may depend only
+/// on inputs x[..d] (strictly earlier positions of the sequence the `Arm` hands over, which is
+/// already permuted into the model's ordering and scaled to [0, 1]).
+pub trait Conditional: Send + Sync {
+    /// x: (B, D) inputs in [0, 1]. Returns (B, D, P) with P = head.num_params().
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor>;
+
+    /// Sequence length D the network was built for.
+    fn seq_len(&self) -> usize;
+
+    /// Device the parameters live on.
+    fn device(&self) -> &Device;
+
+    /// Incremental evaluation for sampling. The default recomputes the whole forward pass at
+    /// each step: correct for any plugin, quadratic in D. Fast plugins override it with caches.
+    fn stepper(&self, batch: usize) -> Result<Box<dyn Stepper + '_>> {
+        Ok(Box::new(NaiveStepper::new(self, batch)?))
+    }
+}
+
+/// One-pixel-at-a-time evaluation of a conditional.
+pub trait Stepper {
+    /// (B, P) parameters for the next position.
+    fn params(&mut self) -> Result<Tensor>;
+    /// Feeds the value chosen for that position, (B,), scaled like `forward_t` inputs.
+    fn push(&mut self, x_d: &Tensor) -> Result<()>;
+}
+
+/// Full forward pass per step over a buffer whose unfilled positions are zero.
+pub struct NaiveStepper<'a, C: Conditional + ?Sized> {
+    cond: &'a C,
+    batch: usize,
+    pos: usize,
+    buf: Vec<f32>, // (B, D) row-major
+}
+
+impl<'a, C: Conditional + ?Sized> NaiveStepper<'a, C> {
+    pub fn new(cond: &'a C, batch: usize) -> Result<Self> {
+        let d = cond.seq_len();
+        Ok(Self { cond, batch, pos: 0, buf: vec![0.0; batch * d] })
+    }
+}
+
+impl<C: Conditional + ?Sized> Stepper for NaiveStepper<'_, C> {
+    fn params(&mut self) -> Result<Tensor> {
+        let d = self.cond.seq_len();
+        if self.pos >= d {
+            candle_core::bail!("stepper: all {d} positions are already filled");
+        }
+        let x = Tensor::from_slice(&self.buf, (self.batch, d), self.cond.device())?;
+        let out = self.cond.forward_t(&x, false)?; // (B, D, P)
+        out.narrow(1, self.pos, 1)?.squeeze(1) // (B, P)
+    }
+
+    fn push(&mut self, x_d: &Tensor) -> Result<()> {
+        let d = self.cond.seq_len();
+        let vals = x_d.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+        if vals.len() != self.batch {
+            candle_core::bail!("stepper: pushed {} values, batch is {}", vals.len(), self.batch);
+        }
+        for (b, v) in vals.into_iter().enumerate() {
+            self.buf[b * d + self.pos] = v;
+        }
+        self.pos += 1;
+        Ok(())
+    }
+}

@@ -1,0 +1,132 @@
+//! Adamax (Kingma & Ba 2015, "Adam: A Method for Stochastic Optimization", Algorithm 2), the
+//! infinity-norm variant of Adam, as a candle-nn `Optimizer`. Like PyTorch's `torch.optim.Adamax`
+//! it adds eps inside the max (u_t = max(beta2 u_{t-1}, |g_t| + eps)) so a parameter whose
+//! gradient has always been zero gets no 0/0, and applies weight decay as an L2 term on g.
+
+use candle_core::{backprop::GradStore, Tensor, Var};
+use candle_nn::Optimizer;
+
+#[derive(Debug, Clone, Copy)]
+pub struct ParamsAdamax {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for ParamsAdamax {
+    /// PyTorch's defaults except lr, which follows the chapter (1e-3).
+    fn default() -> Self {
+        Self { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+    }
+}
+
+struct State {
+    var: Var,
+    m: Tensor, // first moment
+    u: Tensor, // exponentially weighted infinity norm
+}
+
+pub struct Adamax {
+    state: Vec<State>,
+    params: ParamsAdamax,
+    t: usize,
+}
+
+impl Optimizer for Adamax {
+    type Config = ParamsAdamax;
+
+    fn new(vars: Vec<Var>, params: ParamsAdamax) -> candle_core::Result<Self> {
+        let state = vars
+            .into_iter()
+            .filter(|v| v.dtype().is_float())
+            .map(|var| {
+                let m = var.zeros_like()?;
+                let u = var.zeros_like()?;
+                Ok(State { var, m, u })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self { state, params, t: 0 })
+    }
+
+    fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
+        self.t += 1;
+        let p = self.params;
+        let step = p.lr / (1.0 - p.beta1.powi(self.t as i32)); // bias-corrected step size
+        for s in self.state.iter_mut() {
+            let Some(g) = grads.get(&s.var) else { continue };
+            let g = if p.weight_decay != 0.0 { (g + s.var.as_tensor().affine(p.weight_decay, 0.0)?)? } else { g.clone() };
+            let m = ((&s.m * p.beta1)? + (&g * (1.0 - p.beta1))?)?;
+            let u = (&s.u * p.beta2)?.maximum(&g.abs()?.affine(1.0, p.eps)?)?;
+            let update = (m.div(&u)? * step)?;
+            s.var.set(&s.var.as_tensor().sub(&update)?)?;
+            s.m = m;
+            s.u = u;
+        }
+        Ok(())
+    }
+
+    fn learning_rate(&self) -> f64 {
+        self.params.lr
+    }
+
+    fn set_learning_rate(&mut self, lr: f64) {
+        self.params.lr = lr;
+    }
+}
+
+impl Adamax {
+    /// Optimiser state for checkpoints: (name suffix, tensor) per variable, in `vars` order.
+    pub fn state_tensors(&self) -> Vec<(Tensor, Tensor)> {
+        self.state.iter().map(|s| (s.m.clone(), s.u.clone())).collect()
+    }
+    pub fn steps(&self) -> usize {
+        self.t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn two_steps_match_hand_computed_values() -> candle_core::Result<()> {
+        // f(w) = sum(c * w), so g = c at every step. Starting from w = [1, -2], c = [0.5, -3]:
+        // python:
+        //   b1, b2, lr, eps = 0.9, 0.999, 0.1, 1e-8; w = [1., -2.]; c = [.5, -3.]; m=[0,0]; u=[0,0]
+        //   for t in (1, 2):
+        //     m = [b1*mi + (1-b1)*ci for mi, ci in zip(m, c)]
+        //     u = [max(b2*ui, abs(ci) + eps) for ui, ci in zip(u, c)]
+        //     w = [wi - lr/(1-b1**t) * mi/ui for wi, mi, ui in zip(w, m, u)]
+        //   -> w = [0.800000004, -1.8000000006666665]
+        let w = Var::new(&[1f32, -2.0], &Device::Cpu)?;
+        let c = Tensor::new(&[0.5f32, -3.0], &Device::Cpu)?;
+        let mut opt = Adamax::new(vec![w.clone()], ParamsAdamax { lr: 0.1, ..Default::default() })?;
+        for _ in 0..2 {
+            let loss = (w.as_tensor() * &c)?.sum_all()?;
+            opt.backward_step(&loss)?;
+        }
+        let got = w.as_tensor().to_vec1::<f32>()?;
+        assert!((got[0] - 0.8).abs() < 1e-6 && (got[1] + 1.8).abs() < 1e-6, "{got:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn infinity_norm_remembers_the_largest_gradient() -> candle_core::Result<()> {
+        // Gradients 4 then 1: u_2 = max(0.999 * 4, 1) = 3.996; m_2 = 0.9*0.4 + 0.1*1 = 0.46;
+        // w_2 = w_1 - lr/(1 - 0.81) * 0.46 / 3.996, w_1 = 0 - lr/(0.1) * 0.4/4 = -lr.
+        // python: lr=0.01; w1=-lr; w2 = w1 - lr/0.19*0.46/3.996  -> -0.010605833...
+        let w = Var::new(&[0f32], &Device::Cpu)?;
+        let mut opt = Adamax::new(vec![w.clone()], ParamsAdamax { lr: 0.01, eps: 0.0, ..Default::default() })?;
+        for c in [4f32, 1.0] {
+            let loss = (w.as_tensor() * c as f64)?.sum_all()?;
+            opt.backward_step(&loss)?;
+        }
+        let got = w.as_tensor().to_vec1::<f32>()?[0];
+        let want = -0.01 - 0.01 / 0.19 * 0.46 / 3.996;
+        assert!((got as f64 - want).abs() < 1e-7, "{got} vs {want}");
+        Ok(())
+    }
+}

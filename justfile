@@ -1,0 +1,20 @@
+# Recipes mirror the README's commands.
+
+# Train the chapter's reference model (causal Conv1d on digits).
+run:
+    cargo run --release -- train experiments/reference.toml
+
+# Run every test (release profile: the same build as the binary).
+test:
+    cargo test --release
+
+# Sweep an experiment grid: just sweep experiments/dilations.toml
+sweep FILE *ARGS:
+    cargo run --release -- sweep {{FILE}} {{ARGS}}
+
+# NLL tables and plots for everything under results/.
+report *ARGS:
+    cargo run --release -- report {{ARGS}}
+
+bench *ARGS:
+    cargo run --release -- bench {{ARGS}}

@@ -1,0 +1,163 @@
+//! Subcommands.
+
+use std::io::IsTerminal;
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{self};
+use crate::{bad_input, run, store, Cli, Command};
+
+pub fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let n: usize = s.strip_prefix("cuda:").map_or(Ok(0), |n| n.parse()).map_err(|_| bad_input(format!("--device {s:?}: expected cpu, cuda or cuda:N")))?;
+            if !candle_core::utils::cuda_is_available() {
+                return Err(bad_input(format!("--device {s}: this runner was built without the `cuda` feature")));
+            }
+            Device::new_cuda(n).with_context(|| format!("--device {s}"))
+        }
+        _ => Err(bad_input(format!("--device {s:?}: expected cpu, cuda or cuda:N"))),
+    }
+}
+
+/// Progress bars that logs do not garble: log lines are printed while the bars are suspended.
+pub struct Ui {
+    pub multi: MultiProgress,
+    pub tty: bool,
+}
+
+impl Ui {
+    pub fn new() -> Self {
+        let tty = std::io::stderr().is_terminal();
+        let multi = MultiProgress::with_draw_target(if tty { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
+        let m = multi.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+            .with_target(false)
+            .with_writer(move || BarWriter(m.clone()))
+            .try_init();
+        Ui { multi, tty }
+    }
+
+    pub fn run_bar(&self, label: &str) -> ProgressBar {
+        let bar = self.multi.add(ProgressBar::new(1));
+        bar.set_style(
+            ProgressStyle::with_template("{prefix:.bold} [{bar:30}] epoch {pos}/{len} {elapsed} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(label.to_string());
+        bar
+    }
+}
+
+struct BarWriter(MultiProgress);
+
+impl std::io::Write for BarWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.suspend(|| std::io::Write::write_all(&mut std::io::stderr(), buf))?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::Write::flush(&mut std::io::stderr())
+    }
+}
+
+pub fn install_ctrlc() {
+    let _ = ctrlc::set_handler(|| {
+        if run::STOP.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            // A second Ctrl-C: leave now; files are written atomically, so nothing is torn.
+            std::process::exit(130);
+        }
+        eprintln!("stopping after the current step (Ctrl-C again to quit now)");
+    });
+}
+
+pub fn dispatch(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train { file, sets, seed } => {
+            let exp = config::load(&file, &sets).map_err(bad_input)?;
+            let device = parse_device(&cli.device)?;
+            let points: std::collections::BTreeSet<String> = exp.runs.iter().map(|r| format!("{:?}", r.grid)).collect();
+            if points.len() > 1 {
+                return Err(bad_input(format!(
+                    "{}: has a [grid] of {} points; `runner train` trains one run, use `runner sweep {}`",
+                    file.display(),
+                    points.len(),
+                    file.display()
+                )));
+            }
+            let mut cfg = exp.runs[0].clone();
+            if let Some(s) = seed {
+                cfg.seed = s;
+            }
+            let ui = Ui::new();
+            install_ctrlc();
+            let dir = store::runs_dir(&cli.results, &exp.name).join(cfg.run_id());
+            tracing::info!("training {} -> {}", exp.name, dir.display());
+            let bar = ui.run_bar(&cfg.run_id());
+            let st = run::execute(&cfg, &dir, &device, &bar, !ui.tty)?;
+            bar.finish_and_clear();
+            let dims = arm_data::shape_of(&cfg.data.name).map_or(1, |(h, w, _)| h * w);
+            match (st.best_val_nll, st.test_nll) {
+                (Some(v), Some(t)) if st.is_finished() => println!(
+                    "{}: best val NLL {v:.3} nats ({:.4} bits/dim) at epoch {} of {}; test NLL {t:.3} nats ({:.4} bits/dim); {} parameters, {:.0} s\nresults in {}",
+                    cfg.run_id(),
+                    arm_core::bits_per_dim(v, dims),
+                    st.best_epoch,
+                    st.epochs,
+                    st.test_bpd.unwrap_or(f64::NAN),
+                    st.n_params,
+                    st.wall_seconds,
+                    dir.display()
+                ),
+                _ => {
+                    println!("{}: {} ({})", cfg.run_id(), st.status, st.reason.clone().unwrap_or_default());
+                    if st.status == "failed" {
+                        anyhow::bail!("run {} failed: {}", cfg.run_id(), st.reason.unwrap_or_default());
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::List => {
+            list();
+            Ok(())
+        }
+    }
+}
+
+fn type_of(v: &toml::Value) -> &'static str {
+    match v {
+        toml::Value::Integer(_) => "integer",
+        toml::Value::Float(_) => "float",
+        toml::Value::String(_) => "string",
+        toml::Value::Boolean(_) => "bool",
+        toml::Value::Array(_) => "list",
+        toml::Value::Table(_) => "table",
+        toml::Value::Datetime(_) => "datetime",
+    }
+}
+
+fn list() {
+    println!("Conditional plugins ([model] backend = NAME; keys go in [model.NAME]):\n");
+    for p in arm_backends::registry() {
+        println!("{}{}  {}", p.name, if p.is_2d { " (2D, raster only)" } else { "" }, p.summary);
+        let defaults = p.defaults();
+        for (k, doc) in p.key_docs {
+            let v = defaults.get(*k);
+            let (ty, dv) = v.map_or(("?", String::new()), |v| (type_of(v), v.to_string()));
+            println!("    {k:<16} {ty:<8} default {dv:<14} {doc}");
+        }
+        println!();
+    }
+    println!("Heads ([model] head = NAME):\n");
+    for h in arm_core::head_names() {
+        println!("{h}");
+    }
+    println!("\nData sets ([data] name = NAME): {}", arm_data::DATASET_NAMES.join(", "));
+}
