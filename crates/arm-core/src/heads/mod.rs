@@ -25,3 +25,32 @@ pub trait Head: Send + Sync {
 pub fn head_names() -> &'static [&'static str] {
     &["categorical"]
 }
+
+/// A head's config error: (key inside the head's table, what was expected).
+pub type HeadConfigError = (String, String);
+
+/// Fills defaults into a head's (possibly empty) `[model.<head>]` table and validates it for
+/// data with `levels` levels; returns the complete table.
+pub fn resolve_head(name: &str, table: &toml::Table, levels: usize) -> std::result::Result<toml::Table, HeadConfigError> {
+    match name {
+        "categorical" => {
+            if let Some(k) = table.keys().next() {
+                return Err((k.clone(), "unknown key: the categorical head has no settings".into()));
+            }
+            if levels < 2 {
+                return Err((String::new(), format!("needs at least 2 levels, data has {levels}")));
+            }
+            Ok(toml::Table::new())
+        }
+        other => Err((String::new(), format!("unknown head {other:?}: expected one of {}", head_names().join(", ")))),
+    }
+}
+
+/// Builds a head from its resolved table.
+pub fn build_head(name: &str, table: &toml::Table, levels: usize) -> std::result::Result<Box<dyn Head>, HeadConfigError> {
+    resolve_head(name, table, levels)?;
+    match name {
+        "categorical" => Ok(Box::new(categorical::Categorical::new(levels))),
+        other => Err((String::new(), format!("unknown head {other:?}"))),
+    }
+}
