@@ -124,6 +124,10 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Bench { what: crate::BenchWhat::Train { steps } } => {
+            let device = parse_device(&cli.device)?;
+            crate::bench::bench_train(&[crate::bench::reference_case()], steps, &device)
+        }
         Command::List => {
             list();
             Ok(())

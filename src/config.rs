@@ -77,6 +77,8 @@ pub struct ModelConfig {
     pub head: String,
     /// The backend's complete resolved table.
     pub plugin: toml::Table,
+    /// The head's complete resolved table (empty for heads without settings).
+    pub head_table: toml::Table,
 }
 
 /// One fully resolved run: everything needed to reproduce it, incl. the seed.
@@ -104,6 +106,9 @@ impl RunConfig {
         model.insert("backend".into(), self.model.backend.clone().into());
         model.insert("head".into(), self.model.head.clone().into());
         model.insert(self.model.backend.clone(), toml::Value::Table(self.model.plugin.clone()));
+        if !self.model.head_table.is_empty() {
+            model.insert(self.model.head.clone(), toml::Value::Table(self.model.head_table.clone()));
+        }
         root.insert("model".into(), toml::Value::Table(model));
         root.insert("train".into(), toml::Value::try_from(&self.train).unwrap_or(toml::Value::Table(Default::default())));
         root.insert("sample".into(), toml::Value::try_from(&self.sample).unwrap_or(toml::Value::Table(Default::default())));
@@ -151,12 +156,13 @@ impl RunConfig {
         let backend = model.get("backend").and_then(|v| v.as_str()).ok_or_else(|| anyhow!("missing model.backend"))?.to_string();
         let head = model.get("head").and_then(|v| v.as_str()).unwrap_or("categorical").to_string();
         let plugin = model.get(&backend).and_then(|v| v.as_table()).cloned().unwrap_or_default();
+        let head_table = model.get(&head).and_then(|v| v.as_table()).cloned().unwrap_or_default();
         let grid = root.get("grid_point").and_then(|v| v.as_table()).map(|t| t.clone().into_iter().collect()).unwrap_or_default();
         Ok(RunConfig {
             name: get("name")?.as_str().unwrap_or_default().to_string(),
             seed: get("seed")?.as_integer().unwrap_or(0) as u64,
             data: get("data")?.try_into()?,
-            model: ModelConfig { backend, head, plugin },
+            model: ModelConfig { backend, head, plugin, head_table },
             train: get("train")?.try_into()?,
             sample: root.get("sample").cloned().map(|v| v.try_into()).transpose()?.unwrap_or_default(),
             grid,
@@ -342,6 +348,17 @@ fn resolve_point(ef: &ExperimentFile) -> Result<(DataConfig, ModelConfig, TrainC
     if !arm_core::head_names().contains(&ef.model.head.as_str()) {
         return Err(format!("model.head: unknown head {:?}: expected one of {}", ef.model.head, arm_core::head_names().join(", ")));
     }
+    let head_in = match ef.model.tables.get(&ef.model.head) {
+        Some(toml::Value::Table(t)) => t.clone(),
+        _ => toml::Table::new(),
+    };
+    let head_table = arm_core::resolve_head(&ef.model.head, &head_in, levels).map_err(|(k, m)| {
+        if k.is_empty() {
+            format!("model.{}: {m}", ef.model.head)
+        } else {
+            format!("model.{}.{k}: {m}", ef.model.head)
+        }
+    })?;
     for (k, v) in &ef.model.tables {
         let known = arm_backends::plugin_names().contains(&k.as_str()) || arm_core::head_names().contains(&k.as_str());
         if !known {
@@ -367,10 +384,9 @@ fn resolve_point(ef: &ExperimentFile) -> Result<(DataConfig, ModelConfig, TrainC
     if ef.sample.n == 0 {
         return Err("sample.n: must be at least 1, got 0".into());
     }
-    let _ = levels;
     Ok((
         ef.data.clone(),
-        ModelConfig { backend: plugin.name.to_string(), head: ef.model.head.clone(), plugin: resolved },
+        ModelConfig { backend: plugin.name.to_string(), head: ef.model.head.clone(), plugin: resolved, head_table },
         ef.train.clone(),
         ef.sample.clone(),
     ))

@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use arm_backends::BuildCtx;
-use arm_core::{seeded_var_builder, Arm, Categorical, Head, Sampler};
+use arm_core::{seeded_var_builder, Arm, Sampler};
 use arm_data::Dataset;
 use arm_train::{Control, Event, Status};
 
@@ -24,17 +24,11 @@ use crate::store::{self, RunStatus};
 /// Set by the Ctrl-C handler: runs stop after the current step and are marked interrupted.
 pub static STOP: AtomicBool = AtomicBool::new(false);
 
-pub fn make_head(name: &str, levels: usize) -> Result<Box<dyn Head>> {
-    match name {
-        "categorical" => Ok(Box::new(Categorical::new(levels))),
-        other => Err(anyhow!("unknown head {other:?}")),
-    }
-}
-
 /// Builds data, model and variables for a run (weights drawn from the run's seed).
 pub fn build(cfg: &RunConfig, device: &Device) -> Result<(Arm, VarMap, Dataset)> {
     let data = arm_data::load(&cfg.data.name)?;
-    let head = make_head(&cfg.model.head, data.levels)?;
+    let head = arm_core::build_head(&cfg.model.head, &cfg.model.head_table, data.levels)
+        .map_err(|(k, m)| anyhow!("model.{}{}{k}: {m}", cfg.model.head, if k.is_empty() { "" } else { "." }))?;
     let plugin = arm_backends::plugin(&cfg.model.backend)?;
     let map = VarMap::new();
     let ctx = BuildCtx {

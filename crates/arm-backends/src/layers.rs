@@ -103,13 +103,9 @@ impl CausalConv1d {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, d, c) = x.dims3()?;
-        let pad = self.reach();
-        let xp = pad_front(x, pad)?; // (B, pad + D, C)
-        // Tap t reads position d - shift - t*dilation, which sits at pad - shift - t*dilation + d.
-        let taps = (0..self.kernel)
-            .map(|t| xp.narrow(1, pad - self.shift - t * self.dilation, d))
-            .collect::<Result<Vec<_>>>()?;
-        let cols = Tensor::cat(&taps, 2)?; // (B, D, k*C)
+        // Tap t reads position d - shift - t*dilation (zeros before the start).
+        let taps = (0..self.kernel).map(|t| (0isize, -((self.shift + t * self.dilation) as isize))).collect();
+        let cols = crate::unfold::Unfold { height: 1, width: d, taps }.apply(x)?; // (B, D, k*C)
         let y = cols.reshape((b * d, self.kernel * c))?.matmul(&self.w)?; // (B*D, C_out)
         y.broadcast_add(&self.b)?.reshape((b, d, self.w.dim(1)?))
     }

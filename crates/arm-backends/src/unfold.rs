@@ -1,0 +1,182 @@
+//! im2col as a custom candle op: for every cell of a (B, H*W, C) channels-last grid, gather the
+//! C-vectors at fixed (row, column) offsets into one row of (B, H*W, taps*C); cells outside
+//! the grid read zeros. Causal Conv1d (H = 1) and masked / shifted Conv2d are this op followed
+//! by one matmul, which runs at candle's gemm speed. Its backward is the adjoint (col2im: a
+//! scatter-add of row slices), so no autograd graph of narrows and concatenations is built.
+//!
+//! Written as contiguous row copies (memcpy of C floats), parallel over the batch. On devices
+//! without a kernel here, callers fall back to the narrow + cat formulation.
+
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use arm_core::Result;
+
+/// Tap offsets (dy, dx): tap t of cell (r, c) reads cell (r + dy, c + dx).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unfold {
+    pub height: usize,
+    pub width: usize,
+    pub taps: Vec<(isize, isize)>,
+}
+
+/// Adjoint of [`Unfold`]: (B, H*W, taps*C) -> (B, H*W, C), summing each slice into its source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fold(pub Unfold);
+
+impl Unfold {
+    /// Source cell of tap `t` for cell `pos`, if inside the grid.
+    #[inline]
+    fn source(&self, pos: usize, (dy, dx): (isize, isize)) -> Option<usize> {
+        let (r, c) = ((pos / self.width) as isize, (pos % self.width) as isize);
+        let (rr, cc) = (r + dy, c + dx);
+        if rr >= 0 && cc >= 0 && (rr as usize) < self.height && (cc as usize) < self.width {
+            Some(rr as usize * self.width + cc as usize)
+        } else {
+            None
+        }
+    }
+
+    fn check(&self, l: &Layout, chan_mult: usize) -> Result<(usize, usize, usize)> {
+        let (b, n, c) = l.shape().dims3()?;
+        if n != self.height * self.width {
+            bail!("unfold: {n} cells, expected {}x{}", self.height, self.width);
+        }
+        if c % chan_mult != 0 {
+            bail!("fold: {c} columns is not a multiple of {chan_mult} taps");
+        }
+        Ok((b, n, c / chan_mult))
+    }
+
+    /// Applies the op with autograd on CPU; elsewhere the equivalent narrow + cat graph.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+            return x.contiguous()?.apply_op1(self.clone());
+        }
+        self.apply_generic(x)
+    }
+
+    /// Device-agnostic formulation (pads and narrows), also the reference in tests.
+    pub fn apply_generic(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, n, c) = x.dims3()?;
+        let (h, w) = (self.height, self.width);
+        let grid = x.reshape((b, h, w, c))?;
+        let (up, left) = self.taps.iter().fold((0usize, 0usize), |(u, l), &(dy, dx)| (u.max((-dy).max(0) as usize), l.max((-dx).max(0) as usize)));
+        let (down, right) = self.taps.iter().fold((0usize, 0usize), |(d, r), &(dy, dx)| (d.max(dy.max(0) as usize), r.max(dx.max(0) as usize)));
+        let padded = grid.pad_with_zeros(1, up, down)?.pad_with_zeros(2, left, right)?; // (B, H+.., W+.., C)
+        let cols = self
+            .taps
+            .iter()
+            .map(|&(dy, dx)| {
+                padded
+                    .narrow(1, (up as isize + dy) as usize, h)?
+                    .narrow(2, (left as isize + dx) as usize, w)?
+                    .reshape((b, n, c))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&cols, 2) // (B, N, taps*C)
+    }
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else { bail!("{op}: only f32 is supported") };
+    let Some((a, z)) = l.contiguous_offsets() else { bail!("{op}: input must be contiguous") };
+    Ok(&v[a..z])
+}
+
+impl CustomOp1 for Unfold {
+    fn name(&self) -> &'static str {
+        "unfold"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, n, c) = self.check(l, 1)?;
+        let x = f32_slice(s, l, "unfold")?;
+        let k = self.taps.len();
+        let mut out = vec![0f32; b * n * k * c];
+        out.par_chunks_mut(n * k * c).enumerate().for_each(|(bi, ob)| {
+            let xb = &x[bi * n * c..(bi + 1) * n * c];
+            for pos in 0..n {
+                for (t, &tap) in self.taps.iter().enumerate() {
+                    if let Some(src) = self.source(pos, tap) {
+                        let dst = (pos * k + t) * c;
+                        ob[dst..dst + c].copy_from_slice(&xb[src * c..(src + 1) * c]);
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, n, k * c))))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1(Fold(self.clone()))?))
+    }
+}
+
+impl CustomOp1 for Fold {
+    fn name(&self) -> &'static str {
+        "fold"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let u = &self.0;
+        let k = u.taps.len();
+        let (b, n, c) = u.check(l, k)?;
+        let g = f32_slice(s, l, "fold")?;
+        let mut out = vec![0f32; b * n * c];
+        out.par_chunks_mut(n * c).enumerate().for_each(|(bi, ob)| {
+            let gb = &g[bi * n * k * c..(bi + 1) * n * k * c];
+            for pos in 0..n {
+                for (t, &tap) in u.taps.iter().enumerate() {
+                    if let Some(src) = u.source(pos, tap) {
+                        let from = &gb[(pos * k + t) * c..(pos * k + t + 1) * c];
+                        for (o, v) in ob[src * c..(src + 1) * c].iter_mut().zip(from) {
+                            *o += v;
+                        }
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, n, c))))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1(self.0.clone())?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+    use rand::{Rng, SeedableRng};
+
+    fn rand_t(shape: (usize, usize, usize), seed: u64) -> Result<Tensor> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let v: Vec<f32> = (0..shape.0 * shape.1 * shape.2).map(|_| rng.random::<f32>() - 0.5).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu)
+    }
+
+    #[test]
+    fn custom_op_equals_pad_and_narrow_in_values_and_gradients() -> Result<()> {
+        let cases = [
+            Unfold { height: 1, width: 9, taps: vec![(0, 0), (0, -1), (0, -2)] },
+            Unfold { height: 1, width: 9, taps: vec![(0, -1), (0, -3), (0, -5), (0, -7)] },
+            Unfold { height: 3, width: 4, taps: vec![(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 0)] },
+            Unfold { height: 4, width: 3, taps: vec![(-2, 2), (1, 0), (0, -3)] },
+        ];
+        for u in cases {
+            let x = Var::from_tensor(&rand_t((2, u.height * u.width, 3), 1)?)?;
+            let w = rand_t((2, u.height * u.width, 3 * u.taps.len()), 2)?;
+            let fast = u.apply(x.as_tensor())?;
+            let slow = u.apply_generic(x.as_tensor())?;
+            assert_eq!(fast.to_vec3::<f32>()?, slow.to_vec3::<f32>()?, "{u:?}");
+            let gf = (&fast * &w)?.sum_all()?.backward()?.get(&x).expect("grad").to_vec3::<f32>()?;
+            let gs = (&slow * &w)?.sum_all()?.backward()?.get(&x).expect("grad").to_vec3::<f32>()?;
+            for (a, b) in gf.iter().flatten().flatten().zip(gs.iter().flatten().flatten()) {
+                assert!((a - b).abs() < 1e-5, "{u:?}: {a} vs {b}");
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,145 @@
+//! `runner bench train`: seconds per training step (forward, backward, optimiser), FLOPs
+//! counted, achieved GFLOP/s and a matmul peak measured in the same run, evaluation
+//! throughput and peak memory. Ratios are computed within one run, so machine noise affects
+//! the numerator and the denominator alike.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::Optimizer;
+
+use arm_train::{Adamax, ParamsAdamax};
+
+use crate::config::{DataConfig, ModelConfig, RunConfig, SampleConfig};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+/// GFLOP/s of an (m x k) @ (k x n) f32 matmul, median of `reps`.
+pub fn matmul_gflops(m: usize, k: usize, n: usize, reps: usize, dev: &Device) -> Result<f64> {
+    let a = Tensor::randn(0f32, 1.0, (m, k), dev)?;
+    let b = Tensor::randn(0f32, 1.0, (k, n), dev)?;
+    let _ = a.matmul(&b)?; // warm-up
+    let mut t = Vec::new();
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        let c = a.matmul(&b)?;
+        dev.synchronize()?;
+        t.push(t0.elapsed().as_secs_f64());
+        drop(c);
+    }
+    Ok(2.0 * (m * k * n) as f64 / median(t) / 1e9)
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l.to_string()))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Forward FLOPs per image of the plugin's matmuls (elementwise ops not counted).
+fn forward_flops_per_image(backend: &str, t: &toml::Table, d: usize, p: usize) -> f64 {
+    let get = |k: &str| t.get(k).and_then(|v| v.as_integer()).unwrap_or(0) as f64;
+    match backend {
+        "causal_conv1d" => {
+            let c = get("channels");
+            let k = get("kernel_size");
+            let n = t.get("dilations").and_then(|v| v.as_array()).map_or(0, |a| a.len());
+            (0..n)
+                .map(|i| {
+                    let cin = if i == 0 { 1.0 } else { c };
+                    let cout = if i + 1 == n { p as f64 } else { c };
+                    2.0 * d as f64 * k * cin * cout
+                })
+                .sum()
+        }
+        _ => f64::NAN,
+    }
+}
+
+pub struct Case {
+    pub label: String,
+    pub cfg: RunConfig,
+}
+
+pub fn reference_case() -> Case {
+    let plugin = arm_backends::plugin("causal_conv1d").map(|p| p.defaults()).unwrap_or_default();
+    Case {
+        label: "causal_conv1d 256ch k7 x4 (reference)".into(),
+        cfg: RunConfig {
+            name: "bench".into(),
+            seed: 0,
+            data: DataConfig { name: "digits".into(), ordering: Default::default() },
+            model: ModelConfig { backend: "causal_conv1d".into(), head: "categorical".into(), plugin, head_table: Default::default() },
+            train: Default::default(),
+            sample: SampleConfig::default(),
+            grid: vec![],
+        },
+    }
+}
+
+pub fn bench_train(cases: &[Case], steps: usize, dev: &Device) -> Result<()> {
+    let batch = 64;
+    println!("matmul peak (measured now):");
+    let peak_sq = matmul_gflops(1024, 1024, 1024, 10, dev)?;
+    let peak_conv = matmul_gflops(batch * 64, 7 * 256, 256, 10, dev)?;
+    let peak = peak_sq.max(peak_conv);
+    println!("  1024x1024x1024: {peak_sq:.1} GFLOP/s; 4096x1792x256: {peak_conv:.1} GFLOP/s; peak = {peak:.1}");
+    println!();
+    println!("{:<42} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>9} {:>9}", "model", "step s", "fwd s", "bwd s", "opt s", "GFLOP/s", "% peak", "eval im/s", "rss MiB");
+    for case in cases {
+        let (arm, map, data) = crate::run::build(&case.cfg, dev)?;
+        let d = arm.dims();
+        let p = arm.head().num_params();
+        let fwd_flops = forward_flops_per_image(&case.cfg.model.backend, &case.cfg.model.plugin, d, p) * batch as f64;
+        let mut opt = Adamax::new(map.all_vars(), ParamsAdamax::default())?;
+        let idx: Vec<usize> = (0..batch).collect();
+        let x = data.train.batch(&idx, dev)?;
+        let (mut tf, mut tb, mut to, mut ts) = (vec![], vec![], vec![], vec![]);
+        for i in 0..steps + 2 {
+            let t0 = Instant::now();
+            let loss = arm.nll(&x, true)?;
+            let _ = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            let t1 = Instant::now();
+            let grads = loss.backward()?;
+            dev.synchronize()?;
+            let t2 = Instant::now();
+            opt.step(&grads)?;
+            dev.synchronize()?;
+            let t3 = Instant::now();
+            if i >= 2 {
+                tf.push((t1 - t0).as_secs_f64());
+                tb.push((t2 - t1).as_secs_f64());
+                to.push((t3 - t2).as_secs_f64());
+                ts.push((t3 - t0).as_secs_f64());
+            }
+        }
+        let step = median(ts);
+        // Training = forward + backward (grad w.r.t. inputs and weights): 3x the forward FLOPs.
+        let gflops = 3.0 * fwd_flops / step / 1e9;
+        let t0 = Instant::now();
+        let n_eval = arm_train::evaluate(&arm, &data.val, 500).map(|_| data.val.n)?;
+        let eval_ips = n_eval as f64 / t0.elapsed().as_secs_f64();
+        println!(
+            "{:<42} {:>9.4} {:>9.4} {:>9.4} {:>9.4} {:>10.1} {:>7.1}% {:>9.0} {:>9.0}",
+            case.label,
+            step,
+            median(tf),
+            median(tb),
+            median(to),
+            gflops,
+            100.0 * gflops / peak,
+            eval_ips,
+            peak_rss_mib()
+        );
+    }
+    Ok(())
+}
