@@ -38,6 +38,7 @@ impl Ui {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
             .with_target(false)
+            .with_ansi(tty)
             .with_writer(move || BarWriter(m.clone()))
             .try_init();
         Ui { multi, tty }
@@ -122,6 +123,28 @@ pub fn dispatch(cli: Cli) -> Result<()> {
                     }
                 }
             }
+            Ok(())
+        }
+        Command::Sweep { file, sets, jobs, shard, dry_run, fail_fast } => {
+            let exp = config::load(&file, &sets).map_err(bad_input)?;
+            if jobs == 0 {
+                return Err(bad_input("--jobs: must be at least 1, got 0"));
+            }
+            let device = parse_device(&cli.device)?;
+            crate::sweep::sweep(&exp, &cli.results, &device, &crate::sweep::Options { jobs, shard, dry_run, fail_fast })
+        }
+        Command::Report { dirs, format, out, samples } => {
+            let device = parse_device(&cli.device)?;
+            let _ui = Ui::new();
+            crate::report::report(&cli.results, &dirs, &device, &crate::report::Options { format, out, samples: samples.max(1) })
+        }
+        Command::Slurm { file, array, time, cpus, out, sets } => {
+            let exp = config::load(&file, &sets).map_err(bad_input)?;
+            if array == 0 {
+                return Err(bad_input("--array: must be at least 1, got 0"));
+            }
+            let p = crate::slurm::write_script(&exp, &file, &cli.results, &crate::slurm::Options { array, time, cpus, out, sets })?;
+            println!("wrote {} ({} runs in {array} shards); submit with: sbatch {}", p.display(), exp.runs.len(), p.display());
             Ok(())
         }
         Command::Bench { what: crate::BenchWhat::Train { steps } } => {

@@ -3,7 +3,7 @@
 //! `seeds`), validation of every run before the first one starts, and stable run ids.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -184,10 +184,7 @@ pub fn compact(v: &toml::Value) -> String {
 #[derive(Debug)]
 pub struct Experiment {
     pub name: String,
-    pub file: PathBuf,
     pub runs: Vec<RunConfig>,
-    /// Grid keys in file order (summary and report columns).
-    pub grid_keys: Vec<String>,
 }
 
 /// `key=value` from the command line; the value is read as TOML, else taken as a string.
@@ -292,7 +289,6 @@ pub fn load(path: &Path, sets: &[String]) -> Result<Experiment> {
     let base: ExperimentFile = layered(&[]).extract().map_err(|e| anyhow!("{file_s}: {}", figment_msg(e)))?;
     let _ = table;
     let points = grid_points(&base).map_err(|e| anyhow!("{file_s}: {e}"))?;
-    let grid_keys: Vec<String> = base.grid.keys().cloned().chain(base.zip.iter().flat_map(|g| g.keys().cloned())).collect();
     let seeds = base.seeds.clone().unwrap_or_else(|| vec![0]);
     if seeds.is_empty() {
         bail!("{file_s}: seeds: the list is empty; give at least one seed");
@@ -321,7 +317,7 @@ pub fn load(path: &Path, sets: &[String]) -> Result<Experiment> {
         }
     }
     validate_name(&base.name).map_err(|e| anyhow!("{file_s}: name: {e}"))?;
-    Ok(Experiment { name: base.name, file: path.to_path_buf(), runs, grid_keys })
+    Ok(Experiment { name: base.name, runs })
 }
 
 fn validate_name(name: &str) -> Result<(), String> {

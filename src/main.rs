@@ -6,8 +6,12 @@ mod bench;
 mod commands;
 mod config;
 mod plots;
+mod report;
 mod run;
+mod slurm;
 mod store;
+mod summary;
+mod sweep;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -74,6 +78,52 @@ enum Command {
         /// Which of the file's seeds (or any seed) to train.
         #[arg(long)]
         seed: Option<u64>,
+    },
+    /// Train every run of an experiment grid (x seeds); finished runs are skipped.
+    Sweep {
+        file: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Runs trained at the same time (the cores are split between them).
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+        /// Take a deterministic share of the runs: I/N (0-based).
+        #[arg(long)]
+        shard: Option<sweep::Shard>,
+        /// List the runs and which are done; train nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Stop the sweep at the first failed run.
+        #[arg(long)]
+        fail_fast: bool,
+    },
+    /// NLL comparison table, report.md, validation curves and sample grids.
+    Report {
+        /// Experiment folders (default: every experiment under --results).
+        dirs: Vec<PathBuf>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: report::Format,
+        /// Where report.md and the plots go (default: the experiment folder, or --results
+        /// when several experiments are compared).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Images per sample grid.
+        #[arg(long, default_value_t = 16)]
+        samples: usize,
+    },
+    /// Write an sbatch array script whose task i runs `sweep FILE --shard i/N`.
+    Slurm {
+        file: PathBuf,
+        #[arg(long)]
+        array: usize,
+        #[arg(long, default_value = "04:00:00")]
+        time: String,
+        #[arg(long, default_value_t = 2)]
+        cpus: usize,
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
     },
     /// List every conditional plugin and head with its config keys and defaults.
     List,

@@ -1,0 +1,317 @@
+//! `runner report`: NLL tables grouped by grid point (mean +- std and a 95% confidence
+//! interval over seeds, nats and bits per dim, sorted by test NLL, best marked), failed runs,
+//! `report.md`, `nll_curves.png` (validation NLL per epoch, mean over seeds with a min-max
+//! band) and one sample grid per config.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, Result};
+use candle_core::Device;
+use candle_nn::VarMap;
+
+use arm_core::Sampler;
+
+use crate::plots::{self, Series};
+use crate::store;
+use crate::summary::{self, Row};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Markdown,
+    Csv,
+}
+
+/// Two-sided 97.5% quantile of Student's t with `df` degrees of freedom (scipy.stats.t.ppf).
+fn t975(df: usize) -> f64 {
+    const T: [f64; 30] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131, 2.120,
+        2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+    ];
+    if df == 0 {
+        f64::NAN
+    } else {
+        T.get(df - 1).copied().unwrap_or(1.960)
+    }
+}
+
+/// Mean, sample standard deviation and 95% CI half-width of `v`.
+pub fn stats(v: &[f64]) -> (f64, f64, f64) {
+    let n = v.len() as f64;
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    let mean = v.iter().sum::<f64>() / n;
+    if v.len() < 2 {
+        return (mean, f64::NAN, f64::NAN);
+    }
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    let std = var.sqrt();
+    (mean, std, t975(v.len() - 1) * std / n.sqrt())
+}
+
+struct Group {
+    experiment: String,
+    label: String,
+    runs: Vec<Row>,
+}
+
+impl Group {
+    fn finished(&self) -> Vec<&Row> {
+        self.runs.iter().filter(|r| r.status.is_finished()).collect()
+    }
+    fn values(&self, f: fn(&Row) -> Option<f64>) -> Vec<f64> {
+        self.finished().into_iter().filter_map(f).collect()
+    }
+    fn test_mean(&self) -> f64 {
+        let v = self.values(|r| r.status.test_nll);
+        stats(&v).0
+    }
+    fn slug(&self) -> String {
+        let s: String = format!("{}_{}", self.experiment, self.label)
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || "=-_.".contains(c) { c } else { '_' })
+            .collect();
+        s.chars().take(100).collect()
+    }
+}
+
+/// Experiment folders to report: the given ones, or every folder under `results` with runs.
+pub fn experiment_dirs(results: &Path, dirs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    if !dirs.is_empty() {
+        for d in dirs {
+            if !d.join("runs").is_dir() {
+                return Err(crate::bad_input(format!("{}: not an experiment folder (no runs/ inside)", d.display())));
+            }
+        }
+        return Ok(dirs.to_vec());
+    }
+    let mut out: Vec<PathBuf> = std::fs::read_dir(results)
+        .map_err(|e| crate::bad_input(format!("{}: cannot read the results folder: {e}", results.display())))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.join("runs").is_dir())
+        .collect();
+    out.sort();
+    if out.is_empty() {
+        return Err(crate::bad_input(format!("{}: no experiments found (run `runner sweep FILE` first)", results.display())));
+    }
+    Ok(out)
+}
+
+fn fmt_pm(v: &[f64], prec: usize) -> (String, String) {
+    let (m, s, ci) = stats(v);
+    if v.is_empty() {
+        return ("-".into(), "-".into());
+    }
+    let pm = if s.is_nan() { format!("{m:.prec$}") } else { format!("{m:.prec$} ± {s:.prec$}") };
+    let ci = if ci.is_nan() { "-".into() } else { format!("[{:.prec$}, {:.prec$}]", m - ci, m + ci) };
+    (pm, ci)
+}
+
+struct Table {
+    header: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn render(&self, format: Format) -> String {
+        let mut out = String::new();
+        match format {
+            Format::Csv => {
+                let esc = |s: &str| if s.contains([',', '"']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() };
+                let _ = writeln!(out, "{}", self.header.iter().map(|h| esc(h)).collect::<Vec<_>>().join(","));
+                for r in &self.rows {
+                    let _ = writeln!(out, "{}", r.iter().map(|c| esc(c)).collect::<Vec<_>>().join(","));
+                }
+            }
+            Format::Markdown => {
+                let _ = writeln!(out, "| {} |", self.header.join(" | "));
+                let _ = writeln!(out, "|{}|", self.header.iter().map(|_| "---").collect::<Vec<_>>().join("|"));
+                for r in &self.rows {
+                    let _ = writeln!(out, "| {} |", r.join(" | "));
+                }
+            }
+            Format::Table => {
+                let w: Vec<usize> = (0..self.header.len())
+                    .map(|i| self.rows.iter().map(|r| r[i].chars().count()).chain([self.header[i].chars().count()]).max().unwrap_or(0))
+                    .collect();
+                let line = |cells: &[String]| cells.iter().zip(&w).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ");
+                let _ = writeln!(out, "{}", line(&self.header).trim_end());
+                let _ = writeln!(out, "{}", w.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("  "));
+                for r in &self.rows {
+                    let _ = writeln!(out, "{}", line(r).trim_end());
+                }
+            }
+        }
+        out
+    }
+}
+
+pub struct Options {
+    pub format: Format,
+    pub out: Option<PathBuf>,
+    pub samples: usize,
+}
+
+pub fn report(results: &Path, dirs: &[PathBuf], device: &Device, opts: &Options) -> Result<()> {
+    let exp_dirs = experiment_dirs(results, dirs)?;
+    let mut rows = Vec::new();
+    for d in &exp_dirs {
+        rows.extend(summary::rebuild(d)?);
+    }
+    if rows.is_empty() {
+        return Err(crate::bad_input("no runs found in the selected experiments"));
+    }
+    let out_dir = opts.out.clone().unwrap_or_else(|| if exp_dirs.len() == 1 { exp_dirs[0].clone() } else { results.to_path_buf() });
+    // Group by experiment and grid point (every key but the seed).
+    let mut groups: BTreeMap<(String, String), Group> = BTreeMap::new();
+    for r in rows {
+        let key = (r.experiment.clone(), r.grid_label());
+        groups.entry(key.clone()).or_insert_with(|| Group { experiment: key.0, label: key.1, runs: vec![] }).runs.push(r);
+    }
+    let mut groups: Vec<Group> = groups.into_values().collect();
+    groups.sort_by(|a, b| a.test_mean().total_cmp(&b.test_mean()));
+    let best = groups.iter().position(|g| g.test_mean().is_finite());
+    let multi = exp_dirs.len() > 1;
+    let mut header: Vec<String> = vec![" ".into()];
+    if multi {
+        header.push("experiment".into());
+    }
+    header.extend(
+        ["config", "seeds", "test NLL (nats)", "95% CI", "test bits/dim", "best val NLL", "params", "epochs"].map(String::from),
+    );
+    let mut table = Table { header, rows: vec![] };
+    for (i, g) in groups.iter().enumerate() {
+        let fin = g.finished();
+        let (test, ci) = fmt_pm(&g.values(|r| r.status.test_nll), 2);
+        let (bpd, _) = fmt_pm(&g.values(|r| r.status.test_bpd), 4);
+        let (val, _) = fmt_pm(&g.values(|r| r.status.best_val_nll), 2);
+        let params = fin.first().map_or("-".into(), |r| r.status.n_params.to_string());
+        let epochs = if fin.is_empty() { "-".into() } else { format!("{:.0}", fin.iter().map(|r| r.status.epochs as f64).sum::<f64>() / fin.len() as f64) };
+        let mut row = vec![if Some(i) == best { "*".into() } else { " ".into() }];
+        if multi {
+            row.push(g.experiment.clone());
+        }
+        row.extend([g.label.clone(), format!("{}/{}", fin.len(), g.runs.len()), test, ci, bpd, val, params, epochs]);
+        table.rows.push(row);
+    }
+    let problems: Vec<&Row> = groups.iter().flat_map(|g| g.runs.iter()).filter(|r| !r.status.is_finished()).collect();
+    let problem_lines: Vec<String> = problems
+        .iter()
+        .map(|r| format!("{} {}/{}: {}{}", r.status.status, r.experiment, r.run_id, r.status.reason.clone().unwrap_or_default(), ""))
+        .collect();
+
+    print!("{}", table.render(opts.format));
+    if opts.format != Format::Csv {
+        if !problem_lines.is_empty() {
+            println!("\nruns not finished ({}):", problem_lines.len());
+            for l in &problem_lines {
+                println!("  {l}");
+            }
+        }
+        println!("\n* best mean test NLL; ± is the sample std over seeds; CI is the 95% t-interval of the mean.");
+    }
+
+    // Curves: mean validation NLL per epoch over finished seeds, min-max band.
+    let mut series = Vec::new();
+    for g in &groups {
+        let mut per_epoch: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+        for r in g.finished() {
+            let p = results_run_dir(&exp_dirs, r).join("metrics.parquet");
+            if let Ok(h) = store::read_metrics(&p) {
+                for m in h {
+                    per_epoch.entry(m.epoch).or_default().push(m.val_nll);
+                }
+            }
+        }
+        if per_epoch.is_empty() {
+            continue;
+        }
+        let points = per_epoch.iter().map(|(e, v)| (*e as f64, v.iter().sum::<f64>() / v.len() as f64)).collect();
+        let band = per_epoch
+            .iter()
+            .map(|(e, v)| (*e as f64, v.iter().cloned().fold(f64::INFINITY, f64::min), v.iter().cloned().fold(f64::NEG_INFINITY, f64::max)))
+            .collect();
+        let label = if multi { format!("{} {}", g.experiment, g.label) } else { g.label.clone() };
+        series.push(Series { label, points, band });
+    }
+    std::fs::create_dir_all(&out_dir)?;
+    let mut written = vec![];
+    if !series.is_empty() {
+        let p = out_dir.join("nll_curves.png");
+        plots::curves(&p, "validation NLL (mean over seeds, band: min-max)", "epoch", "NLL (nats per image)", &series)?;
+        written.push(p);
+    }
+    // One sample grid per config from its best seed (lowest validation NLL).
+    let sample_dir = out_dir.join("samples");
+    let mut sample_files = vec![];
+    for g in &groups {
+        let Some(best_run) = g.finished().into_iter().min_by(|a, b| {
+            a.status.best_val_nll.unwrap_or(f64::INFINITY).total_cmp(&b.status.best_val_nll.unwrap_or(f64::INFINITY))
+        }) else {
+            continue;
+        };
+        let dir = results_run_dir(&exp_dirs, best_run);
+        match sample_config(&dir, &best_run.config, device, opts.samples) {
+            Ok((imgs, shape, levels)) => {
+                let p = sample_dir.join(format!("{}.png", g.slug()));
+                plots::sample_grid(&p, &format!("{} {} (seed {})", g.experiment, g.label, best_run.config.seed), &imgs, shape, levels)?;
+                sample_files.push(p);
+            }
+            Err(e) => tracing::warn!("samples for {}: {e:#}", g.label),
+        }
+    }
+    // report.md
+    let mut md = String::new();
+    let _ = writeln!(md, "# NLL report\n");
+    let _ = writeln!(md, "Experiments: {}\n", exp_dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "));
+    md.push_str(&table.render(Format::Markdown));
+    let _ = writeln!(md, "\n`*` best mean test NLL; ± is the sample std over seeds; CI is the 95% t-interval of the mean.\n");
+    if !problem_lines.is_empty() {
+        let _ = writeln!(md, "## Runs not finished\n");
+        for l in &problem_lines {
+            let _ = writeln!(md, "- {l}");
+        }
+        md.push('\n');
+    }
+    if !series.is_empty() {
+        let _ = writeln!(md, "![validation NLL](nll_curves.png)\n");
+    }
+    for p in &sample_files {
+        let rel = p.strip_prefix(&out_dir).unwrap_or(p);
+        let _ = writeln!(md, "![samples]({})", rel.display());
+    }
+    let md_path = out_dir.join("report.md");
+    store::atomic_write(&md_path, md.as_bytes())?;
+    written.push(md_path);
+    eprintln!(
+        "wrote {} and {} sample grid(s) in {}",
+        written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+        sample_files.len(),
+        sample_dir.display()
+    );
+    Ok(())
+}
+
+fn results_run_dir(exp_dirs: &[PathBuf], r: &Row) -> PathBuf {
+    exp_dirs
+        .iter()
+        .find(|d| d.file_name().is_some_and(|n| n.to_string_lossy() == r.experiment))
+        .map_or_else(|| PathBuf::from(&r.experiment), |d| d.join("runs").join(&r.run_id))
+}
+
+/// Loads a run's best weights and draws `n` samples with the cached sampler.
+pub fn sample_config(dir: &Path, cfg: &crate::config::RunConfig, device: &Device, n: usize) -> Result<(Vec<Vec<u8>>, (usize, usize), usize)> {
+    let (arm, map, _) = crate::run::build(cfg, device)?;
+    load_weights(&map, &dir.join("model.safetensors"))?;
+    let (imgs, _) = crate::run::draw_samples(&arm, n, cfg.sample.seed, Sampler::Cached)?;
+    Ok((imgs, arm.shape(), arm.levels()))
+}
+
+pub fn load_weights(map: &VarMap, path: &Path) -> Result<()> {
+    let mut m = map.clone();
+    m.load(path).map_err(|e| anyhow!("{}: cannot load weights: {e}", path.display()))
+}

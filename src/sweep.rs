@@ -1,0 +1,209 @@
+//! `runner sweep`: every run of an experiment, resumable and safe to run in parallel.
+//! - A run is done when its `status.toml` says finished; finished runs are skipped, anything
+//!   else (missing, running but dead, interrupted, failed) is redone from scratch.
+//! - Each run is claimed with an exclusive OS file lock on `<run>/.lock` held while it trains:
+//!   two sweeps on the same folder never train the same run, and a lock from a dead process
+//!   disappears with it (the OS releases it), so stale claims are taken over.
+//! - `--shard I/N` takes the runs whose index in the expanded grid is I modulo N.
+
+use std::collections::VecDeque;
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering as AtomicOrdering;
+use std::sync::Mutex;
+
+use anyhow::{anyhow, Result};
+use candle_core::Device;
+use fs2::FileExt;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::commands::Ui;
+use crate::config::{Experiment, RunConfig};
+use crate::run;
+use crate::store::{self, RunStatus};
+use crate::summary;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("--shard {s:?}: expected I/N with 0 <= I < N, e.g. 0/4");
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let (index, count): (usize, usize) = (i.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Shard { index, count })
+    }
+}
+
+pub struct Options {
+    pub jobs: usize,
+    pub shard: Option<Shard>,
+    pub dry_run: bool,
+    pub fail_fast: bool,
+}
+
+fn selected(exp: &Experiment, shard: Option<Shard>) -> Vec<RunConfig> {
+    exp.runs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| shard.is_none_or(|s| i % s.count == s.index))
+        .map(|(_, r)| r.clone())
+        .collect()
+}
+
+#[derive(Default)]
+struct Tally {
+    trained: usize,
+    failed: Vec<String>,
+    interrupted: usize,
+    claimed_elsewhere: usize,
+}
+
+pub fn sweep(exp: &Experiment, results: &Path, device: &Device, opts: &Options) -> Result<()> {
+    let runs_dir = store::runs_dir(results, &exp.name);
+    let runs = selected(exp, opts.shard);
+    let dir_of = |r: &RunConfig| runs_dir.join(r.run_id());
+    let (done, todo): (Vec<_>, Vec<_>) = runs.into_iter().partition(|r| RunStatus::read(&dir_of(r)).is_some_and(|s| s.is_finished()));
+    if opts.dry_run {
+        println!("{}: {} runs in this selection, {} finished, {} to train", exp.name, done.len() + todo.len(), done.len(), todo.len());
+        for r in &done {
+            println!("  done   {}", r.run_id());
+        }
+        for r in &todo {
+            let st = RunStatus::read(&dir_of(r)).map_or("missing".to_string(), |s| s.status);
+            println!("  todo   {}  ({st})", r.run_id());
+        }
+        return Ok(());
+    }
+    let ui = Ui::new();
+    crate::commands::install_ctrlc();
+    tracing::info!("{}: {} finished runs skipped, {} to train with {} job(s)", exp.name, done.len(), todo.len(), opts.jobs);
+    let overall = ui.multi.add(ProgressBar::new(todo.len() as u64));
+    overall.set_style(
+        ProgressStyle::with_template("{prefix:.bold} [{bar:30}] {pos}/{len} runs {elapsed} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    overall.set_prefix(exp.name.clone());
+    let queue = Mutex::new(todo.into_iter().collect::<VecDeque<_>>());
+    let tally = Mutex::new(Tally::default());
+    let jobs = opts.jobs.max(1);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads_per_job = (cores / jobs).max(1);
+    std::thread::scope(|s| {
+        for _ in 0..jobs {
+            s.spawn(|| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads_per_job).build();
+                loop {
+                    if run::STOP.load(AtomicOrdering::SeqCst) {
+                        break;
+                    }
+                    let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+                    let Some(cfg) = next else { break };
+                    let dir = dir_of(&cfg);
+                    let work = || one_run(&cfg, &dir, device, &ui);
+                    let res = match &pool {
+                        Ok(p) => p.install(work),
+                        Err(_) => work(),
+                    };
+                    let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
+                    match res {
+                        Ok(Claim::Trained(st)) if st.is_finished() => t.trained += 1,
+                        Ok(Claim::Trained(st)) if st.status == "interrupted" => t.interrupted += 1,
+                        Ok(Claim::Trained(st)) => {
+                            t.failed.push(format!("{}: {}", cfg.run_id(), st.reason.unwrap_or_default()));
+                            if opts.fail_fast {
+                                run::STOP.store(true, AtomicOrdering::SeqCst);
+                            }
+                        }
+                        Ok(Claim::Elsewhere) => t.claimed_elsewhere += 1,
+                        Err(e) => {
+                            t.failed.push(format!("{}: {e:#}", cfg.run_id()));
+                            if opts.fail_fast {
+                                run::STOP.store(true, AtomicOrdering::SeqCst);
+                            }
+                        }
+                    }
+                    overall.inc(1);
+                }
+            });
+        }
+    });
+    overall.finish_and_clear();
+    let rows = summary::rebuild(&store::experiment_dir(results, &exp.name))?;
+    let t = tally.into_inner().unwrap_or_else(|e| e.into_inner());
+    let c = summary::counts(&rows);
+    println!(
+        "{}: trained {}, skipped {} finished, {} claimed by another sweep, {} interrupted, {} failed; summary: {} ({} runs: {})",
+        exp.name,
+        t.trained,
+        done.len(),
+        t.claimed_elsewhere,
+        t.interrupted,
+        t.failed.len(),
+        store::experiment_dir(results, &exp.name).join("summary.parquet").display(),
+        rows.len(),
+        c.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", ")
+    );
+    for f in &t.failed {
+        println!("  failed {f}");
+    }
+    if !t.failed.is_empty() && opts.fail_fast {
+        return Err(anyhow!("stopped after a failed run (--fail-fast)"));
+    }
+    if run::STOP.load(AtomicOrdering::SeqCst) {
+        return Err(anyhow!("interrupted; rerun the same command to finish the missing runs"));
+    }
+    Ok(())
+}
+
+enum Claim {
+    Trained(RunStatus),
+    Elsewhere,
+}
+
+fn lock_path(dir: &Path) -> PathBuf {
+    dir.join(".lock")
+}
+
+fn one_run(cfg: &RunConfig, dir: &Path, device: &Device, ui: &Ui) -> Result<Claim> {
+    std::fs::create_dir_all(dir)?;
+    let lock = OpenOptions::new().create(true).truncate(false).write(true).open(lock_path(dir))?;
+    if lock.try_lock_exclusive().is_err() {
+        return Ok(Claim::Elsewhere);
+    }
+    // Another sweep may have finished it between our listing and the lock.
+    if RunStatus::read(dir).is_some_and(|s| s.is_finished()) {
+        return Ok(Claim::Elsewhere);
+    }
+    let bar = ui.run_bar(&cfg.run_id());
+    let res = run::execute(cfg, dir, device, &bar, !ui.tty);
+    bar.finish_and_clear();
+    ui.multi.remove(&bar);
+    let st = match res {
+        Ok(st) => st,
+        Err(e) => {
+            let st = RunStatus { status: "failed".into(), reason: Some(format!("{e:#}")), ..Default::default() };
+            st.write(dir)?;
+            st
+        }
+    };
+    if st.is_finished() {
+        tracing::info!(
+            "{} finished: test NLL {:.3} nats, best val {:.3} at epoch {}",
+            cfg.run_id(),
+            st.test_nll.unwrap_or(f64::NAN),
+            st.best_val_nll.unwrap_or(f64::NAN),
+            st.best_epoch
+        );
+    }
+    drop(lock);
+    Ok(Claim::Trained(st))
+}

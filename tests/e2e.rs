@@ -1,0 +1,320 @@
+//! End-to-end tests of the `runner` binary on tiny configs (seconds each).
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use assert_cmd::Command;
+use polars::prelude::{DataFrame, DataType, ParquetReader, SerReader};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn runner(results: &Path) -> Command {
+    let mut c = Command::cargo_bin("runner").expect("runner binary");
+    c.arg("--results").arg(results).env_remove("RUST_LOG");
+    c
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+fn read_parquet(p: &Path) -> DataFrame {
+    ParquetReader::new(std::fs::File::open(p).expect("open parquet")).finish().expect("read parquet")
+}
+
+fn run_dirs(results: &Path, name: &str) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(results.join(name).join("runs"))
+        .map(|r| r.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn f64_col(df: &DataFrame, name: &str) -> Vec<f64> {
+    let c = df.column(name).expect("column").cast(&DataType::Float64).expect("cast");
+    c.f64().expect("f64").iter().map(|v| v.unwrap_or(f64::NAN)).collect()
+}
+
+#[test]
+fn train_writes_every_output_and_is_deterministic() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    for r in [&a, &b] {
+        let o = runner(r).arg("train").arg(fixture("tiny.toml")).output().expect("run");
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(stdout(&o).contains("test NLL"), "{}", stdout(&o));
+    }
+    let (da, db) = (run_dirs(&a, "tiny1"), run_dirs(&b, "tiny1"));
+    assert_eq!(da.len(), 1);
+    let dir = &da[0];
+    for f in ["config.toml", "metrics.parquet", "model.safetensors", "nll_curve.png", "samples.png", "status.toml"] {
+        assert!(dir.join(f).is_file(), "missing {f}");
+    }
+    // One row per epoch with the documented columns.
+    let m = read_parquet(&dir.join("metrics.parquet"));
+    assert_eq!(m.height(), 2);
+    let names: Vec<String> = m.get_column_names().iter().map(|s| s.to_string()).collect();
+    assert_eq!(names, ["epoch", "train_nll", "val_nll", "val_bpd", "seconds"]);
+    let val = f64_col(&m, "val_nll");
+    let bpd = f64_col(&m, "val_bpd");
+    for (v, b) in val.iter().zip(&bpd) {
+        assert!((v / (64.0 * std::f64::consts::LN_2) - b).abs() < 1e-9);
+    }
+    // Same config and seed: identical metrics (wall seconds aside) and the same run id.
+    assert_eq!(da[0].file_name(), db[0].file_name());
+    let m2 = read_parquet(&db[0].join("metrics.parquet"));
+    for c in ["train_nll", "val_nll", "val_bpd"] {
+        assert_eq!(f64_col(&m, c), f64_col(&m2, c), "column {c}");
+    }
+    // The resolved config is complete: every default written out.
+    let cfg = std::fs::read_to_string(dir.join("config.toml")).expect("config");
+    for key in ["seed = 3", "leaky_slope", "optimizer = \"adamax\"", "patience = 20"] {
+        assert!(cfg.contains(key), "config.toml lacks {key}:\n{cfg}");
+    }
+}
+
+#[test]
+fn seed_flag_and_set_override_change_the_run() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let o = runner(tmp.path())
+        .args(["train", fixture("tiny.toml").to_str().expect("utf8"), "--seed", "5", "--set", "train.max_epochs=1"])
+        .output()
+        .expect("run");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let dirs = run_dirs(tmp.path(), "tiny1");
+    assert_eq!(dirs.len(), 1);
+    let cfg = std::fs::read_to_string(dirs[0].join("config.toml")).expect("config");
+    assert!(cfg.contains("seed = 5") && cfg.contains("max_epochs = 1"), "{cfg}");
+    assert_eq!(read_parquet(&dirs[0].join("metrics.parquet")).height(), 1);
+}
+
+/// Writes `body` as an experiment file and returns (exit code, stderr, results folder exists).
+fn bad(body: &str) -> (i32, String, bool) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = tmp.path().join("bad.toml");
+    std::fs::write(&file, body).expect("write");
+    let results = tmp.path().join("results");
+    let o = runner(&results).arg("train").arg(&file).output().expect("run");
+    (o.status.code().unwrap_or(-1), stderr(&o), results.exists())
+}
+
+const GOOD: &str = "name = \"x\"\n[data]\nname = \"digits\"\n[model]\nbackend = \"causal_conv1d\"\n[model.causal_conv1d]\nchannels = 4\n[train]\nmax_epochs = 1\n";
+
+#[test]
+fn bad_input_gets_one_line_naming_file_and_key_exit_2_and_no_results() {
+    let cases: &[(&str, &[&str])] = &[
+        (&GOOD.replace("[train]", "[train\n"), &["bad.toml", "TOML syntax error at line"]),
+        (&GOOD.replace("channels = 4", "channels = 4\nkernal = 3"), &["bad.toml", "model.causal_conv1d", "kernal"]),
+        (&GOOD.replace("max_epochs = 1", "max_epochs = 1\nlearning_rate = 3"), &["bad.toml", "train", "learning_rate"]),
+        (&GOOD.replace("max_epochs = 1", "max_epochs = \"ten\""), &["bad.toml", "train.max_epochs"]),
+        (&GOOD.replace("channels = 4", "channels = \"wide\""), &["bad.toml", "model.causal_conv1d.channels"]),
+        (&GOOD.replace("backend = \"causal_conv1d\"", "backend = \"transformer\""), &["bad.toml", "model.backend", "transformer", "causal_conv1d"]),
+        (&GOOD.replace("channels = 4", "channels = 4\nkernel_size = 0"), &["bad.toml", "model.causal_conv1d.kernel_size", "at least 1"]),
+        (&GOOD.replace("channels = 4", "dilations = [1, 0]"), &["bad.toml", "model.causal_conv1d.dilations[1]"]),
+        (&GOOD.replace("max_epochs = 1", "lr = -0.1"), &["bad.toml", "train.lr", "positive"]),
+        (&GOOD.replace("max_epochs = 1", "batch_size = 0"), &["bad.toml", "train.batch_size"]),
+        (&GOOD.replace("name = \"digits\"", "name = \"cifar\""), &["bad.toml", "data.name", "cifar"]),
+        (&GOOD.replace("backend = \"causal_conv1d\"", "backend = \"causal_conv1d\"\nhead = \"gaussian\""), &["bad.toml", "model.head", "gaussian"]),
+        (&format!("{GOOD}[extra]\na = 1\n"), &["bad.toml", "extra"]),
+        (&GOOD.replace("name = \"x\"\n", ""), &["bad.toml", "name"]),
+    ];
+    for (body, needles) in cases {
+        let (code, err, exists) = bad(body);
+        assert_eq!(code, 2, "exit code for case {needles:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "one line for {needles:?}: {err}");
+        assert!(err.starts_with("error: "), "{err}");
+        for n in *needles {
+            assert!(err.contains(n), "{needles:?}: {err:?} lacks {n:?}");
+        }
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!exists, "a results folder was created for {needles:?}");
+    }
+    // A missing experiment file.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let o = runner(&tmp.path().join("r")).args(["train", "no/such/file.toml"]).output().expect("run");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("no/such/file.toml"), "{}", stderr(&o));
+    assert!(!tmp.path().join("r").exists());
+}
+
+#[test]
+fn env_and_set_layers_override_the_file() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let o = runner(tmp.path())
+        .env("RUNNER__TRAIN__MAX_EPOCHS", "0")
+        .args(["train", fixture("tiny.toml").to_str().expect("utf8")])
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(2), "env layer not applied: {}", stderr(&o));
+    assert!(stderr(&o).contains("train.max_epochs"), "{}", stderr(&o));
+    // --set wins over the environment.
+    let o = runner(tmp.path())
+        .env("RUNNER__TRAIN__MAX_EPOCHS", "0")
+        .args(["sweep", fixture("tiny.toml").to_str().expect("utf8"), "--set", "train.max_epochs=1", "--dry-run"])
+        .output()
+        .expect("run");
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+fn sweep(results: &Path, extra: &[&str]) -> Output {
+    runner(results).arg("sweep").arg(fixture("tiny_grid.toml")).args(extra).output().expect("run")
+}
+
+#[test]
+fn sweep_report_rerun_and_shards() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let r = tmp.path().join("results");
+    let o = sweep(&r, &["--jobs", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("trained 8"), "{}", stdout(&o));
+    assert_eq!(run_dirs(&r, "tiny").len(), 8);
+
+    // Summary: one row per run, grid keys as typed columns.
+    let s = read_parquet(&r.join("tiny/summary.parquet"));
+    assert_eq!(s.height(), 8);
+    assert_eq!(s.column("model.causal_conv1d.kernel_size").expect("grid col").dtype(), &DataType::Int64);
+    assert_eq!(s.column("train.lr").expect("grid col").dtype(), &DataType::Float64);
+    for c in ["seed", "n_params", "epochs", "best_epoch", "best_val_nll", "test_nll", "test_bpd", "wall_seconds", "status"] {
+        assert!(s.column(c).is_ok(), "summary lacks {c}");
+    }
+    let test = f64_col(&s, "test_nll");
+    let bpd = f64_col(&s, "test_bpd");
+    assert!(test.iter().zip(&bpd).all(|(t, b)| (t / (64.0 * std::f64::consts::LN_2) - b).abs() < 1e-9));
+    assert_eq!(f64_col(&s, "epochs"), vec![2.0; 8]);
+
+    // A rerun trains nothing.
+    let o = sweep(&r, &[]);
+    assert!(stdout(&o).contains("trained 0, skipped 8"), "{}", stdout(&o));
+
+    // Report: 4 configs with mean +- std over 2 seeds, best marked, markdown and csv forms.
+    let o = runner(&r).args(["report"]).output().expect("report");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let rows: Vec<&str> = out.lines().filter(|l| l.contains("kernel_size=")).collect();
+    assert_eq!(rows.len(), 4, "{out}");
+    assert!(rows.iter().all(|l| l.contains("±") && l.contains("2/2")), "{out}");
+    assert_eq!(rows.iter().filter(|l| l.starts_with('*')).count(), 1, "{out}");
+    for f in ["report.md", "nll_curves.png"] {
+        assert!(r.join("tiny").join(f).is_file(), "missing {f}");
+    }
+    assert_eq!(std::fs::read_dir(r.join("tiny/samples")).expect("samples").count(), 4);
+    let o = runner(&r).args(["report", "--format", "csv"]).output().expect("report");
+    let csv = stdout(&o);
+    assert_eq!(csv.lines().count(), 5, "{csv}");
+    // Sorted by mean test NLL: the first row has the smallest mean.
+    let means: Vec<f64> = csv.lines().skip(1).map(|l| l.split(',').nth(3).and_then(|c| c.split(' ').next()).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN)).collect();
+    assert!(means.windows(2).all(|w| w[0] <= w[1]), "{means:?}");
+
+    // A run that was cut short (status not finished) is redone, and only it.
+    let victim = &run_dirs(&r, "tiny")[2];
+    std::fs::remove_file(victim.join("status.toml")).expect("rm");
+    std::fs::remove_file(victim.join("model.safetensors")).expect("rm");
+    let o = sweep(&r, &[]);
+    assert!(stdout(&o).contains("trained 1, skipped 7"), "{}", stdout(&o));
+
+    // Shards partition the grid exactly once.
+    let fresh = tmp.path().join("sharded");
+    let mut trained = 0;
+    for i in 0..3 {
+        let o = sweep(&fresh, &["--shard", &format!("{i}/3")]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let s = stdout(&o);
+        let n: usize = s.split("trained ").nth(1).and_then(|t| t.split(',').next()).and_then(|n| n.parse().ok()).expect("count");
+        trained += n;
+    }
+    assert_eq!(trained, 8);
+    assert_eq!(run_dirs(&fresh, "tiny").len(), 8);
+    let ids = |p: &Path| run_dirs(p, "tiny").iter().map(|d| d.file_name().map(|n| n.to_os_string())).collect::<Vec<_>>();
+    assert_eq!(ids(&fresh), ids(&r), "sharded and whole sweeps give the same run ids");
+}
+
+#[test]
+fn invalid_grid_point_fails_before_any_run() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = tmp.path().join("g.toml");
+    // Points in order: kernel 1..=4 are fine, the 5th (kernel 0) is not.
+    let body = std::fs::read_to_string(fixture("tiny_grid.toml"))
+        .expect("fixture")
+        .replace("\"model.causal_conv1d.kernel_size\" = [2, 3]", "\"model.causal_conv1d.kernel_size\" = [1, 2, 3, 4, 0]")
+        .replace("\"train.lr\" = [0.001, 0.003]", "");
+    std::fs::write(&file, body).expect("write");
+    let results = tmp.path().join("results");
+    let o = runner(&results).arg("sweep").arg(&file).output().expect("run");
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(err.contains("grid point 5") && err.contains("kernel_size"), "{err}");
+    assert!(!results.exists());
+    // An unknown grid key is caught the same way.
+    std::fs::write(&file, std::fs::read_to_string(fixture("tiny_grid.toml")).expect("fixture").replace("\"train.lr\"", "\"train.lrr\"")).expect("write");
+    let o = runner(&results).arg("sweep").arg(&file).output().expect("run");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("lrr"), "{}", stderr(&o));
+    assert!(!results.exists());
+}
+
+#[test]
+fn killed_sweep_resumes_with_exactly_the_missing_runs() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let r = tmp.path().join("results");
+    let bin = assert_cmd::cargo::cargo_bin("runner");
+    // Longer runs so that the kill lands mid-sweep.
+    let mut child = std::process::Command::new(&bin)
+        .arg("--results")
+        .arg(&r)
+        .args(["sweep", fixture("tiny_grid.toml").to_str().expect("utf8"), "--set", "train.max_epochs=6"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let finished = |r: &Path| run_dirs(r, "tiny").iter().filter(|d| std::fs::read_to_string(d.join("status.toml")).is_ok_and(|s| s.contains("finished"))).count();
+    let t0 = std::time::Instant::now();
+    while finished(&r) < 2 && t0.elapsed().as_secs() < 60 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().expect("kill");
+    let _ = child.wait();
+    let done = finished(&r);
+    assert!(done >= 2, "no run finished before the kill");
+    // Every file present is whole: configs and statuses parse, parquet files read.
+    for d in run_dirs(&r, "tiny") {
+        if let Ok(s) = std::fs::read_to_string(d.join("status.toml")) {
+            assert!(toml::from_str::<toml::Table>(&s).is_ok(), "torn status {s}");
+        }
+        if d.join("metrics.parquet").exists() {
+            read_parquet(&d.join("metrics.parquet"));
+        }
+    }
+    let o = runner(&r).args(["sweep", fixture("tiny_grid.toml").to_str().expect("utf8"), "--set", "train.max_epochs=6"]).output().expect("rerun");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains(&format!("trained {}, skipped {done}", 8 - done)), "{}", stdout(&o));
+    assert_eq!(finished(&r), 8);
+}
+
+#[test]
+fn slurm_script_runs_one_shard_per_array_task() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path().join("job.sbatch");
+    let o = runner(tmp.path())
+        .args(["slurm", fixture("tiny_grid.toml").to_str().expect("utf8"), "--array", "3", "--out", out.to_str().expect("utf8")])
+        .output()
+        .expect("run");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = std::fs::read_to_string(&out).expect("script");
+    assert!(s.starts_with("#!/bin/bash"));
+    assert!(s.contains("#SBATCH --array=0-2"), "{s}");
+    assert!(s.contains("--shard \"${SLURM_ARRAY_TASK_ID}/3\""), "{s}");
+}
+
+#[test]
+fn list_names_every_plugin_with_keys_and_defaults() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let o = runner(tmp.path()).arg("list").output().expect("run");
+    let s = stdout(&o);
+    assert!(s.contains("causal_conv1d") && s.contains("kernel_size") && s.contains("default 7"), "{s}");
+    assert!(s.contains("categorical"), "{s}");
+}
