@@ -56,13 +56,16 @@ impl Optimizer for Adamax {
         let step = p.lr / (1.0 - p.beta1.powi(self.t as i32)); // bias-corrected step size
         for s in self.state.iter_mut() {
             let Some(g) = grads.get(&s.var) else { continue };
+            // Gradients carry the step's autograd graph; state built from them must not, or
+            // every step's graph would stay reachable from the moments (a leak of GBs).
+            let g = g.detach();
             let g = if p.weight_decay != 0.0 { (g + s.var.as_tensor().affine(p.weight_decay, 0.0)?)? } else { g.clone() };
             let m = ((&s.m * p.beta1)? + (&g * (1.0 - p.beta1))?)?;
             let u = (&s.u * p.beta2)?.maximum(&g.abs()?.affine(1.0, p.eps)?)?;
             let update = (m.div(&u)? * step)?;
             s.var.set(&s.var.as_tensor().sub(&update)?)?;
-            s.m = m;
-            s.u = u;
+            s.m = m.detach();
+            s.u = u.detach();
         }
         Ok(())
     }
@@ -110,6 +113,19 @@ mod tests {
         }
         let got = w.as_tensor().to_vec1::<f32>()?;
         assert!((got[0] - 0.8).abs() < 1e-6 && (got[1] + 1.8).abs() < 1e-6, "{got:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn state_holds_no_autograd_graph() -> candle_core::Result<()> {
+        // The moments must not keep the step's graph alive (that leaked GBs per epoch).
+        let w = Var::new(&[1f32, 2.0], &Device::Cpu)?;
+        let mut opt = Adamax::new(vec![w.clone()], ParamsAdamax::default())?;
+        let loss = w.as_tensor().sqr()?.sum_all()?;
+        opt.backward_step(&loss)?;
+        for (m, u) in opt.state_tensors() {
+            assert!(!m.track_op() && !u.track_op());
+        }
         Ok(())
     }
 
