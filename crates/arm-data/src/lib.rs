@@ -7,6 +7,8 @@
 //!
 //! Each embedded file is checked against its sha256 before it is parsed.
 
+pub mod files;
+
 use std::io::Read;
 
 use candle_core::{Device, Tensor};

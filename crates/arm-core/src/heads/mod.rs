@@ -1,6 +1,7 @@
 //! Likelihood heads: turn per-pixel parameters into log-probabilities and samples.
 
 pub mod categorical;
+pub mod dlogistic;
 
 use candle_core::Tensor;
 
@@ -23,7 +24,7 @@ pub trait Head: Send + Sync {
 
 /// Names accepted by `head = "..."`.
 pub fn head_names() -> &'static [&'static str] {
-    &["categorical"]
+    &["categorical", "dlogistic_mixture"]
 }
 
 /// A head's config error: (key inside the head's table, what was expected).
@@ -42,6 +43,7 @@ pub fn resolve_head(name: &str, table: &toml::Table, levels: usize) -> std::resu
             }
             Ok(toml::Table::new())
         }
+        "dlogistic_mixture" => Ok(dlogistic::to_table(&dlogistic::from_table(table, levels)?)),
         other => Err((String::new(), format!("unknown head {other:?}: expected one of {}", head_names().join(", ")))),
     }
 }
@@ -51,6 +53,7 @@ pub fn build_head(name: &str, table: &toml::Table, levels: usize) -> std::result
     resolve_head(name, table, levels)?;
     match name {
         "categorical" => Ok(Box::new(categorical::Categorical::new(levels))),
+        "dlogistic_mixture" => Ok(Box::new(dlogistic::from_table(table, levels)?)),
         other => Err((String::new(), format!("unknown head {other:?}"))),
     }
 }
