@@ -112,9 +112,10 @@ impl Conditional for CausalConvNet {
         let mut h = x.unsqueeze(2)?; // (B, D, 1)
         let last = self.layers.len() - 1;
         for (i, layer) in self.layers.iter().enumerate() {
-            h = layer.forward(&h)?; // (B, D, C)
             if i < last {
-                h = self.dropout.forward_t(&leaky_relu(&h, self.slope)?, train)?;
+                h = self.dropout.forward_t(&layer.forward_leaky(&h, self.slope)?, train)?; // (B, D, C)
+            } else {
+                h = layer.forward(&h)?; // (B, D, P)
             }
         }
         Ok(h) // (B, D, P)

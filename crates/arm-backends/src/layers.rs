@@ -101,13 +101,24 @@ impl CausalConv1d {
         self.shift + (self.kernel - 1) * self.dilation
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// im2col and the matmul, without the bias: (B, D, C_in) -> (B*D, C_out).
+    fn conv_no_bias(&self, x: &Tensor) -> Result<Tensor> {
         let (b, d, c) = x.dims3()?;
         // Tap t reads position d - shift - t*dilation (zeros before the start).
         let taps = (0..self.kernel).map(|t| (0isize, -((self.shift + t * self.dilation) as isize))).collect();
         let cols = crate::unfold::Unfold { height: 1, width: d, taps }.apply(x)?; // (B, D, k*C)
-        let y = cols.reshape((b * d, self.kernel * c))?.matmul(&self.w)?; // (B*D, C_out)
-        y.broadcast_add(&self.b)?.reshape((b, d, self.w.dim(1)?))
+        cols.reshape((b * d, self.kernel * c))?.matmul(&self.w) // (B*D, C_out)
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, d, _) = x.dims3()?;
+        self.conv_no_bias(x)?.broadcast_add(&self.b)?.reshape((b, d, self.w.dim(1)?))
+    }
+
+    /// LeakyReLU(conv(x)) with the bias and activation fused (one pass each way).
+    pub fn forward_leaky(&self, x: &Tensor, slope: f64) -> Result<Tensor> {
+        let (b, d, _) = x.dims3()?;
+        crate::fused::bias_leaky_relu(&self.conv_no_bias(x)?, &self.b, slope)?.reshape((b, d, self.w.dim(1)?))
     }
 
     /// One output position from its k inputs, oldest last: taps[t] = input at d - shift - t*dil

@@ -1,8 +1,14 @@
 //! Conditional plugins (one file each), their registry and shared layers.
 
 pub mod causal_conv1d;
+pub mod conv2d;
+pub mod fused;
+pub mod gated_pixelcnn;
 pub mod layers;
+pub mod mlp;
+pub mod pixelcnn;
 mod registry;
+pub mod rnn;
 pub mod unfold;
 
 pub use registry::{invalid, plugin, plugin_names, registry, BuildCtx, Plugin, PluginConfig, PluginError};
