@@ -6,7 +6,7 @@ run:
 
 # Run every test (release profile: the same build as the binary).
 test:
-    cargo test --release
+    cargo test --release --workspace
 
 # Sweep an experiment grid: just sweep experiments/dilations.toml
 sweep FILE *ARGS:

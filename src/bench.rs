@@ -77,7 +77,7 @@ pub fn reference_case() -> Case {
         cfg: RunConfig {
             name: "bench".into(),
             seed: 0,
-            data: DataConfig { name: "digits".into(), ordering: Default::default() },
+            data: DataConfig { name: "digits".into(), ordering: Default::default(), ..Default::default() },
             model: ModelConfig { backend: "causal_conv1d".into(), head: "categorical".into(), plugin, head_table: Default::default() },
             train: Default::default(),
             sample: SampleConfig::default(),

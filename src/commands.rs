@@ -80,7 +80,7 @@ pub fn install_ctrlc() {
 
 pub fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train { file, sets, seed } => {
+        Command::Train { file, sets, seed, resume } => {
             let exp = config::load(&file, &sets).map_err(bad_input)?;
             let device = parse_device(&cli.device)?;
             let points: std::collections::BTreeSet<String> = exp.runs.iter().map(|r| format!("{:?}", r.grid)).collect();
@@ -99,11 +99,24 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             let ui = Ui::new();
             install_ctrlc();
             let dir = store::runs_dir(&cli.results, &exp.name).join(cfg.run_id());
-            tracing::info!("training {} -> {}", exp.name, dir.display());
-            let bar = ui.run_bar(&cfg.run_id());
-            let st = run::execute(&cfg, &dir, &device, &bar, !ui.tty)?;
-            bar.finish_and_clear();
-            let dims = arm_data::shape_of(&cfg.data.name).map_or(1, |(h, w, _)| h * w);
+            // The same claim as a sweep's: never two trainings of one run folder at once.
+            let _claim = crate::sweep::claim(&dir)?
+                .ok_or_else(|| anyhow::anyhow!("{}: another runner process is training this run", dir.display()))?;
+            let done = if resume { store::RunStatus::read(&dir).filter(|s| s.is_finished()) } else { None };
+            let st = match done {
+                Some(st) => {
+                    tracing::info!("{}: already finished, nothing to resume", cfg.run_id());
+                    st
+                }
+                None => {
+                    tracing::info!("training {} -> {}", exp.name, dir.display());
+                    let bar = ui.run_bar(&cfg.run_id());
+                    let st = run::execute(&cfg, &dir, &device, &bar, !ui.tty, resume)?;
+                    bar.finish_and_clear();
+                    st
+                }
+            };
+            let dims = crate::data::shape(&cfg.data).map_or(1, |(h, w, _)| h * w);
             match (st.best_val_nll, st.test_nll) {
                 (Some(v), Some(t)) if st.is_finished() => println!(
                     "{}: best val NLL {v:.3} nats ({:.4} bits/dim) at epoch {} of {}; test NLL {t:.3} nats ({:.4} bits/dim); {} parameters, {:.0} s\nresults in {}",
@@ -125,13 +138,13 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Sweep { file, sets, jobs, shard, dry_run, fail_fast } => {
+        Command::Sweep { file, sets, jobs, shard, dry_run, fail_fast, resume } => {
             let exp = config::load(&file, &sets).map_err(bad_input)?;
             if jobs == 0 {
                 return Err(bad_input("--jobs: must be at least 1, got 0"));
             }
             let device = parse_device(&cli.device)?;
-            crate::sweep::sweep(&exp, &cli.results, &device, &crate::sweep::Options { jobs, shard, dry_run, fail_fast })
+            crate::sweep::sweep(&exp, &cli.results, &device, &crate::sweep::Options { jobs, shard, dry_run, fail_fast, resume })
         }
         Command::Report { dirs, format, out, samples } => {
             let device = parse_device(&cli.device)?;
@@ -154,6 +167,18 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::List => {
             list();
             Ok(())
+        }
+        Command::Sample { run_dir, n, sampler, seed, out } => {
+            let device = parse_device(&cli.device)?;
+            crate::sample::sample(&run_dir, &device, &crate::sample::Options { n, sampler, seed, out })
+        }
+        Command::Eval { run_dir, data, split, out } => {
+            let device = parse_device(&cli.device)?;
+            crate::eval::eval(&run_dir, &device, &crate::eval::Options { data, split, out })
+        }
+        Command::Bench { what: crate::BenchWhat::Sampling { max_seconds, batch, seed, plugins } } => {
+            let device = parse_device(&cli.device)?;
+            crate::bench_sampling::bench_sampling(&device, &crate::bench_sampling::Options { max_seconds, batch, seed, plugins })
         }
     }
 }

@@ -33,13 +33,29 @@ struct ExperimentFile {
     zip: Vec<BTreeMap<String, toml::Value>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// An embedded data set name.
+    /// An embedded data set (digits, mnist10k, mnist10k-binary), or a label for `path`.
+    #[serde(default)]
     pub name: String,
     #[serde(default)]
     pub ordering: Ordering,
+    /// A user file (.csv, .npy, .parquet), one image per row, integer levels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Image height and width; inferred for square images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub height: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<usize>,
+    /// Number of levels; inferred as the largest value + 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub levels: Option<usize>,
+    /// Fractions of the file's images for train and validation (the rest is test), in file
+    /// order; default [0.8, 0.1].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<[f64; 2]>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -201,14 +217,45 @@ pub fn parse_set(s: &str) -> Result<(String, toml::Value)> {
     Ok((k.to_string(), value))
 }
 
-/// One line from a figment error: key path and message (the file is added by the caller).
+/// One line from a figment error: `key.path: message` (the file is added by the caller).
+/// Unknown and missing keys name the key itself, not just its table.
 fn figment_msg(e: figment::Error) -> String {
+    use figment::error::Kind;
     let n = e.count();
     let first = e.into_iter().next();
     let Some(e) = first else { return "invalid configuration".into() };
-    let key = e.path.join(".");
+    let mut path = e.path.clone();
+    let kind = match &e.kind {
+        Kind::UnknownField(f, expected) => {
+            if path.last() != Some(f) {
+                path.push(f.clone());
+            }
+            let exp = if expected.is_empty() { String::new() } else { format!(": expected one of {}", expected.join(", ")) };
+            format!("unknown key{exp}")
+        }
+        Kind::UnknownVariant(v, expected) => format!("unknown value {v:?}: expected one of {}", expected.join(", ")),
+        Kind::InvalidType(actual, expected) if expected.starts_with("struct ") || expected.starts_with("map") => {
+            format!("invalid type: found {actual}, expected a table")
+        }
+        Kind::MissingField(f) => {
+            path.push(f.to_string());
+            "missing; this key is required".into()
+        }
+        other => other.to_string(),
+    };
+    // Grid keys are dotted themselves: quote such segments; list positions read as `[i]`.
+    let mut key = String::new();
+    for s in &path {
+        if !key.is_empty() && !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+            key.push_str(&format!("[{s}]"));
+            continue;
+        }
+        if !key.is_empty() {
+            key.push('.');
+        }
+        key.push_str(&if s.contains('.') || s.is_empty() { format!("\"{s}\"") } else { s.clone() });
+    }
     let more = if n > 1 { format!(" (and {} more)", n - 1) } else { String::new() };
-    let kind = e.kind.to_string();
     if key.is_empty() {
         format!("{kind}{more}")
     } else {
@@ -221,7 +268,7 @@ fn toml_syntax_error(text: &str, e: &toml::de::Error) -> String {
     let at = e
         .span()
         .map(|s| {
-            let before = &text[..s.start.min(text.len())];
+            let before = text.get(..s.start).unwrap_or(text);
             let line = before.matches('\n').count() + 1;
             let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
             format!("line {line}, column {col}: ")
@@ -257,6 +304,9 @@ fn grid_points(file: &ExperimentFile) -> Result<Vec<Vec<(String, toml::Value)>>,
         }
         axes.push((0..n).map(|j| group.iter().map(|(k, v)| (k.clone(), v.as_array().map(|a| a[j].clone()).unwrap_or(toml::Value::Boolean(false)))).collect()).collect());
     }
+    if axes.iter().try_fold(1usize, |n, a| n.checked_mul(a.len()).filter(|&n| n <= MAX_RUNS)).is_none() {
+        return Err(format!("grid: more than {MAX_RUNS} grid points"));
+    }
     let mut points: Vec<Vec<(String, toml::Value)>> = vec![vec![]];
     for axis in axes {
         points = points
@@ -267,16 +317,29 @@ fn grid_points(file: &ExperimentFile) -> Result<Vec<Vec<(String, toml::Value)>>,
     Ok(points)
 }
 
-/// Reads, expands and validates an experiment file. Errors are one line naming the file, the
-/// key path and (for grids) the point.
+/// Reads, expands and validates an experiment file. Errors are one line naming the file (and
+/// the line, or the `--set` / environment variable a value came from), the grid point and the
+/// key path.
 pub fn load(path: &Path, sets: &[String]) -> Result<Experiment> {
     let file_s = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| anyhow!("{file_s}: cannot read the experiment file: {e}"))?;
-    let table: toml::Table = toml::from_str(&text).map_err(|e| anyhow!("{file_s}: {}", toml_syntax_error(&text, &e)))?;
+    load_str(&text, &file_s, sets)
+}
+
+/// Most runs one experiment file may expand to (grid points x seeds): a typo such as a long
+/// list in every grid key should fail with a message, not exhaust memory.
+pub const MAX_RUNS: usize = 100_000;
+
+/// [`load`] on the text of an experiment file; `file` names it in error messages. Never panics
+/// on any input (tests/bad_input.rs fuzzes it).
+pub fn load_str(text: &str, file: &str, sets: &[String]) -> Result<Experiment> {
+    let file_s = file.to_string();
+    let _: toml::Table = toml::from_str(text).map_err(|e| anyhow!("{file_s}: {}", toml_syntax_error(text, &e)))?;
     let sets = sets.iter().map(|s| parse_set(s)).collect::<Result<Vec<_>>>().map_err(|e| anyhow!("{e:#}"))?;
+    let origin = Origin { file, text, doc: toml_edit::ImDocument::parse(text).ok(), sets: &sets };
 
     let layered = |point: &[(String, toml::Value)]| -> Figment {
-        let mut f = Figment::from(Toml::string(&text));
+        let mut f = Figment::from(Toml::string(text));
         for (k, v) in point {
             f = f.merge(Serialized::default(k, v));
         }
@@ -286,26 +349,33 @@ pub fn load(path: &Path, sets: &[String]) -> Result<Experiment> {
         }
         f
     };
-    let base: ExperimentFile = layered(&[]).extract().map_err(|e| anyhow!("{file_s}: {}", figment_msg(e)))?;
-    let _ = table;
-    let points = grid_points(&base).map_err(|e| anyhow!("{file_s}: {e}"))?;
+    let base: ExperimentFile = layered(&[]).extract().map_err(|e| anyhow!("{}", origin.message(None, &[], &figment_msg(e))))?;
+    validate_name(&base.name).map_err(|e| anyhow!("{}", origin.message(None, &[], &format!("name: {e}"))))?;
+    let points = grid_points(&base).map_err(|e| anyhow!("{}", origin.message(None, &[], &e)))?;
     let seeds = base.seeds.clone().unwrap_or_else(|| vec![0]);
     if seeds.is_empty() {
-        bail!("{file_s}: seeds: the list is empty; give at least one seed");
+        bail!("{}", origin.message(None, &[], "seeds: the list is empty; give at least one seed"));
+    }
+    if let Some(i) = (1..seeds.len()).find(|&i| seeds[..i].contains(&seeds[i])) {
+        bail!("{}", origin.message(None, &[], &format!("seeds: seed {} is listed twice", seeds[i])));
+    }
+    if points.len().saturating_mul(seeds.len()) > MAX_RUNS {
+        let msg = format!("{} grid points x {} seeds is more than {MAX_RUNS} runs", points.len(), seeds.len());
+        bail!("{}", origin.message(None, &[], &msg));
     }
 
     let mut runs = Vec::new();
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     for (i, point) in points.iter().enumerate() {
-        let where_ = if points.len() > 1 || !point.is_empty() {
+        let where_ = (points.len() > 1 || !point.is_empty()).then(|| {
             let desc: Vec<String> = point.iter().map(|(k, v)| format!("{k} = {v}")).collect();
-            format!("{file_s}: grid point {} ({})", i + 1, desc.join(", "))
-        } else {
-            file_s.clone()
-        };
-        let ef: ExperimentFile = layered(point).extract().map_err(|e| anyhow!("{where_}: {}", figment_msg(e)))?;
-        let (data, model, train, sample) = resolve_point(&ef).map_err(|e| anyhow!("{where_}: {e}"))?;
+            format!("grid point {} ({})", i + 1, desc.join(", "))
+        });
+        let fail = |e: &str| anyhow!("{}", origin.message(where_.as_deref(), point, e));
+        let ef: ExperimentFile = layered(point).extract().map_err(|e| fail(&figment_msg(e)))?;
+        let (data, model, train, sample) = resolve_point(&ef).map_err(|e| fail(&e))?;
         for &seed in &seeds {
-            runs.push(RunConfig {
+            let run = RunConfig {
                 name: base.name.clone(),
                 seed,
                 data: data.clone(),
@@ -313,11 +383,134 @@ pub fn load(path: &Path, sets: &[String]) -> Result<Experiment> {
                 train: train.clone(),
                 sample: sample.clone(),
                 grid: point.clone(),
-            });
+            };
+            // Two grid points that resolve to the same config would be one run trained twice.
+            if let Some(j) = seen.insert(run.hash(), i) {
+                return Err(fail(&format!("grid: the same run as grid point {} (the grid lists one configuration twice)", j + 1)));
+            }
+            runs.push(run);
         }
     }
-    validate_name(&base.name).map_err(|e| anyhow!("{file_s}: name: {e}"))?;
     Ok(Experiment { name: base.name, runs })
+}
+
+/// Where an error's key came from: a line of the file, a grid entry, `--set` or `RUNNER__*`.
+struct Origin<'a> {
+    file: &'a str,
+    text: &'a str,
+    doc: Option<toml_edit::ImDocument<&'a str>>,
+    sets: &'a [(String, toml::Value)],
+}
+
+/// Whether an error at key path `at` concerns the value set at key path `set` (the same key or
+/// inside it).
+fn within(at: &str, set: &str) -> bool {
+    at == set || at.strip_prefix(set).is_some_and(|r| r.starts_with('.') || r.starts_with('['))
+}
+
+/// Splits a key path such as `grid."train.lr"`, `zip[0].x` or `model.c.dilations[1]` into
+/// (segment, index) pairs.
+fn key_segments(key: &str) -> Vec<(String, Option<usize>)> {
+    let mut out = Vec::new();
+    let (mut cur, mut quoted, mut idx) = (String::new(), false, String::new());
+    let mut chars = key.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => quoted = !quoted,
+            '.' if !quoted => out.push((std::mem::take(&mut cur), std::mem::take(&mut idx).parse().ok())),
+            '[' if !quoted => {
+                for d in chars.by_ref() {
+                    if d == ']' {
+                        break;
+                    }
+                    idx.push(d);
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    out.push((cur, idx.parse().ok()));
+    out
+}
+
+impl Origin<'_> {
+    /// Byte span of the key path's last segment in the file, if the file sets it.
+    fn span_of(&self, key: &str) -> Option<std::ops::Range<usize>> {
+        use toml_edit::TableLike;
+        let segs = key_segments(key);
+        let mut table: &dyn TableLike = self.doc.as_ref()?.as_table();
+        let mut span = None;
+        for (n, (name, idx)) in segs.iter().enumerate() {
+            let last = n + 1 == segs.len();
+            let (k, item) = table.get_key_value(name)?;
+            span = k.span().or_else(|| item.span());
+            match idx {
+                None if last => {}
+                None => table = item.as_table_like()?,
+                Some(j) => {
+                    if let Some(aot) = item.as_array_of_tables() {
+                        let t = aot.get(*j)?;
+                        span = t.span().or(span);
+                        table = t;
+                    } else {
+                        let v = item.as_array()?.get(*j)?;
+                        span = v.span().or(span);
+                        if !last {
+                            table = v.as_inline_table()?;
+                        }
+                    }
+                }
+            }
+        }
+        span
+    }
+
+    fn line_of(&self, key: &str) -> Option<usize> {
+        let start = self.span_of(key)?.start;
+        Some(self.text.get(..start)?.matches('\n').count() + 1)
+    }
+
+    /// The line of a grid key: its entry in `[grid]` or in one of the `[[zip]]` groups.
+    fn grid_line(&self, grid_key: &str) -> Option<usize> {
+        let quoted = format!("\"{}\"", grid_key.replace('"', ""));
+        self.line_of(&format!("grid.{quoted}")).or_else(|| (0..64).find_map(|i| self.line_of(&format!("zip[{i}].{quoted}"))))
+    }
+
+    /// `FILE[:LINE]: [grid point ...: ]KEY[ (from --set ...)]: MESSAGE` for an error written as
+    /// `KEY: MESSAGE` (or just `MESSAGE`).
+    fn message(&self, point: Option<&str>, point_keys: &[(String, toml::Value)], err: &str) -> String {
+        let key = err.split_once(": ").map(|(k, _)| k).filter(|k| !k.is_empty() && !k.contains(char::is_whitespace));
+        let (mut line, mut from) = (None, None);
+        if let Some(key) = key {
+            // The error is at the overridden key, inside it, or at a table it put there.
+            let hits = |k: &str| within(key, k) || within(k, key);
+            if let Some((k, v)) = self.sets.iter().rev().find(|(k, _)| hits(k)) {
+                from = Some(format!("--set {k}={v}"));
+            } else if let Some(var) = std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()).find(|k| {
+                k.strip_prefix("RUNNER__").is_some_and(|rest| hits(&rest.to_lowercase().replace("__", ".")))
+            }) {
+                from = Some(var);
+            } else if let Some((k, _)) = point_keys.iter().find(|(k, _)| hits(k)) {
+                line = self.grid_line(k);
+            } else {
+                line = self.line_of(key);
+            }
+        }
+        let mut s = self.file.to_string();
+        if let Some(l) = line {
+            s.push_str(&format!(":{l}"));
+        }
+        s.push_str(": ");
+        if let Some(p) = point {
+            s.push_str(p);
+            s.push_str(": ");
+        }
+        match (key, from) {
+            (Some(k), Some(f)) => s.push_str(&format!("{k} (from {f}){}", &err[k.len()..])),
+            _ => s.push_str(err),
+        }
+        s
+    }
 }
 
 fn validate_name(name: &str) -> Result<(), String> {
@@ -331,8 +524,15 @@ fn validate_name(name: &str) -> Result<(), String> {
 
 /// Checks one grid point's sections against the registries and the data shape.
 fn resolve_point(ef: &ExperimentFile) -> Result<(DataConfig, ModelConfig, TrainConfig, SampleConfig), String> {
-    let (h, w, levels) = arm_data::shape_of(&ef.data.name)
-        .ok_or_else(|| format!("data.name: unknown data set {:?}: expected one of {}", ef.data.name, arm_data::DATASET_NAMES.join(", ")))?;
+    if ef.data.path.is_none() && ef.data.name.is_empty() {
+        return Err("data: give name (an embedded data set) or path (a user file)".into());
+    }
+    if let Some([t, v]) = ef.data.split {
+        if !(t > 0.0 && v > 0.0 && t + v < 1.0) {
+            return Err(format!("data.split: [{t}, {v}] must be two positive fractions with a sum below 1"));
+        }
+    }
+    let (h, w, levels) = crate::data::shape(&ef.data)?;
     let plugin = arm_backends::plugin(&ef.model.backend).map_err(|e| format!("model.backend: {e}"))?;
     if plugin.is_2d && ef.data.ordering != Ordering::Raster {
         return Err(format!(

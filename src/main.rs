@@ -3,16 +3,21 @@
 //! (2 for bad input, 1 for failures while running).
 
 mod bench;
+mod bench_sampling;
+mod checkpoint;
 mod commands;
-mod config;
+mod eval;
 mod plots;
 mod report;
 mod run;
+mod sample;
 mod slurm;
 mod store;
 mod summary;
 mod sweep;
+mod trained;
 
+use runner::{config, data};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -78,6 +83,10 @@ enum Command {
         /// Which of the file's seeds (or any seed) to train.
         #[arg(long)]
         seed: Option<u64>,
+        /// Continue an unfinished run from its checkpoint (weights, optimiser state, history)
+        /// instead of starting it again.
+        #[arg(long)]
+        resume: bool,
     },
     /// Train every run of an experiment grid (x seeds); finished runs are skipped.
     Sweep {
@@ -96,6 +105,9 @@ enum Command {
         /// Stop the sweep at the first failed run.
         #[arg(long)]
         fail_fast: bool,
+        /// Continue unfinished runs from their checkpoints instead of restarting them.
+        #[arg(long)]
+        resume: bool,
     },
     /// NLL comparison table, report.md, validation curves and sample grids.
     Report {
@@ -127,7 +139,38 @@ enum Command {
     },
     /// List every conditional plugin and head with its config keys and defaults.
     List,
-    /// Benchmarks: `runner bench train`.
+    /// Draw images from a trained run with a chosen sampler and write a PNG grid.
+    Sample {
+        /// Run folder (results/<name>/runs/<run-id>).
+        run_dir: PathBuf,
+        /// Number of images.
+        #[arg(long, default_value_t = 16)]
+        n: usize,
+        /// naive | cached | jacobi (the same seed gives the same images with each).
+        #[arg(long, default_value = "cached")]
+        sampler: String,
+        /// Seed of the sampling noise.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// PNG file (default: RUN_DIR/samples_<sampler>_seed<seed>.png).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Per-image NLL (nats, bits/dim) of a data split under a trained run, to parquet or CSV.
+    Eval {
+        /// Run folder (results/<name>/runs/<run-id>).
+        run_dir: PathBuf,
+        /// Data set (default: the run's own; must have the model's shape and levels).
+        #[arg(long)]
+        data: Option<String>,
+        /// test | val | train
+        #[arg(long, default_value = "test")]
+        split: String,
+        /// FILE.parquet or FILE.csv (default: RUN_DIR/eval_<split>.parquet).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Benchmarks: `runner bench train`, `runner bench sampling`.
     Bench {
         #[command(subcommand)]
         what: BenchWhat,
@@ -141,6 +184,21 @@ enum BenchWhat {
         /// Timed steps per model (median reported).
         #[arg(long, default_value_t = 10)]
         steps: usize,
+    },
+    /// Seconds of the naive, cached and Jacobi samplers per plugin on 8x8 and 28x28 images.
+    Sampling {
+        /// Limit per naive measurement; beyond it the naive time is extrapolated from a prefix.
+        #[arg(long, default_value_t = 20.0)]
+        max_seconds: f64,
+        /// Images per batch.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Seed of the weights and the sampling noise.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Only this plugin (repeatable; default: every registered plugin).
+        #[arg(long = "plugin")]
+        plugins: Vec<String>,
     },
 }
 

@@ -305,10 +305,9 @@ fn results_run_dir(exp_dirs: &[PathBuf], r: &Row) -> PathBuf {
 
 /// Loads a run's best weights and draws `n` samples with the cached sampler.
 pub fn sample_config(dir: &Path, cfg: &crate::config::RunConfig, device: &Device, n: usize) -> Result<(Vec<Vec<u8>>, (usize, usize), usize)> {
-    let (arm, map, _) = crate::run::build(cfg, device)?;
-    load_weights(&map, &dir.join("model.safetensors"))?;
-    let (imgs, _) = crate::run::draw_samples(&arm, n, cfg.sample.seed, Sampler::Cached)?;
-    Ok((imgs, arm.shape(), arm.levels()))
+    let t = crate::trained::build_with_weights(dir, cfg.clone(), device)?;
+    let (imgs, _) = crate::run::draw_samples(&t.arm, n, cfg.sample.seed, Sampler::Cached)?;
+    Ok((imgs, t.arm.shape(), t.arm.levels()))
 }
 
 pub fn load_weights(map: &VarMap, path: &Path) -> Result<()> {

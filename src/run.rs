@@ -17,6 +17,7 @@ use arm_core::{seeded_var_builder, Arm, Sampler};
 use arm_data::Dataset;
 use arm_train::{Control, Event, Status};
 
+use crate::checkpoint;
 use crate::config::RunConfig;
 use crate::plots;
 use crate::store::{self, RunStatus};
@@ -26,7 +27,7 @@ pub static STOP: AtomicBool = AtomicBool::new(false);
 
 /// Builds data, model and variables for a run (weights drawn from the run's seed).
 pub fn build(cfg: &RunConfig, device: &Device) -> Result<(Arm, VarMap, Dataset)> {
-    let data = arm_data::load(&cfg.data.name)?;
+    let data = crate::data::load_anyhow(&cfg.data)?;
     let head = arm_core::build_head(&cfg.model.head, &cfg.model.head_table, data.levels)
         .map_err(|(k, m)| anyhow!("model.{}{}{k}: {m}", cfg.model.head, if k.is_empty() { "" } else { "." }))?;
     let plugin = arm_backends::plugin(&cfg.model.backend)?;
@@ -48,12 +49,18 @@ pub fn n_params(map: &VarMap) -> u64 {
     map.all_vars().iter().map(|v| v.elem_count() as u64).sum()
 }
 
-/// Draws `n` samples with noise from `seed`; returns images as level vectors (image layout).
-pub fn draw_samples(arm: &Arm, n: usize, seed: u64, sampler: Sampler) -> Result<(Vec<Vec<u8>>, usize)> {
+/// Uniform sampling noise for `n` images, (n, D, Q), drawn from `seed`: the same seed gives the
+/// same noise, hence the same images, for every sampler.
+pub fn sample_noise(arm: &Arm, n: usize, seed: u64) -> Result<Tensor> {
     let (d, q) = (arm.dims(), arm.head().noise_dim());
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let noise: Vec<f32> = (0..n * d * q).map(|_| rng.random::<f32>()).collect();
-    let noise = Tensor::from_vec(noise, (n, d, q), arm.device())?;
+    Ok(Tensor::from_vec(noise, (n, d, q), arm.device())?)
+}
+
+/// Draws `n` samples with noise from `seed`; returns images as level vectors (image layout).
+pub fn draw_samples(arm: &Arm, n: usize, seed: u64, sampler: Sampler) -> Result<(Vec<Vec<u8>>, usize)> {
+    let noise = sample_noise(arm, n, seed)?;
     let out = arm.sample(&noise, sampler)?;
     let rows = out.images.to_vec2::<f32>()?;
     Ok((rows.into_iter().map(|r| r.into_iter().map(|v| v as u8).collect()).collect(), out.iterations))
@@ -79,8 +86,46 @@ pub fn write_curve(dir: &Path, title: &str, history: &[arm_train::EpochMetrics])
     )
 }
 
-/// Trains `cfg` into `dir`. `bar` shows epochs; `log_epochs` adds a log line per epoch.
-pub fn execute(cfg: &RunConfig, dir: &Path, device: &Device, bar: &ProgressBar, log_epochs: bool) -> Result<RunStatus> {
+/// Hidden test hook: `RUNNER_STOP_AFTER_EPOCHS=N` acts like a Ctrl-C at the end of epoch N.
+fn stop_after_epochs() -> Option<usize> {
+    std::env::var("RUNNER_STOP_AFTER_EPOCHS").ok()?.trim().parse().ok()
+}
+
+/// The checkpoint to resume `dir` from, if it has one that fits the model's variables (else
+/// the run starts afresh).
+fn resume_state(dir: &Path, map: &VarMap, device: &Device, run_id: &str) -> Option<(arm_train::TrainState, f64)> {
+    let path = dir.join(checkpoint::FILE);
+    if !path.exists() {
+        return None;
+    }
+    let fits = |st: &arm_train::TrainState| {
+        let vars = map.data().lock().unwrap_or_else(|e| e.into_inner());
+        vars.len() == st.weights.len()
+            && vars.iter().all(|(k, v)| {
+                let same = |t: Option<&Tensor>| t.is_some_and(|t| t.shape() == v.shape());
+                same(st.weights.get(k)) && same(st.best_weights.get(k)) && same(st.moments.get(k).map(|m| &m.0)) && same(st.moments.get(k).map(|m| &m.1))
+            })
+    };
+    match checkpoint::load(&path, device) {
+        Ok((st, _)) if !fits(&st) => {
+            tracing::warn!("{run_id}: {} does not fit this model's variables; training from the start", path.display());
+            None
+        }
+        Ok((st, wall)) => {
+            tracing::info!("{run_id}: resuming from the checkpoint of epoch {}", st.epoch);
+            Some((st, wall))
+        }
+        Err(e) => {
+            tracing::warn!("{run_id}: {e:#}; training from the start");
+            None
+        }
+    }
+}
+
+/// Trains `cfg` into `dir`. `bar` shows epochs; `log_epochs` adds a log line per epoch. After
+/// every epoch the checkpoint and metrics are written (atomically); with `resume`, training
+/// continues from the folder's checkpoint when it has one.
+pub fn execute(cfg: &RunConfig, dir: &Path, device: &Device, bar: &ProgressBar, log_epochs: bool, resume: bool) -> Result<RunStatus> {
     let t0 = Instant::now();
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create run folder", dir.display()))?;
     store::atomic_write(&dir.join("config.toml"), cfg.to_toml().as_bytes())?;
@@ -90,15 +135,29 @@ pub fn execute(cfg: &RunConfig, dir: &Path, device: &Device, bar: &ProgressBar, 
     let (arm, map, data) = build(cfg, device)?;
     status.n_params = n_params(&map);
     let run_id = dir.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    let start = if resume { resume_state(dir, &map, device, &run_id) } else { None };
+    let wall_before = start.as_ref().map_or(0.0, |(_, w)| *w);
     bar.set_length(cfg.train.max_epochs as u64);
-    bar.set_position(0);
-    let mut best_so_far = f64::INFINITY;
-    let outcome = arm_train::train(&arm, &map, &data, &cfg.train, cfg.seed, &mut |ev| {
+    bar.set_position(start.as_ref().map_or(0, |(st, _)| st.epoch as u64));
+    let mut best_so_far = start.as_ref().map_or(f64::INFINITY, |(st, _)| st.best_val_nll);
+    let stop_after = stop_after_epochs();
+    let mut write_err: Option<anyhow::Error> = None;
+    let outcome = arm_train::train_from(&arm, &map, &data, &cfg.train, cfg.seed, start.map(|(st, _)| st), &mut |ev| {
         match ev {
             Event::Step { epoch, step, steps } => {
                 bar.set_message(format!("epoch {epoch} step {step}/{steps} best val {best_so_far:.2}"));
             }
-            Event::Epoch { metrics, best } => {
+            Event::Epoch { metrics, best, state } => {
+                let wall = wall_before + t0.elapsed().as_secs_f64();
+                let written = checkpoint::save(&dir.join(checkpoint::FILE), state, wall)
+                    .and_then(|_| store::write_parquet(&dir.join("metrics.parquet"), &mut store::metrics_frame(&state.history)?));
+                if let Err(e) = written {
+                    write_err = Some(e);
+                    return Control::Stop;
+                }
+                if stop_after.is_some_and(|n| metrics.epoch >= n) {
+                    STOP.store(true, AtomicOrdering::SeqCst);
+                }
                 if best {
                     best_so_far = metrics.val_nll;
                 }
@@ -121,6 +180,12 @@ pub fn execute(cfg: &RunConfig, dir: &Path, device: &Device, bar: &ProgressBar, 
         }
         Control::Continue
     })?;
+    if let Some(e) = write_err {
+        status.status = "failed".into();
+        status.reason = Some(format!("{e:#}"));
+        status.write(dir)?;
+        return Err(e);
+    }
     let mut df = store::metrics_frame(&outcome.history)?;
     store::write_parquet(&dir.join("metrics.parquet"), &mut df)?;
     status.epochs = outcome.history.len() as u64;
@@ -144,10 +209,19 @@ pub fn execute(cfg: &RunConfig, dir: &Path, device: &Device, bar: &ProgressBar, 
         }
         Status::Interrupted { epoch } => {
             status.status = "interrupted".into();
-            status.reason = Some(format!("interrupted during epoch {epoch}"));
+            let done = outcome.history.len();
+            status.reason = Some(if done > 0 {
+                format!("interrupted in epoch {epoch}; --resume continues after epoch {done}")
+            } else {
+                format!("interrupted in epoch {epoch}")
+            });
         }
     }
-    status.wall_seconds = t0.elapsed().as_secs_f64();
+    status.wall_seconds = wall_before + t0.elapsed().as_secs_f64();
     status.write(dir)?;
+    if status.is_finished() {
+        // model.safetensors holds the best weights now; the checkpoint is no longer needed.
+        let _ = std::fs::remove_file(dir.join(checkpoint::FILE));
+    }
     Ok(status)
 }

@@ -1,6 +1,7 @@
 //! `runner sweep`: every run of an experiment, resumable and safe to run in parallel.
 //! - A run is done when its `status.toml` says finished; finished runs are skipped, anything
-//!   else (missing, running but dead, interrupted, failed) is redone from scratch.
+//!   else (missing, running but dead, interrupted, failed) is redone from scratch, or with
+//!   `--resume` continued from its `checkpoint.safetensors` (written after every epoch).
 //! - Each run is claimed with an exclusive OS file lock on `<run>/.lock` held while it trains:
 //!   two sweeps on the same folder never train the same run, and a lock from a dead process
 //!   disappears with it (the OS releases it), so stale claims are taken over.
@@ -47,6 +48,8 @@ pub struct Options {
     pub shard: Option<Shard>,
     pub dry_run: bool,
     pub fail_fast: bool,
+    /// Continue unfinished runs from their checkpoints.
+    pub resume: bool,
 }
 
 fn selected(exp: &Experiment, shard: Option<Shard>) -> Vec<RunConfig> {
@@ -78,7 +81,8 @@ pub fn sweep(exp: &Experiment, results: &Path, device: &Device, opts: &Options) 
         }
         for r in &todo {
             let st = RunStatus::read(&dir_of(r)).map_or("missing".to_string(), |s| s.status);
-            println!("  todo   {}  ({st})", r.run_id());
+            let ckpt = if dir_of(r).join(crate::checkpoint::FILE).exists() { ", has a checkpoint for --resume" } else { "" };
+            println!("  todo   {}  ({st}{ckpt})", r.run_id());
         }
         return Ok(());
     }
@@ -108,7 +112,7 @@ pub fn sweep(exp: &Experiment, results: &Path, device: &Device, opts: &Options) 
                     let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
                     let Some(cfg) = next else { break };
                     let dir = dir_of(&cfg);
-                    let work = || one_run(&cfg, &dir, device, &ui);
+                    let work = || one_run(&cfg, &dir, device, &ui, opts.resume);
                     let res = match &pool {
                         Ok(p) => p.install(work),
                         Err(_) => work(),
@@ -173,18 +177,32 @@ fn lock_path(dir: &Path) -> PathBuf {
     dir.join(".lock")
 }
 
-fn one_run(cfg: &RunConfig, dir: &Path, device: &Device, ui: &Ui) -> Result<Claim> {
+/// Claims a run folder: an exclusive OS lock on `<run>/.lock`, held while the returned file
+/// lives; None when another process (or thread) holds it. Temporary files left by a killed
+/// writer are removed once the claim is ours.
+pub fn claim(dir: &Path) -> Result<Option<std::fs::File>> {
     std::fs::create_dir_all(dir)?;
     let lock = OpenOptions::new().create(true).truncate(false).write(true).open(lock_path(dir))?;
     if lock.try_lock_exclusive().is_err() {
-        return Ok(Claim::Elsewhere);
+        return Ok(None);
     }
+    for e in std::fs::read_dir(dir)?.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with('.') && name.ends_with(".tmp") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    Ok(Some(lock))
+}
+
+fn one_run(cfg: &RunConfig, dir: &Path, device: &Device, ui: &Ui, resume: bool) -> Result<Claim> {
+    let Some(lock) = claim(dir)? else { return Ok(Claim::Elsewhere) };
     // Another sweep may have finished it between our listing and the lock.
     if RunStatus::read(dir).is_some_and(|s| s.is_finished()) {
         return Ok(Claim::Elsewhere);
     }
     let bar = ui.run_bar(&cfg.run_id());
-    let res = run::execute(cfg, dir, device, &bar, !ui.tty);
+    let res = run::execute(cfg, dir, device, &bar, !ui.tty, resume);
     bar.finish_and_clear();
     ui.multi.remove(&bar);
     let st = match res {

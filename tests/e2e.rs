@@ -318,3 +318,58 @@ fn list_names_every_plugin_with_keys_and_defaults() {
     assert!(s.contains("causal_conv1d") && s.contains("kernel_size") && s.contains("default 7"), "{s}");
     assert!(s.contains("categorical"), "{s}");
 }
+
+fn user_file_experiment(dir: &Path, data_path: &Path, extra: &str) -> PathBuf {
+    let f = dir.join("user.toml");
+    let body = format!(
+        "name = \"user\"\n[data]\npath = \"{}\"\n{extra}\n[model]\nbackend = \"causal_conv1d\"\n[model.causal_conv1d]\nchannels = 4\nkernel_size = 2\ndilations = [1]\n[train]\nmax_epochs = 1\n[sample]\nn = 2\n",
+        data_path.display()
+    );
+    std::fs::write(&f, body).expect("write");
+    f
+}
+
+#[test]
+fn user_csv_and_parquet_files_train_and_bad_files_are_named() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // 20 images of 3x3 with levels 0..=4.
+    let rows: Vec<Vec<i64>> = (0..20).map(|i| (0..9).map(|j| (i * 7 + j * 3) % 5).collect()).collect();
+    let csv: String = rows.iter().map(|r| r.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(",") + "\n").collect();
+    let csv_path = tmp.path().join("imgs.csv");
+    std::fs::write(&csv_path, &csv).expect("write");
+    let r = tmp.path().join("results");
+    let o = runner(&r).arg("train").arg(user_file_experiment(tmp.path(), &csv_path, "")).output().expect("run");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cfg = std::fs::read_to_string(run_dirs(&r, "user")[0].join("config.toml")).expect("config");
+    assert!(cfg.contains("imgs.csv"), "{cfg}");
+
+    // The same images as parquet (one integer column per pixel).
+    let cols: Vec<polars::prelude::Column> =
+        (0..9).map(|j| polars::prelude::Column::new(format!("p{j}").into(), rows.iter().map(|r| r[j]).collect::<Vec<i64>>())).collect();
+    let mut df = DataFrame::new(20, cols).expect("frame");
+    let pq = tmp.path().join("imgs.parquet");
+    polars::prelude::ParquetWriter::new(std::fs::File::create(&pq).expect("create")).finish(&mut df).expect("write parquet");
+    let o = runner(&tmp.path().join("r2")).arg("train").arg(user_file_experiment(tmp.path(), &pq, "levels = 5")).output().expect("run");
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // Bad files: one line naming the file, row and column; nothing trained.
+    let cases = [
+        ("short.csv", csv.replacen("\n", "\n1,2\n", 1), "row 2: 2 values, expected 9"),
+        ("frac.csv", csv.replacen("0", "0.5", 1), "column"),
+        ("range.csv", csv.clone(), "level 4 is outside 0..=3"),
+    ];
+    for (name, body, want) in cases {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, body).expect("write");
+        let extra = if name == "range.csv" { "levels = 4" } else { "" };
+        let res = tmp.path().join(format!("res-{name}"));
+        let o = runner(&res).arg("train").arg(user_file_experiment(tmp.path(), &p, extra)).output().expect("run");
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains(name) && err.contains(want) && err.trim_end().lines().count() == 1, "{name}: {err}");
+        assert!(!res.exists());
+    }
+    let o = runner(&tmp.path().join("r3")).arg("train").arg(user_file_experiment(tmp.path(), &tmp.path().join("nope.csv"), "")).output().expect("run");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("data.path") && stderr(&o).contains("nope.csv"), "{}", stderr(&o));
+}

@@ -5,6 +5,7 @@ pub mod conv2d;
 pub mod fused;
 pub mod gated_pixelcnn;
 pub mod layers;
+pub mod markov;
 pub mod mlp;
 pub mod pixelcnn;
 mod registry;

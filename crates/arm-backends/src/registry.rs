@@ -133,6 +133,11 @@ impl Plugin {
 pub fn registry() -> Vec<Plugin> {
     vec![
         Plugin::of::<crate::causal_conv1d::CausalConv1dConfig>(),
+        Plugin::of::<crate::mlp::MlpConfig>(),
+        Plugin::of::<crate::rnn::RnnConfig>(),
+        Plugin::of::<crate::pixelcnn::PixelCnnConfig>(),
+        Plugin::of::<crate::gated_pixelcnn::GatedPixelCnnConfig>(),
+        Plugin::of::<crate::markov::MarkovConfig>(),
     ]
 }
 

@@ -4,7 +4,7 @@
 //! Registering a plugin enrols it here; nothing in this file names a plugin.
 
 use arm_backends::{registry, BuildCtx, Plugin};
-use arm_core::{seeded_var_builder, Arm, Categorical, Conditional, Head, Ordering, Sampler};
+use arm_core::{seeded_var_builder, Arm, Categorical, Conditional, Ordering, Sampler};
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use rand::{Rng, SeedableRng};

@@ -80,12 +80,28 @@ impl Optimizer for Adamax {
 }
 
 impl Adamax {
-    /// Optimiser state for checkpoints: (name suffix, tensor) per variable, in `vars` order.
+    /// Optimiser state for checkpoints: the moments (m, u) per variable, in `vars` order.
     pub fn state_tensors(&self) -> Vec<(Tensor, Tensor)> {
         self.state.iter().map(|s| (s.m.clone(), s.u.clone())).collect()
     }
     pub fn steps(&self) -> usize {
         self.t
+    }
+
+    /// Restores moments (in `state_tensors` order) and the step count from a checkpoint.
+    pub fn set_state(&mut self, moments: Vec<(Tensor, Tensor)>, steps: usize) -> candle_core::Result<()> {
+        if moments.len() != self.state.len() {
+            candle_core::bail!("adamax state: {} variables in the checkpoint, {} in the model", moments.len(), self.state.len());
+        }
+        for (s, (m, u)) in self.state.iter_mut().zip(moments) {
+            if m.shape() != s.var.shape() || u.shape() != s.var.shape() {
+                candle_core::bail!("adamax state: moment shape {:?} does not match variable shape {:?}", m.shape(), s.var.shape());
+            }
+            s.m = m.to_dtype(s.var.dtype())?.to_device(s.var.device())?.detach();
+            s.u = u.to_dtype(s.var.dtype())?.to_device(s.var.device())?.detach();
+        }
+        self.t = steps;
+        Ok(())
     }
 }
 

@@ -2,19 +2,28 @@
 //! AdamW, early stopping on validation NLL with patience, best weights kept and restored for the
 //! test NLL, divergence detection. Knows nothing about TOML, parquet or the terminal: progress
 //! goes to an observer callback, which can also ask to stop (Ctrl-C).
+//!
+//! Resumable: after every epoch the observer receives a [`TrainState`] (weights, best weights,
+//! optimiser moments and step count, history); [`train_from`] continues from one and produces
+//! exactly the epochs an uninterrupted run would have. The shuffling RNG is re-seeded from
+//! (seed, epoch) at every epoch start, so it needs no saving. Left out: RNG streams inside
+//! plugins (dropout masks) are not part of the state, so a resumed run with dropout > 0 draws
+//! other masks than an uninterrupted one would.
 
+mod adam;
 mod adamax;
 
 use std::collections::HashMap;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
+use candle_core::{Device, Tensor, Var};
+use candle_nn::{Optimizer, VarMap};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+pub use adam::{Adam, ParamsAdam};
 pub use adamax::{Adamax, ParamsAdamax};
 use arm_core::{bits_per_dim, Arm};
 use arm_data::{Dataset, Split};
@@ -104,7 +113,27 @@ pub struct EpochMetrics {
 
 pub enum Event<'a> {
     Step { epoch: usize, step: usize, steps: usize },
-    Epoch { metrics: &'a EpochMetrics, best: bool },
+    /// An epoch ended; `state` is everything needed to resume right after it.
+    Epoch { metrics: &'a EpochMetrics, best: bool, state: &'a TrainState },
+}
+
+/// A run's complete training state at the end of an epoch: what a checkpoint holds. Tensors
+/// are keyed by variable name (the `VarMap` key); how they are stored is the caller's business.
+#[derive(Debug, Clone)]
+pub struct TrainState {
+    /// Completed epochs.
+    pub epoch: usize,
+    pub history: Vec<EpochMetrics>,
+    pub best_epoch: usize,
+    pub best_val_nll: f64,
+    /// Current weights.
+    pub weights: HashMap<String, Tensor>,
+    /// Weights of the best epoch so far.
+    pub best_weights: HashMap<String, Tensor>,
+    /// The optimiser's two moments per variable (adamax: m, u; adam and adamw: m, v).
+    pub moments: HashMap<String, (Tensor, Tensor)>,
+    /// Optimiser steps taken (for bias correction).
+    pub steps: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,6 +173,16 @@ pub fn evaluate(arm: &Arm, split: &Split, batch: usize) -> candle_core::Result<f
     Ok(-total / split.n.max(1) as f64)
 }
 
+/// Shuffled training indices of `epoch`: a ChaCha8 stream per (seed, epoch), so an epoch's
+/// batches do not depend on how many epochs ran in this process.
+pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(epoch as u64);
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut rng);
+    order
+}
+
 fn snapshot(map: &VarMap) -> candle_core::Result<HashMap<String, Tensor>> {
     let data = map.data().lock().unwrap_or_else(|e| e.into_inner());
     data.iter().map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?))).collect()
@@ -159,23 +198,43 @@ fn restore(map: &VarMap, snap: &HashMap<String, Tensor>) -> candle_core::Result<
     Ok(())
 }
 
+/// Like `restore`, but every variable must be present with its shape (a checkpoint of another
+/// model is an error, not a partial load).
+fn restore_all(map: &VarMap, snap: &HashMap<String, Tensor>, what: &str) -> candle_core::Result<()> {
+    let data = map.data().lock().unwrap_or_else(|e| e.into_inner());
+    for (k, v) in data.iter() {
+        let t = snap.get(k).ok_or_else(|| candle_core::Error::Msg(format!("{what}: no tensor for variable {k}")))?;
+        if t.shape() != v.shape() {
+            candle_core::bail!("{what}: variable {k} has shape {:?}, the model's is {:?}", t.shape(), v.shape());
+        }
+        v.set(&t.to_dtype(v.dtype())?.to_device(v.device())?)?;
+    }
+    Ok(())
+}
+
+/// The float variables sorted by name: a stable order for optimiser state across processes
+/// (`VarMap::all_vars` follows a HashMap's order).
+fn named_vars(map: &VarMap) -> Vec<(String, Var)> {
+    let data = map.data().lock().unwrap_or_else(|e| e.into_inner());
+    let mut v: Vec<(String, Var)> = data.iter().filter(|(_, v)| v.dtype().is_float()).map(|(k, v)| (k.clone(), v.clone())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
 enum Opt {
     Adamax(Adamax),
-    AdamW(AdamW),
+    Adam(Adam),
 }
 
 impl Opt {
-    fn new(map: &VarMap, cfg: &TrainConfig) -> candle_core::Result<Self> {
-        let vars = map.all_vars();
+    fn new(vars: Vec<Var>, cfg: &TrainConfig) -> candle_core::Result<Self> {
+        let (lr, beta1, beta2, eps, weight_decay) = (cfg.lr, cfg.beta1, cfg.beta2, 1e-8, cfg.weight_decay);
         Ok(match cfg.optimizer {
-            OptimizerKind::Adamax => Opt::Adamax(Adamax::new(
+            OptimizerKind::Adamax => Opt::Adamax(Adamax::new(vars, ParamsAdamax { lr, beta1, beta2, eps, weight_decay })?),
+            // adam: weight decay as an L2 term on the gradient; adamw: decoupled decay.
+            OptimizerKind::Adam | OptimizerKind::Adamw => Opt::Adam(Adam::new(
                 vars,
-                ParamsAdamax { lr: cfg.lr, beta1: cfg.beta1, beta2: cfg.beta2, eps: 1e-8, weight_decay: cfg.weight_decay },
-            )?),
-            // Adam is AdamW without decay; with decay, adam means decoupled decay as well.
-            OptimizerKind::Adam | OptimizerKind::Adamw => Opt::AdamW(AdamW::new(
-                vars,
-                ParamsAdamW { lr: cfg.lr, beta1: cfg.beta1, beta2: cfg.beta2, eps: 1e-8, weight_decay: cfg.weight_decay },
+                ParamsAdam { lr, beta1, beta2, eps, weight_decay, decoupled: cfg.optimizer == OptimizerKind::Adamw },
             )?),
         })
     }
@@ -183,7 +242,22 @@ impl Opt {
     fn backward_step(&mut self, loss: &Tensor) -> candle_core::Result<()> {
         match self {
             Opt::Adamax(o) => o.backward_step(loss),
-            Opt::AdamW(o) => o.backward_step(loss),
+            Opt::Adam(o) => o.backward_step(loss),
+        }
+    }
+
+    /// (moments in `new`'s variable order, step count).
+    fn state(&self) -> (Vec<(Tensor, Tensor)>, usize) {
+        match self {
+            Opt::Adamax(o) => (o.state_tensors(), o.steps()),
+            Opt::Adam(o) => (o.state_tensors(), o.steps()),
+        }
+    }
+
+    fn set_state(&mut self, moments: Vec<(Tensor, Tensor)>, steps: usize) -> candle_core::Result<()> {
+        match self {
+            Opt::Adamax(o) => o.set_state(moments, steps),
+            Opt::Adam(o) => o.set_state(moments, steps),
         }
     }
 }
@@ -198,19 +272,58 @@ pub fn train(
     seed: u64,
     on: &mut dyn FnMut(Event) -> Control,
 ) -> candle_core::Result<Outcome> {
+    train_from(arm, map, data, cfg, seed, None, on)
+}
+
+/// [`train`], continuing from `resume` (a state handed out by an earlier run of the same config
+/// and seed) when given: its weights, optimiser state, history and best epoch are restored and
+/// training goes on with epoch `resume.epoch + 1`, exactly as if it had never stopped.
+pub fn train_from(
+    arm: &Arm,
+    map: &VarMap,
+    data: &Dataset,
+    cfg: &TrainConfig,
+    seed: u64,
+    resume: Option<TrainState>,
+    on: &mut dyn FnMut(Event) -> Control,
+) -> candle_core::Result<Outcome> {
     let device: Device = arm.device().clone();
-    let mut opt = Opt::new(map, cfg)?;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut order: Vec<usize> = (0..data.train.n).collect();
+    let vars = named_vars(map);
+    let mut opt = Opt::new(vars.iter().map(|(_, v)| v.clone()).collect(), cfg)?;
     let steps = data.train.n.div_ceil(cfg.batch_size);
     let mut history = Vec::new();
     let (mut best_epoch, mut best_val) = (0usize, f64::INFINITY);
     let mut best = snapshot(map)?;
     let mut status = Status::Finished { stopped_early: false };
+    let mut first = 1;
 
-    'epochs: for epoch in 1..=cfg.max_epochs {
+    if let Some(st) = resume {
+        restore_all(map, &st.weights, "checkpoint weights")?;
+        let mut moments = Vec::with_capacity(vars.len());
+        for (k, _) in &vars {
+            let m = st.moments.get(k).ok_or_else(|| candle_core::Error::Msg(format!("checkpoint optimiser state: no moments for variable {k}")))?;
+            moments.push(m.clone());
+        }
+        opt.set_state(moments, st.steps)?;
+        // Check the best weights against the model too (restored into the map at the end).
+        for (k, v) in &vars {
+            match st.best_weights.get(k) {
+                Some(t) if t.shape() == v.shape() => {}
+                _ => candle_core::bail!("checkpoint best weights: no tensor of shape {:?} for variable {k}", v.shape()),
+            }
+        }
+        best = st.best_weights;
+        (best_epoch, best_val, history, first) = (st.best_epoch, st.best_val_nll, st.history, st.epoch + 1);
+        // The run may have ended at that epoch (patience) and been stopped before saying so.
+        if st.epoch > 0 && st.epoch.saturating_sub(best_epoch) >= cfg.patience {
+            status = Status::Finished { stopped_early: true };
+            first = usize::MAX;
+        }
+    }
+
+    'epochs: for epoch in first..=cfg.max_epochs {
         let t0 = Instant::now();
-        order.shuffle(&mut rng);
+        let order = epoch_order(data.train.n, seed, epoch);
         let mut train_sum = 0.0f64;
         for (step, idx) in order.chunks(cfg.batch_size).enumerate() {
             let x = data.train.batch(idx, &device)?; // (B, D)
@@ -246,7 +359,18 @@ pub fn train(
             seconds: t0.elapsed().as_secs_f64(),
         };
         history.push(m);
-        let stop = on(Event::Epoch { metrics: &history[history.len() - 1], best: improved });
+        let (moments, opt_steps) = opt.state();
+        let state = TrainState {
+            epoch,
+            history: history.clone(),
+            best_epoch,
+            best_val_nll: best_val,
+            weights: snapshot(map)?,
+            best_weights: best.clone(),
+            moments: vars.iter().map(|(k, _)| k.clone()).zip(moments).collect(),
+            steps: opt_steps,
+        };
+        let stop = on(Event::Epoch { metrics: &history[history.len() - 1], best: improved, state: &state });
         if stop == Control::Stop {
             status = Status::Interrupted { epoch };
             break;

@@ -1,0 +1,284 @@
+//! Shifted 2D convolution for the raster-order plugins, channels-last, as im2col + one matmul.
+//!
+//! A convolution here is a list of taps (dy, dx): output cell (r, c) reads input cells
+//! (r + dy, c + dx), zero outside the image. Masked convolutions (van den Oord et al. 2016,
+//! "Pixel Recurrent Neural Networks", §3.4, Fig. 2: mask A / mask B) and the vertical and
+//! horizontal stacks of the gated PixelCNN (van den Oord et al. 2016, "Conditional Image
+//! Generation with PixelCNN Decoders", §2.1, Fig. 1-2) differ only in their tap lists. Listing
+//! only the taps a mask allows makes the mask exact (there are no masked-out weights to leak or
+//! to waste FLOPs on) and the convolution is [`crate::unfold::Unfold`] followed by one matmul
+//! with a (taps * C_in, C_out) weight, at candle's gemm speed.
+//!
+//! Grids are (B, H*W, C): cell index r * W + c is the raster position, so (B, D) inputs only
+//! need an `unsqueeze(2)`. Left out: colour-channel masks (the data are greyscale).
+
+use candle_core::{DType, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+use arm_core::Result;
+
+use crate::unfold::Unfold;
+
+/// Which taps of a k x k PixelCNN kernel are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mask {
+    /// Rows above, and left of the centre in the centre row (first layer: never sees x_d).
+    A,
+    /// Mask A plus the centre (later layers: the centre holds features of x_<d only).
+    B,
+}
+
+/// Taps of a k x k kernel (k odd) under a PixelCNN mask.
+pub fn masked_taps(k: usize, mask: Mask) -> Vec<(isize, isize)> {
+    let h = (k / 2) as isize;
+    let mut taps: Vec<(isize, isize)> = (-h..0).flat_map(|dy| (-h..=h).map(move |dx| (dy, dx))).collect();
+    taps.extend((-h..0).map(|dx| (0, dx)));
+    if mask == Mask::B {
+        taps.push((0, 0));
+    }
+    taps
+}
+
+/// Vertical stack of the gated PixelCNN: a (k/2 + 1) x k window of rows strictly above.
+/// The first layer reads the input rows r-1-k/2 ..= r-1 (the "shift down by one row"); later
+/// layers read their input rows r-k/2 ..= r, which already hold only rows above each cell, so
+/// the centre row (including cells to the right) is safe to read.
+pub fn vertical_taps(k: usize, first: bool) -> Vec<(isize, isize)> {
+    let h = (k / 2) as isize;
+    let top = if first { -h - 1 } else { -h };
+    let bottom = if first { -1 } else { 0 };
+    (top..=bottom).flat_map(|dy| (-h..=h).map(move |dx| (dy, dx))).collect()
+}
+
+/// Horizontal stack of the gated PixelCNN: a 1 x (k/2 + 1) window of the current row ending at
+/// the current cell; the first layer stops one cell earlier (mask A).
+pub fn horizontal_taps(k: usize, first: bool) -> Vec<(isize, isize)> {
+    let h = ((k / 2) as isize).max(1);
+    let right = if first { -1 } else { 0 };
+    (-h..=right).map(|dx| (0, dx)).collect()
+}
+
+/// Channels-last convolution over a fixed tap list: (B, H*W, C_in) -> (B, H*W, C_out).
+#[derive(Debug, Clone)]
+pub struct TapConv2d {
+    w: Tensor, // (taps * C_in, C_out), tap-major rows
+    b: Tensor, // (C_out,)
+    unfold: Unfold,
+}
+
+/// PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with the fan-in of the taps actually
+/// present (PyTorch would count the masked-out weights too).
+pub fn tap_conv2d(
+    cin: usize,
+    cout: usize,
+    taps: Vec<(isize, isize)>,
+    (height, width): (usize, usize),
+    vb: VarBuilder,
+) -> Result<TapConv2d> {
+    if taps.is_empty() {
+        candle_core::bail!("tap_conv2d: no taps");
+    }
+    let bound = 1.0 / ((taps.len() * cin).max(1) as f64).sqrt();
+    let init = Init::Uniform { lo: -bound, up: bound };
+    Ok(TapConv2d {
+        w: vb.get_with_hints((taps.len() * cin, cout), "weight", init)?,
+        b: vb.get_with_hints(cout, "bias", init)?,
+        unfold: Unfold { height, width, taps },
+    })
+}
+
+impl TapConv2d {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, n, c) = x.dims3()?;
+        let cols = self.unfold.apply(x)?; // (B, N, taps*C_in)
+        let y = cols.reshape((b * n, self.taps().len() * c))?.matmul(&self.w)?; // (B*N, C_out)
+        y.broadcast_add(&self.b)?.reshape((b, n, self.w.dim(1)?)) // (B, N, C_out)
+    }
+
+    /// One output cell for a stepper. `cells[p]` is the input at raster position p, (B, C_in),
+    /// for every position computed so far; taps outside the image read zeros, and a tap that
+    /// reads a position not yet computed is an error (it would be a causality bug).
+    pub fn forward_at(&self, pos: usize, cells: &[Tensor], zero: &Tensor) -> Result<Tensor> {
+        let cols = self
+            .taps()
+            .iter()
+            .map(|&tap| match self.source(pos, tap) {
+                None => Ok(zero.clone()),
+                Some(src) => cells
+                    .get(src)
+                    .cloned()
+                    .ok_or_else(|| candle_core::Error::Msg(format!("tap {tap:?} of cell {pos} reads uncomputed cell {src}"))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&cols, 1)?.matmul(&self.w)?.broadcast_add(&self.b) // (B, C_out)
+    }
+
+    /// Input cell read by `tap` for output cell `pos`; None outside the image.
+    pub fn source(&self, pos: usize, (dy, dx): (isize, isize)) -> Option<usize> {
+        let w = self.unfold.width;
+        let (r, c) = ((pos / w) as isize + dy, (pos % w) as isize + dx);
+        let inside = r >= 0 && c >= 0 && (r as usize) < self.unfold.height && (c as usize) < w;
+        inside.then(|| r as usize * w + c as usize)
+    }
+
+    pub fn taps(&self) -> &[(isize, isize)] {
+        &self.unfold.taps
+    }
+
+    pub fn out_channels(&self) -> Result<usize> {
+        self.w.dim(1)
+    }
+}
+
+/// Straightforward reference for tests: loops over cells, taps and channels.
+pub fn tap_conv2d_reference(conv: &TapConv2d, x: &Tensor) -> Result<Tensor> {
+    let (b, n, c) = x.dims3()?;
+    let xv = x.to_dtype(DType::F32)?.to_vec3::<f32>()?;
+    let w = conv.w.to_vec2::<f32>()?; // (taps*C_in, C_out)
+    let bias = conv.b.to_vec1::<f32>()?;
+    let cout = bias.len();
+    let mut out = vec![0f32; b * n * cout];
+    for bi in 0..b {
+        for pos in 0..n {
+            for o in 0..cout {
+                let mut acc = bias[o];
+                for (t, &tap) in conv.taps().iter().enumerate() {
+                    if let Some(src) = conv.source(pos, tap) {
+                        for ci in 0..c {
+                            acc += xv[bi][src][ci] * w[t * c + ci][o];
+                        }
+                    }
+                }
+                out[(bi * n + pos) * cout + o] = acc;
+            }
+        }
+    }
+    Tensor::from_vec(out, (b, n, cout), x.device())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+    use candle_nn::VarMap;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn rand_input(b: usize, n: usize, c: usize, seed: u64) -> Result<Tensor> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let v: Vec<f32> = (0..b * n * c).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
+        Tensor::from_vec(v, (b, n, c), &Device::Cpu)
+    }
+
+    fn tap_sets() -> Vec<Vec<(isize, isize)>> {
+        vec![
+            masked_taps(3, Mask::A),
+            masked_taps(3, Mask::B),
+            masked_taps(7, Mask::A),
+            masked_taps(1, Mask::B),
+            vertical_taps(3, true),
+            vertical_taps(5, false),
+            horizontal_taps(3, true),
+            horizontal_taps(5, false),
+        ]
+    }
+
+    #[test]
+    fn tap_lists_match_the_papers_masks() {
+        // 3x3 mask A: the three cells above and the one to the left; B adds the centre.
+        assert_eq!(masked_taps(3, Mask::A), vec![(-1, -1), (-1, 0), (-1, 1), (0, -1)]);
+        assert_eq!(masked_taps(3, Mask::B).len(), 5);
+        // k x k mask A keeps (k*k - 1) / 2 taps.
+        assert_eq!(masked_taps(7, Mask::A).len(), 24);
+        assert_eq!(vertical_taps(3, true), vec![(-2, -1), (-2, 0), (-2, 1), (-1, -1), (-1, 0), (-1, 1)]);
+        assert_eq!(vertical_taps(3, false), vec![(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 0), (0, 1)]);
+        assert_eq!(horizontal_taps(3, true), vec![(0, -1)]);
+        assert_eq!(horizontal_taps(5, false), vec![(0, -2), (0, -1), (0, 0)]);
+    }
+
+    #[test]
+    fn im2col_conv_equals_the_loop_in_values_and_gradients() -> Result<()> {
+        let (h, w) = (4, 5);
+        for taps in tap_sets() {
+            let map = VarMap::new();
+            let vb = arm_core::seeded_var_builder(&map, 3, &Device::Cpu);
+            let conv = tap_conv2d(3, 4, taps.clone(), (h, w), vb)?;
+            let x = Var::from_tensor(&rand_input(2, h * w, 3, 5)?)?;
+            let fast = conv.forward(x.as_tensor())?; // (B, N, C_out)
+            let slow = tap_conv2d_reference(&conv, x.as_tensor())?;
+            let diff = (&fast - &slow)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "{taps:?}: max diff {diff}");
+            // Input gradient against central differences of the reference.
+            let grads = fast.sqr()?.sum_all()?.backward()?;
+            let g = grads.get(&x).expect("input gradient").to_vec3::<f32>()?;
+            let xv = x.as_tensor().to_vec3::<f32>()?;
+            let loss = |xv: &Vec<Vec<Vec<f32>>>| -> Result<f64> {
+                let flat: Vec<f32> = xv.iter().flatten().flatten().copied().collect();
+                let t = Tensor::from_vec(flat, (2, h * w, 3), &Device::Cpu)?;
+                tap_conv2d_reference(&conv, &t)?.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()
+            };
+            for (bi, pi, ci) in [(0, 0, 0), (1, 19, 2), (0, 7, 1), (1, 12, 0)] {
+                let eps = 1e-2f32;
+                let mut up = xv.clone();
+                up[bi][pi][ci] += eps;
+                let mut dn = xv.clone();
+                dn[bi][pi][ci] -= eps;
+                let num = (loss(&up)? - loss(&dn)?) / (2.0 * eps as f64);
+                let ana = g[bi][pi][ci] as f64;
+                assert!((num - ana).abs() < 1e-2 * (1.0 + ana.abs()), "grad {taps:?}: {num} vs {ana}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn masked_conv_equals_candle_conv2d_with_a_zeroed_kernel() -> Result<()> {
+        // The tap offsets are read as (row, column) the way a cross-correlation kernel is.
+        let (h, w, cin, cout) = (5, 6, 2, 3);
+        for (k, mask) in [(3, Mask::A), (3, Mask::B), (5, Mask::A)] {
+            let map = VarMap::new();
+            let vb = arm_core::seeded_var_builder(&map, 9, &Device::Cpu);
+            let conv = tap_conv2d(cin, cout, masked_taps(k, mask), (h, w), vb)?;
+            let wv = conv.w.to_vec2::<f32>()?;
+            let half = (k / 2) as isize;
+            let mut kernel = vec![0f32; cout * cin * k * k]; // (C_out, C_in, k, k)
+            for (t, &(dy, dx)) in conv.taps().iter().enumerate() {
+                let (ky, kx) = ((half + dy) as usize, (half + dx) as usize);
+                for o in 0..cout {
+                    for ci in 0..cin {
+                        kernel[((o * cin + ci) * k + ky) * k + kx] = wv[t * cin + ci][o];
+                    }
+                }
+            }
+            let kernel = Tensor::from_vec(kernel, (cout, cin, k, k), &Device::Cpu)?;
+            let x = rand_input(2, h * w, cin, 4)?; // (B, N, C_in)
+            let nchw = x.reshape((2, h, w, cin))?.permute((0, 3, 1, 2))?.contiguous()?;
+            let want = nchw.conv2d(&kernel, k / 2, 1, 1, 1)?; // (B, C_out, H, W)
+            let want = want.permute((0, 2, 3, 1))?.reshape((2, h * w, cout))?.broadcast_add(&conv.b)?;
+            let got = conv.forward(&x)?;
+            let diff = (&got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "k={k} {mask:?}: max diff {diff}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn forward_at_equals_forward_rows() -> Result<()> {
+        let (h, w) = (3, 4);
+        for taps in tap_sets().into_iter().filter(|t| t.iter().all(|&(dy, dx)| dy < 0 || (dy == 0 && dx <= 0))) {
+            let map = VarMap::new();
+            let conv = tap_conv2d(2, 3, taps.clone(), (h, w), arm_core::seeded_var_builder(&map, 1, &Device::Cpu))?;
+            let x = rand_input(2, h * w, 2, 8)?;
+            let full = conv.forward(&x)?; // (B, N, C_out)
+            let cells = (0..h * w).map(|p| x.narrow(1, p, 1)?.squeeze(1)).collect::<Result<Vec<_>>>()?;
+            let zero = Tensor::zeros((2, 2), DType::F32, &Device::Cpu)?;
+            for p in 0..h * w {
+                let got = conv.forward_at(p, &cells[..=p], &zero)?;
+                let want = full.narrow(1, p, 1)?.squeeze(1)?;
+                let diff = (&got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(diff < 1e-5, "{taps:?} cell {p}: {diff}");
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,281 @@
+//! `gated_pixelcnn`: the gated PixelCNN of van den Oord et al. 2016, "Conditional Image
+//! Generation with PixelCNN Decoders", §2.1-2.2, eq. 2 and Fig. 2, unconditional (no h term).
+//! Every layer has two stacks that together see every earlier pixel (no blind spot):
+//! - vertical: a (k/2 + 1) x k convolution over rows strictly above the current pixel
+//!   (`conv2d::vertical_taps`; the first layer's window ends at the row above, later ones
+//!   may read their input's current row, which already holds only rows above);
+//! - horizontal: a 1 x (k/2 + 1) convolution over the current row up to the current pixel
+//!   (the first layer stops left of it: mask A), plus the vertical pre-activations through a
+//!   1x1 convolution, added before the gate.
+//!
+//! Both stacks use the gated unit y = tanh(W_f * x) . sigmoid(W_g * x) (eq. 2). The horizontal
+//! output passes a 1x1 convolution, is added to the layer's input (a residual connection, from
+//! the second layer on) and is summed into skip connections; the head is ReLU, 1x1, ReLU, 1x1
+//! to the head's P parameters. Raster order only; (B, D) is read as (B, H*W, 1).
+//!
+//! The cached stepper computes the vertical stack one image row at a time (at the first pixel
+//! of the row: it depends on rows above only, and later layers read cells to the right) and
+//! the horizontal stack at the current pixel only: sampling is linear in D.
+//! Left out: class / embedding conditioning (the h of eq. 4) and colour-channel masks.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::ops::sigmoid;
+use serde::{Deserialize, Serialize};
+
+use arm_core::{Conditional, Stepper};
+type Result<T, E = candle_core::Error> = std::result::Result<T, E>;
+
+use crate::conv2d::{horizontal_taps, tap_conv2d, vertical_taps, TapConv2d};
+use crate::layers::{linear, Dropout, Linear};
+use crate::registry::{invalid, BuildCtx, PluginConfig, PluginError};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatedPixelCnnConfig {
+    /// Feature maps of each stack (the gates use twice as many pre-activations).
+    pub channels: usize,
+    /// Gated layers; the first is the mask-A layer.
+    pub layers: usize,
+    /// Kernel width k (odd): vertical (k/2 + 1) x k, horizontal 1 x (k/2 + 1).
+    pub kernel: usize,
+    /// Dropout probability on the gated outputs (training only).
+    pub dropout: f64,
+}
+
+impl Default for GatedPixelCnnConfig {
+    fn default() -> Self {
+        Self { channels: 64, layers: 5, kernel: 3, dropout: 0.0 }
+    }
+}
+
+impl PluginConfig for GatedPixelCnnConfig {
+    const NAME: &'static str = "gated_pixelcnn";
+    const SUMMARY: &'static str = "gated PixelCNN: vertical + horizontal stacks, no blind spot (raster order only)";
+    const IS_2D: bool = true;
+
+    fn validate(&self, _h: usize, _w: usize) -> Result<(), PluginError> {
+        if self.channels == 0 {
+            return Err(invalid("channels", "must be at least 1, got 0"));
+        }
+        if self.layers == 0 {
+            return Err(invalid("layers", "must be at least 1, got 0"));
+        }
+        // k = 1 would give the first horizontal layer nothing to its left.
+        if self.kernel < 3 || self.kernel % 2 == 0 {
+            return Err(invalid("kernel", format!("must be odd and at least 3, got {}", self.kernel)));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(invalid("dropout", format!("must be in [0, 1), got {}", self.dropout)));
+        }
+        Ok(())
+    }
+
+    fn build(&self, ctx: BuildCtx) -> Result<Box<dyn Conditional>, PluginError> {
+        let (hw, c, k) = ((ctx.height, ctx.width), self.channels, self.kernel);
+        let mut layers = Vec::with_capacity(self.layers);
+        for l in 0..self.layers {
+            let (first, cin) = (l == 0, if l == 0 { 1 } else { c });
+            let vb = ctx.vb.pp(format!("layers.{l}"));
+            layers.push(GatedLayer {
+                vertical: tap_conv2d(cin, 2 * c, vertical_taps(k, first), hw, vb.pp("vertical"))?,
+                horizontal: tap_conv2d(cin, 2 * c, horizontal_taps(k, first), hw, vb.pp("horizontal"))?,
+                v_to_h: linear(2 * c, 2 * c, vb.pp("v_to_h"))?,
+                out: linear(c, c, vb.pp("out"))?,
+                residual: !first,
+            });
+        }
+        let head = [linear(c, c, ctx.vb.pp("head.0"))?, linear(c, ctx.num_params, ctx.vb.pp("head.1"))?];
+        Ok(Box::new(GatedPixelCnnNet {
+            layers,
+            head,
+            channels: c,
+            width: ctx.width,
+            dropout: Dropout::new(self.dropout, ctx.seed),
+            dims: ctx.dims(),
+            device: ctx.device,
+        }))
+    }
+
+    fn test_configs() -> Vec<Self> {
+        let c = |channels, layers, kernel| Self { channels, layers, kernel, dropout: 0.0 };
+        vec![c(3, 1, 3), c(4, 2, 3), c(3, 3, 5), c(5, 2, 7)]
+    }
+
+    fn key_docs() -> &'static [(&'static str, &'static str)] {
+        &[
+            ("channels", "feature maps of each stack"),
+            ("layers", "gated layers (the first is mask A)"),
+            ("kernel", "kernel width k (odd, >= 3): vertical (k/2+1) x k, horizontal 1 x (k/2+1)"),
+            ("dropout", "dropout on the gated outputs"),
+        ]
+    }
+}
+
+struct GatedLayer {
+    vertical: TapConv2d,   // C_in -> 2C
+    horizontal: TapConv2d, // C_in -> 2C
+    v_to_h: Linear,        // 1x1, 2C -> 2C
+    out: Linear,           // 1x1, C -> C
+    residual: bool,
+}
+
+/// Eq. 2: tanh of the first half of the channels times sigmoid of the second; (..., 2C) -> (..., C).
+fn gate(a: &Tensor) -> Result<Tensor> {
+    let last = a.rank() - 1;
+    let c = a.dim(last)? / 2;
+    a.narrow(last, 0, c)?.tanh()?.mul(&sigmoid(&a.narrow(last, c, c)?)?)
+}
+
+pub struct GatedPixelCnnNet {
+    layers: Vec<GatedLayer>,
+    head: [Linear; 2],
+    channels: usize,
+    width: usize,
+    dropout: Dropout,
+    dims: usize,
+    device: Device,
+}
+
+impl GatedPixelCnnNet {
+    /// ReLU, 1x1, ReLU, 1x1 on the summed skips: (..., C) -> (..., P).
+    fn head(&self, skip: &Tensor) -> Result<Tensor> {
+        let h = self.head[0].forward(&skip.relu()?)?; // (..., C)
+        self.head[1].forward(&h.relu()?) // (..., P)
+    }
+}
+
+impl Conditional for GatedPixelCnnNet {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (_, d) = x.dims2()?;
+        if d != self.dims {
+            candle_core::bail!("gated_pixelcnn: input has {d} pixels, built for {}", self.dims);
+        }
+        let x = x.unsqueeze(2)?; // (B, H*W, 1)
+        let (mut v, mut h) = (x.clone(), x);
+        let mut skip: Option<Tensor> = None;
+        let last = self.layers.len() - 1;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let v_pre = layer.vertical.forward(&v)?; // (B, H*W, 2C)
+            let h_pre = (layer.horizontal.forward(&h)? + layer.v_to_h.forward(&v_pre)?)?; // (B, H*W, 2C)
+            let o = layer.out.forward(&self.dropout.forward_t(&gate(&h_pre)?, train)?)?; // (B, H*W, C)
+            skip = Some(match skip {
+                Some(s) => (s + &o)?,
+                None => o.clone(),
+            });
+            h = if layer.residual { (h + o)? } else { o };
+            if l < last {
+                // The last layer's vertical output feeds nothing.
+                v = self.dropout.forward_t(&gate(&v_pre)?, train)?; // (B, H*W, C)
+            }
+        }
+        let skip = skip.ok_or_else(|| candle_core::Error::Msg("network has no layers".into()))?;
+        self.head(&skip) // (B, H*W, P)
+    }
+
+    fn seq_len(&self) -> usize {
+        self.dims
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn stepper(&self, batch: usize) -> Result<Box<dyn Stepper + '_>> {
+        let n = self.layers.len();
+        Ok(Box::new(GatedStepper {
+            net: self,
+            batch,
+            pos: 0,
+            pixels: Vec::with_capacity(self.dims),
+            v: vec![Vec::with_capacity(self.dims); n],
+            v_pre: vec![Vec::with_capacity(self.dims); n],
+            h: vec![Vec::with_capacity(self.dims); n],
+            zero_pixel: Tensor::zeros((batch, 1), DType::F32, &self.device)?,
+            zero_act: Tensor::zeros((batch, self.channels), DType::F32, &self.device)?,
+            out: None,
+        }))
+    }
+}
+
+/// Cached generation, every cell (B, channels): `pixels[p]` = x_p; `v[l][p]`, `v_pre[l][p]`
+/// = layer l's vertical output and pre-activation (filled a row at a time); `h[l][p]` = layer
+/// l's horizontal output (filled a pixel at a time).
+struct GatedStepper<'a> {
+    net: &'a GatedPixelCnnNet,
+    batch: usize,
+    pos: usize,
+    pixels: Vec<Tensor>,
+    v: Vec<Vec<Tensor>>,
+    v_pre: Vec<Vec<Tensor>>,
+    h: Vec<Vec<Tensor>>,
+    zero_pixel: Tensor,
+    zero_act: Tensor,
+    out: Option<Tensor>,
+}
+
+impl GatedStepper<'_> {
+    /// The vertical stack for the whole row starting at `self.pos`: it reads rows above (all
+    /// pushed) and, after the first layer, the previous layer's cells of this row.
+    fn vertical_row(&mut self) -> Result<()> {
+        let row = self.pos..self.pos + self.net.width;
+        for (l, layer) in self.net.layers.iter().enumerate() {
+            for p in row.clone() {
+                let pre = match l {
+                    0 => layer.vertical.forward_at(p, &self.pixels, &self.zero_pixel)?,
+                    _ => layer.vertical.forward_at(p, &self.v[l - 1], &self.zero_act)?,
+                }; // (B, 2C)
+                self.v[l].push(gate(&pre)?);
+                self.v_pre[l].push(pre);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Cell `p` of a cache, or an error naming the broken invariant.
+fn cell(cache: &[Tensor], p: usize) -> Result<&Tensor> {
+    cache.get(p).ok_or_else(|| candle_core::Error::Msg(format!("stepper: cell {p} not computed yet")))
+}
+
+impl Stepper for GatedStepper<'_> {
+    fn params(&mut self) -> Result<Tensor> {
+        if let Some(o) = &self.out {
+            return Ok(o.clone());
+        }
+        if self.pos >= self.net.dims {
+            candle_core::bail!("stepper: all {} positions are already filled", self.net.dims);
+        }
+        if self.pos % self.net.width == 0 {
+            self.vertical_row()?;
+        }
+        let mut skip: Option<Tensor> = None;
+        for (l, layer) in self.net.layers.iter().enumerate() {
+            let from_h = match l {
+                0 => layer.horizontal.forward_at(self.pos, &self.pixels, &self.zero_pixel)?,
+                _ => layer.horizontal.forward_at(self.pos, &self.h[l - 1], &self.zero_act)?,
+            }; // (B, 2C)
+            let h_pre = (from_h + layer.v_to_h.forward(cell(&self.v_pre[l], self.pos)?)?)?; // (B, 2C)
+            let o = layer.out.forward(&gate(&h_pre)?)?; // (B, C)
+            skip = Some(match skip {
+                Some(s) => (s + &o)?,
+                None => o.clone(),
+            });
+            let h = if layer.residual { (cell(&self.h[l - 1], self.pos)? + o)? } else { o };
+            self.h[l].push(h);
+        }
+        let skip = skip.ok_or_else(|| candle_core::Error::Msg("network has no layers".into()))?;
+        let p = self.net.head(&skip)?; // (B, P)
+        self.out = Some(p.clone());
+        Ok(p)
+    }
+
+    fn push(&mut self, x_d: &Tensor) -> Result<()> {
+        if self.out.is_none() {
+            self.params()?; // this pixel's cells must exist before moving on
+        }
+        self.pixels.push(x_d.to_dtype(DType::F32)?.reshape((self.batch, 1))?);
+        self.out = None;
+        self.pos += 1;
+        Ok(())
+    }
+}

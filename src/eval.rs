@@ -1,0 +1,121 @@
+//! `runner eval RUN_DIR`: per-image log-likelihood of a split under a trained run's best
+//! weights, written as parquet or CSV (columns index, nll_nats, bpd), with the mean printed.
+//! The mean over the test split is the test NLL that training wrote to status.toml: same
+//! weights, same batches (`train.eval_batch_size`), f32 per-image sums accumulated in f64.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+use polars::prelude::{df, CsvWriter, DataFrame, SerWriter};
+
+use arm_core::bits_per_dim;
+
+use crate::store::{self, RunStatus};
+use crate::{bad_input, trained};
+
+pub struct Options {
+    pub data: Option<String>,
+    pub split: String,
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OutFormat {
+    Parquet,
+    Csv,
+}
+
+fn out_format(p: &Path) -> Result<OutFormat> {
+    match p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref() {
+        Some("parquet") => Ok(OutFormat::Parquet),
+        Some("csv") => Ok(OutFormat::Csv),
+        _ => Err(bad_input(format!("--out {}: expected a file ending in .parquet or .csv", p.display()))),
+    }
+}
+
+/// Per-image NLL frame: index (u32), nll_nats (f64), bpd (f64).
+pub fn frame(nll: &[f64], dims: usize) -> Result<DataFrame> {
+    Ok(df!(
+        "index" => (0..nll.len() as u32).collect::<Vec<_>>(),
+        "nll_nats" => nll.to_vec(),
+        "bpd" => nll.iter().map(|&v| bits_per_dim(v, dims)).collect::<Vec<_>>(),
+    )?)
+}
+
+pub fn write_csv(path: &Path, df: &mut DataFrame) -> Result<()> {
+    store::atomic_write_with(path, |tmp| {
+        let f = std::fs::File::create(tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+        CsvWriter::new(f).finish(df).with_context(|| format!("{}: cannot write CSV", path.display()))?;
+        Ok(())
+    })
+}
+
+pub fn eval(run_dir: &Path, device: &Device, opts: &Options) -> Result<()> {
+    // Flags that need no model are checked first.
+    if !matches!(opts.split.as_str(), "test" | "val" | "train") {
+        return Err(bad_input(format!("--split {:?}: expected test, val or train", opts.split)));
+    }
+    if let Some(out) = &opts.out {
+        out_format(out)?;
+    }
+    let t = trained::open(run_dir, device)?;
+    // The run's own data (an embedded set or its user file), or another embedded set by name.
+    let own = opts.data.as_ref().is_none_or(|d| *d == t.cfg.data.name);
+    let data_name = if own { t.data.name.clone() } else { opts.data.clone().unwrap_or_default() };
+    let data = if own {
+        t.data.clone()
+    } else {
+        let (h, w, levels) = arm_data::shape_of(&data_name).ok_or_else(|| {
+            bad_input(format!("--data {data_name:?}: unknown data set: expected one of {}", arm_data::DATASET_NAMES.join(", ")))
+        })?;
+        let ((mh, mw), ml) = (t.arm.shape(), t.arm.levels());
+        if (h, w, levels) != (mh, mw, ml) {
+            return Err(bad_input(format!(
+                "--data {data_name}: {h}x{w} images with {levels} levels, but the model in {} was built for {mh}x{mw} with {ml} levels ({})",
+                run_dir.display(),
+                t.cfg.data.name
+            )));
+        }
+        arm_data::load(&data_name)?
+    };
+    let split = data.split(&opts.split).ok_or_else(|| bad_input(format!("--split {:?}: expected test, val or train", opts.split)))?;
+    if split.n == 0 {
+        return Err(bad_input(format!("--data {data_name} --split {}: the split is empty", opts.split)));
+    }
+    let out = opts.out.clone().unwrap_or_else(|| {
+        if own {
+            run_dir.join(format!("eval_{}.parquet", opts.split))
+        } else {
+            run_dir.join(format!("eval_{data_name}_{}.parquet", opts.split))
+        }
+    });
+    let format = out_format(&out)?;
+
+    // Per-image NLL in the batches training evaluated with.
+    let mut nll = Vec::with_capacity(split.n);
+    for x in split.batches(t.cfg.train.eval_batch_size, device) {
+        let lp = t.arm.log_prob(&x?)?; // (B,) nats
+        nll.extend(lp.to_dtype(DType::F64)?.to_vec1::<f64>()?.into_iter().map(|v| -v));
+    }
+    let dims = t.arm.dims();
+    let mean = nll.iter().sum::<f64>() / nll.len() as f64;
+    let mut df = frame(&nll, dims)?;
+    match format {
+        OutFormat::Parquet => store::write_parquet(&out, &mut df)?,
+        OutFormat::Csv => write_csv(&out, &mut df)?,
+    }
+    println!(
+        "{data_name} {}: {} images, mean NLL {mean:.6} nats ({:.6} bits/dim)",
+        opts.split,
+        nll.len(),
+        bits_per_dim(mean, dims)
+    );
+    if own && opts.split == "test" {
+        if let Some(s) = RunStatus::read(run_dir).and_then(|s| s.test_nll) {
+            println!("status.toml test NLL {s:.6} nats (relative difference {:.1e})", ((mean - s) / s).abs());
+        }
+    }
+    println!("wrote {}", out.display());
+    Ok(())
+}

@@ -1,0 +1,47 @@
+//! A finished run loaded back from its folder: the resolved `config.toml`, the model rebuilt
+//! from it and the best weights from `model.safetensors`. Shared by `runner sample`,
+//! `runner eval` and the report's sample grids.
+
+use std::path::Path;
+
+use anyhow::Result;
+use candle_core::Device;
+
+use arm_core::Arm;
+use arm_data::Dataset;
+
+use crate::bad_input;
+use crate::config::{self, RunConfig};
+
+pub struct Trained {
+    pub cfg: RunConfig,
+    pub arm: Arm,
+    /// The run's own data set (as named in its config).
+    pub data: Dataset,
+}
+
+/// Opens the run folder `dir`. A missing folder, config or weights file is bad input (exit 2).
+pub fn open(dir: &Path, device: &Device) -> Result<Trained> {
+    if !dir.is_dir() {
+        return Err(bad_input(format!("{}: no such run folder", dir.display())));
+    }
+    if !dir.join("config.toml").is_file() {
+        return Err(bad_input(format!("{}: not a run folder (no config.toml inside)", dir.display())));
+    }
+    let cfg = config::read_run_config(dir).map_err(|e| bad_input(format!("{e:#}")))?;
+    build_with_weights(dir, cfg, device)
+}
+
+/// Builds the model of `cfg` and loads `dir/model.safetensors` into it.
+pub fn build_with_weights(dir: &Path, cfg: RunConfig, device: &Device) -> Result<Trained> {
+    let weights = dir.join("model.safetensors");
+    if !weights.is_file() {
+        return Err(bad_input(format!(
+            "{}: no model.safetensors (the run has not finished; see its status.toml)",
+            dir.display()
+        )));
+    }
+    let (arm, map, data) = crate::run::build(&cfg, device).map_err(|e| bad_input(format!("{}: {e:#}", dir.display())))?;
+    crate::report::load_weights(&map, &weights).map_err(|e| bad_input(format!("{e:#}")))?;
+    Ok(Trained { cfg, arm, data })
+}

@@ -1,0 +1,172 @@
+//! End-to-end tests of `runner sample` and `runner eval` on a tiny trained run (seconds each).
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use assert_cmd::Command;
+use polars::prelude::{DataFrame, DataType, ParquetReader, SerReader};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn runner(results: &Path) -> Command {
+    let mut c = Command::cargo_bin("runner").expect("runner binary");
+    c.arg("--results").arg(results).env_remove("RUST_LOG");
+    c
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+fn read_parquet(p: &Path) -> DataFrame {
+    ParquetReader::new(std::fs::File::open(p).expect("open parquet")).finish().expect("read parquet")
+}
+
+fn f64_col(df: &DataFrame, name: &str) -> Vec<f64> {
+    let c = df.column(name).expect("column").cast(&DataType::Float64).expect("cast");
+    c.f64().expect("f64").iter().map(|v| v.unwrap_or(f64::NAN)).collect()
+}
+
+/// Trains tests/fixtures/tiny.toml (2 epochs on digits) under `results`; returns the run folder.
+fn train_tiny(results: &Path) -> PathBuf {
+    let o = runner(results).arg("train").arg(fixture("tiny.toml")).output().expect("run");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(results.join("tiny1/runs"))
+        .expect("runs")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(dirs.len(), 1);
+    dirs.remove(0)
+}
+
+fn status_value(run: &Path, key: &str) -> f64 {
+    let s: toml::Table = toml::from_str(&std::fs::read_to_string(run.join("status.toml")).expect("status")).expect("toml");
+    s.get(key).and_then(|v| v.as_float()).unwrap_or_else(|| panic!("status.toml lacks {key}"))
+}
+
+/// The number printed as "mean NLL <x> nats".
+fn printed_mean(out: &str) -> f64 {
+    out.split("mean NLL ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no mean NLL in {out:?}"))
+}
+
+fn rel(a: f64, b: f64) -> f64 {
+    ((a - b) / b).abs()
+}
+
+#[test]
+fn every_sampler_writes_the_same_png_for_one_seed() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run = train_tiny(&tmp.path().join("results"));
+    let png = |sampler: &str, seed: u64| -> Vec<u8> {
+        let out = tmp.path().join(format!("{sampler}_{seed}.png"));
+        let o = runner(tmp.path())
+            .arg("sample")
+            .arg(&run)
+            .args(["--n", "9", "--sampler", sampler, "--seed", &seed.to_string(), "--out"])
+            .arg(&out)
+            .output()
+            .expect("run");
+        assert!(o.status.success(), "{sampler}: {}", stderr(&o));
+        let s = stdout(&o);
+        assert!(s.contains(&format!("sampler {sampler}")) && s.contains(" s "), "{s}");
+        if sampler == "jacobi" {
+            assert!(s.contains("parallel iterations"), "{s}");
+        }
+        let bytes = std::fs::read(&out).expect("png written");
+        assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "{sampler}: not a PNG");
+        bytes
+    };
+    let naive = png("naive", 11);
+    assert!(naive == png("cached", 11), "cached differs from naive");
+    assert!(naive == png("jacobi", 11), "jacobi differs from naive");
+    assert!(naive != png("cached", 12), "another seed gives the same images");
+    // The default output goes into the run folder.
+    let o = runner(tmp.path()).arg("sample").arg(&run).output().expect("run");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(run.join("samples_cached_seed0.png").is_file());
+}
+
+#[test]
+fn eval_reproduces_the_test_nll_of_the_status_file() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run = train_tiny(&tmp.path().join("results"));
+    let o = runner(tmp.path()).arg("eval").arg(&run).output().expect("run");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mean = printed_mean(&stdout(&o));
+    let test_nll = status_value(&run, "test_nll");
+    assert!(rel(mean, test_nll) < 1e-6, "eval {mean} vs status.toml {test_nll}");
+
+    // One row per test image (447 digits), the documented columns, the printed mean.
+    let df = read_parquet(&run.join("eval_test.parquet"));
+    let names: Vec<String> = df.get_column_names().iter().map(|s| s.to_string()).collect();
+    assert_eq!(names, ["index", "nll_nats", "bpd"]);
+    assert_eq!(df.height(), 447);
+    let nll = f64_col(&df, "nll_nats");
+    let bpd = f64_col(&df, "bpd");
+    assert_eq!(f64_col(&df, "index"), (0..447).map(f64::from).collect::<Vec<_>>());
+    let file_mean = nll.iter().sum::<f64>() / nll.len() as f64;
+    assert!(rel(file_mean, mean) < 1e-6, "file mean {file_mean} vs printed {mean}");
+    for (n, b) in nll.iter().zip(&bpd) {
+        assert!((n / (64.0 * std::f64::consts::LN_2) - b).abs() < 1e-9);
+    }
+
+    // CSV of the validation split: its mean is the best validation NLL (same best weights).
+    let csv = tmp.path().join("val.csv");
+    let o = runner(tmp.path()).arg("eval").arg(&run).args(["--split", "val", "--out"]).arg(&csv).output().expect("run");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let val = printed_mean(&stdout(&o));
+    assert!(rel(val, status_value(&run, "best_val_nll")) < 1e-6, "{val}");
+    let text = std::fs::read_to_string(&csv).expect("csv");
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("index,nll_nats,bpd"));
+    let vals: Vec<f64> = lines.map(|l| l.split(',').nth(1).and_then(|v| v.parse().ok()).expect("number")).collect();
+    assert_eq!(vals.len(), 350);
+    assert!(rel(vals.iter().sum::<f64>() / 350.0, val) < 1e-6);
+}
+
+#[test]
+fn bad_input_gets_one_line_and_exit_2() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run = train_tiny(&tmp.path().join("results"));
+    // A run folder without weights (as left by a run that never finished).
+    let unfinished = tmp.path().join("unfinished");
+    std::fs::create_dir_all(&unfinished).expect("mkdir");
+    std::fs::copy(run.join("config.toml"), unfinished.join("config.toml")).expect("copy");
+    let not_a_run = tmp.path().join("empty");
+    std::fs::create_dir_all(&not_a_run).expect("mkdir");
+    let s = |p: &Path| p.to_str().expect("utf8").to_string();
+    let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
+        (vec!["sample".into(), s(&tmp.path().join("missing"))], vec!["missing", "no such run folder"]),
+        (vec!["sample".into(), s(&not_a_run)], vec!["config.toml"]),
+        (vec!["sample".into(), s(&unfinished)], vec!["model.safetensors"]),
+        (vec!["sample".into(), s(&run), "--sampler".into(), "fast".into()], vec!["--sampler", "fast", "naive, cached or jacobi"]),
+        (vec!["sample".into(), s(&run), "--n".into(), "0".into()], vec!["--n"]),
+        (vec!["eval".into(), s(&tmp.path().join("missing"))], vec!["missing", "no such run folder"]),
+        (vec!["eval".into(), s(&unfinished)], vec!["model.safetensors"]),
+        (vec!["eval".into(), s(&run), "--split".into(), "dev".into()], vec!["--split", "dev"]),
+        (vec!["eval".into(), s(&run), "--out".into(), "x.txt".into()], vec!["--out", ".parquet or .csv"]),
+        (vec!["eval".into(), s(&run), "--data".into(), "mnist10k".into()], vec!["--data mnist10k", "28x28", "256 levels", "8x8", "17 levels"]),
+        (vec!["eval".into(), s(&run), "--data".into(), "cifar".into()], vec!["cifar", "digits"]),
+    ];
+    for (args, needles) in cases {
+        let o = runner(tmp.path()).args(&args).output().expect("run");
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("error: "), "{err}");
+        for n in needles {
+            assert!(err.contains(n), "{args:?}: {err:?} lacks {n:?}");
+        }
+    }
+    assert!(!tmp.path().join("x.txt").exists());
+}
