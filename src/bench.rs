@@ -78,7 +78,12 @@ pub fn reference_case() -> Case {
             name: "bench".into(),
             seed: 0,
             data: DataConfig { name: "digits".into(), ordering: Default::default(), ..Default::default() },
-            model: ModelConfig { backend: "causal_conv1d".into(), head: "categorical".into(), plugin, head_table: Default::default() },
+            model: ModelConfig {
+                backend: "causal_conv1d".into(),
+                head: "categorical".into(),
+                plugin,
+                head_table: Default::default(),
+            },
             train: Default::default(),
             sample: SampleConfig::default(),
             grid: vec![],
@@ -94,7 +99,10 @@ pub fn bench_train(cases: &[Case], steps: usize, dev: &Device) -> Result<()> {
     let peak = peak_sq.max(peak_conv);
     println!("  1024x1024x1024: {peak_sq:.1} GFLOP/s; 4096x1792x256: {peak_conv:.1} GFLOP/s; peak = {peak:.1}");
     println!();
-    println!("{:<42} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>9} {:>9}", "model", "step s", "fwd s", "bwd s", "opt s", "GFLOP/s", "% peak", "eval im/s", "rss MiB");
+    println!(
+        "{:<42} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>9} {:>9}",
+        "model", "step s", "fwd s", "bwd s", "opt s", "GFLOP/s", "% peak", "eval im/s", "rss MiB"
+    );
     for case in cases {
         let (arm, map, data) = crate::run::build(&case.cfg, dev)?;
         let d = arm.dims();

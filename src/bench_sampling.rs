@@ -36,7 +36,12 @@ fn case_config(name: &str, defaults: toml::Table, data: &str, seed: u64) -> RunC
         name: "bench".into(),
         seed,
         data: DataConfig { name: data.into(), ordering: Default::default(), ..Default::default() },
-        model: ModelConfig { backend: name.into(), head: "categorical".into(), plugin: defaults, head_table: Default::default() },
+        model: ModelConfig {
+            backend: name.into(),
+            head: "categorical".into(),
+            plugin: defaults,
+            head_table: Default::default(),
+        },
         train: Default::default(),
         sample: SampleConfig::default(),
         grid: vec![],
@@ -114,8 +119,8 @@ fn measure(cfg: &RunConfig, dev: &Device, opts: &Options) -> Result<Cells> {
     let (arm, _map, _data) = crate::run::build(cfg, dev)?;
     let (b, d) = (opts.batch, arm.dims());
     let noise = crate::run::sample_noise(&arm, b, opts.seed)?; // (B, D, Q)
-    // One full parallel pass: what each naive step and each Jacobi iteration costs. An untimed
-    // first call warms up the allocator (the largest buffers of the whole benchmark).
+                                                               // One full parallel pass: what each naive step and each Jacobi iteration costs. An untimed
+                                                               // first call warms up the allocator (the largest buffers of the whole benchmark).
     let zeros = Tensor::zeros((b, d), DType::F32, dev)?;
     let _ = arm.conditional().forward_t(&zeros, false)?;
     let (fwd, _) = time_best(3, || {
@@ -143,7 +148,16 @@ fn measure(cfg: &RunConfig, dev: &Device, opts: &Options) -> Result<Cells> {
         (false, _, _) => "NO: jacobi != cached".to_string(),
         (true, false, _) => "NO: naive != cached".to_string(),
     };
-    Ok(Cells { fwd, naive: naive.seconds, naive_steps: naive.steps, cached, jacobi, iterations: j.iterations, dims: d, identical })
+    Ok(Cells {
+        fwd,
+        naive: naive.seconds,
+        naive_steps: naive.steps,
+        cached,
+        jacobi,
+        iterations: j.iterations,
+        dims: d,
+        identical,
+    })
 }
 
 pub fn bench_sampling(dev: &Device, opts: &Options) -> Result<()> {
@@ -173,7 +187,10 @@ pub fn bench_sampling(dev: &Device, opts: &Options) -> Result<()> {
             let cells = plugin
                 .resolve(&plugin.defaults(), h, w)
                 .map_err(|e| format!("default config invalid for {label}: {e}"))
-                .and_then(|resolved| measure(&case_config(plugin.name, resolved, data, opts.seed), dev, opts).map_err(|e| format!("{e:#}")));
+                .and_then(|resolved| {
+                    measure(&case_config(plugin.name, resolved, data, opts.seed), dev, opts)
+                        .map_err(|e| format!("{e:#}"))
+                });
             let row = Row { plugin: plugin.name.to_string(), image: label.to_string(), cells };
             print_row(&row, rows.is_empty());
             rows.push(row);
@@ -181,7 +198,9 @@ pub fn bench_sampling(dev: &Device, opts: &Options) -> Result<()> {
     }
     println!("\n~ extrapolated: the naive sampler ran for the first N of D pixels within --max-seconds, and its");
     println!("  time is scaled by D/N (each naive step is the same full forward pass). fwd s: one parallel pass.");
-    println!("  Jacobi iterations (it) depend on the weights: random weights settle in few; trained ones can take more.");
+    println!(
+        "  Jacobi iterations (it) depend on the weights: random weights settle in few; trained ones can take more."
+    );
     if let Some(Row { cells: Ok(c), .. }) = rows.iter().find(|r| r.plugin == "causal_conv1d" && r.image == "8x8") {
         let x = c.naive / c.cached;
         println!(
@@ -197,7 +216,16 @@ fn print_row(r: &Row, header: bool) {
     if header {
         println!(
             "\n{:<16} {:>6} {:>10} {:>9} {:>9} {:>15} {:>9} {:>9} {:>12}  {}",
-            "plugin", "image", "naive s", "fwd s", "cached s", "jacobi s (it)", "cached x", "jacobi x", "cached ms/px", "same images"
+            "plugin",
+            "image",
+            "naive s",
+            "fwd s",
+            "cached s",
+            "jacobi s (it)",
+            "cached x",
+            "jacobi x",
+            "cached ms/px",
+            "same images"
         );
     }
     match &r.cells {

@@ -36,25 +36,38 @@ pub fn save(path: &Path, state: &TrainState, wall_seconds: f64) -> Result<()> {
         t.insert(format!("moment1.{k}"), m1.clone());
         t.insert(format!("moment2.{k}"), m2.clone());
     }
-    let rows: Vec<f64> = state.history.iter().flat_map(|m| [m.epoch as f64, m.train_nll, m.val_nll, m.val_bpd, m.seconds]).collect();
+    let rows: Vec<f64> =
+        state.history.iter().flat_map(|m| [m.epoch as f64, m.train_nll, m.val_nll, m.val_bpd, m.seconds]).collect();
     t.insert("history".into(), Tensor::from_vec(rows, (state.history.len(), 5), &Device::Cpu)?);
-    let meta = vec![VERSION, state.epoch as f64, state.best_epoch as f64, state.best_val_nll, state.steps as f64, wall_seconds];
+    let meta = vec![
+        VERSION,
+        state.epoch as f64,
+        state.best_epoch as f64,
+        state.best_val_nll,
+        state.steps as f64,
+        wall_seconds,
+    ];
     t.insert("meta".into(), Tensor::from_vec(meta, 6, &Device::Cpu)?);
     store::atomic_write_with(path, |tmp| {
-        candle_core::safetensors::save(&t, tmp).with_context(|| format!("{}: cannot write the checkpoint", path.display()))
+        candle_core::safetensors::save(&t, tmp)
+            .with_context(|| format!("{}: cannot write the checkpoint", path.display()))
     })
 }
 
 /// Reads a checkpoint back: (state, wall seconds spent so far). Weights land on `device`.
 pub fn load(path: &Path, device: &Device) -> Result<(TrainState, f64)> {
     let bad = |what: &str| anyhow!("{}: not a usable checkpoint: {what}", path.display());
-    let mut t = candle_core::safetensors::load(path, device).with_context(|| format!("{}: cannot read the checkpoint", path.display()))?;
+    let mut t = candle_core::safetensors::load(path, device)
+        .with_context(|| format!("{}: cannot read the checkpoint", path.display()))?;
     let meta = t.remove("meta").ok_or_else(|| bad("no meta tensor"))?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-    let [version, epoch, best_epoch, best_val, steps, wall] = meta[..] else { return Err(bad("meta has the wrong length")) };
+    let [version, epoch, best_epoch, best_val, steps, wall] = meta[..] else {
+        return Err(bad("meta has the wrong length"));
+    };
     if version != VERSION {
         return Err(bad(&format!("format version {version}, this runner reads {VERSION}")));
     }
-    let history = t.remove("history").ok_or_else(|| bad("no history tensor"))?.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+    let history =
+        t.remove("history").ok_or_else(|| bad("no history tensor"))?.to_dtype(DType::F64)?.to_vec2::<f64>()?;
     let history: Vec<EpochMetrics> = history
         .iter()
         .map(|r| match r[..] {
@@ -62,7 +75,8 @@ pub fn load(path: &Path, device: &Device) -> Result<(TrainState, f64)> {
             _ => Err(bad("history rows must have 5 values")),
         })
         .collect::<Result<_>>()?;
-    let (mut weights, mut best_weights, mut m1, mut m2) = (HashMap::new(), HashMap::new(), HashMap::new(), HashMap::new());
+    let (mut weights, mut best_weights, mut m1, mut m2) =
+        (HashMap::new(), HashMap::new(), HashMap::new(), HashMap::new());
     for (k, v) in t {
         let (kind, var) = k.split_once('.').ok_or_else(|| bad(&format!("unexpected tensor {k}")))?;
         let into = match kind {

@@ -14,7 +14,10 @@ pub fn parse_device(s: &str) -> Result<Device> {
     match s {
         "cpu" => Ok(Device::Cpu),
         s if s == "cuda" || s.starts_with("cuda:") => {
-            let n: usize = s.strip_prefix("cuda:").map_or(Ok(0), |n| n.parse()).map_err(|_| bad_input(format!("--device {s:?}: expected cpu, cuda or cuda:N")))?;
+            let n: usize = s
+                .strip_prefix("cuda:")
+                .map_or(Ok(0), |n| n.parse())
+                .map_err(|_| bad_input(format!("--device {s:?}: expected cpu, cuda or cuda:N")))?;
             if !candle_core::utils::cuda_is_available() {
                 return Err(bad_input(format!("--device {s}: this runner was built without the `cuda` feature")));
             }
@@ -33,7 +36,11 @@ pub struct Ui {
 impl Ui {
     pub fn new() -> Self {
         let tty = std::io::stderr().is_terminal();
-        let multi = MultiProgress::with_draw_target(if tty { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
+        let multi = MultiProgress::with_draw_target(if tty {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        });
         let m = multi.clone();
         let _ = tracing_subscriber::fmt()
             .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
@@ -144,20 +151,40 @@ pub fn dispatch(cli: Cli) -> Result<()> {
                 return Err(bad_input("--jobs: must be at least 1, got 0"));
             }
             let device = parse_device(&cli.device)?;
-            crate::sweep::sweep(&exp, &cli.results, &device, &crate::sweep::Options { jobs, shard, dry_run, fail_fast, resume })
+            crate::sweep::sweep(
+                &exp,
+                &cli.results,
+                &device,
+                &crate::sweep::Options { jobs, shard, dry_run, fail_fast, resume },
+            )
         }
         Command::Report { dirs, format, out, samples } => {
             let device = parse_device(&cli.device)?;
             let _ui = Ui::new();
-            crate::report::report(&cli.results, &dirs, &device, &crate::report::Options { format, out, samples: samples.max(1) })
+            crate::report::report(
+                &cli.results,
+                &dirs,
+                &device,
+                &crate::report::Options { format, out, samples: samples.max(1) },
+            )
         }
         Command::Slurm { file, array, time, cpus, out, sets } => {
             let exp = config::load(&file, &sets).map_err(bad_input)?;
             if array == 0 {
                 return Err(bad_input("--array: must be at least 1, got 0"));
             }
-            let p = crate::slurm::write_script(&exp, &file, &cli.results, &crate::slurm::Options { array, time, cpus, out, sets })?;
-            println!("wrote {} ({} runs in {array} shards); submit with: sbatch {}", p.display(), exp.runs.len(), p.display());
+            let p = crate::slurm::write_script(
+                &exp,
+                &file,
+                &cli.results,
+                &crate::slurm::Options { array, time, cpus, out, sets },
+            )?;
+            println!(
+                "wrote {} ({} runs in {array} shards); submit with: sbatch {}",
+                p.display(),
+                exp.runs.len(),
+                p.display()
+            );
             Ok(())
         }
         Command::Bench { what: crate::BenchWhat::Train { steps } } => {
@@ -178,7 +205,10 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Bench { what: crate::BenchWhat::Sampling { max_seconds, batch, seed, plugins } } => {
             let device = parse_device(&cli.device)?;
-            crate::bench_sampling::bench_sampling(&device, &crate::bench_sampling::Options { max_seconds, batch, seed, plugins })
+            crate::bench_sampling::bench_sampling(
+                &device,
+                &crate::bench_sampling::Options { max_seconds, batch, seed, plugins },
+            )
         }
     }
 }

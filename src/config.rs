@@ -126,8 +126,14 @@ impl RunConfig {
             model.insert(self.model.head.clone(), toml::Value::Table(self.model.head_table.clone()));
         }
         root.insert("model".into(), toml::Value::Table(model));
-        root.insert("train".into(), toml::Value::try_from(&self.train).unwrap_or(toml::Value::Table(Default::default())));
-        root.insert("sample".into(), toml::Value::try_from(&self.sample).unwrap_or(toml::Value::Table(Default::default())));
+        root.insert(
+            "train".into(),
+            toml::Value::try_from(&self.train).unwrap_or(toml::Value::Table(Default::default())),
+        );
+        root.insert(
+            "sample".into(),
+            toml::Value::try_from(&self.sample).unwrap_or(toml::Value::Table(Default::default())),
+        );
         if !self.grid.is_empty() {
             let g: toml::Table = self.grid.iter().cloned().collect();
             root.insert("grid_point".into(), toml::Value::Table(g));
@@ -146,11 +152,8 @@ impl RunConfig {
 
     /// Folder name: readable grid values and seed, then the hash.
     pub fn run_id(&self) -> String {
-        let mut parts: Vec<String> = self
-            .grid
-            .iter()
-            .map(|(k, v)| format!("{}={}", k.rsplit('.').next().unwrap_or(k), compact(v)))
-            .collect();
+        let mut parts: Vec<String> =
+            self.grid.iter().map(|(k, v)| format!("{}={}", k.rsplit('.').next().unwrap_or(k), compact(v))).collect();
         if parts.is_empty() {
             parts.push(self.model.backend.clone());
         }
@@ -169,11 +172,16 @@ impl RunConfig {
         let root: toml::Table = toml::from_str(text)?;
         let get = |k: &str| root.get(k).cloned().ok_or_else(|| anyhow!("missing key {k}"));
         let model = get("model")?;
-        let backend = model.get("backend").and_then(|v| v.as_str()).ok_or_else(|| anyhow!("missing model.backend"))?.to_string();
+        let backend =
+            model.get("backend").and_then(|v| v.as_str()).ok_or_else(|| anyhow!("missing model.backend"))?.to_string();
         let head = model.get("head").and_then(|v| v.as_str()).unwrap_or("categorical").to_string();
         let plugin = model.get(&backend).and_then(|v| v.as_table()).cloned().unwrap_or_default();
         let head_table = model.get(&head).and_then(|v| v.as_table()).cloned().unwrap_or_default();
-        let grid = root.get("grid_point").and_then(|v| v.as_table()).map(|t| t.clone().into_iter().collect()).unwrap_or_default();
+        let grid = root
+            .get("grid_point")
+            .and_then(|v| v.as_table())
+            .map(|t| t.clone().into_iter().collect())
+            .unwrap_or_default();
         Ok(RunConfig {
             name: get("name")?.as_str().unwrap_or_default().to_string(),
             seed: get("seed")?.as_integer().unwrap_or(0) as u64,
@@ -230,7 +238,8 @@ fn figment_msg(e: figment::Error) -> String {
             if path.last() != Some(f) {
                 path.push(f.clone());
             }
-            let exp = if expected.is_empty() { String::new() } else { format!(": expected one of {}", expected.join(", ")) };
+            let exp =
+                if expected.is_empty() { String::new() } else { format!(": expected one of {}", expected.join(", ")) };
             format!("unknown key{exp}")
         }
         Kind::UnknownVariant(v, expected) => format!("unknown value {v:?}: expected one of {}", expected.join(", ")),
@@ -293,7 +302,10 @@ fn grid_points(file: &ExperimentFile) -> Result<Vec<Vec<(String, toml::Value)>>,
             match len {
                 None => len = Some(list.len()),
                 Some(n) if n != list.len() => {
-                    return Err(format!("zip[{i}].\"{k}\": {} values, but the group's other lists have {n}", list.len()))
+                    return Err(format!(
+                        "zip[{i}].\"{k}\": {} values, but the group's other lists have {n}",
+                        list.len()
+                    ))
                 }
                 _ => {}
             }
@@ -302,7 +314,18 @@ fn grid_points(file: &ExperimentFile) -> Result<Vec<Vec<(String, toml::Value)>>,
         if n == 0 {
             return Err(format!("zip[{i}]: the group is empty; give lists of at least one value"));
         }
-        axes.push((0..n).map(|j| group.iter().map(|(k, v)| (k.clone(), v.as_array().map(|a| a[j].clone()).unwrap_or(toml::Value::Boolean(false)))).collect()).collect());
+        axes.push(
+            (0..n)
+                .map(|j| {
+                    group
+                        .iter()
+                        .map(|(k, v)| {
+                            (k.clone(), v.as_array().map(|a| a[j].clone()).unwrap_or(toml::Value::Boolean(false)))
+                        })
+                        .collect()
+                })
+                .collect(),
+        );
     }
     if axes.iter().try_fold(1usize, |n, a| n.checked_mul(a.len()).filter(|&n| n <= MAX_RUNS)).is_none() {
         return Err(format!("grid: more than {MAX_RUNS} grid points"));
@@ -349,7 +372,8 @@ pub fn load_str(text: &str, file: &str, sets: &[String]) -> Result<Experiment> {
         }
         f
     };
-    let base: ExperimentFile = layered(&[]).extract().map_err(|e| anyhow!("{}", origin.message(None, &[], &figment_msg(e))))?;
+    let base: ExperimentFile =
+        layered(&[]).extract().map_err(|e| anyhow!("{}", origin.message(None, &[], &figment_msg(e))))?;
     validate_name(&base.name).map_err(|e| anyhow!("{}", origin.message(None, &[], &format!("name: {e}"))))?;
     let points = grid_points(&base).map_err(|e| anyhow!("{}", origin.message(None, &[], &e)))?;
     let seeds = base.seeds.clone().unwrap_or_else(|| vec![0]);
@@ -386,7 +410,10 @@ pub fn load_str(text: &str, file: &str, sets: &[String]) -> Result<Experiment> {
             };
             // Two grid points that resolve to the same config would be one run trained twice.
             if let Some(j) = seen.insert(run.hash(), i) {
-                return Err(fail(&format!("grid: the same run as grid point {} (the grid lists one configuration twice)", j + 1)));
+                return Err(fail(&format!(
+                    "grid: the same run as grid point {} (the grid lists one configuration twice)",
+                    j + 1
+                )));
             }
             runs.push(run);
         }
@@ -473,7 +500,8 @@ impl Origin<'_> {
     /// The line of a grid key: its entry in `[grid]` or in one of the `[[zip]]` groups.
     fn grid_line(&self, grid_key: &str) -> Option<usize> {
         let quoted = format!("\"{}\"", grid_key.replace('"', ""));
-        self.line_of(&format!("grid.{quoted}")).or_else(|| (0..64).find_map(|i| self.line_of(&format!("zip[{i}].{quoted}"))))
+        self.line_of(&format!("grid.{quoted}"))
+            .or_else(|| (0..64).find_map(|i| self.line_of(&format!("zip[{i}].{quoted}"))))
     }
 
     /// `FILE[:LINE]: [grid point ...: ]KEY[ (from --set ...)]: MESSAGE` for an error written as
@@ -486,9 +514,10 @@ impl Origin<'_> {
             let hits = |k: &str| within(key, k) || within(k, key);
             if let Some((k, v)) = self.sets.iter().rev().find(|(k, _)| hits(k)) {
                 from = Some(format!("--set {k}={v}"));
-            } else if let Some(var) = std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()).find(|k| {
-                k.strip_prefix("RUNNER__").is_some_and(|rest| hits(&rest.to_lowercase().replace("__", ".")))
-            }) {
+            } else if let Some(var) = std::env::vars_os()
+                .filter_map(|(k, _)| k.into_string().ok())
+                .find(|k| k.strip_prefix("RUNNER__").is_some_and(|rest| hits(&rest.to_lowercase().replace("__", "."))))
+            {
                 from = Some(var);
             } else if let Some((k, _)) = point_keys.iter().find(|(k, _)| hits(k)) {
                 line = self.grid_line(k);
@@ -514,7 +543,9 @@ impl Origin<'_> {
 }
 
 fn validate_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) && !name.starts_with('.');
+    let ok = !name.is_empty()
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && !name.starts_with('.');
     if ok {
         Ok(())
     } else {
@@ -542,7 +573,11 @@ fn resolve_point(ef: &ExperimentFile) -> Result<(DataConfig, ModelConfig, TrainC
         ));
     }
     if !arm_core::head_names().contains(&ef.model.head.as_str()) {
-        return Err(format!("model.head: unknown head {:?}: expected one of {}", ef.model.head, arm_core::head_names().join(", ")));
+        return Err(format!(
+            "model.head: unknown head {:?}: expected one of {}",
+            ef.model.head,
+            arm_core::head_names().join(", ")
+        ));
     }
     let head_in = match ef.model.tables.get(&ef.model.head) {
         Some(toml::Value::Table(t)) => t.clone(),

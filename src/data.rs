@@ -22,11 +22,18 @@ fn spec(cfg: &DataConfig) -> FileSpec {
 /// A parquet file whose columns are the pixels (integers), one image per row.
 fn read_parquet_images(path: &Path) -> Result<RawImages, String> {
     let f = std::fs::File::open(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-    let df = ParquetReader::new(f).finish().map_err(|e| format!("{}: not a readable parquet file: {e}", path.display()))?;
+    let df =
+        ParquetReader::new(f).finish().map_err(|e| format!("{}: not a readable parquet file: {e}", path.display()))?;
     let mut cols = Vec::new();
     for (c, col) in df.columns().iter().enumerate() {
         if !col.dtype().is_primitive_numeric() {
-            return Err(format!("{}: column {} ({:?}) is {}, expected integer pixel levels", path.display(), c + 1, col.name(), col.dtype()));
+            return Err(format!(
+                "{}: column {} ({:?}) is {}, expected integer pixel levels",
+                path.display(),
+                c + 1,
+                col.name(),
+                col.dtype()
+            ));
         }
         let as_f = col.cast(&DataType::Float64).map_err(|e| format!("{}: column {}: {e}", path.display(), c + 1))?;
         let v: Vec<Option<f64>> = as_f.f64().map_err(|e| format!("{}: {e}", path.display()))?.iter().collect();
@@ -37,9 +44,15 @@ fn read_parquet_images(path: &Path) -> Result<RawImages, String> {
     for r in 0..n {
         let mut row = Vec::with_capacity(cols.len());
         for (c, col) in cols.iter().enumerate() {
-            let v = col[r].ok_or_else(|| format!("{}: row {}, column {}: missing value", path.display(), r + 1, c + 1))?;
+            let v =
+                col[r].ok_or_else(|| format!("{}: row {}, column {}: missing value", path.display(), r + 1, c + 1))?;
             if v.fract() != 0.0 || !v.is_finite() {
-                return Err(format!("{}: row {}, column {}: {v} is not an integer level", path.display(), r + 1, c + 1));
+                return Err(format!(
+                    "{}: row {}, column {}: {v} is not an integer level",
+                    path.display(),
+                    r + 1,
+                    c + 1
+                ));
             }
             row.push(v as i64);
         }
@@ -85,7 +98,11 @@ pub fn load(cfg: &DataConfig) -> Result<Dataset, String> {
 pub fn shape(cfg: &DataConfig) -> Result<(usize, usize, usize), String> {
     if cfg.path.is_none() {
         return arm_data::shape_of(&cfg.name).ok_or_else(|| {
-            format!("data.name: unknown data set {:?}: expected one of {} (or give data.path)", cfg.name, arm_data::DATASET_NAMES.join(", "))
+            format!(
+                "data.name: unknown data set {:?}: expected one of {} (or give data.path)",
+                cfg.name,
+                arm_data::DATASET_NAMES.join(", ")
+            )
         });
     }
     let d = load(cfg)?;

@@ -67,7 +67,10 @@ pub fn eval(run_dir: &Path, device: &Device, opts: &Options) -> Result<()> {
         t.data.clone()
     } else {
         let (h, w, levels) = arm_data::shape_of(&data_name).ok_or_else(|| {
-            bad_input(format!("--data {data_name:?}: unknown data set: expected one of {}", arm_data::DATASET_NAMES.join(", ")))
+            bad_input(format!(
+                "--data {data_name:?}: unknown data set: expected one of {}",
+                arm_data::DATASET_NAMES.join(", ")
+            ))
         })?;
         let ((mh, mw), ml) = (t.arm.shape(), t.arm.levels());
         if (h, w, levels) != (mh, mw, ml) {
@@ -79,7 +82,9 @@ pub fn eval(run_dir: &Path, device: &Device, opts: &Options) -> Result<()> {
         }
         arm_data::load(&data_name)?
     };
-    let split = data.split(&opts.split).ok_or_else(|| bad_input(format!("--split {:?}: expected test, val or train", opts.split)))?;
+    let split = data
+        .split(&opts.split)
+        .ok_or_else(|| bad_input(format!("--split {:?}: expected test, val or train", opts.split)))?;
     if split.n == 0 {
         return Err(bad_input(format!("--data {data_name} --split {}: the split is empty", opts.split)));
     }

@@ -129,8 +129,11 @@ pub fn sample_grid(path: &Path, title: &str, images: &[Vec<u8>], (h, w): (usize,
                     let (py, px) = ((i / w) as i32, (i % w) as i32);
                     let x = ox + px * cell as i32;
                     let y = oy + py * cell as i32;
-                    root.draw(&Rectangle::new([(x, y), (x + cell as i32, y + cell as i32)], RGBColor(g, g, g).filled()))
-                        .map_err(err)?;
+                    root.draw(&Rectangle::new(
+                        [(x, y), (x + cell as i32, y + cell as i32)],
+                        RGBColor(g, g, g).filled(),
+                    ))
+                    .map_err(err)?;
                 }
             }
             root.present().map_err(err)?;

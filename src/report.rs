@@ -27,8 +27,8 @@ pub enum Format {
 /// Two-sided 97.5% quantile of Student's t with `df` degrees of freedom (scipy.stats.t.ppf).
 fn t975(df: usize) -> f64 {
     const T: [f64; 30] = [
-        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131, 2.120,
-        2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
     ];
     if df == 0 {
         f64::NAN
@@ -96,7 +96,10 @@ pub fn experiment_dirs(results: &Path, dirs: &[PathBuf]) -> Result<Vec<PathBuf>>
         .collect();
     out.sort();
     if out.is_empty() {
-        return Err(crate::bad_input(format!("{}: no experiments found (run `runner sweep FILE` first)", results.display())));
+        return Err(crate::bad_input(format!(
+            "{}: no experiments found (run `runner sweep FILE` first)",
+            results.display()
+        )));
     }
     Ok(out)
 }
@@ -121,7 +124,13 @@ impl Table {
         let mut out = String::new();
         match format {
             Format::Csv => {
-                let esc = |s: &str| if s.contains([',', '"']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() };
+                let esc = |s: &str| {
+                    if s.contains([',', '"']) {
+                        format!("\"{}\"", s.replace('"', "\"\""))
+                    } else {
+                        s.to_string()
+                    }
+                };
                 let _ = writeln!(out, "{}", self.header.iter().map(|h| esc(h)).collect::<Vec<_>>().join(","));
                 for r in &self.rows {
                     let _ = writeln!(out, "{}", r.iter().map(|c| esc(c)).collect::<Vec<_>>().join(","));
@@ -136,9 +145,18 @@ impl Table {
             }
             Format::Table => {
                 let w: Vec<usize> = (0..self.header.len())
-                    .map(|i| self.rows.iter().map(|r| r[i].chars().count()).chain([self.header[i].chars().count()]).max().unwrap_or(0))
+                    .map(|i| {
+                        self.rows
+                            .iter()
+                            .map(|r| r[i].chars().count())
+                            .chain([self.header[i].chars().count()])
+                            .max()
+                            .unwrap_or(0)
+                    })
                     .collect();
-                let line = |cells: &[String]| cells.iter().zip(&w).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ");
+                let line = |cells: &[String]| {
+                    cells.iter().zip(&w).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ")
+                };
                 let _ = writeln!(out, "{}", line(&self.header).trim_end());
                 let _ = writeln!(out, "{}", w.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("  "));
                 for r in &self.rows {
@@ -165,12 +183,19 @@ pub fn report(results: &Path, dirs: &[PathBuf], device: &Device, opts: &Options)
     if rows.is_empty() {
         return Err(crate::bad_input("no runs found in the selected experiments"));
     }
-    let out_dir = opts.out.clone().unwrap_or_else(|| if exp_dirs.len() == 1 { exp_dirs[0].clone() } else { results.to_path_buf() });
+    let out_dir =
+        opts.out
+            .clone()
+            .unwrap_or_else(|| if exp_dirs.len() == 1 { exp_dirs[0].clone() } else { results.to_path_buf() });
     // Group by experiment and grid point (every key but the seed).
     let mut groups: BTreeMap<(String, String), Group> = BTreeMap::new();
     for r in rows {
         let key = (r.experiment.clone(), r.grid_label());
-        groups.entry(key.clone()).or_insert_with(|| Group { experiment: key.0, label: key.1, runs: vec![] }).runs.push(r);
+        groups
+            .entry(key.clone())
+            .or_insert_with(|| Group { experiment: key.0, label: key.1, runs: vec![] })
+            .runs
+            .push(r);
     }
     let mut groups: Vec<Group> = groups.into_values().collect();
     groups.sort_by(|a, b| a.test_mean().total_cmp(&b.test_mean()));
@@ -181,7 +206,8 @@ pub fn report(results: &Path, dirs: &[PathBuf], device: &Device, opts: &Options)
         header.push("experiment".into());
     }
     header.extend(
-        ["config", "seeds", "test NLL (nats)", "95% CI", "test bits/dim", "best val NLL", "params", "epochs"].map(String::from),
+        ["config", "seeds", "test NLL (nats)", "95% CI", "test bits/dim", "best val NLL", "params", "epochs"]
+            .map(String::from),
     );
     let mut table = Table { header, rows: vec![] };
     for (i, g) in groups.iter().enumerate() {
@@ -190,7 +216,11 @@ pub fn report(results: &Path, dirs: &[PathBuf], device: &Device, opts: &Options)
         let (bpd, _) = fmt_pm(&g.values(|r| r.status.test_bpd), 4);
         let (val, _) = fmt_pm(&g.values(|r| r.status.best_val_nll), 2);
         let params = fin.first().map_or("-".into(), |r| r.status.n_params.to_string());
-        let epochs = if fin.is_empty() { "-".into() } else { format!("{:.0}", fin.iter().map(|r| r.status.epochs as f64).sum::<f64>() / fin.len() as f64) };
+        let epochs = if fin.is_empty() {
+            "-".into()
+        } else {
+            format!("{:.0}", fin.iter().map(|r| r.status.epochs as f64).sum::<f64>() / fin.len() as f64)
+        };
         let mut row = vec![if Some(i) == best { "*".into() } else { " ".into() }];
         if multi {
             row.push(g.experiment.clone());
@@ -201,7 +231,16 @@ pub fn report(results: &Path, dirs: &[PathBuf], device: &Device, opts: &Options)
     let problems: Vec<&Row> = groups.iter().flat_map(|g| g.runs.iter()).filter(|r| !r.status.is_finished()).collect();
     let problem_lines: Vec<String> = problems
         .iter()
-        .map(|r| format!("{} {}/{}: {}{}", r.status.status, r.experiment, r.run_id, r.status.reason.clone().unwrap_or_default(), ""))
+        .map(|r| {
+            format!(
+                "{} {}/{}: {}{}",
+                r.status.status,
+                r.experiment,
+                r.run_id,
+                r.status.reason.clone().unwrap_or_default(),
+                ""
+            )
+        })
         .collect();
 
     print!("{}", table.render(opts.format));
@@ -233,7 +272,13 @@ pub fn report(results: &Path, dirs: &[PathBuf], device: &Device, opts: &Options)
         let points = per_epoch.iter().map(|(e, v)| (*e as f64, v.iter().sum::<f64>() / v.len() as f64)).collect();
         let band = per_epoch
             .iter()
-            .map(|(e, v)| (*e as f64, v.iter().cloned().fold(f64::INFINITY, f64::min), v.iter().cloned().fold(f64::NEG_INFINITY, f64::max)))
+            .map(|(e, v)| {
+                (
+                    *e as f64,
+                    v.iter().cloned().fold(f64::INFINITY, f64::min),
+                    v.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
+                )
+            })
             .collect();
         let label = if multi { format!("{} {}", g.experiment, g.label) } else { g.label.clone() };
         series.push(Series { label, points, band });
@@ -258,7 +303,13 @@ pub fn report(results: &Path, dirs: &[PathBuf], device: &Device, opts: &Options)
         match sample_config(&dir, &best_run.config, device, opts.samples) {
             Ok((imgs, shape, levels)) => {
                 let p = sample_dir.join(format!("{}.png", g.slug()));
-                plots::sample_grid(&p, &format!("{} {} (seed {})", g.experiment, g.label, best_run.config.seed), &imgs, shape, levels)?;
+                plots::sample_grid(
+                    &p,
+                    &format!("{} {} (seed {})", g.experiment, g.label, best_run.config.seed),
+                    &imgs,
+                    shape,
+                    levels,
+                )?;
                 sample_files.push(p);
             }
             Err(e) => tracing::warn!("samples for {}: {e:#}", g.label),
@@ -267,9 +318,16 @@ pub fn report(results: &Path, dirs: &[PathBuf], device: &Device, opts: &Options)
     // report.md
     let mut md = String::new();
     let _ = writeln!(md, "# NLL report\n");
-    let _ = writeln!(md, "Experiments: {}\n", exp_dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "));
+    let _ = writeln!(
+        md,
+        "Experiments: {}\n",
+        exp_dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+    );
     md.push_str(&table.render(Format::Markdown));
-    let _ = writeln!(md, "\n`*` best mean test NLL; ± is the sample std over seeds; CI is the 95% t-interval of the mean.\n");
+    let _ = writeln!(
+        md,
+        "\n`*` best mean test NLL; ± is the sample std over seeds; CI is the 95% t-interval of the mean.\n"
+    );
     if !problem_lines.is_empty() {
         let _ = writeln!(md, "## Runs not finished\n");
         for l in &problem_lines {
@@ -304,7 +362,12 @@ fn results_run_dir(exp_dirs: &[PathBuf], r: &Row) -> PathBuf {
 }
 
 /// Loads a run's best weights and draws `n` samples with the cached sampler.
-pub fn sample_config(dir: &Path, cfg: &crate::config::RunConfig, device: &Device, n: usize) -> Result<(Vec<Vec<u8>>, (usize, usize), usize)> {
+pub fn sample_config(
+    dir: &Path,
+    cfg: &crate::config::RunConfig,
+    device: &Device,
+    n: usize,
+) -> Result<(Vec<Vec<u8>>, (usize, usize), usize)> {
     let t = crate::trained::build_with_weights(dir, cfg.clone(), device)?;
     let (imgs, _) = crate::run::draw_samples(&t.arm, n, cfg.sample.seed, Sampler::Cached)?;
     Ok((imgs, t.arm.shape(), t.arm.levels()))

@@ -73,7 +73,8 @@ pub fn save_weights(map: &VarMap, path: &Path) -> Result<()> {
 }
 
 pub fn write_curve(dir: &Path, title: &str, history: &[arm_train::EpochMetrics]) -> Result<()> {
-    let pts = |f: fn(&arm_train::EpochMetrics) -> f64| history.iter().map(|m| (m.epoch as f64, f(m))).collect::<Vec<_>>();
+    let pts =
+        |f: fn(&arm_train::EpochMetrics) -> f64| history.iter().map(|m| (m.epoch as f64, f(m))).collect::<Vec<_>>();
     plots::curves(
         &dir.join("nll_curve.png"),
         title,
@@ -103,7 +104,10 @@ fn resume_state(dir: &Path, map: &VarMap, device: &Device, run_id: &str) -> Opti
         vars.len() == st.weights.len()
             && vars.iter().all(|(k, v)| {
                 let same = |t: Option<&Tensor>| t.is_some_and(|t| t.shape() == v.shape());
-                same(st.weights.get(k)) && same(st.best_weights.get(k)) && same(st.moments.get(k).map(|m| &m.0)) && same(st.moments.get(k).map(|m| &m.1))
+                same(st.weights.get(k))
+                    && same(st.best_weights.get(k))
+                    && same(st.moments.get(k).map(|m| &m.0))
+                    && same(st.moments.get(k).map(|m| &m.1))
             })
     };
     match checkpoint::load(&path, device) {
@@ -125,7 +129,14 @@ fn resume_state(dir: &Path, map: &VarMap, device: &Device, run_id: &str) -> Opti
 /// Trains `cfg` into `dir`. `bar` shows epochs; `log_epochs` adds a log line per epoch. After
 /// every epoch the checkpoint and metrics are written (atomically); with `resume`, training
 /// continues from the folder's checkpoint when it has one.
-pub fn execute(cfg: &RunConfig, dir: &Path, device: &Device, bar: &ProgressBar, log_epochs: bool, resume: bool) -> Result<RunStatus> {
+pub fn execute(
+    cfg: &RunConfig,
+    dir: &Path,
+    device: &Device,
+    bar: &ProgressBar,
+    log_epochs: bool,
+    resume: bool,
+) -> Result<RunStatus> {
     let t0 = Instant::now();
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create run folder", dir.display()))?;
     store::atomic_write(&dir.join("config.toml"), cfg.to_toml().as_bytes())?;
@@ -149,8 +160,9 @@ pub fn execute(cfg: &RunConfig, dir: &Path, device: &Device, bar: &ProgressBar, 
             }
             Event::Epoch { metrics, best, state } => {
                 let wall = wall_before + t0.elapsed().as_secs_f64();
-                let written = checkpoint::save(&dir.join(checkpoint::FILE), state, wall)
-                    .and_then(|_| store::write_parquet(&dir.join("metrics.parquet"), &mut store::metrics_frame(&state.history)?));
+                let written = checkpoint::save(&dir.join(checkpoint::FILE), state, wall).and_then(|_| {
+                    store::write_parquet(&dir.join("metrics.parquet"), &mut store::metrics_frame(&state.history)?)
+                });
                 if let Err(e) = written {
                     write_err = Some(e);
                     return Control::Stop;
@@ -198,7 +210,13 @@ pub fn execute(cfg: &RunConfig, dir: &Path, device: &Device, bar: &ProgressBar, 
         Status::Finished { .. } => {
             save_weights(&map, &dir.join("model.safetensors"))?;
             let (imgs, _) = draw_samples(&arm, cfg.sample.n, cfg.sample.seed, Sampler::Cached)?;
-            plots::sample_grid(&dir.join("samples.png"), &format!("{} samples", cfg.model.backend), &imgs, arm.shape(), arm.levels())?;
+            plots::sample_grid(
+                &dir.join("samples.png"),
+                &format!("{} samples", cfg.model.backend),
+                &imgs,
+                arm.shape(),
+                arm.levels(),
+            )?;
             status.status = "finished".into();
             status.test_nll = outcome.test_nll;
             status.test_bpd = outcome.test_bpd;

@@ -30,7 +30,8 @@ pub fn sample(run_dir: &std::path::Path, device: &Device, opts: &Options) -> Res
         return Err(bad_input("--n: must be at least 1, got 0"));
     }
     let t = trained::open(run_dir, device)?;
-    let out = opts.out.clone().unwrap_or_else(|| run_dir.join(format!("samples_{}_seed{}.png", opts.sampler, opts.seed)));
+    let out =
+        opts.out.clone().unwrap_or_else(|| run_dir.join(format!("samples_{}_seed{}.png", opts.sampler, opts.seed)));
     let t0 = Instant::now();
     let (imgs, iterations) = crate::run::draw_samples(&t.arm, opts.n, opts.seed, sampler)?;
     let secs = t0.elapsed().as_secs_f64();

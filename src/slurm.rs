@@ -50,7 +50,10 @@ pub fn write_script(exp: &Experiment, file: &Path, results: &Path, opts: &Option
         results = quote(&results.display().to_string()),
         file = quote(&file.display().to_string()),
     );
-    let out = opts.out.clone().unwrap_or_else(|| store::experiment_dir(results, &exp.name).join(format!("{}.sbatch", exp.name)));
+    let out = opts
+        .out
+        .clone()
+        .unwrap_or_else(|| store::experiment_dir(results, &exp.name).join(format!("{}.sbatch", exp.name)));
     std::fs::create_dir_all(&log_dir)?;
     store::atomic_write(&out, script.as_bytes())?;
     Ok(out)

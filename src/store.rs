@@ -20,7 +20,8 @@ pub fn atomic_write_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
     fs::create_dir_all(dir).with_context(|| format!("{}: cannot create folder", dir.display()))?;
     let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let res = write(&tmp).and_then(|_| fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display())));
+    let res = write(&tmp)
+        .and_then(|_| fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display())));
     if res.is_err() {
         let _ = fs::remove_file(&tmp);
     }

@@ -24,7 +24,12 @@ impl Row {
         if self.config.grid.is_empty() {
             return self.config.model.backend.clone();
         }
-        self.config.grid.iter().map(|(k, v)| format!("{}={}", k.rsplit('.').next().unwrap_or(k), compact(v))).collect::<Vec<_>>().join(" ")
+        self.config
+            .grid
+            .iter()
+            .map(|(k, v)| format!("{}={}", k.rsplit('.').next().unwrap_or(k), compact(v)))
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 }
 
@@ -75,10 +80,8 @@ pub fn frame(rows: &[Row]) -> Result<DataFrame> {
         Column::new("run_id".into(), rows.iter().map(|r| r.run_id.clone()).collect::<Vec<_>>()),
     ];
     for k in &keys {
-        let vals: Vec<Option<toml::Value>> = rows
-            .iter()
-            .map(|r| r.config.grid.iter().find(|(g, _)| g == k).map(|(_, v)| v.clone()))
-            .collect();
+        let vals: Vec<Option<toml::Value>> =
+            rows.iter().map(|r| r.config.grid.iter().find(|(g, _)| g == k).map(|(_, v)| v.clone())).collect();
         cols.push(grid_column(k, &vals));
     }
     let s = |f: fn(&Row) -> String| rows.iter().map(f).collect::<Vec<_>>();

@@ -35,7 +35,8 @@ impl std::str::FromStr for Shard {
     fn from_str(s: &str) -> Result<Self, String> {
         let bad = || format!("--shard {s:?}: expected I/N with 0 <= I < N, e.g. 0/4");
         let (i, n) = s.split_once('/').ok_or_else(bad)?;
-        let (index, count): (usize, usize) = (i.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
+        let (index, count): (usize, usize) =
+            (i.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
         if count == 0 || index >= count {
             return Err(bad());
         }
@@ -73,22 +74,36 @@ pub fn sweep(exp: &Experiment, results: &Path, device: &Device, opts: &Options) 
     let runs_dir = store::runs_dir(results, &exp.name);
     let runs = selected(exp, opts.shard);
     let dir_of = |r: &RunConfig| runs_dir.join(r.run_id());
-    let (done, todo): (Vec<_>, Vec<_>) = runs.into_iter().partition(|r| RunStatus::read(&dir_of(r)).is_some_and(|s| s.is_finished()));
+    let (done, todo): (Vec<_>, Vec<_>) =
+        runs.into_iter().partition(|r| RunStatus::read(&dir_of(r)).is_some_and(|s| s.is_finished()));
     if opts.dry_run {
-        println!("{}: {} runs in this selection, {} finished, {} to train", exp.name, done.len() + todo.len(), done.len(), todo.len());
+        println!(
+            "{}: {} runs in this selection, {} finished, {} to train",
+            exp.name,
+            done.len() + todo.len(),
+            done.len(),
+            todo.len()
+        );
         for r in &done {
             println!("  done   {}", r.run_id());
         }
         for r in &todo {
             let st = RunStatus::read(&dir_of(r)).map_or("missing".to_string(), |s| s.status);
-            let ckpt = if dir_of(r).join(crate::checkpoint::FILE).exists() { ", has a checkpoint for --resume" } else { "" };
+            let ckpt =
+                if dir_of(r).join(crate::checkpoint::FILE).exists() { ", has a checkpoint for --resume" } else { "" };
             println!("  todo   {}  ({st}{ckpt})", r.run_id());
         }
         return Ok(());
     }
     let ui = Ui::new();
     crate::commands::install_ctrlc();
-    tracing::info!("{}: {} finished runs skipped, {} to train with {} job(s)", exp.name, done.len(), todo.len(), opts.jobs);
+    tracing::info!(
+        "{}: {} finished runs skipped, {} to train with {} job(s)",
+        exp.name,
+        done.len(),
+        todo.len(),
+        opts.jobs
+    );
     let overall = ui.multi.add(ProgressBar::new(todo.len() as u64));
     overall.set_style(
         ProgressStyle::with_template("{prefix:.bold} [{bar:30}] {pos}/{len} runs {elapsed} {msg}")

@@ -41,7 +41,8 @@ pub fn build_with_weights(dir: &Path, cfg: RunConfig, device: &Device) -> Result
             dir.display()
         )));
     }
-    let (arm, map, data) = crate::run::build(&cfg, device).map_err(|e| bad_input(format!("{}: {e:#}", dir.display())))?;
+    let (arm, map, data) =
+        crate::run::build(&cfg, device).map_err(|e| bad_input(format!("{}: {e:#}", dir.display())))?;
     crate::report::load_weights(&map, &weights).map_err(|e| bad_input(format!("{e:#}")))?;
     Ok(Trained { cfg, arm, data })
 }

@@ -114,7 +114,14 @@ fn every_bad_file_gets_one_line_naming_file_and_key_exit_2_and_results_untouched
     // Nothing is created either where no results folder exists.
     let fresh = tmp.path().join("fresh");
     for (file, _, args) in cases.iter().take(5) {
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_runner")).arg("--results").arg(&fresh).arg("sweep").arg(file).args(args).output().expect("run");
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_runner"))
+            .arg("--results")
+            .arg(&fresh)
+            .arg("sweep")
+            .arg(file)
+            .args(args)
+            .output()
+            .expect("run");
         assert_eq!(o.status.code(), Some(2));
     }
     assert!(!fresh.exists(), "a results folder was created");
@@ -124,14 +131,62 @@ fn every_bad_file_gets_one_line_naming_file_and_key_exit_2_and_results_untouched
 // Fuzzing the loader: it returns Ok or Err on anything, never panics.
 
 const KEYS: &[&str] = &[
-    "name", "seeds", "data", "model", "train", "sample", "grid", "zip", "backend", "head", "ordering", "path", "height",
-    "width", "levels", "split", "channels", "kernel_size", "dilations", "leaky_slope", "dropout", "optimizer", "lr",
-    "batch_size", "max_epochs", "patience", "weight_decay", "beta1", "beta2", "eval_batch_size", "n", "seed",
-    "components", "min_log_scale", "\"train.lr\"", "\"model.causal_conv1d.kernel_size\"", "\"\"", "\"a..b\"", "x.y",
+    "name",
+    "seeds",
+    "data",
+    "model",
+    "train",
+    "sample",
+    "grid",
+    "zip",
+    "backend",
+    "head",
+    "ordering",
+    "path",
+    "height",
+    "width",
+    "levels",
+    "split",
+    "channels",
+    "kernel_size",
+    "dilations",
+    "leaky_slope",
+    "dropout",
+    "optimizer",
+    "lr",
+    "batch_size",
+    "max_epochs",
+    "patience",
+    "weight_decay",
+    "beta1",
+    "beta2",
+    "eval_batch_size",
+    "n",
+    "seed",
+    "components",
+    "min_log_scale",
+    "\"train.lr\"",
+    "\"model.causal_conv1d.kernel_size\"",
+    "\"\"",
+    "\"a..b\"",
+    "x.y",
 ];
 const HEADERS: &[&str] = &[
-    "[data]", "[model]", "[train]", "[sample]", "[grid]", "[[zip]]", "[model.causal_conv1d]", "[model.categorical]",
-    "[model.dlogistic_mixture]", "[model.mlp]", "[model.pixelcnn]", "[[grid]]", "[zip]", "[train.lr]", "[model.backend]",
+    "[data]",
+    "[model]",
+    "[train]",
+    "[sample]",
+    "[grid]",
+    "[[zip]]",
+    "[model.causal_conv1d]",
+    "[model.categorical]",
+    "[model.dlogistic_mixture]",
+    "[model.mlp]",
+    "[model.pixelcnn]",
+    "[[grid]]",
+    "[zip]",
+    "[train.lr]",
+    "[model.backend]",
 ];
 
 fn random_value(rng: &mut ChaCha8Rng, depth: usize) -> String {
@@ -139,14 +194,25 @@ fn random_value(rng: &mut ChaCha8Rng, depth: usize) -> String {
         0 => "0".into(),
         1 => "-1".into(),
         2 => rng.random_range(-1000i64..1000).to_string(),
-        3 => ["9223372036854775807", "-9223372036854775808", "4294967296", "18446744073709551615"][rng.random_range(0..4)].into(),
+        3 => ["9223372036854775807", "-9223372036854775808", "4294967296", "18446744073709551615"]
+            [rng.random_range(0..4)]
+        .into(),
         4 => ["nan", "inf", "-inf", "1e308", "-0.0", "5e-324", "0.5", "1.0"][rng.random_range(0..8)].into(),
         5 => format!("{}", rng.random::<f64>() * 10.0 - 5.0),
         6 => ["true", "false"][rng.random_range(0..2)].into(),
-        7 => ["\"digits\"", "\"causal_conv1d\"", "\"categorical\"", "\"dlogistic_mixture\"", "\"adamw\"", "\"snake\"", "\"mnist10k-binary\""]
-            [rng.random_range(0..7)]
+        7 => [
+            "\"digits\"",
+            "\"causal_conv1d\"",
+            "\"categorical\"",
+            "\"dlogistic_mixture\"",
+            "\"adamw\"",
+            "\"snake\"",
+            "\"mnist10k-binary\"",
+        ][rng.random_range(0..7)]
         .into(),
-        8 => ["\"\"", "\"../x\"", "\"é\u{1F600}\"", "'lit'", "\"\"\"multi\nline\"\"\"", "\"a\\u0000b\""][rng.random_range(0..6)].into(),
+        8 => ["\"\"", "\"../x\"", "\"é\u{1F600}\"", "'lit'", "\"\"\"multi\nline\"\"\"", "\"a\\u0000b\""]
+            [rng.random_range(0..6)]
+        .into(),
         9 => "1979-05-27T07:32:00Z".into(),
         10 | 11 if depth < 3 => {
             let n = rng.random_range(0..4);
@@ -154,7 +220,9 @@ fn random_value(rng: &mut ChaCha8Rng, depth: usize) -> String {
         }
         12 if depth < 3 => {
             let n = rng.random_range(0..3);
-            let kv: Vec<String> = (0..n).map(|_| format!("{} = {}", KEYS[rng.random_range(0..KEYS.len())], random_value(rng, depth + 1))).collect();
+            let kv: Vec<String> = (0..n)
+                .map(|_| format!("{} = {}", KEYS[rng.random_range(0..KEYS.len())], random_value(rng, depth + 1)))
+                .collect();
             format!("{{ {} }}", kv.join(", "))
         }
         13 => "[[1, 2], [3]]".into(),
@@ -208,7 +276,10 @@ fn mutate(text: &str, rng: &mut ChaCha8Rng) -> String {
                     let mut chars: Vec<char> = l.chars().collect();
                     if !chars.is_empty() {
                         let c = rng.random_range(0..chars.len());
-                        const ALPHABET: &[char] = &['[', ']', '{', '}', '=', '"', '\'', '.', ',', '#', '-', '+', '0', '9', 'e', '_', ' ', 'é', '\\'];
+                        const ALPHABET: &[char] = &[
+                            '[', ']', '{', '}', '=', '"', '\'', '.', ',', '#', '-', '+', '0', '9', 'e', '_', ' ', 'é',
+                            '\\',
+                        ];
                         match rng.random_range(0..3) {
                             0 => {
                                 chars.remove(c);
@@ -231,7 +302,11 @@ fn config_loader_never_panics_on_random_and_mutated_files() {
         let mut out = Vec::new();
         for dir in dirs {
             let Ok(rd) = std::fs::read_dir(root().join(dir)) else { continue };
-            let mut files: Vec<PathBuf> = rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "toml")).collect();
+            let mut files: Vec<PathBuf> = rd
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect();
             files.sort();
             out.extend(files.iter().filter_map(|p| std::fs::read_to_string(p).ok()));
         }
@@ -240,7 +315,18 @@ fn config_loader_never_panics_on_random_and_mutated_files() {
     // Valid files (mutated, some stay valid) and the bad corpus (mutated further).
     let (good, bad) = (read(&["tests/fixtures", "experiments"]), read(&["tests/bad"]));
     assert!(good.len() >= 3 && !bad.is_empty());
-    let sets_pool = ["train.lr=abc", "train.lr=0.01", "=", "noequals", "a..b=1", "grid.x=[1]", "model.causal_conv1d.dilations=[1,0]", ".=1", "seeds=[]", "train=3"];
+    let sets_pool = [
+        "train.lr=abc",
+        "train.lr=0.01",
+        "=",
+        "noequals",
+        "a..b=1",
+        "grid.x=[1]",
+        "model.causal_conv1d.dilations=[1,0]",
+        ".=1",
+        "seeds=[]",
+        "train=3",
+    ];
     let mut rng = ChaCha8Rng::seed_from_u64(20251128);
     let (mut ok, mut err) = (0usize, 0usize);
     let mut panics = Vec::new();
@@ -255,7 +341,11 @@ fn config_loader_never_panics_on_random_and_mutated_files() {
         } else {
             mutate(base, &mut rng)
         };
-        let sets: Vec<String> = if rng.random_bool(0.1) { vec![sets_pool[rng.random_range(0..sets_pool.len())].to_string()] } else { vec![] };
+        let sets: Vec<String> = if rng.random_bool(0.1) {
+            vec![sets_pool[rng.random_range(0..sets_pool.len())].to_string()]
+        } else {
+            vec![]
+        };
         match std::panic::catch_unwind(|| runner::config::load_str(&text, "fuzz.toml", &sets)) {
             Ok(Ok(_)) => ok += 1,
             Ok(Err(e)) => {

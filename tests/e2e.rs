@@ -113,13 +113,22 @@ fn bad_input_gets_one_line_naming_file_and_key_exit_2_and_no_results() {
         (&GOOD.replace("max_epochs = 1", "max_epochs = 1\nlearning_rate = 3"), &["bad.toml", "train", "learning_rate"]),
         (&GOOD.replace("max_epochs = 1", "max_epochs = \"ten\""), &["bad.toml", "train.max_epochs"]),
         (&GOOD.replace("channels = 4", "channels = \"wide\""), &["bad.toml", "model.causal_conv1d.channels"]),
-        (&GOOD.replace("backend = \"causal_conv1d\"", "backend = \"transformer\""), &["bad.toml", "model.backend", "transformer", "causal_conv1d"]),
-        (&GOOD.replace("channels = 4", "channels = 4\nkernel_size = 0"), &["bad.toml", "model.causal_conv1d.kernel_size", "at least 1"]),
+        (
+            &GOOD.replace("backend = \"causal_conv1d\"", "backend = \"transformer\""),
+            &["bad.toml", "model.backend", "transformer", "causal_conv1d"],
+        ),
+        (
+            &GOOD.replace("channels = 4", "channels = 4\nkernel_size = 0"),
+            &["bad.toml", "model.causal_conv1d.kernel_size", "at least 1"],
+        ),
         (&GOOD.replace("channels = 4", "dilations = [1, 0]"), &["bad.toml", "model.causal_conv1d.dilations[1]"]),
         (&GOOD.replace("max_epochs = 1", "lr = -0.1"), &["bad.toml", "train.lr", "positive"]),
         (&GOOD.replace("max_epochs = 1", "batch_size = 0"), &["bad.toml", "train.batch_size"]),
         (&GOOD.replace("name = \"digits\"", "name = \"cifar\""), &["bad.toml", "data.name", "cifar"]),
-        (&GOOD.replace("backend = \"causal_conv1d\"", "backend = \"causal_conv1d\"\nhead = \"gaussian\""), &["bad.toml", "model.head", "gaussian"]),
+        (
+            &GOOD.replace("backend = \"causal_conv1d\"", "backend = \"causal_conv1d\"\nhead = \"gaussian\""),
+            &["bad.toml", "model.head", "gaussian"],
+        ),
         (&format!("{GOOD}[extra]\na = 1\n"), &["bad.toml", "extra"]),
         (&GOOD.replace("name = \"x\"\n", ""), &["bad.toml", "name"]),
     ];
@@ -179,7 +188,9 @@ fn sweep_report_rerun_and_shards() {
     assert_eq!(s.height(), 8);
     assert_eq!(s.column("model.causal_conv1d.kernel_size").expect("grid col").dtype(), &DataType::Int64);
     assert_eq!(s.column("train.lr").expect("grid col").dtype(), &DataType::Float64);
-    for c in ["seed", "n_params", "epochs", "best_epoch", "best_val_nll", "test_nll", "test_bpd", "wall_seconds", "status"] {
+    for c in
+        ["seed", "n_params", "epochs", "best_epoch", "best_val_nll", "test_nll", "test_bpd", "wall_seconds", "status"]
+    {
         assert!(s.column(c).is_ok(), "summary lacks {c}");
     }
     let test = f64_col(&s, "test_nll");
@@ -207,7 +218,11 @@ fn sweep_report_rerun_and_shards() {
     let csv = stdout(&o);
     assert_eq!(csv.lines().count(), 5, "{csv}");
     // Sorted by mean test NLL: the first row has the smallest mean.
-    let means: Vec<f64> = csv.lines().skip(1).map(|l| l.split(',').nth(3).and_then(|c| c.split(' ').next()).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN)).collect();
+    let means: Vec<f64> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(3).and_then(|c| c.split(' ').next()).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN))
+        .collect();
     assert!(means.windows(2).all(|w| w[0] <= w[1]), "{means:?}");
 
     // A run that was cut short (status not finished) is redone, and only it.
@@ -224,12 +239,14 @@ fn sweep_report_rerun_and_shards() {
         let o = sweep(&fresh, &["--shard", &format!("{i}/3")]);
         assert!(o.status.success(), "{}", stderr(&o));
         let s = stdout(&o);
-        let n: usize = s.split("trained ").nth(1).and_then(|t| t.split(',').next()).and_then(|n| n.parse().ok()).expect("count");
+        let n: usize =
+            s.split("trained ").nth(1).and_then(|t| t.split(',').next()).and_then(|n| n.parse().ok()).expect("count");
         trained += n;
     }
     assert_eq!(trained, 8);
     assert_eq!(run_dirs(&fresh, "tiny").len(), 8);
-    let ids = |p: &Path| run_dirs(p, "tiny").iter().map(|d| d.file_name().map(|n| n.to_os_string())).collect::<Vec<_>>();
+    let ids =
+        |p: &Path| run_dirs(p, "tiny").iter().map(|d| d.file_name().map(|n| n.to_os_string())).collect::<Vec<_>>();
     assert_eq!(ids(&fresh), ids(&r), "sharded and whole sweeps give the same run ids");
 }
 
@@ -240,7 +257,10 @@ fn invalid_grid_point_fails_before_any_run() {
     // Points in order: kernel 1..=4 are fine, the 5th (kernel 0) is not.
     let body = std::fs::read_to_string(fixture("tiny_grid.toml"))
         .expect("fixture")
-        .replace("\"model.causal_conv1d.kernel_size\" = [2, 3]", "\"model.causal_conv1d.kernel_size\" = [1, 2, 3, 4, 0]")
+        .replace(
+            "\"model.causal_conv1d.kernel_size\" = [2, 3]",
+            "\"model.causal_conv1d.kernel_size\" = [1, 2, 3, 4, 0]",
+        )
         .replace("\"train.lr\" = [0.001, 0.003]", "");
     std::fs::write(&file, body).expect("write");
     let results = tmp.path().join("results");
@@ -250,7 +270,11 @@ fn invalid_grid_point_fails_before_any_run() {
     assert!(err.contains("grid point 5") && err.contains("kernel_size"), "{err}");
     assert!(!results.exists());
     // An unknown grid key is caught the same way.
-    std::fs::write(&file, std::fs::read_to_string(fixture("tiny_grid.toml")).expect("fixture").replace("\"train.lr\"", "\"train.lrr\"")).expect("write");
+    std::fs::write(
+        &file,
+        std::fs::read_to_string(fixture("tiny_grid.toml")).expect("fixture").replace("\"train.lr\"", "\"train.lrr\""),
+    )
+    .expect("write");
     let o = runner(&results).arg("sweep").arg(&file).output().expect("run");
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("lrr"), "{}", stderr(&o));
@@ -271,7 +295,12 @@ fn killed_sweep_resumes_with_exactly_the_missing_runs() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("spawn");
-    let finished = |r: &Path| run_dirs(r, "tiny").iter().filter(|d| std::fs::read_to_string(d.join("status.toml")).is_ok_and(|s| s.contains("finished"))).count();
+    let finished = |r: &Path| {
+        run_dirs(r, "tiny")
+            .iter()
+            .filter(|d| std::fs::read_to_string(d.join("status.toml")).is_ok_and(|s| s.contains("finished")))
+            .count()
+    };
     let t0 = std::time::Instant::now();
     while finished(&r) < 2 && t0.elapsed().as_secs() < 60 {
         std::thread::sleep(std::time::Duration::from_millis(5));
@@ -289,7 +318,10 @@ fn killed_sweep_resumes_with_exactly_the_missing_runs() {
             read_parquet(&d.join("metrics.parquet"));
         }
     }
-    let o = runner(&r).args(["sweep", fixture("tiny_grid.toml").to_str().expect("utf8"), "--set", "train.max_epochs=6"]).output().expect("rerun");
+    let o = runner(&r)
+        .args(["sweep", fixture("tiny_grid.toml").to_str().expect("utf8"), "--set", "train.max_epochs=6"])
+        .output()
+        .expect("rerun");
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains(&format!("trained {}, skipped {done}", 8 - done)), "{}", stdout(&o));
     assert_eq!(finished(&r), 8);
@@ -300,7 +332,14 @@ fn slurm_script_runs_one_shard_per_array_task() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let out = tmp.path().join("job.sbatch");
     let o = runner(tmp.path())
-        .args(["slurm", fixture("tiny_grid.toml").to_str().expect("utf8"), "--array", "3", "--out", out.to_str().expect("utf8")])
+        .args([
+            "slurm",
+            fixture("tiny_grid.toml").to_str().expect("utf8"),
+            "--array",
+            "3",
+            "--out",
+            out.to_str().expect("utf8"),
+        ])
         .output()
         .expect("run");
     assert!(o.status.success(), "{}", stderr(&o));
@@ -334,7 +373,8 @@ fn user_csv_and_parquet_files_train_and_bad_files_are_named() {
     let tmp = tempfile::tempdir().expect("tempdir");
     // 20 images of 3x3 with levels 0..=4.
     let rows: Vec<Vec<i64>> = (0..20).map(|i| (0..9).map(|j| (i * 7 + j * 3) % 5).collect()).collect();
-    let csv: String = rows.iter().map(|r| r.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(",") + "\n").collect();
+    let csv: String =
+        rows.iter().map(|r| r.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(",") + "\n").collect();
     let csv_path = tmp.path().join("imgs.csv");
     std::fs::write(&csv_path, &csv).expect("write");
     let r = tmp.path().join("results");
@@ -344,12 +384,19 @@ fn user_csv_and_parquet_files_train_and_bad_files_are_named() {
     assert!(cfg.contains("imgs.csv"), "{cfg}");
 
     // The same images as parquet (one integer column per pixel).
-    let cols: Vec<polars::prelude::Column> =
-        (0..9).map(|j| polars::prelude::Column::new(format!("p{j}").into(), rows.iter().map(|r| r[j]).collect::<Vec<i64>>())).collect();
+    let cols: Vec<polars::prelude::Column> = (0..9)
+        .map(|j| polars::prelude::Column::new(format!("p{j}").into(), rows.iter().map(|r| r[j]).collect::<Vec<i64>>()))
+        .collect();
     let mut df = DataFrame::new(20, cols).expect("frame");
     let pq = tmp.path().join("imgs.parquet");
-    polars::prelude::ParquetWriter::new(std::fs::File::create(&pq).expect("create")).finish(&mut df).expect("write parquet");
-    let o = runner(&tmp.path().join("r2")).arg("train").arg(user_file_experiment(tmp.path(), &pq, "levels = 5")).output().expect("run");
+    polars::prelude::ParquetWriter::new(std::fs::File::create(&pq).expect("create"))
+        .finish(&mut df)
+        .expect("write parquet");
+    let o = runner(&tmp.path().join("r2"))
+        .arg("train")
+        .arg(user_file_experiment(tmp.path(), &pq, "levels = 5"))
+        .output()
+        .expect("run");
     assert!(o.status.success(), "{}", stderr(&o));
 
     // Bad files: one line naming the file, row and column; nothing trained.
@@ -369,7 +416,11 @@ fn user_csv_and_parquet_files_train_and_bad_files_are_named() {
         assert!(err.contains(name) && err.contains(want) && err.trim_end().lines().count() == 1, "{name}: {err}");
         assert!(!res.exists());
     }
-    let o = runner(&tmp.path().join("r3")).arg("train").arg(user_file_experiment(tmp.path(), &tmp.path().join("nope.csv"), "")).output().expect("run");
+    let o = runner(&tmp.path().join("r3"))
+        .arg("train")
+        .arg(user_file_experiment(tmp.path(), &tmp.path().join("nope.csv"), ""))
+        .output()
+        .expect("run");
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("data.path") && stderr(&o).contains("nope.csv"), "{}", stderr(&o));
 }

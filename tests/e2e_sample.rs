@@ -36,17 +36,15 @@ fn f64_col(df: &DataFrame, name: &str) -> Vec<f64> {
 fn train_tiny(results: &Path) -> PathBuf {
     let o = runner(results).arg("train").arg(fixture("tiny.toml")).output().expect("run");
     assert!(o.status.success(), "{}", stderr(&o));
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(results.join("tiny1/runs"))
-        .expect("runs")
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .collect();
+    let mut dirs: Vec<PathBuf> =
+        std::fs::read_dir(results.join("tiny1/runs")).expect("runs").filter_map(|e| e.ok()).map(|e| e.path()).collect();
     assert_eq!(dirs.len(), 1);
     dirs.remove(0)
 }
 
 fn status_value(run: &Path, key: &str) -> f64 {
-    let s: toml::Table = toml::from_str(&std::fs::read_to_string(run.join("status.toml")).expect("status")).expect("toml");
+    let s: toml::Table =
+        toml::from_str(&std::fs::read_to_string(run.join("status.toml")).expect("status")).expect("toml");
     s.get(key).and_then(|v| v.as_float()).unwrap_or_else(|| panic!("status.toml lacks {key}"))
 }
 
@@ -149,13 +147,19 @@ fn bad_input_gets_one_line_and_exit_2() {
         (vec!["sample".into(), s(&tmp.path().join("missing"))], vec!["missing", "no such run folder"]),
         (vec!["sample".into(), s(&not_a_run)], vec!["config.toml"]),
         (vec!["sample".into(), s(&unfinished)], vec!["model.safetensors"]),
-        (vec!["sample".into(), s(&run), "--sampler".into(), "fast".into()], vec!["--sampler", "fast", "naive, cached or jacobi"]),
+        (
+            vec!["sample".into(), s(&run), "--sampler".into(), "fast".into()],
+            vec!["--sampler", "fast", "naive, cached or jacobi"],
+        ),
         (vec!["sample".into(), s(&run), "--n".into(), "0".into()], vec!["--n"]),
         (vec!["eval".into(), s(&tmp.path().join("missing"))], vec!["missing", "no such run folder"]),
         (vec!["eval".into(), s(&unfinished)], vec!["model.safetensors"]),
         (vec!["eval".into(), s(&run), "--split".into(), "dev".into()], vec!["--split", "dev"]),
         (vec!["eval".into(), s(&run), "--out".into(), "x.txt".into()], vec!["--out", ".parquet or .csv"]),
-        (vec!["eval".into(), s(&run), "--data".into(), "mnist10k".into()], vec!["--data mnist10k", "28x28", "256 levels", "8x8", "17 levels"]),
+        (
+            vec!["eval".into(), s(&run), "--data".into(), "mnist10k".into()],
+            vec!["--data mnist10k", "28x28", "256 levels", "8x8", "17 levels"],
+        ),
         (vec!["eval".into(), s(&run), "--data".into(), "cifar".into()], vec!["cifar", "digits"]),
     ];
     for (args, needles) in cases {

@@ -76,7 +76,12 @@ fn status_of(dir: &Path) -> String {
 
 /// The number after `word ` in a sweep's summary line ("trained 3, skipped 5 finished, ...").
 fn count(stdout: &str, word: &str) -> usize {
-    stdout.split(&format!("{word} ")).nth(1).and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next()).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no `{word} N` in {stdout}"))
+    stdout
+        .split(&format!("{word} "))
+        .nth(1)
+        .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no `{word} N` in {stdout}"))
 }
 
 /// The metrics that must not depend on interruptions (wall seconds aside).
@@ -88,7 +93,10 @@ fn metrics(dir: &Path) -> Vec<Vec<f64>> {
 #[test]
 fn resumed_run_matches_an_uninterrupted_one() {
     let fix = fixture("tiny.toml");
-    for opt in [&["--set", "train.max_epochs=4"][..], &["--set", "train.max_epochs=4", "--set", "train.optimizer=\"adamw\"", "--set", "train.weight_decay=0.01"]] {
+    for opt in [
+        &["--set", "train.max_epochs=4"][..],
+        &["--set", "train.max_epochs=4", "--set", "train.optimizer=\"adamw\"", "--set", "train.weight_decay=0.01"],
+    ] {
         let tmp = tempfile::tempdir().expect("tempdir");
         let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
         let args: Vec<&str> = ["train", fix.as_str()].into_iter().chain(opt.iter().copied()).collect();
@@ -117,7 +125,11 @@ fn resumed_run_matches_an_uninterrupted_one() {
         for k in ["test_nll", "best_val_nll", "best_epoch", "epochs"] {
             assert_eq!(status(da)[k], status(db)[k], "{k} for {opt:?}");
         }
-        assert_eq!(std::fs::read(da.join("model.safetensors")).expect("a"), std::fs::read(db.join("model.safetensors")).expect("b"), "best weights differ");
+        assert_eq!(
+            std::fs::read(da.join("model.safetensors")).expect("a"),
+            std::fs::read(db.join("model.safetensors")).expect("b"),
+            "best weights differ"
+        );
         assert!(!db.join("checkpoint.safetensors").exists(), "a finished run keeps no checkpoint");
 
         // --resume on a finished run trains nothing.
@@ -150,7 +162,10 @@ fn sweep_resume_continues_interrupted_runs_with_identical_results() {
     assert!(text(&o.stderr).contains("resuming from the checkpoint of epoch 2"), "{}", text(&o.stderr));
 
     let (ra, rb) = (run_dirs(&a, "tiny"), run_dirs(&b, "tiny"));
-    assert_eq!(ra.iter().map(|d| d.file_name()).collect::<Vec<_>>(), rb.iter().map(|d| d.file_name()).collect::<Vec<_>>());
+    assert_eq!(
+        ra.iter().map(|d| d.file_name()).collect::<Vec<_>>(),
+        rb.iter().map(|d| d.file_name()).collect::<Vec<_>>()
+    );
     for (x, y) in ra.iter().zip(&rb) {
         assert_eq!(metrics(x), metrics(y), "{}", y.display());
         assert_eq!(status(x)["test_nll"], status(y)["test_nll"]);
@@ -159,7 +174,8 @@ fn sweep_resume_continues_interrupted_runs_with_identical_results() {
 
 /// Sends SIGINT (the Ctrl-C signal) to a child.
 fn interrupt(child: &Child) {
-    let ok = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().expect("kill").success();
+    let ok =
+        std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().expect("kill").success();
     assert!(ok, "kill -INT failed");
 }
 
@@ -189,7 +205,9 @@ fn ctrl_c_marks_the_run_interrupted_and_resume_continues_its_history() {
     let args = ["train", fix.as_str(), "--set", "train.max_epochs=100000", "--set", "train.patience=100000"];
     let child = spawn(&r, &args);
     let dir = || run_dirs(&r, "tiny1").first().cloned();
-    wait_for("the first checkpoint", Duration::from_secs(60), || dir().is_some_and(|d| d.join("checkpoint.safetensors").exists() && metrics_rows(&d) >= 1));
+    wait_for("the first checkpoint", Duration::from_secs(60), || {
+        dir().is_some_and(|d| d.join("checkpoint.safetensors").exists() && metrics_rows(&d) >= 1)
+    });
     interrupt(&child);
     let o = child.wait_with_output().expect("wait");
     assert!(text(&o.stderr).contains("stopping after the current step"), "{}", text(&o.stderr));
@@ -244,7 +262,8 @@ fn a_diverging_run_fails_with_the_epoch_and_the_sweep_carries_on() {
     assert_eq!(dirs.len(), 2);
     let (bad, good): (Vec<_>, Vec<_>) = dirs.iter().partition(|d| status_of(d) == "failed");
     assert_eq!((bad.len(), good.len()), (1, 1));
-    let cfg: toml::Table = toml::from_str(&std::fs::read_to_string(bad[0].join("config.toml")).expect("config")).expect("parse");
+    let cfg: toml::Table =
+        toml::from_str(&std::fs::read_to_string(bad[0].join("config.toml")).expect("config")).expect("parse");
     assert_eq!(cfg["train"]["lr"].as_float(), Some(1e30));
     let st = status(bad[0]);
     assert_eq!(st["status"].as_str(), Some("failed"), "{st:?}");
@@ -259,14 +278,18 @@ fn a_diverging_run_fails_with_the_epoch_and_the_sweep_carries_on() {
     assert!(o.status.success(), "{}", text(&o.stderr));
     let rep = text(&o.stdout);
     let name = bad[0].file_name().and_then(|n| n.to_str()).expect("name");
-    assert!(rep.lines().any(|l| l.contains("failed") && l.contains(name) && l.contains("diverged at epoch 1")), "{rep}");
+    assert!(
+        rep.lines().any(|l| l.contains("failed") && l.contains(name) && l.contains("diverged at epoch 1")),
+        "{rep}"
+    );
 
     // --fail-fast stops at the failed run: non-zero, the later point never trained.
     let r2 = tmp.path().join("r2");
     let o = run(&r2, &["sweep", f, "--fail-fast"]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
     assert!(text(&o.stderr).contains("--fail-fast"), "{}", text(&o.stderr));
-    let finished = run_dirs(&r2, "tiny").iter().filter(|d| d.join("status.toml").exists() && status_of(d) == "finished").count();
+    let finished =
+        run_dirs(&r2, "tiny").iter().filter(|d| d.join("status.toml").exists() && status_of(d) == "finished").count();
     assert_eq!(finished, 0);
 }
 
@@ -287,7 +310,10 @@ fn two_concurrent_sweeps_train_every_run_exactly_once() {
         .iter()
         .flat_map(|e| {
             let e = text(e);
-            e.lines().filter_map(|l| l.split_once(" finished: test NLL")).filter_map(|(head, _)| head.split_whitespace().last().map(str::to_string)).collect::<Vec<_>>()
+            e.lines()
+                .filter_map(|l| l.split_once(" finished: test NLL"))
+                .filter_map(|(head, _)| head.split_whitespace().last().map(str::to_string))
+                .collect::<Vec<_>>()
         })
         .collect();
     finished.sort();
@@ -317,16 +343,24 @@ fn check_whole(results: &Path, name: &str, expected: &BTreeSet<String>) {
             let bytes = std::fs::read(&p).expect("read");
             match f.as_str() {
                 "status.toml" | "config.toml" => {
-                    toml::from_str::<toml::Table>(&text(&bytes)).unwrap_or_else(|e| panic!("torn {}: {e}", p.display()));
+                    toml::from_str::<toml::Table>(&text(&bytes))
+                        .unwrap_or_else(|e| panic!("torn {}: {e}", p.display()));
                 }
                 "metrics.parquet" => {
                     read_parquet(&p);
                 }
                 "checkpoint.safetensors" | "model.safetensors" => {
-                    candle_core::safetensors::load(&p, &candle_core::Device::Cpu).unwrap_or_else(|e| panic!("torn {}: {e}", p.display()));
+                    candle_core::safetensors::load(&p, &candle_core::Device::Cpu)
+                        .unwrap_or_else(|e| panic!("torn {}: {e}", p.display()));
                 }
                 f if f.ends_with(".png") => {
-                    assert!(bytes.starts_with(b"\x89PNG") && bytes.len() > 12 && &bytes[bytes.len() - 8..bytes.len() - 4] == b"IEND", "torn {}", p.display());
+                    assert!(
+                        bytes.starts_with(b"\x89PNG")
+                            && bytes.len() > 12
+                            && &bytes[bytes.len() - 8..bytes.len() - 4] == b"IEND",
+                        "torn {}",
+                        p.display()
+                    );
                 }
                 _ => assert!(!bytes.is_empty(), "empty {}", p.display()),
             }
@@ -347,13 +381,20 @@ fn a_sweep_killed_at_random_moments_never_tears_a_file_and_reruns_finish_the_mis
     let grid = fixture("tiny_grid.toml");
     let args = ["sweep", grid.as_str(), "--set", "train.max_epochs=4"];
     let o = run(&r, &[&args[..], &["--dry-run"]].concat());
-    let expected: BTreeSet<String> = text(&o.stdout).lines().filter_map(|l| l.trim().strip_prefix("todo")).filter_map(|l| l.split_whitespace().next()).map(str::to_string).collect();
+    let expected: BTreeSet<String> = text(&o.stdout)
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("todo"))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect();
     assert_eq!(expected.len(), 8, "{}", text(&o.stdout));
     assert!(!r.exists(), "a dry run writes nothing");
 
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let t0 = Instant::now();
-    let finished = |r: &Path| run_dirs(r, "tiny").iter().filter(|d| d.join("status.toml").exists() && status_of(d) == "finished").count();
+    let finished = |r: &Path| {
+        run_dirs(r, "tiny").iter().filter(|d| d.join("status.toml").exists() && status_of(d) == "finished").count()
+    };
     let mut kills = 0;
     while kills < 6 && t0.elapsed() < Duration::from_secs(25) && finished(&r) < 8 {
         let extra: &[&str] = match kills % 3 {
@@ -361,7 +402,8 @@ fn a_sweep_killed_at_random_moments_never_tears_a_file_and_reruns_finish_the_mis
             1 => &["--resume"],
             _ => &["--jobs", "2", "--resume"],
         };
-        let mut child = cmd(&r, &[&args[..], extra].concat()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn");
+        let mut child =
+            cmd(&r, &[&args[..], extra].concat()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn");
         std::thread::sleep(Duration::from_millis(rng.random_range(200..3000)));
         let _ = child.kill(); // SIGKILL: no handler runs
         let _ = child.wait();
@@ -369,14 +411,18 @@ fn a_sweep_killed_at_random_moments_never_tears_a_file_and_reruns_finish_the_mis
         check_whole(&r, "tiny", &expected);
     }
     let before = finished(&r);
-    eprintln!("{kills} kills in {:.1} s; {before} of 8 runs finished before the last rerun", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "{kills} kills in {:.1} s; {before} of 8 runs finished before the last rerun",
+        t0.elapsed().as_secs_f64()
+    );
     let o = run(&r, &[&args[..], &["--resume"]].concat());
     assert!(o.status.success(), "{}", text(&o.stderr));
     let out = text(&o.stdout);
     assert_eq!((count(&out, "trained"), count(&out, "skipped")), (8 - before, before), "{out}");
     check_whole(&r, "tiny", &expected);
     let dirs = run_dirs(&r, "tiny");
-    let ids: BTreeSet<String> = dirs.iter().filter_map(|d| d.file_name().and_then(|n| n.to_str()).map(str::to_string)).collect();
+    let ids: BTreeSet<String> =
+        dirs.iter().filter_map(|d| d.file_name().and_then(|n| n.to_str()).map(str::to_string)).collect();
     assert_eq!(ids, expected);
     let mut epochs = BTreeMap::new();
     for d in &dirs {

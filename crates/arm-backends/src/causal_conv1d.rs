@@ -84,7 +84,13 @@ impl PluginConfig for CausalConv1dConfig {
     }
 
     fn test_configs() -> Vec<Self> {
-        let c = |k, dil: &[usize]| Self { channels: 5, kernel_size: k, dilations: dil.to_vec(), leaky_slope: 0.1, dropout: 0.0 };
+        let c = |k, dil: &[usize]| Self {
+            channels: 5,
+            kernel_size: k,
+            dilations: dil.to_vec(),
+            leaky_slope: 0.1,
+            dropout: 0.0,
+        };
         vec![c(2, &[1]), c(3, &[1, 1]), c(2, &[1, 2, 4]), c(3, &[2, 1, 3])]
     }
 
@@ -113,7 +119,8 @@ impl Conditional for CausalConvNet {
         let last = self.layers.len() - 1;
         for (i, layer) in self.layers.iter().enumerate() {
             if i < last {
-                h = self.dropout.forward_t(&layer.forward_leaky(&h, self.slope)?, train)?; // (B, D, C)
+                h = self.dropout.forward_t(&layer.forward_leaky(&h, self.slope)?, train)?;
+            // (B, D, C)
             } else {
                 h = layer.forward(&h)?; // (B, D, P)
             }

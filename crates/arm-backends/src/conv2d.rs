@@ -104,10 +104,9 @@ impl TapConv2d {
             .iter()
             .map(|&tap| match self.source(pos, tap) {
                 None => Ok(zero.clone()),
-                Some(src) => cells
-                    .get(src)
-                    .cloned()
-                    .ok_or_else(|| candle_core::Error::Msg(format!("tap {tap:?} of cell {pos} reads uncomputed cell {src}"))),
+                Some(src) => cells.get(src).cloned().ok_or_else(|| {
+                    candle_core::Error::Msg(format!("tap {tap:?} of cell {pos} reads uncomputed cell {src}"))
+                }),
             })
             .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&cols, 1)?.matmul(&self.w)?.broadcast_add(&self.b) // (B, C_out)

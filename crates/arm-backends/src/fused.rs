@@ -114,7 +114,10 @@ mod tests {
         let gf = (&fast * &w)?.sum_all()?.backward()?;
         let gs = (&slow * &w)?.sum_all()?.backward()?;
         for v in [&z, &b] {
-            let (a, c) = (gf.get(v).expect("grad").flatten_all()?.to_vec1::<f32>()?, gs.get(v).expect("grad").flatten_all()?.to_vec1::<f32>()?);
+            let (a, c) = (
+                gf.get(v).expect("grad").flatten_all()?.to_vec1::<f32>()?,
+                gs.get(v).expect("grad").flatten_all()?.to_vec1::<f32>()?,
+            );
             for (x, y) in a.iter().zip(&c) {
                 assert!((x - y).abs() < 1e-6, "{a:?} vs {c:?}");
             }

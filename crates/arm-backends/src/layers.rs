@@ -213,7 +213,13 @@ mod tests {
 
     #[test]
     fn im2col_conv_equals_the_loop_in_values_and_gradients() -> Result<()> {
-        for (k, dil, mode) in [(1, 1, CausalMode::B), (2, 1, CausalMode::A), (3, 2, CausalMode::B), (7, 1, CausalMode::A), (3, 4, CausalMode::A)] {
+        for (k, dil, mode) in [
+            (1, 1, CausalMode::B),
+            (2, 1, CausalMode::A),
+            (3, 2, CausalMode::B),
+            (7, 1, CausalMode::A),
+            (3, 4, CausalMode::A),
+        ] {
             let map = VarMap::new();
             let vb = arm_core::seeded_var_builder(&map, 3, &Device::Cpu);
             let conv = causal_conv1d(3, 4, k, dil, mode, vb)?;

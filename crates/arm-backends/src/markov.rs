@@ -80,7 +80,11 @@ impl Conditional for Markov {
 
     /// Cached: only the last pixel is needed.
     fn stepper(&self, batch: usize) -> Result<Box<dyn Stepper + '_>> {
-        Ok(Box::new(MarkovStepper { net: self, pos: 0, prev: Tensor::zeros((batch, 1), candle_core::DType::F32, &self.device)? }))
+        Ok(Box::new(MarkovStepper {
+            net: self,
+            pos: 0,
+            prev: Tensor::zeros((batch, 1), candle_core::DType::F32, &self.device)?,
+        }))
     }
 }
 

@@ -139,7 +139,7 @@ impl Cell {
                 let rz = sigmoid(&(gx.narrow(1, 0, 2 * hd)? + gh.narrow(1, 0, 2 * hd)?)?)?; // (B, 2H)
                 let (r, z) = (rz.narrow(1, 0, hd)?, rz.narrow(1, hd, hd)?);
                 let n = (gx.narrow(1, 2 * hd, hd)? + r.mul(&gh.narrow(1, 2 * hd, hd)?)?)?.tanh()?; // (B, H)
-                // h' = n + z * (h - n), the same as (1 - z) n + z h with one op fewer.
+                                                                                                   // h' = n + z * (h - n), the same as (1 - z) n + z h with one op fewer.
                 let h = (&n + z.mul(&(&s.h - &n)?)?)?;
                 Ok(State { h, c: None })
             }

@@ -61,8 +61,14 @@ impl Unfold {
         let (b, n, c) = x.dims3()?;
         let (h, w) = (self.height, self.width);
         let grid = x.reshape((b, h, w, c))?;
-        let (up, left) = self.taps.iter().fold((0usize, 0usize), |(u, l), &(dy, dx)| (u.max((-dy).max(0) as usize), l.max((-dx).max(0) as usize)));
-        let (down, right) = self.taps.iter().fold((0usize, 0usize), |(d, r), &(dy, dx)| (d.max(dy.max(0) as usize), r.max(dx.max(0) as usize)));
+        let (up, left) = self
+            .taps
+            .iter()
+            .fold((0usize, 0usize), |(u, l), &(dy, dx)| (u.max((-dy).max(0) as usize), l.max((-dx).max(0) as usize)));
+        let (down, right) = self
+            .taps
+            .iter()
+            .fold((0usize, 0usize), |(d, r), &(dy, dx)| (d.max(dy.max(0) as usize), r.max(dx.max(0) as usize)));
         let padded = grid.pad_with_zeros(1, up, down)?.pad_with_zeros(2, left, right)?; // (B, H+.., W+.., C)
         let cols = self
             .taps

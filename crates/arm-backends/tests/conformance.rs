@@ -4,7 +4,7 @@
 //! Registering a plugin enrols it here; nothing in this file names a plugin.
 
 use arm_backends::{registry, BuildCtx, Plugin};
-use arm_core::{seeded_var_builder, Arm, Categorical, Conditional, Ordering, Sampler};
+use arm_core::{build_head, head_names, resolve_head, seeded_var_builder, Arm, Conditional, Head, Ordering, Sampler};
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use rand::{Rng, SeedableRng};
@@ -14,15 +14,38 @@ type R<T> = Result<T, Box<dyn std::error::Error>>;
 
 const DEV: Device = Device::Cpu;
 
-fn build(p: &Plugin, cfg: &toml::Table, (h, w): (usize, usize), np: usize, seed: u64) -> R<(Box<dyn Conditional>, VarMap)> {
+fn build(
+    p: &Plugin,
+    cfg: &toml::Table,
+    (h, w): (usize, usize),
+    np: usize,
+    seed: u64,
+) -> R<(Box<dyn Conditional>, VarMap)> {
     let map = VarMap::new();
-    let ctx = BuildCtx { vb: seeded_var_builder(&map, seed, &DEV), device: DEV.clone(), height: h, width: w, num_params: np, seed };
+    let ctx = BuildCtx {
+        vb: seeded_var_builder(&map, seed, &DEV),
+        device: DEV.clone(),
+        height: h,
+        width: w,
+        num_params: np,
+        seed,
+    };
     Ok((p.build(cfg, ctx)?, map))
 }
 
 /// Shapes each plugin is tested on: 2D plugins need a real image; 1D ones also get a ragged one.
 fn shapes(p: &Plugin) -> Vec<(usize, usize)> {
-    if p.is_2d { vec![(3, 4)] } else { vec![(3, 4), (1, 7)] }
+    if p.is_2d {
+        vec![(3, 4)]
+    } else {
+        vec![(3, 4), (1, 7)]
+    }
+}
+
+/// Every registered head with its default settings, for K levels.
+fn every_head(name: &str, k: usize) -> R<Box<dyn Head>> {
+    let table = resolve_head(name, &toml::Table::new(), k).map_err(|(key, m)| format!("{name}.{key}: {m}"))?;
+    Ok(build_head(name, &table, k).map_err(|(key, m)| format!("{name}.{key}: {m}"))?)
 }
 
 fn random_levels(b: usize, d: usize, k: usize, seed: u64) -> Tensor {
@@ -81,15 +104,20 @@ fn probabilities_sum_to_one_over_every_image() -> R<()> {
     for p in registry() {
         for cfg in p.test_configs() {
             for (h, w) in [(2, 2), (1, 4)].into_iter().filter(|s| !p.is_2d || s.0 > 1) {
-                let orderings: &[Ordering] = if p.is_2d { &[Ordering::Raster] } else { &[Ordering::Raster, Ordering::Snake] };
+                let orderings: &[Ordering] =
+                    if p.is_2d { &[Ordering::Raster] } else { &[Ordering::Raster, Ordering::Snake] };
                 for &ord in orderings {
                     let k = 3;
-                    let (net, _) = build(&p, &cfg, (h, w), k, 2)?;
-                    let arm = Arm::new(net, Box::new(Categorical::new(k)), k, (h, w), ord)?;
-                    let all: Vec<f32> = (0..81usize).flat_map(|i| (0..4).map(move |j| ((i / 3usize.pow(j)) % 3) as f32)).collect();
-                    let x = Tensor::from_vec(all, (81, 4), &DEV)?;
-                    let total = arm.log_prob(&x)?.exp()?.sum_all()?.to_scalar::<f32>()?;
-                    assert!((total - 1.0).abs() < 1e-4, "{} {cfg:?} {ord:?}: sum p = {total}", p.name);
+                    for head_name in head_names() {
+                        let head = every_head(head_name, k)?;
+                        let (net, _) = build(&p, &cfg, (h, w), head.num_params(), 2)?;
+                        let arm = Arm::new(net, head, k, (h, w), ord)?;
+                        let all: Vec<f32> =
+                            (0..81usize).flat_map(|i| (0..4).map(move |j| ((i / 3usize.pow(j)) % 3) as f32)).collect();
+                        let x = Tensor::from_vec(all, (81, 4), &DEV)?;
+                        let total = arm.log_prob(&x)?.exp()?.sum_all()?.to_scalar::<f32>()?;
+                        assert!((total - 1.0).abs() < 1e-4, "{} {cfg:?} {ord:?} {head_name}: sum p = {total}", p.name);
+                    }
                 }
             }
         }
@@ -123,17 +151,21 @@ fn samplers_agree_for_the_same_noise() -> R<()> {
     each_case(|p, cfg, (h, w)| {
         let d = h * w;
         let k = 4;
-        let (net, _) = build(p, cfg, (h, w), k, 4)?;
-        let arm = Arm::new(net, Box::new(Categorical::new(k)), k, (h, w), Ordering::Raster)?;
-        let mut rng = ChaCha8Rng::seed_from_u64(5);
-        let noise: Vec<f32> = (0..6 * d).map(|_| rng.random::<f32>()).collect();
-        let noise = Tensor::from_vec(noise, (6, d, arm.head().noise_dim()), &DEV)?;
-        let naive = arm.sample(&noise, Sampler::Naive)?.images.to_vec2::<f32>()?;
-        let cached = arm.sample(&noise, Sampler::Cached)?.images.to_vec2::<f32>()?;
-        let jac = arm.sample(&noise, Sampler::Jacobi)?;
-        assert_eq!(naive, cached, "naive vs cached");
-        assert_eq!(naive, jac.images.to_vec2::<f32>()?, "naive vs jacobi");
-        assert!(jac.iterations <= d);
+        for head_name in head_names() {
+            let head = every_head(head_name, k)?;
+            let (net, _) = build(p, cfg, (h, w), head.num_params(), 4)?;
+            let ord = if p.is_2d { Ordering::Raster } else { Ordering::Snake };
+            let arm = Arm::new(net, head, k, (h, w), ord)?;
+            let mut rng = ChaCha8Rng::seed_from_u64(5);
+            let noise: Vec<f32> = (0..6 * d * arm.head().noise_dim()).map(|_| rng.random::<f32>()).collect();
+            let noise = Tensor::from_vec(noise, (6, d, arm.head().noise_dim()), &DEV)?;
+            let naive = arm.sample(&noise, Sampler::Naive)?.images.to_vec2::<f32>()?;
+            let cached = arm.sample(&noise, Sampler::Cached)?.images.to_vec2::<f32>()?;
+            let jac = arm.sample(&noise, Sampler::Jacobi)?;
+            assert_eq!(naive, cached, "naive vs cached");
+            assert_eq!(naive, jac.images.to_vec2::<f32>()?, "naive vs jacobi ({head_name})");
+            assert!(jac.iterations <= d);
+        }
         Ok(())
     })
 }

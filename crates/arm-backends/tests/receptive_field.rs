@@ -25,7 +25,14 @@ fn dependencies(name: &str, cfg: &str) -> R<Vec<Vec<bool>>> {
     let p = plugin(name)?;
     let cfg: toml::Table = toml::from_str(cfg)?;
     let map = VarMap::new();
-    let ctx = BuildCtx { vb: seeded_var_builder(&map, 3, &Device::Cpu), device: Device::Cpu, height: H, width: W, num_params: 2, seed: 3 };
+    let ctx = BuildCtx {
+        vb: seeded_var_builder(&map, 3, &Device::Cpu),
+        device: Device::Cpu,
+        height: H,
+        width: W,
+        num_params: 2,
+        seed: 3,
+    };
     let net = p.build(&cfg, ctx)?;
     let b = 16;
     let mut rng = ChaCha8Rng::seed_from_u64(17);
@@ -54,7 +61,14 @@ fn assert_field(dep: &[Vec<bool>], expected: impl Fn(usize, usize, usize, usize)
         for j in 0..D {
             let want = expected(d / W, d % W, j / W, j % W);
             if dep[d][j] != want {
-                bad.push(format!("output ({}, {}) <- input ({}, {}): got {}, want {want}", d / W, d % W, j / W, j % W, dep[d][j]));
+                bad.push(format!(
+                    "output ({}, {}) <- input ({}, {}): got {}, want {want}",
+                    d / W,
+                    d % W,
+                    j / W,
+                    j % W,
+                    dep[d][j]
+                ));
             }
         }
     }

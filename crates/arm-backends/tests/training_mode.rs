@@ -18,7 +18,14 @@ const SHAPE: (usize, usize) = (3, 4);
 fn build_arm(p: &Plugin, cfg: &toml::Table, seed: u64) -> R<(Arm, VarMap)> {
     let map = VarMap::new();
     let (h, w) = SHAPE;
-    let ctx = BuildCtx { vb: seeded_var_builder(&map, seed, &Device::Cpu), device: Device::Cpu, height: h, width: w, num_params: LEVELS, seed };
+    let ctx = BuildCtx {
+        vb: seeded_var_builder(&map, seed, &Device::Cpu),
+        device: Device::Cpu,
+        height: h,
+        width: w,
+        num_params: LEVELS,
+        seed,
+    };
     let net = p.build(cfg, ctx)?;
     Ok((Arm::new(net, Box::new(Categorical::new(LEVELS)), LEVELS, SHAPE, Ordering::Raster)?, map))
 }
@@ -43,7 +50,9 @@ fn every_parameter_gets_a_finite_gradient_with_dropout_on() -> R<()> {
             let vars = map.all_vars();
             assert!(!vars.is_empty(), "{} {cfg:?}: no parameters", p.name);
             for (i, v) in vars.iter().enumerate() {
-                let g = grads.get(v).ok_or_else(|| format!("{} {cfg:?}: parameter {i} {:?} gets no gradient", p.name, v.shape()))?;
+                let g = grads
+                    .get(v)
+                    .ok_or_else(|| format!("{} {cfg:?}: parameter {i} {:?} gets no gradient", p.name, v.shape()))?;
                 let g = g.flatten_all()?.to_vec1::<f32>()?;
                 assert!(g.iter().all(|v| v.is_finite()), "{} {cfg:?}: non-finite gradient", p.name);
             }

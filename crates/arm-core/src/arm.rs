@@ -68,10 +68,7 @@ impl Arm {
             candle_core::bail!("levels must be at least 2, got {levels}");
         }
         if conditional.seq_len() != height * width {
-            candle_core::bail!(
-                "conditional built for {} pixels, data has {height}x{width}",
-                conditional.seq_len()
-            );
+            candle_core::bail!("conditional built for {} pixels, data has {height}x{width}", conditional.seq_len());
         }
         let p = ordering.permutation(height, width);
         let perm = if p.iter().enumerate().all(|(i, &j)| i == j) {
@@ -153,11 +150,7 @@ impl Arm {
     pub fn sample(&self, noise: &Tensor, sampler: Sampler) -> Result<SampleOutput> {
         let (b, d, q) = noise.dims3()?;
         if d != self.dims() || q != self.head.noise_dim() {
-            candle_core::bail!(
-                "noise shape ({b}, {d}, {q}), expected (B, {}, {})",
-                self.dims(),
-                self.head.noise_dim()
-            );
+            candle_core::bail!("noise shape ({b}, {d}, {q}), expected (B, {}, {})", self.dims(), self.head.noise_dim());
         }
         let (seq, iterations) = match sampler {
             Sampler::Naive => {

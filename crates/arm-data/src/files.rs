@@ -36,7 +36,8 @@ pub fn read_csv(path: &Path) -> Result<RawImages, DataError> {
         }
         let mut row = Vec::with_capacity(fields.len());
         for (c, f) in fields.iter().enumerate() {
-            let v: f64 = f.parse().map_err(|_| err(path, format!("row {}, column {}: {f:?} is not a number", i + 1, c + 1)))?;
+            let v: f64 =
+                f.parse().map_err(|_| err(path, format!("row {}, column {}: {f:?} is not a number", i + 1, c + 1)))?;
             if v.fract() != 0.0 || !v.is_finite() {
                 return Err(err(path, format!("row {}, column {}: {f} is not an integer level", i + 1, c + 1)));
             }
@@ -99,11 +100,19 @@ pub fn read_npy(path: &Path) -> Result<RawImages, DataError> {
         "<i8" => (8, 'i'),
         "<f4" => (4, 'f'),
         "<f8" => (8, 'f'),
-        other => return Err(err(path, format!("dtype {other:?} is not supported: use integers (uint8, int64, ...) or float32/64"))),
+        other => {
+            return Err(err(
+                path,
+                format!("dtype {other:?} is not supported: use integers (uint8, int64, ...) or float32/64"),
+            ))
+        }
     };
     let data = &bytes[start + hlen..];
     if data.len() != n * d * size {
-        return Err(err(path, format!("header says {n}x{d} values of {size} bytes, file has {} data bytes", data.len())));
+        return Err(err(
+            path,
+            format!("header says {n}x{d} values of {size} bytes, file has {} data bytes", data.len()),
+        ));
     }
     let mut rows = Vec::with_capacity(n);
     for r in 0..n {
@@ -120,7 +129,11 @@ pub fn read_npy(path: &Path) -> Result<RawImages, DataError> {
                 ('i', 4) => i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64,
                 ('i', _) => i64::from_le_bytes(buf),
                 (_, 4) | (_, 8) => {
-                    let f = if size == 4 { f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64 } else { f64::from_le_bytes(buf) };
+                    let f = if size == 4 {
+                        f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64
+                    } else {
+                        f64::from_le_bytes(buf)
+                    };
                     if f.fract() != 0.0 || !f.is_finite() {
                         return Err(err(path, format!("row {}, column {}: {f} is not an integer level", r + 1, c + 1)));
                     }
@@ -157,7 +170,10 @@ pub fn to_dataset(path: &Path, name: &str, raw: RawImages, spec: &FileSpec) -> R
         (None, None, None) => {
             let s = (d as f64).sqrt().round() as usize;
             if s * s != d {
-                return Err(err(path, format!("rows have {d} values, not a square image: give data.height and data.width")));
+                return Err(err(
+                    path,
+                    format!("rows have {d} values, not a square image: give data.height and data.width"),
+                ));
             }
             (s, s)
         }
@@ -186,7 +202,10 @@ pub fn to_dataset(path: &Path, name: &str, raw: RawImages, spec: &FileSpec) -> R
     let train_end = ((n as f64) * ft).round() as usize;
     let val_end = (((n as f64) * (ft + fv)).round() as usize).min(n);
     if train_end == 0 || val_end <= train_end || val_end >= n {
-        return Err(err(path, format!("{n} images split {ft}/{fv}/rest leaves an empty train, validation or test set (data.split)")));
+        return Err(err(
+            path,
+            format!("{n} images split {ft}/{fv}/rest leaves an empty train, validation or test set (data.split)"),
+        ));
     }
     let pixels: Vec<u8> = raw.rows.into_iter().flatten().map(|v| v as u8).collect();
     Ok(Dataset::from_pixels(name, (h, w), levels, &pixels, (train_end, val_end)))

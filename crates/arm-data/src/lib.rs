@@ -17,8 +17,7 @@ use sha2::{Digest, Sha256};
 const DIGITS_GZ: &[u8] = include_bytes!("../data/digits.csv.gz");
 const DIGITS_SHA256: &str = "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22";
 const MNIST_IMAGES_GZ: &[u8] = include_bytes!("../data/mnist10k-images-idx3-ubyte.gz");
-const MNIST_IMAGES_SHA256: &str =
-    "4ad5fec1bd0cf5999236acb54a81c2c9f42db47d3745a46e59d9af87e91f0c34";
+const MNIST_IMAGES_SHA256: &str = "4ad5fec1bd0cf5999236acb54a81c2c9f42db47d3745a46e59d9af87e91f0c34";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
@@ -56,11 +55,7 @@ impl Split {
     }
 
     /// Every image in order, in batches of at most `batch`.
-    pub fn batches(
-        &self,
-        batch: usize,
-        device: &Device,
-    ) -> impl Iterator<Item = candle_core::Result<Tensor>> + '_ {
+    pub fn batches(&self, batch: usize, device: &Device) -> impl Iterator<Item = candle_core::Result<Tensor>> + '_ {
         let device = device.clone();
         (0..self.n).step_by(batch.max(1)).map(move |s| {
             let idx: Vec<usize> = (s..(s + batch).min(self.n)).collect();
@@ -218,10 +213,7 @@ mod tests {
         let mut bytes = DIGITS_GZ.to_vec();
         bytes[100] ^= 1;
         let leaked: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-        assert!(matches!(
-            gunzip_checked("digits.csv.gz", leaked, DIGITS_SHA256),
-            Err(DataError::Checksum { .. })
-        ));
+        assert!(matches!(gunzip_checked("digits.csv.gz", leaked, DIGITS_SHA256), Err(DataError::Checksum { .. })));
     }
 
     #[test]

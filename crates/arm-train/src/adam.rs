@@ -105,11 +105,19 @@ impl Adam {
     /// Restores moments (in `state_tensors` order) and the step count from a checkpoint.
     pub fn set_state(&mut self, moments: Vec<(Tensor, Tensor)>, steps: usize) -> candle_core::Result<()> {
         if moments.len() != self.state.len() {
-            candle_core::bail!("adam state: {} variables in the checkpoint, {} in the model", moments.len(), self.state.len());
+            candle_core::bail!(
+                "adam state: {} variables in the checkpoint, {} in the model",
+                moments.len(),
+                self.state.len()
+            );
         }
         for (s, (m, v)) in self.state.iter_mut().zip(moments) {
             if m.shape() != s.var.shape() || v.shape() != s.var.shape() {
-                candle_core::bail!("adam state: moment shape {:?} does not match variable shape {:?}", m.shape(), s.var.shape());
+                candle_core::bail!(
+                    "adam state: moment shape {:?} does not match variable shape {:?}",
+                    m.shape(),
+                    s.var.shape()
+                );
             }
             s.m = m.to_dtype(s.var.dtype())?.to_device(s.var.device())?.detach();
             s.v = v.to_dtype(s.var.dtype())?.to_device(s.var.device())?.detach();
@@ -129,7 +137,8 @@ mod tests {
     fn two_steps(weight_decay: f64, decoupled: bool) -> candle_core::Result<Vec<f32>> {
         let w = Var::new(&[1f32, -2.0], &Device::Cpu)?;
         let c = Tensor::new(&[0.5f32, -3.0], &Device::Cpu)?;
-        let mut opt = Adam::new(vec![w.clone()], ParamsAdam { lr: 0.1, weight_decay, decoupled, ..Default::default() })?;
+        let mut opt =
+            Adam::new(vec![w.clone()], ParamsAdam { lr: 0.1, weight_decay, decoupled, ..Default::default() })?;
         for _ in 0..2 {
             let loss = (w.as_tensor() * &c)?.sum_all()?;
             opt.backward_step(&loss)?;
@@ -170,7 +179,17 @@ mod tests {
         let init: Vec<f32> = (0..12).map(|i| (i as f32 * 0.37).sin()).collect();
         let (a, b) = (Var::new(init.as_slice(), &dev)?, Var::new(init.as_slice(), &dev)?);
         let p = ParamsAdamW { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.05 };
-        let mut ours = Adam::new(vec![a.clone()], ParamsAdam { lr: p.lr, beta1: p.beta1, beta2: p.beta2, eps: p.eps, weight_decay: p.weight_decay, decoupled: true })?;
+        let mut ours = Adam::new(
+            vec![a.clone()],
+            ParamsAdam {
+                lr: p.lr,
+                beta1: p.beta1,
+                beta2: p.beta2,
+                eps: p.eps,
+                weight_decay: p.weight_decay,
+                decoupled: true,
+            },
+        )?;
         let mut theirs = AdamW::new(vec![b.clone()], p)?;
         for _ in 0..5 {
             ours.backward_step(&a.as_tensor().powf(3.0)?.sum_all()?)?;

@@ -59,7 +59,8 @@ impl Optimizer for Adamax {
             // Gradients carry the step's autograd graph; state built from them must not, or
             // every step's graph would stay reachable from the moments (a leak of GBs).
             let g = g.detach();
-            let g = if p.weight_decay != 0.0 { (g + s.var.as_tensor().affine(p.weight_decay, 0.0)?)? } else { g.clone() };
+            let g =
+                if p.weight_decay != 0.0 { (g + s.var.as_tensor().affine(p.weight_decay, 0.0)?)? } else { g.clone() };
             let m = ((&s.m * p.beta1)? + (&g * (1.0 - p.beta1))?)?;
             let u = (&s.u * p.beta2)?.maximum(&g.abs()?.affine(1.0, p.eps)?)?;
             let update = (m.div(&u)? * step)?;
@@ -91,11 +92,19 @@ impl Adamax {
     /// Restores moments (in `state_tensors` order) and the step count from a checkpoint.
     pub fn set_state(&mut self, moments: Vec<(Tensor, Tensor)>, steps: usize) -> candle_core::Result<()> {
         if moments.len() != self.state.len() {
-            candle_core::bail!("adamax state: {} variables in the checkpoint, {} in the model", moments.len(), self.state.len());
+            candle_core::bail!(
+                "adamax state: {} variables in the checkpoint, {} in the model",
+                moments.len(),
+                self.state.len()
+            );
         }
         for (s, (m, u)) in self.state.iter_mut().zip(moments) {
             if m.shape() != s.var.shape() || u.shape() != s.var.shape() {
-                candle_core::bail!("adamax state: moment shape {:?} does not match variable shape {:?}", m.shape(), s.var.shape());
+                candle_core::bail!(
+                    "adamax state: moment shape {:?} does not match variable shape {:?}",
+                    m.shape(),
+                    s.var.shape()
+                );
             }
             s.m = m.to_dtype(s.var.dtype())?.to_device(s.var.device())?.detach();
             s.u = u.to_dtype(s.var.dtype())?.to_device(s.var.device())?.detach();

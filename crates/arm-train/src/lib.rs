@@ -112,9 +112,17 @@ pub struct EpochMetrics {
 }
 
 pub enum Event<'a> {
-    Step { epoch: usize, step: usize, steps: usize },
+    Step {
+        epoch: usize,
+        step: usize,
+        steps: usize,
+    },
     /// An epoch ended; `state` is everything needed to resume right after it.
-    Epoch { metrics: &'a EpochMetrics, best: bool, state: &'a TrainState },
+    Epoch {
+        metrics: &'a EpochMetrics,
+        best: bool,
+        state: &'a TrainState,
+    },
 }
 
 /// A run's complete training state at the end of an epoch: what a checkpoint holds. Tensors
@@ -216,7 +224,8 @@ fn restore_all(map: &VarMap, snap: &HashMap<String, Tensor>, what: &str) -> cand
 /// (`VarMap::all_vars` follows a HashMap's order).
 fn named_vars(map: &VarMap) -> Vec<(String, Var)> {
     let data = map.data().lock().unwrap_or_else(|e| e.into_inner());
-    let mut v: Vec<(String, Var)> = data.iter().filter(|(_, v)| v.dtype().is_float()).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut v: Vec<(String, Var)> =
+        data.iter().filter(|(_, v)| v.dtype().is_float()).map(|(k, v)| (k.clone(), v.clone())).collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
@@ -230,7 +239,9 @@ impl Opt {
     fn new(vars: Vec<Var>, cfg: &TrainConfig) -> candle_core::Result<Self> {
         let (lr, beta1, beta2, eps, weight_decay) = (cfg.lr, cfg.beta1, cfg.beta2, 1e-8, cfg.weight_decay);
         Ok(match cfg.optimizer {
-            OptimizerKind::Adamax => Opt::Adamax(Adamax::new(vars, ParamsAdamax { lr, beta1, beta2, eps, weight_decay })?),
+            OptimizerKind::Adamax => {
+                Opt::Adamax(Adamax::new(vars, ParamsAdamax { lr, beta1, beta2, eps, weight_decay })?)
+            }
             // adam: weight decay as an L2 term on the gradient; adamw: decoupled decay.
             OptimizerKind::Adam | OptimizerKind::Adamw => Opt::Adam(Adam::new(
                 vars,
@@ -301,7 +312,9 @@ pub fn train_from(
         restore_all(map, &st.weights, "checkpoint weights")?;
         let mut moments = Vec::with_capacity(vars.len());
         for (k, _) in &vars {
-            let m = st.moments.get(k).ok_or_else(|| candle_core::Error::Msg(format!("checkpoint optimiser state: no moments for variable {k}")))?;
+            let m = st.moments.get(k).ok_or_else(|| {
+                candle_core::Error::Msg(format!("checkpoint optimiser state: no moments for variable {k}"))
+            })?;
             moments.push(m.clone());
         }
         opt.set_state(moments, st.steps)?;

@@ -32,7 +32,11 @@ pub type HeadConfigError = (String, String);
 
 /// Fills defaults into a head's (possibly empty) `[model.<head>]` table and validates it for
 /// data with `levels` levels; returns the complete table.
-pub fn resolve_head(name: &str, table: &toml::Table, levels: usize) -> std::result::Result<toml::Table, HeadConfigError> {
+pub fn resolve_head(
+    name: &str,
+    table: &toml::Table,
+    levels: usize,
+) -> std::result::Result<toml::Table, HeadConfigError> {
     match name {
         "categorical" => {
             if let Some(k) = table.keys().next() {
@@ -49,7 +53,11 @@ pub fn resolve_head(name: &str, table: &toml::Table, levels: usize) -> std::resu
 }
 
 /// Builds a head from its resolved table.
-pub fn build_head(name: &str, table: &toml::Table, levels: usize) -> std::result::Result<Box<dyn Head>, HeadConfigError> {
+pub fn build_head(
+    name: &str,
+    table: &toml::Table,
+    levels: usize,
+) -> std::result::Result<Box<dyn Head>, HeadConfigError> {
     resolve_head(name, table, levels)?;
     match name {
         "categorical" => Ok(Box::new(categorical::Categorical::new(levels))),
