@@ -237,9 +237,14 @@ fn list() {
         }
         println!();
     }
-    println!("Heads ([model] head = NAME):\n");
+    println!("Heads ([model] head = NAME; keys go in [model.NAME]):\n");
     for h in arm_core::head_names() {
         println!("{h}");
+        if let Ok(t) = arm_core::resolve_head(h, &toml::Table::new(), 17) {
+            for (k, v) in &t {
+                println!("    {k:<16} {:<8} default {}", type_of(v), v);
+            }
+        }
     }
     println!("\nData sets ([data] name = NAME): {}", arm_data::DATASET_NAMES.join(", "));
 }

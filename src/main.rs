@@ -44,6 +44,18 @@ fn keep_freed_memory() {
 #[cfg(target_env = "msvc")]
 fn keep_freed_memory() {}
 
+/// `runner report | head` should end quietly, as other command-line tools do, not panic on a
+/// closed stdout: restore the default SIGPIPE action that Rust's runtime ignores.
+#[cfg(unix)]
+#[allow(unsafe_code)]
+fn quiet_broken_pipe() {
+    // SAFETY: installs the default disposition for one signal before any thread is started.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
+#[cfg(not(unix))]
+fn quiet_broken_pipe() {}
+
 /// Bad input (config, files, flags): exit status 2.
 #[derive(Debug)]
 pub struct BadInput(pub String);
@@ -204,6 +216,7 @@ enum BenchWhat {
 
 fn main() -> ExitCode {
     keep_freed_memory();
+    quiet_broken_pipe();
     let cli = Cli::parse();
     match commands::dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
