@@ -45,24 +45,12 @@ fn peak_rss_mib() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
-/// Forward FLOPs per image of the plugin's matmuls (elementwise ops not counted).
-fn forward_flops_per_image(backend: &str, t: &toml::Table, d: usize, p: usize) -> f64 {
-    let get = |k: &str| t.get(k).and_then(|v| v.as_integer()).unwrap_or(0) as f64;
-    match backend {
-        "causal_conv1d" => {
-            let c = get("channels");
-            let k = get("kernel_size");
-            let n = t.get("dilations").and_then(|v| v.as_array()).map_or(0, |a| a.len());
-            (0..n)
-                .map(|i| {
-                    let cin = if i == 0 { 1.0 } else { c };
-                    let cout = if i + 1 == n { p as f64 } else { c };
-                    2.0 * d as f64 * k * cin * cout
-                })
-                .sum()
-        }
-        _ => f64::NAN,
-    }
+/// Forward matmul FLOPs per image: in the benchmarked plugins every weight matrix (every
+/// variable of rank >= 2) is applied once at every pixel, so FLOPs = 2 D sum(weights).
+/// Element-wise work (biases, activations, gates) is not counted.
+fn forward_flops_per_image(map: &candle_nn::VarMap, d: usize) -> f64 {
+    let weights: usize = map.all_vars().iter().filter(|v| v.rank() >= 2).map(|v| v.elem_count()).sum();
+    2.0 * d as f64 * weights as f64
 }
 
 pub struct Case {
@@ -70,25 +58,32 @@ pub struct Case {
     pub cfg: RunConfig,
 }
 
-pub fn reference_case() -> Case {
-    let plugin = arm_backends::plugin("causal_conv1d").map(|p| p.defaults()).unwrap_or_default();
+fn case(label: &str, backend: &str, set: &[(&str, toml::Value)]) -> Case {
+    let mut plugin = arm_backends::plugin(backend).map(|p| p.defaults()).unwrap_or_default();
+    for (k, v) in set {
+        plugin.insert((*k).into(), v.clone());
+    }
     Case {
-        label: "causal_conv1d 256ch k7 x4 (reference)".into(),
+        label: label.into(),
         cfg: RunConfig {
             name: "bench".into(),
             seed: 0,
             data: DataConfig { name: "digits".into(), ordering: Default::default(), ..Default::default() },
-            model: ModelConfig {
-                backend: "causal_conv1d".into(),
-                head: "categorical".into(),
-                plugin,
-                head_table: Default::default(),
-            },
+            model: ModelConfig { backend: backend.into(), head: "categorical".into(), plugin, head_table: Default::default() },
             train: Default::default(),
             sample: SampleConfig::default(),
             grid: vec![],
         },
     }
+}
+
+/// The reference network (batch 64, 64 pixels, 256 channels, kernel 7, 4 layers) and a gated
+/// PixelCNN with 128 channels.
+pub fn default_cases() -> Vec<Case> {
+    vec![
+        case("causal_conv1d 256ch k7 x4 (reference)", "causal_conv1d", &[]),
+        case("gated_pixelcnn 128ch x5 k3", "gated_pixelcnn", &[("channels", toml::Value::Integer(128))]),
+    ]
 }
 
 pub fn bench_train(cases: &[Case], steps: usize, dev: &Device) -> Result<()> {
@@ -106,8 +101,7 @@ pub fn bench_train(cases: &[Case], steps: usize, dev: &Device) -> Result<()> {
     for case in cases {
         let (arm, map, data) = crate::run::build(&case.cfg, dev)?;
         let d = arm.dims();
-        let p = arm.head().num_params();
-        let fwd_flops = forward_flops_per_image(&case.cfg.model.backend, &case.cfg.model.plugin, d, p) * batch as f64;
+        let fwd_flops = forward_flops_per_image(&map, d) * batch as f64;
         let mut opt = Adamax::new(map.all_vars(), ParamsAdamax::default())?;
         let idx: Vec<usize> = (0..batch).collect();
         let x = data.train.batch(&idx, dev)?;

@@ -189,7 +189,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Bench { what: crate::BenchWhat::Train { steps } } => {
             let device = parse_device(&cli.device)?;
-            crate::bench::bench_train(&[crate::bench::reference_case()], steps, &device)
+            crate::bench::bench_train(&crate::bench::default_cases(), steps, &device)
         }
         Command::List => {
             list();

@@ -96,6 +96,8 @@ fn resumed_run_matches_an_uninterrupted_one() {
     for opt in [
         &["--set", "train.max_epochs=4"][..],
         &["--set", "train.max_epochs=4", "--set", "train.optimizer=\"adamw\"", "--set", "train.weight_decay=0.01"],
+        // Dropout masks are re-seeded per epoch, so they resume too.
+        &["--set", "train.max_epochs=4", "--set", "model.causal_conv1d.dropout=0.3"],
     ] {
         let tmp = tempfile::tempdir().expect("tempdir");
         let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));

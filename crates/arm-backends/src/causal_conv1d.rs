@@ -136,6 +136,10 @@ impl Conditional for CausalConvNet {
         &self.device
     }
 
+    fn begin_epoch(&self, epoch: usize) {
+        self.dropout.begin_epoch(epoch);
+    }
+
     fn stepper(&self, batch: usize) -> Result<Box<dyn Stepper + '_>> {
         Ok(Box::new(ConvStepper { net: self, batch, pos: 0, inputs: vec![Vec::new(); self.layers.len()], out: None }))
     }

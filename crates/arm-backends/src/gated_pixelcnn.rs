@@ -180,6 +180,10 @@ impl Conditional for GatedPixelCnnNet {
         &self.device
     }
 
+    fn begin_epoch(&self, epoch: usize) {
+        self.dropout.begin_epoch(epoch);
+    }
+
     fn stepper(&self, batch: usize) -> Result<Box<dyn Stepper + '_>> {
         let n = self.layers.len();
         Ok(Box::new(GatedStepper {

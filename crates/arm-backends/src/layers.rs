@@ -148,12 +148,21 @@ pub fn leaky_relu(x: &Tensor, slope: f64) -> Result<Tensor> {
 #[derive(Debug)]
 pub struct Dropout {
     p: f64,
+    seed: u64,
     rng: Mutex<ChaCha8Rng>,
 }
 
 impl Dropout {
     pub fn new(p: f64, seed: u64) -> Self {
-        Self { p, rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed ^ 0xD80F_0u64)) }
+        let seed = seed ^ 0xD80F_0u64;
+        Self { p, seed, rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed)) }
+    }
+
+    /// Restarts the mask stream at `epoch` (one ChaCha8 stream per epoch).
+    pub fn begin_epoch(&self, epoch: usize) {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+        rng.set_stream(epoch as u64);
+        *self.rng.lock().unwrap_or_else(|e| e.into_inner()) = rng;
     }
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {

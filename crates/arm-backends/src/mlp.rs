@@ -135,6 +135,10 @@ impl Conditional for MlpNet {
         &self.device
     }
 
+    fn begin_epoch(&self, epoch: usize) {
+        self.dropout.begin_epoch(epoch);
+    }
+
     fn stepper(&self, batch: usize) -> Result<Box<dyn Stepper + '_>> {
         let window = Tensor::zeros((batch, self.memory), DType::F32, &self.device)?;
         Ok(Box::new(MlpStepper { net: self, batch, window, pos: 0 }))

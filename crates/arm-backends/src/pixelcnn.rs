@@ -147,6 +147,10 @@ impl Conditional for PixelCnnNet {
         &self.device
     }
 
+    fn begin_epoch(&self, epoch: usize) {
+        self.dropout.begin_epoch(epoch);
+    }
+
     fn stepper(&self, batch: usize) -> Result<Box<dyn Stepper + '_>> {
         Ok(Box::new(PixelCnnStepper {
             net: self,

@@ -198,6 +198,10 @@ impl Conditional for RnnNet {
         &self.device
     }
 
+    fn begin_epoch(&self, epoch: usize) {
+        self.dropout.begin_epoch(epoch);
+    }
+
     fn stepper(&self, batch: usize) -> Result<Box<dyn Stepper + '_>> {
         let states = self.cells.iter().map(|c| c.zero_state(batch, &self.device)).collect::<Result<Vec<_>>>()?;
         let input = Tensor::zeros((batch, 1), DType::F32, &self.device)?;

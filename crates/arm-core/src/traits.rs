@@ -17,6 +17,11 @@ pub trait Conditional: Send + Sync {
     /// Device the parameters live on.
     fn device(&self) -> &Device;
 
+    /// Called by the trainer before each epoch. Plugins with random training-time behaviour
+    /// (dropout) re-seed it from (seed, epoch), so a run resumed at an epoch draws the same
+    /// masks as an uninterrupted one.
+    fn begin_epoch(&self, _epoch: usize) {}
+
     /// Incremental evaluation for sampling. The default recomputes the whole forward pass at
     /// each step: correct for any plugin, quadratic in D. Fast plugins override it with caches.
     fn stepper(&self, batch: usize) -> Result<Box<dyn Stepper + '_>> {

@@ -6,9 +6,8 @@
 //! Resumable: after every epoch the observer receives a [`TrainState`] (weights, best weights,
 //! optimiser moments and step count, history); [`train_from`] continues from one and produces
 //! exactly the epochs an uninterrupted run would have. The shuffling RNG is re-seeded from
-//! (seed, epoch) at every epoch start, so it needs no saving. Left out: RNG streams inside
-//! plugins (dropout masks) are not part of the state, so a resumed run with dropout > 0 draws
-//! other masks than an uninterrupted one would.
+//! (seed, epoch) at every epoch start, so it needs no saving; so are the plugins' dropout
+//! streams (`Conditional::begin_epoch`), so a resumed run draws the same masks.
 
 mod adam;
 mod adamax;
@@ -337,6 +336,7 @@ pub fn train_from(
     'epochs: for epoch in first..=cfg.max_epochs {
         let t0 = Instant::now();
         let order = epoch_order(data.train.n, seed, epoch);
+        arm.conditional().begin_epoch(epoch);
         let mut train_sum = 0.0f64;
         for (step, idx) in order.chunks(cfg.batch_size).enumerate() {
             let x = data.train.batch(idx, &device)?; // (B, D)
