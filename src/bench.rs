@@ -69,7 +69,12 @@ fn case(label: &str, backend: &str, set: &[(&str, toml::Value)]) -> Case {
             name: "bench".into(),
             seed: 0,
             data: DataConfig { name: "digits".into(), ordering: Default::default(), ..Default::default() },
-            model: ModelConfig { backend: backend.into(), head: "categorical".into(), plugin, head_table: Default::default() },
+            model: ModelConfig {
+                backend: backend.into(),
+                head: "categorical".into(),
+                plugin,
+                head_table: Default::default(),
+            },
             train: Default::default(),
             sample: SampleConfig::default(),
             grid: vec![],

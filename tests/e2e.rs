@@ -3,42 +3,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use assert_cmd::Command;
-use polars::prelude::{DataFrame, DataType, ParquetReader, SerReader};
+use polars::prelude::{DataFrame, DataType};
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
-
-fn runner(results: &Path) -> Command {
-    let mut c = Command::cargo_bin("runner").expect("runner binary");
-    c.arg("--results").arg(results).env_remove("RUST_LOG");
-    c
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).to_string()
-}
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
-}
-
-fn read_parquet(p: &Path) -> DataFrame {
-    ParquetReader::new(std::fs::File::open(p).expect("open parquet")).finish().expect("read parquet")
-}
-
-fn run_dirs(results: &Path, name: &str) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(results.join(name).join("runs"))
-        .map(|r| r.filter_map(|e| e.ok()).map(|e| e.path()).collect())
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
-fn f64_col(df: &DataFrame, name: &str) -> Vec<f64> {
-    let c = df.column(name).expect("column").cast(&DataType::Float64).expect("cast");
-    c.f64().expect("f64").iter().map(|v| v.unwrap_or(f64::NAN)).collect()
-}
+mod common;
+use common::{f64_col, fixture, read_parquet, run_dirs, runner, stderr, stdout};
 
 #[test]
 fn train_writes_every_output_and_is_deterministic() {

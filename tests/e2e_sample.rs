@@ -1,36 +1,9 @@
 //! End-to-end tests of `runner sample` and `runner eval` on a tiny trained run (seconds each).
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
 
-use assert_cmd::Command;
-use polars::prelude::{DataFrame, DataType, ParquetReader, SerReader};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
-
-fn runner(results: &Path) -> Command {
-    let mut c = Command::cargo_bin("runner").expect("runner binary");
-    c.arg("--results").arg(results).env_remove("RUST_LOG");
-    c
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).to_string()
-}
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
-}
-
-fn read_parquet(p: &Path) -> DataFrame {
-    ParquetReader::new(std::fs::File::open(p).expect("open parquet")).finish().expect("read parquet")
-}
-
-fn f64_col(df: &DataFrame, name: &str) -> Vec<f64> {
-    let c = df.column(name).expect("column").cast(&DataType::Float64).expect("cast");
-    c.f64().expect("f64").iter().map(|v| v.unwrap_or(f64::NAN)).collect()
-}
+mod common;
+use common::{f64_col, fixture, read_parquet, runner, stderr, stdout};
 
 /// Trains tests/fixtures/tiny.toml (2 epochs on digits) under `results`; returns the run folder.
 fn train_tiny(results: &Path) -> PathBuf {
