@@ -75,12 +75,18 @@ pub fn curves(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[
             for (i, s) in series.iter().enumerate() {
                 let color = Palette99::pick(i).to_rgba();
                 if !s.band.is_empty() {
-                    let mut poly: Vec<(f64, f64)> = s.band.iter().map(|&(x, _, hi)| (x, hi)).collect();
-                    poly.extend(s.band.iter().rev().map(|&(x, lo, _)| (x, lo)));
+                    // Early epochs far above the shown range would be drawn pinned to its top edge.
+                    let top = y1 + pad;
+                    let band: Vec<_> = s.band.iter().filter(|b| b.2 <= top).collect();
+                    let mut poly: Vec<(f64, f64)> = band.iter().map(|&&(x, _, hi)| (x, hi)).collect();
+                    poly.extend(band.iter().rev().map(|&&(x, lo, _)| (x, lo)));
                     chart.draw_series(std::iter::once(Polygon::new(poly, color.mix(0.18).filled()))).map_err(err)?;
                 }
                 chart
-                    .draw_series(LineSeries::new(s.points.iter().copied(), color.stroke_width(2)))
+                    .draw_series(LineSeries::new(
+                        s.points.iter().copied().skip_while(|p| p.1 > y1 + pad),
+                        color.stroke_width(2),
+                    ))
                     .map_err(err)?
                     .label(s.label.clone())
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
