@@ -268,12 +268,8 @@ mod tests {
         assert!(e.contains("row 1, column 4: level 3 is outside 0..=2"), "{e}");
     }
 
-    #[test]
-    fn npy_uint8_and_float_arrays_round_trip() -> Result<(), DataError> {
-        let dir = std::env::temp_dir().join(format!("armdata-npy-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).ok();
-        // np.save of np.arange(16, dtype=np.uint8).reshape(4, 2, 2) % 3, written by hand.
-        let header = "{'descr': '|u1', 'fortran_order': False, 'shape': (4, 2, 2), }";
+    /// An NPY v1 file as `np.save` writes it: magic, header padded to 64 bytes, data.
+    fn npy(header: &str, data: Vec<u8>) -> Vec<u8> {
         let mut h = header.to_string();
         while (10 + h.len() + 1) % 64 != 0 {
             h.push(' ');
@@ -282,24 +278,27 @@ mod tests {
         let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
         bytes.extend((h.len() as u16).to_le_bytes());
         bytes.extend(h.as_bytes());
-        bytes.extend((0..16u8).map(|v| v % 3));
+        bytes.extend(data);
+        bytes
+    }
+
+    #[test]
+    fn npy_uint8_and_float_arrays_round_trip() -> Result<(), DataError> {
+        let dir = std::env::temp_dir().join(format!("armdata-npy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).ok();
+        // np.save of np.arange(16, dtype=np.uint8).reshape(4, 2, 2) % 3, written by hand.
+        let bytes =
+            npy("{'descr': '|u1', 'fortran_order': False, 'shape': (4, 2, 2), }", (0..16u8).map(|v| v % 3).collect());
         let p = dir.join("a.npy");
         std::fs::write(&p, &bytes).ok();
         let d = load_file(&p, &spec())?;
         assert_eq!((d.height, d.width, d.levels), (2, 2, 3));
         assert_eq!(d.train.pixels, vec![0, 1, 2, 0, 1, 2, 0, 1]);
         // Float data with a fraction is rejected with its position.
-        let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 2), }";
-        let mut h = header.to_string();
-        while (10 + h.len() + 1) % 64 != 0 {
-            h.push(' ');
-        }
-        h.push('\n');
-        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-        bytes.extend((h.len() as u16).to_le_bytes());
-        bytes.extend(h.as_bytes());
-        bytes.extend(1.0f32.to_le_bytes());
-        bytes.extend(0.25f32.to_le_bytes());
+        let bytes = npy(
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 2), }",
+            [1.0f32.to_le_bytes(), 0.25f32.to_le_bytes()].concat(),
+        );
         let p = dir.join("f.npy");
         std::fs::write(&p, &bytes).ok();
         let e = load_file(&p, &spec()).expect_err("fraction accepted").to_string();
