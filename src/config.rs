@@ -376,18 +376,6 @@ pub fn load_str(text: &str, file: &str, sets: &[String]) -> Result<Experiment> {
         layered(&[]).extract().map_err(|e| anyhow!("{}", origin.message(None, &[], &figment_msg(e))))?;
     validate_name(&base.name).map_err(|e| anyhow!("{}", origin.message(None, &[], &format!("name: {e}"))))?;
     let points = grid_points(&base).map_err(|e| anyhow!("{}", origin.message(None, &[], &e)))?;
-    let seeds = base.seeds.clone().unwrap_or_else(|| vec![0]);
-    if seeds.is_empty() {
-        bail!("{}", origin.message(None, &[], "seeds: the list is empty; give at least one seed"));
-    }
-    if let Some(i) = (1..seeds.len()).find(|&i| seeds[..i].contains(&seeds[i])) {
-        bail!("{}", origin.message(None, &[], &format!("seeds: seed {} is listed twice", seeds[i])));
-    }
-    if points.len().saturating_mul(seeds.len()) > MAX_RUNS {
-        let msg = format!("{} grid points x {} seeds is more than {MAX_RUNS} runs", points.len(), seeds.len());
-        bail!("{}", origin.message(None, &[], &msg));
-    }
-
     let mut runs = Vec::new();
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     for (i, point) in points.iter().enumerate() {
@@ -398,6 +386,17 @@ pub fn load_str(text: &str, file: &str, sets: &[String]) -> Result<Experiment> {
         let fail = |e: &str| anyhow!("{}", origin.message(where_.as_deref(), point, e));
         let ef: ExperimentFile = layered(point).extract().map_err(|e| fail(&figment_msg(e)))?;
         let (data, model, train, sample) = resolve_point(&ef).map_err(|e| fail(&e))?;
+        // `seeds` may vary per grid point (a zip or grid key), e.g. fewer seeds for a costly point.
+        let seeds = ef.seeds.clone().unwrap_or_else(|| vec![0]);
+        if seeds.is_empty() {
+            return Err(fail("seeds: the list is empty; give at least one seed"));
+        }
+        if let Some(i) = (1..seeds.len()).find(|&i| seeds[..i].contains(&seeds[i])) {
+            return Err(fail(&format!("seeds: seed {} is listed twice", seeds[i])));
+        }
+        if runs.len() + seeds.len() > MAX_RUNS {
+            return Err(fail(&format!("grid points x seeds is more than {MAX_RUNS} runs")));
+        }
         for &seed in &seeds {
             let run = RunConfig {
                 name: base.name.clone(),
@@ -406,7 +405,8 @@ pub fn load_str(text: &str, file: &str, sets: &[String]) -> Result<Experiment> {
                 model: model.clone(),
                 train: train.clone(),
                 sample: sample.clone(),
-                grid: point.clone(),
+                // Labels name what differs between configs; the seed is in the run id already.
+                grid: point.iter().filter(|(k, _)| k != "seeds").cloned().collect(),
             };
             // Two grid points that resolve to the same config would be one run trained twice.
             if let Some(j) = seen.insert(run.hash(), i) {
