@@ -187,9 +187,17 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Bench { what: crate::BenchWhat::Train { steps } } => {
+        Command::Bench { what: crate::BenchWhat::Train { steps, model } } => {
             let device = parse_device(&cli.device)?;
-            crate::bench::bench_train(&crate::bench::default_cases(), steps, &device)
+            let mut cases = crate::bench::default_cases();
+            if let Some(m) = &model {
+                let labels: Vec<String> = cases.iter().map(|c| format!("'{}'", c.label)).collect();
+                cases.retain(|c| c.label.contains(m.as_str()));
+                if cases.is_empty() {
+                    return Err(bad_input(format!("--model {m}: matches none of {}", labels.join(", "))));
+                }
+            }
+            crate::bench::bench_train(&cases, steps, &device)
         }
         Command::List => {
             list();

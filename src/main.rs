@@ -196,6 +196,9 @@ enum BenchWhat {
         /// Timed steps per model (median reported).
         #[arg(long, default_value_t = 10)]
         steps: usize,
+        /// Only the models whose label contains this text (e.g. `reference`, `gated`).
+        #[arg(long)]
+        model: Option<String>,
     },
     /// Seconds of the naive, cached and Jacobi samplers per plugin on 8x8 and 28x28 images.
     Sampling {
