@@ -89,9 +89,8 @@ pub fn tap_conv2d(
 
 impl TapConv2d {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, c) = x.dims3()?;
-        let cols = self.unfold.apply(x)?; // (B, N, taps*C_in)
-        let y = cols.reshape((b * n, self.taps().len() * c))?.matmul(&self.w)?; // (B*N, C_out)
+        let (b, n, _) = x.dims3()?;
+        let y = self.unfold.matmul(x, &self.w)?; // (B*N, C_out)
         y.broadcast_add(&self.b)?.reshape((b, n, self.w.dim(1)?)) // (B, N, C_out)
     }
 

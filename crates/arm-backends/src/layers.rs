@@ -103,11 +103,10 @@ impl CausalConv1d {
 
     /// im2col and the matmul, without the bias: (B, D, C_in) -> (B*D, C_out).
     fn conv_no_bias(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, d, c) = x.dims3()?;
+        let d = x.dim(1)?;
         // Tap t reads position d - shift - t*dilation (zeros before the start).
         let taps = (0..self.kernel).map(|t| (0isize, -((self.shift + t * self.dilation) as isize))).collect();
-        let cols = crate::unfold::Unfold { height: 1, width: d, taps }.apply(x)?; // (B, D, k*C)
-        cols.reshape((b * d, self.kernel * c))?.matmul(&self.w) // (B*D, C_out)
+        crate::unfold::Unfold { height: 1, width: d, taps }.matmul(x, &self.w) // (B*D, C_out)
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
