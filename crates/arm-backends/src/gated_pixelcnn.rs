@@ -19,13 +19,13 @@
 //! Left out: class / embedding conditioning (the h of eq. 4) and colour-channel masks.
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::ops::sigmoid;
 use serde::{Deserialize, Serialize};
 
 use arm_core::{Conditional, Stepper};
 type Result<T, E = candle_core::Error> = std::result::Result<T, E>;
 
 use crate::conv2d::{horizontal_taps, tap_conv2d, vertical_taps, TapConv2d};
+use crate::fused::gate;
 use crate::layers::{linear, Dropout, Linear};
 use crate::registry::{invalid, BuildCtx, PluginConfig, PluginError};
 
@@ -117,13 +117,6 @@ struct GatedLayer {
     v_to_h: Linear,        // 1x1, 2C -> 2C
     out: Linear,           // 1x1, C -> C
     residual: bool,
-}
-
-/// Eq. 2: tanh of the first half of the channels times sigmoid of the second; (..., 2C) -> (..., C).
-fn gate(a: &Tensor) -> Result<Tensor> {
-    let last = a.rank() - 1;
-    let c = a.dim(last)? / 2;
-    a.narrow(last, 0, c)?.tanh()?.mul(&sigmoid(&a.narrow(last, c, c)?)?)
 }
 
 pub struct GatedPixelCnnNet {

@@ -40,7 +40,7 @@ impl Linear {
         let dims = x.dims().to_vec();
         let inp = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / inp.max(1);
-        let y = x.reshape((rows, inp))?.matmul(&self.w)?.broadcast_add(&self.b)?; // (rows, out)
+        let y = crate::fused::bias_add(&x.reshape((rows, inp))?.matmul(&self.w)?, &self.b)?; // (rows, out)
         let mut out_dims = dims;
         if let Some(last) = out_dims.last_mut() {
             *last = self.w.dim(1)?;
@@ -111,7 +111,7 @@ impl CausalConv1d {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, d, _) = x.dims3()?;
-        self.conv_no_bias(x)?.broadcast_add(&self.b)?.reshape((b, d, self.w.dim(1)?))
+        crate::fused::bias_add(&self.conv_no_bias(x)?, &self.b)?.reshape((b, d, self.w.dim(1)?))
     }
 
     /// LeakyReLU(conv(x)) with the bias and activation fused (one pass each way).
