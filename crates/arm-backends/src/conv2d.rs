@@ -89,9 +89,7 @@ pub fn tap_conv2d(
 
 impl TapConv2d {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, _) = x.dims3()?;
-        let y = self.unfold.matmul(x, &self.w)?; // (B*N, C_out)
-        crate::fused::bias_add(&y, &self.b)?.reshape((b, n, self.w.dim(1)?)) // (B, N, C_out)
+        crate::dense::dense(x, &self.w, &self.b, Some(&self.unfold), None) // (B, N, C_out)
     }
 
     /// One output cell for a stepper. `cells[p]` is the input at raster position p, (B, C_in),

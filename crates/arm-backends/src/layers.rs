@@ -37,15 +37,7 @@ pub fn linear(inp: usize, out: usize, vb: VarBuilder) -> Result<Linear> {
 
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let inp = *dims.last().unwrap_or(&0);
-        let rows = x.elem_count() / inp.max(1);
-        let y = crate::fused::bias_add(&x.reshape((rows, inp))?.matmul(&self.w)?, &self.b)?; // (rows, out)
-        let mut out_dims = dims;
-        if let Some(last) = out_dims.last_mut() {
-            *last = self.w.dim(1)?;
-        }
-        y.reshape(out_dims)
+        crate::dense::dense(x, &self.w, &self.b, None, None)
     }
 }
 
@@ -101,23 +93,20 @@ impl CausalConv1d {
         self.shift + (self.kernel - 1) * self.dilation
     }
 
-    /// im2col and the matmul, without the bias: (B, D, C_in) -> (B*D, C_out).
-    fn conv_no_bias(&self, x: &Tensor) -> Result<Tensor> {
-        let d = x.dim(1)?;
-        // Tap t reads position d - shift - t*dilation (zeros before the start).
+    /// The taps as an unfold: tap t reads position d - shift - t*dilation (zeros before the start).
+    fn unfold(&self, d: usize) -> crate::unfold::Unfold {
         let taps = (0..self.kernel).map(|t| (0isize, -((self.shift + t * self.dilation) as isize))).collect();
-        crate::unfold::Unfold { height: 1, width: d, taps }.matmul(x, &self.w) // (B*D, C_out)
+        crate::unfold::Unfold { height: 1, width: d, taps }
     }
 
+    /// (B, D, C_in) -> (B, D, C_out).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, d, _) = x.dims3()?;
-        crate::fused::bias_add(&self.conv_no_bias(x)?, &self.b)?.reshape((b, d, self.w.dim(1)?))
+        crate::dense::dense(x, &self.w, &self.b, Some(&self.unfold(x.dim(1)?)), None)
     }
 
-    /// LeakyReLU(conv(x)) with the bias and activation fused (one pass each way).
+    /// LeakyReLU(conv(x)), one fused op.
     pub fn forward_leaky(&self, x: &Tensor, slope: f64) -> Result<Tensor> {
-        let (b, d, _) = x.dims3()?;
-        crate::fused::bias_leaky_relu(&self.conv_no_bias(x)?, &self.b, slope)?.reshape((b, d, self.w.dim(1)?))
+        crate::dense::dense(x, &self.w, &self.b, Some(&self.unfold(x.dim(1)?)), Some(slope))
     }
 
     /// One output position from its k inputs, oldest last: taps[t] = input at d - shift - t*dil

@@ -2,6 +2,7 @@
 
 pub mod causal_conv1d;
 pub mod conv2d;
+pub mod dense;
 pub mod fused;
 pub mod gated_pixelcnn;
 pub mod layers;

@@ -7,10 +7,7 @@
 //! Written as contiguous row copies (memcpy of C floats), parallel over the batch. On devices
 //! without a kernel here, callers fall back to the narrow + cat formulation.
 
-use std::sync::{Arc, Mutex};
-
-use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use arm_core::Result;
@@ -52,7 +49,7 @@ impl Unfold {
     }
 
     /// The columns (B*N*taps*C floats) of a contiguous (B, N, C) input.
-    fn unfold_cpu(&self, x: &[f32], b: usize, n: usize, c: usize) -> Vec<f32> {
+    pub(crate) fn unfold_cpu(&self, x: &[f32], b: usize, n: usize, c: usize) -> Vec<f32> {
         let k = self.taps.len();
         let mut out = vec![0f32; b * n * k * c];
         out.par_chunks_mut(n * k * c).enumerate().for_each(|(bi, ob)| {
@@ -67,19 +64,6 @@ impl Unfold {
             }
         });
         out
-    }
-
-    /// `unfold(x) @ w`: (B, N, C) x (taps*C, C_out) -> (B*N, C_out), the convolution's matmul.
-    /// On CPU one op whose backward computes the column gradient, folds it and drops it: as
-    /// separate ops, candle's gradient store would zero and add the (B*N, taps*C) column
-    /// gradient twice (for the matmul and for the reshape), the layer's largest tensor.
-    pub fn matmul(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        let (b, n, c) = x.dims3()?;
-        if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && w.dtype() == candle_core::DType::F32 {
-            let op = UnfoldMatmul { unfold: self.clone(), cols: Default::default() };
-            return x.contiguous()?.apply_op2(w, op);
-        }
-        self.apply_generic(x)?.reshape((b * n, self.taps.len() * c))?.matmul(w)
     }
 
     /// Applies the op with autograd on CPU; elsewhere the equivalent narrow + cat graph.
@@ -172,60 +156,6 @@ impl CustomOp1 for Fold {
     }
 }
 
-/// [`Unfold::matmul`] on CPU. The columns computed in the forward pass are kept for the
-/// backward (as candle's matmul would keep them), taken there, and recomputed if backward runs
-/// twice.
-#[derive(Clone)]
-struct UnfoldMatmul {
-    unfold: Unfold,
-    cols: Arc<Mutex<Option<Vec<f32>>>>,
-}
-
-impl CustomOp2 for UnfoldMatmul {
-    fn name(&self) -> &'static str {
-        "unfold_matmul"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let u = &self.unfold;
-        let (b, n, c) = u.check(l1, 1)?;
-        let kc = u.taps.len() * c;
-        let (rows, cout) = l2.shape().dims2()?;
-        if rows != kc {
-            bail!("unfold_matmul: weight has {rows} rows, expected taps x channels = {kc}");
-        }
-        let cols = CpuStorage::F32(u.unfold_cpu(f32_slice(s1, l1, "unfold_matmul")?, b, n, c));
-        let y = cols.matmul(s2, (1, b * n, cout, kc), &Layout::contiguous((b * n, kc)), l2)?;
-        if let (Ok(mut slot), CpuStorage::F32(v)) = (self.cols.lock(), cols) {
-            *slot = Some(v);
-        }
-        Ok((y, Shape::from((b * n, cout))))
-    }
-
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (b, n, c) = x.dims3()?;
-        let kc = self.unfold.taps.len() * c;
-        let dw = if w.track_op() {
-            let kept = self.cols.lock().ok().and_then(|mut s| s.take());
-            let cols = match kept {
-                Some(v) => Tensor::from_vec(v, (b * n, kc), x.device())?,
-                None => self.unfold.apply(x)?.reshape((b * n, kc))?,
-            };
-            // As dW^T = dy^T cols: measured 15% faster in gemm than cols^T dy for these shapes.
-            Some(dy.t()?.matmul(&cols)?.t()?)
-        } else {
-            None
-        };
-        let dx = if x.track_op() {
-            let dcols = dy.matmul(&w.t()?)?.reshape((b, n, kc))?;
-            Some(dcols.apply_op1(Fold(self.unfold.clone()))?)
-        } else {
-            None
-        };
-        Ok((dx, dw))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,38 +187,6 @@ mod tests {
             for (a, b) in gf.iter().flatten().flatten().zip(gs.iter().flatten().flatten()) {
                 assert!((a - b).abs() < 1e-5, "{u:?}: {a} vs {b}");
             }
-        }
-        Ok(())
-    }
-
-    #[test]
-    fn unfold_matmul_equals_unfold_then_matmul_in_values_and_both_gradients() -> Result<()> {
-        let cases = [
-            Unfold { height: 1, width: 9, taps: vec![(0, 0), (0, -1), (0, -2)] },
-            Unfold { height: 1, width: 11, taps: vec![(0, -1), (0, -3), (0, -5), (0, -7)] },
-            Unfold { height: 3, width: 4, taps: vec![(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 0)] },
-        ];
-        for u in cases {
-            let (cin, cout) = (3, 4);
-            let x = Var::from_tensor(&rand_t((2, u.height * u.width, cin), 3)?)?;
-            let w = Var::from_tensor(&rand_t((1, u.taps.len() * cin, cout), 4)?.squeeze(0)?)?;
-            let probe = rand_t((1, 2 * u.height * u.width, cout), 5)?.squeeze(0)?;
-            let fused = u.matmul(x.as_tensor(), w.as_tensor())?;
-            let plain = u.apply_generic(x.as_tensor())?.reshape((2 * u.height * u.width, u.taps.len() * cin))?;
-            let plain = plain.matmul(w.as_tensor())?;
-            let close = |a: &Tensor, b: &Tensor, what: &str| -> Result<()> {
-                let d = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-                assert!(d < 1e-5, "{u:?} {what}: max difference {d}");
-                Ok(())
-            };
-            close(&fused, &plain, "values")?;
-            let gf = (&fused * &probe)?.sum_all()?.backward()?;
-            let gp = (&plain * &probe)?.sum_all()?.backward()?;
-            close(gf.get(&x).expect("dx"), gp.get(&x).expect("dx"), "dx")?;
-            close(gf.get(&w).expect("dw"), gp.get(&w).expect("dw"), "dw")?;
-            // A second backward through the same graph recomputes the columns it gave away.
-            let again = (&fused * &probe)?.sum_all()?.backward()?;
-            close(again.get(&w).expect("dw"), gp.get(&w).expect("dw"), "dw, second backward")?;
         }
         Ok(())
     }
