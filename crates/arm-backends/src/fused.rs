@@ -26,8 +26,15 @@ struct Gate;
 #[derive(Debug, Clone, Copy)]
 struct GateGrad;
 
-fn sigmoid32(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+use crate::fastmath::{sigmoid as sigmoid32, tanh as tanh32};
+
+/// (rows, 2C) of an input of shape `dims` (..., 2C).
+fn rows_c2(dims: &[usize]) -> Result<(usize, usize)> {
+    let c2 = *dims.last().unwrap_or(&0);
+    if c2 == 0 || c2 % 2 != 0 {
+        bail!("gate: {c2} channels, expected an even number");
+    }
+    Ok((dims.iter().product::<usize>() / c2, c2))
 }
 
 impl CustomOp1 for Gate {
@@ -36,10 +43,7 @@ impl CustomOp1 for Gate {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, c2) = l.shape().dims2()?;
-        if c2 % 2 != 0 {
-            bail!("gate: {c2} channels is not even");
-        }
+        let (n, c2) = rows_c2(l.shape().dims())?;
         let c = c2 / 2;
         let a = slice(s, l, "gate")?;
         let mut out = vec![0f32; n * c];
@@ -49,12 +53,16 @@ impl CustomOp1 for Gate {
                 for (orow, arow) in o.chunks_mut(c.max(1)).zip(ai.chunks(c2.max(1))) {
                     let (f, g) = arow.split_at(c);
                     for ((y, &ff), &gg) in orow.iter_mut().zip(f).zip(g) {
-                        *y = ff.tanh() * sigmoid32(gg);
+                        *y = tanh32(ff) * sigmoid32(gg);
                     }
                 }
             },
         );
-        Ok((CpuStorage::F32(out), Shape::from((n, c))))
+        let mut dims = l.shape().dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = c;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 
     fn bwd(&self, a: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -68,9 +76,9 @@ impl CustomOp2 for GateGrad {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, c2) = l1.shape().dims2()?;
+        let (n, c2) = rows_c2(l1.shape().dims())?;
         let c = c2 / 2;
-        if l2.shape().dims2()? != (n, c) {
+        if l2.shape().elem_count() != n * c {
             bail!("gate_grad: gradient {:?} for input {:?}", l2.shape(), l1.shape());
         }
         let (a, g) = (slice(s1, l1, "gate_grad")?, slice(s2, l2, "gate_grad")?);
@@ -83,7 +91,7 @@ impl CustomOp2 for GateGrad {
                     let (df, dg) = orow.split_at_mut(c);
                     let (f, gt) = arow.split_at(c);
                     for i in 0..c {
-                        let (t, sg) = (f[i].tanh(), sigmoid32(gt[i]));
+                        let (t, sg) = (tanh32(f[i]), sigmoid32(gt[i]));
                         df[i] = grow[i] * sg * (1.0 - t * t);
                         dg[i] = grow[i] * t * sg * (1.0 - sg);
                     }
@@ -102,10 +110,7 @@ pub fn gate(a: &Tensor) -> Result<Tensor> {
     }
     let c = c2 / 2;
     if a.device().is_cpu() && a.dtype() == DType::F32 {
-        let mut dims = a.dims().to_vec();
-        dims[last] = c;
-        let rows = a.elem_count() / c2.max(1);
-        return a.contiguous()?.reshape((rows, c2))?.apply_op1(Gate)?.reshape(dims);
+        return a.contiguous()?.apply_op1(Gate);
     }
     a.narrow(last, 0, c)?.tanh()?.mul(&candle_nn::ops::sigmoid(&a.narrow(last, c, c)?)?)
 }

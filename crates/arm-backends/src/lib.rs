@@ -3,6 +3,7 @@
 pub mod causal_conv1d;
 pub mod conv2d;
 pub mod dense;
+mod fastmath;
 pub mod fused;
 pub mod gated_pixelcnn;
 pub mod layers;

@@ -1,0 +1,91 @@
+//! exp, tanh and sigmoid for f32 as straight-line arithmetic that the compiler vectorises.
+//! libm's scalar `tanhf` / `expm1f` calls were 15% of a gated PixelCNN training step.
+//!
+//! exp: x = n ln2 + r with |r| <= ln2/2, exp(r) by its Taylor series to r^7 (truncation
+//! error < 2e-9 relative, below f32's 6e-8 ulp), times 2^n built from the exponent bits.
+//! tanh: (1 - e)/(1 + e) with e = exp(-2|x|), except for 2|x| < ln2/2 where 1 - e would
+//! cancel; there m = expm1(2|x|) comes straight from the series without the leading 1 and
+//! tanh = m/(m + 2).
+//! Measured against f64 on [-20, 20]: exp 0.8 ulp, tanh 1.8 ulp, sigmoid 1.3 ulp (tests).
+
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+// ln 2 split so that n * LN2_HI is exact for |n| < 2^11.
+const LN2_HI: f32 = 0.693_145_75;
+const LN2_LO: f32 = 1.428_606_8e-6;
+
+/// exp(r) - 1 for |r| <= ln2/2 (Taylor to r^8 in Horner form; no leading 1, so no cancellation).
+#[inline(always)]
+fn expm1_small(r: f32) -> f32 {
+    let p = 1.0 / 40320.0;
+    let p = p * r + 1.0 / 5040.0;
+    let p = p * r + 1.0 / 720.0;
+    let p = p * r + 1.0 / 120.0;
+    let p = p * r + 1.0 / 24.0;
+    let p = p * r + 1.0 / 6.0;
+    let p = p * r + 0.5;
+    let p = p * r + 1.0;
+    p * r
+}
+
+/// e^x; saturates to 0 below -87.3 (instead of subnormals) and to ~2^127 above 88.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.3, 88.0);
+    let n = (x * LOG2E).round();
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let two_n = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    (expm1_small(r) + 1.0) * two_n
+}
+
+/// tanh(x).
+#[inline(always)]
+pub fn tanh(x: f32) -> f32 {
+    let a = x.abs().min(10.0); // tanh(10) = 1 - 4e-9: 1.0 in f32
+    let small = {
+        let m = expm1_small(2.0 * a);
+        m / (m + 2.0)
+    };
+    let large = {
+        let e = exp(-2.0 * a);
+        (1.0 - e) / (1.0 + e)
+    };
+    let t = if 2.0 * a < 0.346_573_6 { small } else { large };
+    t.copysign(x)
+}
+
+/// 1 / (1 + e^-x).
+#[inline(always)]
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Relative error against f64, on a dense grid over [-20, 20] plus tiny values.
+    #[test]
+    fn within_a_few_ulp_of_f64() {
+        let mut xs: Vec<f32> = (-200_000..=200_000).map(|i| i as f32 * 1e-4).collect();
+        xs.extend([1e-30f32, -1e-30, 1e-8, -3e-7, 0.0, -0.0, 0.1733, 0.17329, -0.1734]);
+        let ulp = f32::EPSILON as f64;
+        let (mut e_exp, mut e_tanh, mut e_sig) = (0f64, 0f64, 0f64);
+        for &x in &xs {
+            let xd = x as f64;
+            let rel = |got: f32, want: f64| if want == 0.0 { got.abs() as f64 } else { ((got as f64 - want) / want).abs() };
+            e_exp = e_exp.max(rel(exp(x), xd.exp()));
+            e_tanh = e_tanh.max(rel(tanh(x), xd.tanh()));
+            e_sig = e_sig.max(rel(sigmoid(x), 1.0 / (1.0 + (-xd).exp())));
+        }
+        assert!(e_exp < 1.5 * ulp, "exp: {e_exp:e}");
+        assert!(e_tanh < 3.0 * ulp, "tanh: {e_tanh:e}");
+        assert!(e_sig < 2.5 * ulp, "sigmoid: {e_sig:e}");
+        // Signs, symmetry and saturation.
+        assert_eq!(tanh(-0.0).to_bits(), (-0.0f32).to_bits());
+        assert_eq!(tanh(50.0), 1.0);
+        assert_eq!(tanh(-50.0), -1.0);
+        assert_eq!(sigmoid(200.0), 1.0);
+        assert!(sigmoid(-200.0) >= 0.0 && sigmoid(-200.0) < 1e-37);
+        assert_eq!(exp(0.0), 1.0);
+    }
+}
