@@ -30,12 +30,17 @@ fn expm1_small(r: f32) -> f32 {
 /// e^x; saturates to 0 below -87.3 (instead of subnormals) and to ~2^127 above 88.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
-    let x = x.clamp(-87.3, 88.0);
-    let n = (x * LOG2E).round();
+    let x = x.max(-87.3).min(88.0);
+    // Adding 1.5 * 2^23 rounds x log2(e) to an integer n held in the low mantissa bits: no
+    // float-to-int conversion, which would keep the loop from vectorising.
+    let t = x * LOG2E + ROUNDER;
+    let n = t - ROUNDER;
     let r = x - n * LN2_HI - n * LN2_LO;
-    let two_n = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    let two_n = f32::from_bits((t.to_bits().wrapping_sub(ROUNDER.to_bits()).wrapping_add(127)) << 23);
     (expm1_small(r) + 1.0) * two_n
 }
+
+const ROUNDER: f32 = 12_582_912.0; // 1.5 * 2^23
 
 /// tanh(x).
 #[inline(always)]
