@@ -34,7 +34,9 @@ pub fn dense(x: &Tensor, w: &Tensor, b: &Tensor, unfold: Option<&Unfold>, leaky:
         && [x.dtype(), w.dtype(), b.dtype()].iter().all(|&d| d == DType::F32)
         && leaky.is_none_or(|s| s > 0.0 && s <= 1.0);
     if fused {
-        let op = Dense { unfold: unfold.cloned(), slope: leaky.map(|s| s as f32), cols: Default::default() };
+        // Fewer output than input channels: multiply first, shift the k narrower results.
+        let out_side = unfold.is_some() && cout < *x.dims().last().unwrap_or(&0);
+        let op = Dense { unfold: unfold.cloned(), out_side, slope: leaky.map(|s| s as f32), cols: Default::default() };
         return x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, op);
     }
     let cin = *x.dims().last().unwrap_or(&1);
@@ -55,6 +57,12 @@ pub fn dense(x: &Tensor, w: &Tensor, b: &Tensor, unfold: Option<&Unfold>, leaky:
 #[derive(Clone)]
 struct Dense {
     unfold: Option<Unfold>,
+    /// With an unfold: y = fold'(x W') instead of unfold(x) W, where W' (C_in, taps*C_out)
+    /// holds the same weights tap by tap and fold' sums tap t's block of the row the tap
+    /// reads (the fold of the reversed taps). Same FLOPs; the (rows, taps*C) intermediate has
+    /// C = C_out instead of C_in, and the matmul has a wider output (for the reference
+    /// network's 256 -> 17 output layer: 119 columns instead of 17, measured 1.7x faster).
+    out_side: bool,
     slope: Option<f32>,
     /// The unfolded columns of the forward pass, kept for dW (as candle's matmul would keep its
     /// input), taken by the backward and recomputed if it runs twice.
@@ -105,6 +113,27 @@ impl CustomOp3 for Dense {
         let bias = slice(s3, l3, "bias")?;
         let mm = |lhs: &CpuStorage, ll: &Layout| lhs.matmul(s2, (1, rows, cout, k), ll, l2);
         let y = match &self.unfold {
+            Some(u) if self.out_side => {
+                let (b, n, cin) = l1.shape().dims3()?;
+                let taps = u.taps.len();
+                let w = slice(s2, l2, "weight")?;
+                let mut wcat = vec![0f32; cin * taps * cout];
+                for t in 0..taps {
+                    for c in 0..cin {
+                        let from = &w[(t * cin + c) * cout..(t * cin + c + 1) * cout];
+                        wcat[(c * taps + t) * cout..(c * taps + t + 1) * cout].copy_from_slice(from);
+                    }
+                }
+                let lx = Layout::contiguous_with_offset((rows, cin), l1.start_offset());
+                let z = s1.matmul(
+                    &CpuStorage::F32(wcat),
+                    (1, rows, taps * cout, cin),
+                    &lx,
+                    &Layout::contiguous((cin, taps * cout)),
+                )?;
+                let CpuStorage::F32(z) = z else { bail!("dense: matmul returned another dtype") };
+                CpuStorage::F32(u.reversed().fold_cpu(&z, b, n, cout))
+            }
             Some(u) => {
                 let (b, n, c) = l1.shape().dims3()?;
                 let cols = CpuStorage::F32(u.unfold_cpu(x, b, n, c));
@@ -154,6 +183,26 @@ impl CustomOp3 for Dense {
             None => dy,
         };
         let db = if b.track_op() { Some(dz.apply_op1_no_bwd(&ColumnSum)?) } else { None };
+        if let (Some(u), true) = (&self.unfold, self.out_side) {
+            let (bsz, n, cin) = x.dims3()?;
+            let taps = u.taps.len();
+            // dZ: the gradient of x W', tap t's block of row q being dy at the row reading q.
+            let dzz = dz.reshape((bsz, n, cout))?.apply_op1(u.reversed())?.reshape((rows, taps * cout))?;
+            let dw = if w.track_op() {
+                // (dZ^T x) is (taps*C_out, C_in) = W'^T; back to W's (taps*C_in, C_out) layout.
+                let wt = dzz.t()?.matmul(&x.reshape((rows, cin))?)?;
+                Some(wt.reshape((taps, cout, cin))?.transpose(1, 2)?.reshape((taps * cin, cout))?)
+            } else {
+                None
+            };
+            let dx = if x.track_op() {
+                let wcat = w.reshape((taps, cin, cout))?.transpose(0, 1)?.reshape((cin, taps * cout))?;
+                Some(dzz.matmul(&wcat.t()?)?.reshape(x.shape())?)
+            } else {
+                None
+            };
+            return Ok((dx, dw, db));
+        }
         let dw = if w.track_op() {
             let kept = self.cols.lock().ok().and_then(|mut s| s.take());
             let cols = match (kept, &self.unfold) {
@@ -271,35 +320,38 @@ mod tests {
         ];
         for u in &unfolds {
             for leaky in [None, Some(0.01), Some(1.0)] {
-                let (bsz, n, cin, cout) = (2, u.as_ref().map_or(5, |u| u.height * u.width), 3, 4);
-                let k = cin * u.as_ref().map_or(1, |u| u.taps.len());
-                let x = Var::from_tensor(&Tensor::from_vec(vals(bsz * n * cin, 1), (bsz, n, cin), &dev)?)?;
-                let w = Var::from_tensor(&Tensor::from_vec(vals(k * cout, 2), (k, cout), &dev)?)?;
-                let b = Var::from_tensor(&Tensor::from_vec(vals(cout, 3), cout, &dev)?)?;
-                let probe = Tensor::from_vec(vals(bsz * n * cout, 4), (bsz, n, cout), &dev)?;
-                let fused = dense(x.as_tensor(), w.as_tensor(), b.as_tensor(), u.as_ref(), leaky)?;
-                let cols = match u {
-                    Some(u) => u.apply_generic(x.as_tensor())?,
-                    None => x.as_tensor().clone(),
-                };
-                let z = cols.reshape((bsz * n, k))?.matmul(w.as_tensor())?.broadcast_add(b.as_tensor())?;
-                let plain = match leaky {
-                    Some(s) => crate::layers::leaky_relu(&z, s)?,
-                    None => z,
+                // C_out > C_in and C_out < C_in: both sides of the unfold.
+                for (cin, cout) in [(3, 4), (5, 2)] {
+                    let (bsz, n) = (2, u.as_ref().map_or(5, |u| u.height * u.width));
+                    let k = cin * u.as_ref().map_or(1, |u| u.taps.len());
+                    let x = Var::from_tensor(&Tensor::from_vec(vals(bsz * n * cin, 1), (bsz, n, cin), &dev)?)?;
+                    let w = Var::from_tensor(&Tensor::from_vec(vals(k * cout, 2), (k, cout), &dev)?)?;
+                    let b = Var::from_tensor(&Tensor::from_vec(vals(cout, 3), cout, &dev)?)?;
+                    let probe = Tensor::from_vec(vals(bsz * n * cout, 4), (bsz, n, cout), &dev)?;
+                    let fused = dense(x.as_tensor(), w.as_tensor(), b.as_tensor(), u.as_ref(), leaky)?;
+                    let cols = match u {
+                        Some(u) => u.apply_generic(x.as_tensor())?,
+                        None => x.as_tensor().clone(),
+                    };
+                    let z = cols.reshape((bsz * n, k))?.matmul(w.as_tensor())?.broadcast_add(b.as_tensor())?;
+                    let plain = match leaky {
+                        Some(s) => crate::layers::leaky_relu(&z, s)?,
+                        None => z,
+                    }
+                    .reshape((bsz, n, cout))?;
+                    let what = format!("{u:?} leaky {leaky:?} {cin}->{cout}");
+                    assert_eq!(fused.dims(), plain.dims(), "{what}");
+                    assert!(max_diff(&fused, &plain)? < 1e-5, "{what}: values");
+                    let gf = (&fused * &probe)?.sum_all()?.backward()?;
+                    let gp = (&plain * &probe)?.sum_all()?.backward()?;
+                    for (v, name) in [(&x, "dx"), (&w, "dW"), (&b, "db")] {
+                        let d = max_diff(gf.get(v).expect("grad"), gp.get(v).expect("grad"))?;
+                        assert!(d < 1e-5, "{what}: {name} differs by {d}");
+                    }
+                    // A second backward through the same graph recomputes the columns it gave away.
+                    let again = (&fused * &probe)?.sum_all()?.backward()?;
+                    assert!(max_diff(again.get(&w).expect("grad"), gp.get(&w).expect("grad"))? < 1e-5, "{what}");
                 }
-                .reshape((bsz, n, cout))?;
-                let what = format!("{u:?} leaky {leaky:?}");
-                assert_eq!(fused.dims(), plain.dims(), "{what}");
-                assert!(max_diff(&fused, &plain)? < 1e-5, "{what}: values");
-                let gf = (&fused * &probe)?.sum_all()?.backward()?;
-                let gp = (&plain * &probe)?.sum_all()?.backward()?;
-                for (v, name) in [(&x, "dx"), (&w, "dW"), (&b, "db")] {
-                    let d = max_diff(gf.get(v).expect("grad"), gp.get(v).expect("grad"))?;
-                    assert!(d < 1e-5, "{what}: {name} differs by {d}");
-                }
-                // A second backward through the same graph recomputes the columns it gave away.
-                let again = (&fused * &probe)?.sum_all()?.backward()?;
-                assert!(max_diff(again.get(&w).expect("grad"), gp.get(&w).expect("grad"))? < 1e-5, "{what}");
             }
         }
         Ok(())

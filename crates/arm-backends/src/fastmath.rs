@@ -77,7 +77,8 @@ mod tests {
         let (mut e_exp, mut e_tanh, mut e_sig) = (0f64, 0f64, 0f64);
         for &x in &xs {
             let xd = x as f64;
-            let rel = |got: f32, want: f64| if want == 0.0 { got.abs() as f64 } else { ((got as f64 - want) / want).abs() };
+            let rel =
+                |got: f32, want: f64| if want == 0.0 { got.abs() as f64 } else { ((got as f64 - want) / want).abs() };
             e_exp = e_exp.max(rel(exp(x), xd.exp()));
             e_tanh = e_tanh.max(rel(tanh(x), xd.tanh()));
             e_sig = e_sig.max(rel(sigmoid(x), 1.0 / (1.0 + (-xd).exp())));

@@ -66,6 +66,31 @@ impl Unfold {
         out
     }
 
+    /// The adjoint of [`Self::unfold_cpu`]: (B*N*taps*C) columns summed back into (B*N*C).
+    pub(crate) fn fold_cpu(&self, g: &[f32], b: usize, n: usize, c: usize) -> Vec<f32> {
+        let k = self.taps.len();
+        let mut out = vec![0f32; b * n * c];
+        out.par_chunks_mut(n * c).enumerate().for_each(|(bi, ob)| {
+            let gb = &g[bi * n * k * c..(bi + 1) * n * k * c];
+            for pos in 0..n {
+                for (t, &tap) in self.taps.iter().enumerate() {
+                    if let Some(src) = self.source(pos, tap) {
+                        let from = &gb[(pos * k + t) * c..(pos * k + t + 1) * c];
+                        for (o, v) in ob[src * c..(src + 1) * c].iter_mut().zip(from) {
+                            *o += v;
+                        }
+                    }
+                }
+            }
+        });
+        out
+    }
+
+    /// The same taps pointing the other way: tap t of cell p reads cell p - offset_t.
+    pub(crate) fn reversed(&self) -> Unfold {
+        Unfold { height: self.height, width: self.width, taps: self.taps.iter().map(|&(dy, dx)| (-dy, -dx)).collect() }
+    }
+
     /// Applies the op with autograd on CPU; elsewhere the equivalent narrow + cat graph.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
@@ -133,21 +158,7 @@ impl CustomOp1 for Fold {
         let u = &self.0;
         let k = u.taps.len();
         let (b, n, c) = u.check(l, k)?;
-        let g = f32_slice(s, l, "fold")?;
-        let mut out = vec![0f32; b * n * c];
-        out.par_chunks_mut(n * c).enumerate().for_each(|(bi, ob)| {
-            let gb = &g[bi * n * k * c..(bi + 1) * n * k * c];
-            for pos in 0..n {
-                for (t, &tap) in u.taps.iter().enumerate() {
-                    if let Some(src) = u.source(pos, tap) {
-                        let from = &gb[(pos * k + t) * c..(pos * k + t + 1) * c];
-                        for (o, v) in ob[src * c..(src + 1) * c].iter_mut().zip(from) {
-                            *o += v;
-                        }
-                    }
-                }
-            }
-        });
+        let out = u.fold_cpu(f32_slice(s, l, "fold")?, b, n, c);
         Ok((CpuStorage::F32(out), Shape::from((b, n, c))))
     }
 
