@@ -100,8 +100,8 @@ pub fn bench_train(cases: &[Case], steps: usize, dev: &Device) -> Result<()> {
     println!("  1024x1024x1024: {peak_sq:.1} GFLOP/s; 4096x1792x256: {peak_conv:.1} GFLOP/s; peak = {peak:.1}");
     println!();
     println!(
-        "{:<42} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>9} {:>9}",
-        "model", "step s", "fwd s", "bwd s", "opt s", "GFLOP/s", "% peak", "eval im/s", "rss MiB"
+        "{:<42} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8} {:>9} {:>9}",
+        "model", "step s", "fwd s", "bwd s", "opt s", "GFLOP/step", "GFLOP/s", "% peak", "eval im/s", "rss MiB"
     );
     for case in cases {
         let (arm, map, data) = crate::run::build(&case.cfg, dev)?;
@@ -136,12 +136,13 @@ pub fn bench_train(cases: &[Case], steps: usize, dev: &Device) -> Result<()> {
         let n_eval = arm_train::evaluate(&arm, &data.val, 500).map(|_| data.val.n)?;
         let eval_ips = n_eval as f64 / t0.elapsed().as_secs_f64();
         println!(
-            "{:<42} {:>9.4} {:>9.4} {:>9.4} {:>9.4} {:>10.1} {:>7.1}% {:>9.0} {:>9.0}",
+            "{:<42} {:>9.4} {:>9.4} {:>9.4} {:>9.4} {:>10.2} {:>9.1} {:>7.1}% {:>9.0} {:>9.0}",
             case.label,
             step,
             median(tf),
             median(tb),
             median(to),
+            3.0 * fwd_flops / 1e9,
             gflops,
             100.0 * gflops / peak,
             eval_ips,

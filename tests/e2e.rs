@@ -392,3 +392,36 @@ fn user_csv_and_parquet_files_train_and_bad_files_are_named() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("data.path") && stderr(&o).contains("nope.csv"), "{}", stderr(&o));
 }
+
+#[test]
+fn bench_train_counts_the_reference_flops_and_its_ratios_agree() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let o = runner(dir.path()).args(["bench", "train", "--steps", "1", "--model", "reference"]).output().expect("run");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let peak: f64 = out
+        .lines()
+        .find_map(|l| l.split("peak = ").nth(1))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no peak in {out}"));
+    let row = out.lines().find(|l| l.contains("(reference)")).unwrap_or_else(|| panic!("no row in {out}"));
+    let cols: Vec<f64> = row
+        .split(')')
+        .nth(1)
+        .expect("values")
+        .split_whitespace()
+        .map(|v| v.trim_end_matches('%').parse().expect("number"))
+        .collect();
+    let (step, gflop, gflops, pct) = (cols[0], cols[4], cols[5], cols[6]);
+    // Weights: 7x1x256 (first layer) + 2 x 7x256x256 + 7x256x17 (output) = 949,760; every one
+    // is used once per pixel, 64 pixels x 64 images, 2 FLOPs each, x3 for the backward.
+    let by_hand = 3.0 * 2.0 * 64.0 * 64.0 * 949_760.0 / 1e9;
+    assert!((gflop - by_hand).abs() < 0.01, "{gflop} vs {by_hand}");
+    assert!((gflops - gflop / step).abs() <= 0.01 * gflops + 0.1, "{row}");
+    assert!((pct - 100.0 * gflops / peak).abs() < 0.2, "{row} with peak {peak}");
+    // Only the selected model ran; an unknown one is a one-line error.
+    assert!(!out.contains("gated_pixelcnn"), "{out}");
+    let bad = runner(dir.path()).args(["bench", "train", "--model", "nonesuch"]).output().expect("run");
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).trim().lines().count() == 1 && stderr(&bad).contains("--model nonesuch"), "{}", stderr(&bad));
+}

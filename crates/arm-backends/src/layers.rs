@@ -248,6 +248,63 @@ mod tests {
         Ok(())
     }
 
+    /// The convolution composed from candle ops (pad, narrow, matmul per tap), differentiable
+    /// by candle's own autograd: the straightforward implementation the fused op must equal.
+    fn composed(conv: &CausalConv1d, x: &Tensor, leaky: Option<f64>) -> Result<Tensor> {
+        let (b, d, c) = x.dims3()?;
+        let mut acc = conv.b.unsqueeze(0)?.unsqueeze(0)?.broadcast_as((b, d, conv.w.dim(1)?))?.contiguous()?;
+        for t in 0..conv.kernel {
+            let back = conv.shift + t * conv.dilation;
+            let wt = conv.w.narrow(0, t * c, c)?; // (C_in, C_out)
+            let shifted = pad_front(x, back)?.narrow(1, 0, d)?; // x at d - back, zeros before
+            acc = (acc + shifted.reshape((b * d, c))?.matmul(&wt)?.reshape((b, d, conv.w.dim(1)?))?)?;
+        }
+        match leaky {
+            Some(s) => leaky_relu(&acc, s),
+            None => Ok(acc),
+        }
+    }
+
+    #[test]
+    fn fused_conv_equals_composed_ops_in_values_and_all_gradients() -> Result<()> {
+        for (k, dil, mode) in [
+            (1, 1, CausalMode::B),
+            (2, 1, CausalMode::A),
+            (3, 2, CausalMode::B),
+            (7, 1, CausalMode::A),
+            (3, 4, CausalMode::A),
+        ] {
+            // Wider and narrower outputs: both formulations of the fused op.
+            for (cin, cout) in [(3, 4), (6, 2)] {
+                for leaky in [None, Some(0.01)] {
+                    let map = VarMap::new();
+                    let vb = arm_core::seeded_var_builder(&map, 7, &Device::Cpu);
+                    let conv = causal_conv1d(cin, cout, k, dil, mode, vb)?;
+                    let x = Var::from_tensor(&rand_input(2, 12, cin, 8)?)?;
+                    let probe = rand_input(2, 12, cout, 9)?;
+                    let fast = match leaky {
+                        Some(s) => conv.forward_leaky(x.as_tensor(), s)?,
+                        None => conv.forward(x.as_tensor())?,
+                    };
+                    let slow = composed(&conv, x.as_tensor(), leaky)?;
+                    let what = format!("k={k} dil={dil} {mode:?} {cin}->{cout} leaky={leaky:?}");
+                    let max = |a: &Tensor, b: &Tensor| -> Result<f32> {
+                        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+                    };
+                    assert!(max(&fast, &slow)? < 1e-5, "{what}: values");
+                    let gf = (&fast * &probe)?.sum_all()?.backward()?;
+                    let gs = (&slow * &probe)?.sum_all()?.backward()?;
+                    let (w, b) = (&conv.w, &conv.b);
+                    for (v, name) in [(x.as_tensor(), "dx"), (w, "dW"), (b, "db")] {
+                        let d = max(gf.get(v).expect("grad"), gs.get(v).expect("grad"))?;
+                        assert!(d < 1e-4, "{what}: {name} differs by {d}");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn option_a_excludes_the_current_position() -> Result<()> {
         let map = VarMap::new();
