@@ -7,7 +7,7 @@
 //! Generation with PixelCNN Decoders", §2.1, Fig. 1-2) differ only in their tap lists. Listing
 //! only the taps a mask allows makes the mask exact (there are no masked-out weights to leak or
 //! to waste FLOPs on) and the convolution is [`crate::unfold::Unfold`] followed by one matmul
-//! with a (taps * C_in, C_out) weight, at candle's gemm speed.
+//! with a (taps * C_in, C_out) weight, at candle's gemm speed (one op: [`crate::dense`]).
 //!
 //! Grids are (B, H*W, C): cell index r * W + c is the raster position, so (B, D) inputs only
 //! need an `unsqueeze(2)`. Left out: colour-channel masks (the data are greyscale).

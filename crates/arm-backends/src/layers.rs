@@ -4,9 +4,9 @@
 //! Causal Conv1d (van den Oord et al. 2016, WaveNet, §2.1): output d sees inputs
 //! d - shift - t * dilation for taps t = 0..k. Option A (shift 1) cannot see position d itself
 //! and is used for the first layer; option B (shift 0) can, and is used after it.
-//! Convolutions are computed as shifted views of a front-padded input concatenated over the k
-//! taps (im2col) times one (k * C_in, C_out) weight matrix: candle's gemm is much faster than
-//! its conv kernels, and autograd of narrow/cat/matmul gives an exact backward.
+//! Convolutions are im2col over the k taps times one (k * C_in, C_out) weight matrix, with the
+//! bias and activation, as the single op of [`crate::dense`]: candle's gemm is much faster than
+//! its conv kernels, and one op keeps candle's per-node gradient bookkeeping out of the step.
 
 use std::sync::Mutex;
 
