@@ -208,15 +208,18 @@ mod tests {
         Tensor::from_vec(v, (b, d, c), &Device::Cpu)
     }
 
+    /// (kernel, dilation, mode) of the convolution tests.
+    const CASES: [(usize, usize, CausalMode); 5] = [
+        (1, 1, CausalMode::B),
+        (2, 1, CausalMode::A),
+        (3, 2, CausalMode::B),
+        (7, 1, CausalMode::A),
+        (3, 4, CausalMode::A),
+    ];
+
     #[test]
     fn im2col_conv_equals_the_loop_in_values_and_gradients() -> Result<()> {
-        for (k, dil, mode) in [
-            (1, 1, CausalMode::B),
-            (2, 1, CausalMode::A),
-            (3, 2, CausalMode::B),
-            (7, 1, CausalMode::A),
-            (3, 4, CausalMode::A),
-        ] {
+        for (k, dil, mode) in CASES {
             let map = VarMap::new();
             let vb = arm_core::seeded_var_builder(&map, 3, &Device::Cpu);
             let conv = causal_conv1d(3, 4, k, dil, mode, vb)?;
@@ -267,13 +270,7 @@ mod tests {
 
     #[test]
     fn fused_conv_equals_composed_ops_in_values_and_all_gradients() -> Result<()> {
-        for (k, dil, mode) in [
-            (1, 1, CausalMode::B),
-            (2, 1, CausalMode::A),
-            (3, 2, CausalMode::B),
-            (7, 1, CausalMode::A),
-            (3, 4, CausalMode::A),
-        ] {
+        for (k, dil, mode) in CASES {
             // Wider and narrower outputs: both formulations of the fused op.
             for (cin, cout) in [(3, 4), (6, 2)] {
                 for leaky in [None, Some(0.01)] {
