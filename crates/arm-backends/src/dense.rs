@@ -10,6 +10,7 @@
 //! the gradients of x, W and b reach the store. Elsewhere (other devices, dtypes) the same
 //! function composes candle ops.
 
+use std::cell::RefCell;
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
@@ -19,6 +20,28 @@ use rayon::prelude::*;
 use arm_core::Result;
 
 use crate::unfold::{Fold, Unfold};
+
+/// One gemm of a [`dense`] call: (rows x k) @ (k x n), and whether the backward also needs the
+/// input gradient (dx = dy W^T) besides dW.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GemmShape {
+    pub rows: usize,
+    pub k: usize,
+    pub n: usize,
+    pub input_grad: bool,
+}
+
+thread_local! {
+    static RECORD: RefCell<Option<Vec<GemmShape>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` and returns the gemm shapes of the [`dense`] calls it made on this thread (for
+/// `runner bench train`, which times those gemms alone as the step's floor).
+pub fn record_gemms<T>(f: impl FnOnce() -> T) -> (T, Vec<GemmShape>) {
+    RECORD.with(|r| *r.borrow_mut() = Some(Vec::new()));
+    let out = f();
+    (out, RECORD.with(|r| r.borrow_mut().take()).unwrap_or_default())
+}
 
 /// y = act(unfold(x) W + b). x: (B, N, C_in) with an unfold, else (..., C_in); W: (taps * C_in,
 /// C_out) or (C_in, C_out); b: (C_out,). y: x's shape with the last dimension C_out.
@@ -35,7 +58,15 @@ pub fn dense(x: &Tensor, w: &Tensor, b: &Tensor, unfold: Option<&Unfold>, leaky:
         && leaky.is_none_or(|s| s > 0.0 && s <= 1.0);
     if fused {
         // Fewer output than input channels: multiply first, shift the k narrower results.
-        let out_side = unfold.is_some() && cout < *x.dims().last().unwrap_or(&0);
+        let cin = *x.dims().last().unwrap_or(&0);
+        let out_side = unfold.is_some() && cout < cin;
+        RECORD.with(|r| {
+            if let Some(v) = r.borrow_mut().as_mut() {
+                let (taps, rows) = (unfold.map_or(1, |u| u.taps.len()), x.elem_count() / cin.max(1));
+                let (k, n) = if out_side { (cin, taps * cout) } else { (taps * cin, cout) };
+                v.push(GemmShape { rows, k, n, input_grad: x.track_op() });
+            }
+        });
         let op = Dense { unfold: unfold.cloned(), out_side, slope: leaky.map(|s| s as f32), cols: Default::default() };
         return x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, op);
     }
