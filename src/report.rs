@@ -1,6 +1,7 @@
 //! `runner report`: NLL tables grouped by grid point (mean +- std and a 95% confidence
 //! interval over seeds, nats and bits per dim, sorted by test NLL, best marked), failed runs,
-//! `report.md`, `nll_curves.png` (validation NLL per epoch, mean over seeds with a min-max
+//! `report.md`, `nll_curves.png` (`nll_curves_<data>.png` per data set when there are several;
+//! validation NLL per epoch, mean over seeds with a min-max
 //! band) and one sample grid per config.
 
 use std::collections::BTreeMap;
@@ -254,8 +255,9 @@ pub fn report(results: &Path, dirs: &[PathBuf], device: &Device, opts: &Options)
         println!("\n* best mean test NLL; ± is the sample std over seeds; CI is the 95% t-interval of the mean.");
     }
 
-    // Curves: mean validation NLL per epoch over finished seeds, min-max band.
-    let mut series = Vec::new();
+    // Curves: mean validation NLL per epoch over finished seeds, min-max band; one plot per data
+    // set, since NLLs of different image sizes do not share a scale.
+    let mut series: Vec<(String, Series)> = Vec::new();
     for g in &groups {
         let mut per_epoch: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
         for r in g.finished() {
@@ -281,13 +283,32 @@ pub fn report(results: &Path, dirs: &[PathBuf], device: &Device, opts: &Options)
             })
             .collect();
         let label = if multi { format!("{} {}", g.experiment, g.label) } else { g.label.clone() };
-        series.push(Series { label, points, band });
+        let data = g.finished().first().map(|r| data_key(&r.config.data)).unwrap_or_default();
+        series.push((data, Series { label, points, band }));
     }
     std::fs::create_dir_all(&out_dir)?;
     let mut written = vec![];
-    if !series.is_empty() {
-        let p = out_dir.join("nll_curves.png");
-        plots::curves(&p, "validation NLL (mean over seeds, band: min-max)", "epoch", "NLL (nats per image)", &series)?;
+    // Curve files of an earlier report whose data sets are gone would be stale.
+    if let Ok(entries) = std::fs::read_dir(&out_dir) {
+        for e in entries.flatten() {
+            let n = e.file_name().to_string_lossy().to_string();
+            if n.starts_with("nll_curves") && n.ends_with(".png") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    let mut data_sets: Vec<String> = series.iter().map(|(d, _)| d.clone()).collect();
+    data_sets.sort();
+    data_sets.dedup();
+    for d in &data_sets {
+        let (file, title) = if data_sets.len() == 1 {
+            ("nll_curves.png".to_string(), "validation NLL (mean over seeds, band: min-max)".to_string())
+        } else {
+            (format!("nll_curves_{d}.png"), format!("{d}: validation NLL (mean over seeds, band: min-max)"))
+        };
+        let these: Vec<Series> = series.iter().filter(|(k, _)| k == d).map(|(_, s)| s.clone()).collect();
+        let p = out_dir.join(file);
+        plots::curves(&p, &title, "epoch", "NLL (nats per image)", &these)?;
         written.push(p);
     }
     // One sample grid per config from its best seed (lowest validation NLL).
@@ -335,8 +356,9 @@ pub fn report(results: &Path, dirs: &[PathBuf], device: &Device, opts: &Options)
         }
         md.push('\n');
     }
-    if !series.is_empty() {
-        let _ = writeln!(md, "![validation NLL](nll_curves.png)\n");
+    for p in &written {
+        let rel = p.strip_prefix(&out_dir).unwrap_or(p);
+        let _ = writeln!(md, "![validation NLL]({})\n", rel.display());
     }
     for p in &sample_files {
         let rel = p.strip_prefix(&out_dir).unwrap_or(p);
@@ -352,6 +374,15 @@ pub fn report(results: &Path, dirs: &[PathBuf], device: &Device, opts: &Options)
         sample_dir.display()
     );
     Ok(())
+}
+
+/// A file-name-safe name of a run's data set: the embedded set's name or the user file's stem.
+fn data_key(d: &crate::config::DataConfig) -> String {
+    let name = match (&d.path, d.name.is_empty()) {
+        (Some(p), true) => Path::new(p).file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default(),
+        _ => d.name.clone(),
+    };
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
 }
 
 fn results_run_dir(exp_dirs: &[PathBuf], r: &Row) -> PathBuf {

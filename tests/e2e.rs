@@ -425,3 +425,37 @@ fn bench_train_counts_the_reference_flops_and_its_ratios_agree() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(stderr(&bad).trim().lines().count() == 1 && stderr(&bad).contains("--model nonesuch"), "{}", stderr(&bad));
 }
+
+#[test]
+fn report_over_two_data_sets_plots_one_curve_file_each() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let r = tmp.path().join("results");
+    let o = runner(&r).arg("train").arg(fixture("tiny.toml")).output().expect("run");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows: String =
+        (0..20).map(|i| (0..9).map(|j| ((i + j) % 3).to_string()).collect::<Vec<_>>().join(",") + "\n").collect();
+    let csv = tmp.path().join("dots.csv");
+    std::fs::write(&csv, rows).expect("write");
+    let o = runner(&r).arg("train").arg(user_file_experiment(tmp.path(), &csv, "")).output().expect("run");
+    assert!(o.status.success(), "{}", stderr(&o));
+    // A stale single-set plot from an earlier report must not survive.
+    let out = tmp.path().join("both");
+    std::fs::create_dir_all(&out).expect("mkdir");
+    std::fs::write(out.join("nll_curves.png"), b"old").expect("write");
+    let o = runner(&r)
+        .args(["report", r.join("tiny1").to_str().unwrap(), r.join("user").to_str().unwrap(), "--out"])
+        .arg(&out)
+        .output()
+        .expect("run");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut pngs: Vec<String> = std::fs::read_dir(&out)
+        .expect("read")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.ends_with(".png"))
+        .collect();
+    pngs.sort();
+    assert_eq!(pngs, ["nll_curves_digits.png", "nll_curves_dots.png"]);
+    let md = std::fs::read_to_string(out.join("report.md")).expect("report.md");
+    assert!(md.contains("(nll_curves_digits.png)") && md.contains("(nll_curves_dots.png)"), "{md}");
+}
