@@ -48,29 +48,23 @@ pub fn record_gemms<T>(f: impl FnOnce() -> T) -> (T, Vec<GemmShape>) {
 /// `leaky`: LeakyReLU slope in (0, 1] (its backward reads the output's sign, which equals the
 /// pre-activation's only for a positive slope).
 pub fn dense(x: &Tensor, w: &Tensor, b: &Tensor, unfold: Option<&Unfold>, leaky: Option<f64>) -> Result<Tensor> {
-    let cout = w.dim(1)?;
-    let mut out_dims = x.dims().to_vec();
-    if let Some(last) = out_dims.last_mut() {
-        *last = cout;
-    }
+    let (cin, cout) = (*x.dims().last().unwrap_or(&0), w.dim(1)?);
     let fused = x.device().is_cpu()
         && [x.dtype(), w.dtype(), b.dtype()].iter().all(|&d| d == DType::F32)
         && leaky.is_none_or(|s| s > 0.0 && s <= 1.0);
     if fused {
         // Fewer output than input channels: multiply first, shift the k narrower results.
-        let cin = *x.dims().last().unwrap_or(&0);
         let out_side = unfold.is_some() && cout < cin;
+        let op = Dense { unfold: unfold.cloned(), out_side, slope: leaky.map(|s| s as f32), cols: Default::default() };
         RECORD.with(|r| {
             if let Some(v) = r.borrow_mut().as_mut() {
-                let (taps, rows) = (unfold.map_or(1, |u| u.taps.len()), x.elem_count() / cin.max(1));
-                let (k, n) = if out_side { (cin, taps * cout) } else { (taps * cin, cout) };
+                let (rows, k) = op.rows_k(x.dims());
+                let (k, n) = if out_side { (cin, k / cin.max(1) * cout) } else { (k, cout) };
                 v.push(GemmShape { rows, k, n, input_grad: x.track_op() });
             }
         });
-        let op = Dense { unfold: unfold.cloned(), out_side, slope: leaky.map(|s| s as f32), cols: Default::default() };
         return x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, op);
     }
-    let cin = *x.dims().last().unwrap_or(&1);
     let cols = match unfold {
         Some(u) => u.apply_generic(x)?,
         None => x.clone(),
@@ -81,7 +75,10 @@ pub fn dense(x: &Tensor, w: &Tensor, b: &Tensor, unfold: Option<&Unfold>, leaky:
         Some(s) => crate::layers::leaky_relu(&y, s)?,
         None => y,
     };
-    debug_assert!(unfold.is_some() || kc == cin);
+    let mut out_dims = x.dims().to_vec();
+    if let Some(last) = out_dims.last_mut() {
+        *last = cout;
+    }
     y.reshape(out_dims)
 }
 
@@ -110,10 +107,10 @@ const CHUNK: usize = 1 << 14;
 
 impl Dense {
     /// (rows, C_in of the matmul) for an input of shape `dims`.
-    fn rows_k(&self, dims: &[usize]) -> Result<(usize, usize)> {
+    fn rows_k(&self, dims: &[usize]) -> (usize, usize) {
         let cin = *dims.last().unwrap_or(&0);
         let rows = dims.iter().product::<usize>() / cin.max(1);
-        Ok((rows, cin * self.unfold.as_ref().map_or(1, |u| u.taps.len())))
+        (rows, cin * self.unfold.as_ref().map_or(1, |u| u.taps.len()))
     }
 }
 
@@ -132,7 +129,7 @@ impl CustomOp3 for Dense {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let dims = l1.shape().dims();
-        let (rows, k) = self.rows_k(dims)?;
+        let (rows, k) = self.rows_k(dims);
         let (wk, cout) = l2.shape().dims2()?;
         if wk != k {
             bail!("dense: weight has {wk} rows, the input gives {k}");
@@ -205,7 +202,7 @@ impl CustomOp3 for Dense {
         res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (rows, k) = self.rows_k(x.dims())?;
+        let (rows, k) = self.rows_k(x.dims());
         let cout = w.dim(1)?;
         let dy = dy.contiguous()?.reshape((rows, cout))?;
         // Through the activation: its sign is the output's (slope > 0).

@@ -130,10 +130,9 @@ pub struct GatedPixelCnnNet {
 }
 
 impl GatedPixelCnnNet {
-    /// ReLU, 1x1, ReLU, 1x1 on the summed skips: (..., C) -> (..., P).
-    fn head(&self, skip: &Tensor) -> Result<Tensor> {
-        let h = self.head[0].forward(&skip.relu()?)?; // (..., C)
-        self.head[1].forward(&h.relu()?) // (..., P)
+    /// [`crate::layers::relu_head`] on the last features: (..., C) -> (..., P).
+    fn head(&self, h: &Tensor) -> Result<Tensor> {
+        crate::layers::relu_head(&self.head, h)
     }
 }
 

@@ -41,6 +41,12 @@ impl Linear {
     }
 }
 
+/// The output head of the 2D plugins: ReLU, 1x1, ReLU, 1x1; (..., C) -> (..., P).
+pub fn relu_head(head: &[Linear; 2], h: &Tensor) -> Result<Tensor> {
+    let h = head[0].forward(&h.relu()?)?; // (..., C)
+    head[1].forward(&h.relu()?) // (..., P)
+}
+
 /// Zero-pads `x` (B, D, C) with `front` positions at the start of the sequence.
 pub fn pad_front(x: &Tensor, front: usize) -> Result<Tensor> {
     if front == 0 {

@@ -118,10 +118,9 @@ pub struct PixelCnnNet {
 }
 
 impl PixelCnnNet {
-    /// ReLU, 1x1, ReLU, 1x1: (..., C) -> (..., P).
+    /// [`crate::layers::relu_head`] on the last features: (..., C) -> (..., P).
     fn head(&self, h: &Tensor) -> Result<Tensor> {
-        let h = self.head[0].forward(&h.relu()?)?; // (..., C)
-        self.head[1].forward(&h.relu()?) // (..., P)
+        crate::layers::relu_head(&self.head, h)
     }
 }
 
