@@ -23,7 +23,6 @@ fn register_font() {
 }
 
 /// One line of a curve plot: points (x, y) and an optional band (x, lo, hi).
-#[derive(Clone)]
 pub struct Series {
     pub label: String,
     pub points: Vec<(f64, f64)>,

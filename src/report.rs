@@ -257,7 +257,7 @@ pub fn report(results: &Path, dirs: &[PathBuf], device: &Device, opts: &Options)
 
     // Curves: mean validation NLL per epoch over finished seeds, min-max band; one plot per data
     // set, since NLLs of different image sizes do not share a scale.
-    let mut series: Vec<(String, Series)> = Vec::new();
+    let mut series: BTreeMap<String, Vec<Series>> = BTreeMap::new();
     for g in &groups {
         let mut per_epoch: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
         for r in g.finished() {
@@ -284,7 +284,7 @@ pub fn report(results: &Path, dirs: &[PathBuf], device: &Device, opts: &Options)
             .collect();
         let label = if multi { format!("{} {}", g.experiment, g.label) } else { g.label.clone() };
         let data = g.finished().first().map(|r| data_key(&r.config.data)).unwrap_or_default();
-        series.push((data, Series { label, points, band }));
+        series.entry(data).or_default().push(Series { label, points, band });
     }
     std::fs::create_dir_all(&out_dir)?;
     let mut written = vec![];
@@ -297,18 +297,14 @@ pub fn report(results: &Path, dirs: &[PathBuf], device: &Device, opts: &Options)
             }
         }
     }
-    let mut data_sets: Vec<String> = series.iter().map(|(d, _)| d.clone()).collect();
-    data_sets.sort();
-    data_sets.dedup();
-    for d in &data_sets {
-        let (file, title) = if data_sets.len() == 1 {
+    for (d, these) in &series {
+        let (file, title) = if series.len() == 1 {
             ("nll_curves.png".to_string(), "validation NLL (mean over seeds, band: min-max)".to_string())
         } else {
             (format!("nll_curves_{d}.png"), format!("{d}: validation NLL (mean over seeds, band: min-max)"))
         };
-        let these: Vec<Series> = series.iter().filter(|(k, _)| k == d).map(|(_, s)| s.clone()).collect();
         let p = out_dir.join(file);
-        plots::curves(&p, &title, "epoch", "NLL (nats per image)", &these)?;
+        plots::curves(&p, &title, "epoch", "NLL (nats per image)", these)?;
         written.push(p);
     }
     // One sample grid per config from its best seed (lowest validation NLL).
@@ -357,6 +353,7 @@ pub fn report(results: &Path, dirs: &[PathBuf], device: &Device, opts: &Options)
         md.push('\n');
     }
     for p in &written {
+        // Only the curve plots are in `written` at this point.
         let rel = p.strip_prefix(&out_dir).unwrap_or(p);
         let _ = writeln!(md, "![validation NLL]({})\n", rel.display());
     }
