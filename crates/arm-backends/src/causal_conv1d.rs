@@ -115,17 +115,10 @@ pub struct CausalConvNet {
 
 impl Conditional for CausalConvNet {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut h = x.unsqueeze(2)?; // (B, D, 1)
-        let last = self.layers.len() - 1;
-        for (i, layer) in self.layers.iter().enumerate() {
-            if i < last {
-                h = self.dropout.forward_t(&layer.forward_leaky(&h, self.slope)?, train)?;
-            // (B, D, C)
-            } else {
-                h = layer.forward(&h)?; // (B, D, P)
-            }
+        if self.layers.iter().all(|l| l.time_major_ok(x)) {
+            return self.forward_time_major(x, train);
         }
-        Ok(h) // (B, D, P)
+        self.forward_batch_major(x, train)
     }
 
     fn seq_len(&self) -> usize {
@@ -142,6 +135,41 @@ impl Conditional for CausalConvNet {
 
     fn stepper(&self, batch: usize) -> Result<Box<dyn Stepper + '_>> {
         Ok(Box::new(ConvStepper { net: self, batch, pos: 0, inputs: vec![Vec::new(); self.layers.len()], out: None }))
+    }
+}
+
+impl CausalConvNet {
+    /// The CPU path: activations kept time-major, (reach + D, B, C) with the next layer's
+    /// reach of zero steps in front, so every layer is gemms on shifted views
+    /// ([`crate::timeconv`]). Transposed once on the way in (B x D values) and out (B x D x P).
+    fn forward_time_major(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let reach: Vec<usize> = self.layers.iter().map(|l| l.reach()).collect();
+        let mut h = x.t()?.contiguous()?.unsqueeze(2)?.pad_with_zeros(0, reach[0], 0)?; // (r0 + D, B, 1)
+        let last = self.layers.len() - 1;
+        for (i, layer) in self.layers.iter().enumerate() {
+            if i < last {
+                h = layer.forward_time_major(&h, reach[i], reach[i + 1], Some(self.slope))?;
+                h = self.dropout.forward_t(&h, train)?;
+            } else {
+                h = layer.forward_time_major(&h, reach[i], 0, None)?; // (D, B, P)
+            }
+        }
+        h.transpose(0, 1)?.contiguous() // (B, D, P)
+    }
+
+    /// The device-agnostic path: (B, D, C) activations, im2col convolutions.
+    fn forward_batch_major(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut h = x.unsqueeze(2)?; // (B, D, 1)
+        let last = self.layers.len() - 1;
+        for (i, layer) in self.layers.iter().enumerate() {
+            if i < last {
+                h = self.dropout.forward_t(&layer.forward_leaky(&h, self.slope)?, train)?;
+            // (B, D, C)
+            } else {
+                h = layer.forward(&h)?; // (B, D, P)
+            }
+        }
+        Ok(h) // (B, D, P)
     }
 }
 

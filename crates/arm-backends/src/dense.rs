@@ -43,6 +43,15 @@ pub fn record_gemms<T>(f: impl FnOnce() -> T) -> (T, Vec<GemmShape>) {
     (out, RECORD.with(|r| r.borrow_mut().take()).unwrap_or_default())
 }
 
+/// Notes one gemm for [`record_gemms`], if recording on this thread.
+pub(crate) fn record(shape: GemmShape) {
+    RECORD.with(|r| {
+        if let Some(v) = r.borrow_mut().as_mut() {
+            v.push(shape);
+        }
+    });
+}
+
 /// y = act(unfold(x) W + b). x: (B, N, C_in) with an unfold, else (..., C_in); W: (taps * C_in,
 /// C_out) or (C_in, C_out); b: (C_out,). y: x's shape with the last dimension C_out.
 /// `leaky`: LeakyReLU slope in (0, 1] (its backward reads the output's sign, which equals the
@@ -56,13 +65,9 @@ pub fn dense(x: &Tensor, w: &Tensor, b: &Tensor, unfold: Option<&Unfold>, leaky:
         // Fewer output than input channels: multiply first, shift the k narrower results.
         let out_side = unfold.is_some() && cout < cin;
         let op = Dense { unfold: unfold.cloned(), out_side, slope: leaky.map(|s| s as f32), cols: Default::default() };
-        RECORD.with(|r| {
-            if let Some(v) = r.borrow_mut().as_mut() {
-                let (rows, k) = op.rows_k(x.dims());
-                let (k, n) = if out_side { (cin, k / cin.max(1) * cout) } else { (k, cout) };
-                v.push(GemmShape { rows, k, n, input_grad: x.track_op() });
-            }
-        });
+        let (rows, k) = op.rows_k(x.dims());
+        let (k, n) = if out_side { (cin, k / cin.max(1) * cout) } else { (k, cout) };
+        record(GemmShape { rows, k, n, input_grad: x.track_op() });
         return x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, op);
     }
     let cols = match unfold {

@@ -115,6 +115,20 @@ impl CausalConv1d {
         crate::dense::dense(x, &self.w, &self.b, Some(&self.unfold(x.dim(1)?)), Some(slope))
     }
 
+    /// The same layer on time-major activations (see [`crate::timeconv`]): h is
+    /// (pad_in + D, B, C_in) with `pad_in` >= [`Self::reach`] zero steps in front; the result is
+    /// (pad_out + D, B, C_out), LeakyReLU'd when `slope` is given. CPU and f32 only.
+    pub fn forward_time_major(&self, h: &Tensor, pad_in: usize, pad_out: usize, slope: Option<f64>) -> Result<Tensor> {
+        let shifts = (0..self.kernel).map(|t| self.shift + t * self.dilation).collect();
+        let op = crate::timeconv::TimeConv::new(shifts, pad_in, pad_out, slope);
+        crate::timeconv::time_conv(&op, h, &self.w, &self.b)
+    }
+
+    /// Whether [`Self::forward_time_major`] can run on `x`.
+    pub fn time_major_ok(&self, x: &Tensor) -> bool {
+        x.device().is_cpu() && [x.dtype(), self.w.dtype(), self.b.dtype()].iter().all(|&d| d == DType::F32)
+    }
+
     /// One output position from its k inputs, oldest last: taps[t] = input at d - shift - t*dil
     /// (zeros before the start). taps: (B, k*C) -> (B, C_out).
     pub fn forward_taps(&self, taps: &Tensor) -> Result<Tensor> {
@@ -302,6 +316,45 @@ mod tests {
                         let d = max(gf.get(v).expect("grad"), gs.get(v).expect("grad"))?;
                         assert!(d < 1e-4, "{what}: {name} differs by {d}");
                     }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The time-major layer (all three routes: unfold, per-tap views, output side) against
+    /// the composed ops, in values, in the zero padding it writes and in all gradients.
+    #[test]
+    fn time_major_conv_equals_composed_ops_in_values_and_all_gradients() -> Result<()> {
+        let max = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>() };
+        for (k, dil, mode) in CASES {
+            for (cin, cout) in [(3, 4), (6, 2), (64, 70), (70, 5)] {
+                for leaky in [None, Some(0.01)] {
+                    let map = VarMap::new();
+                    let vb = arm_core::seeded_var_builder(&map, 11, &Device::Cpu);
+                    let conv = causal_conv1d(cin, cout, k, dil, mode, vb)?;
+                    let (bsz, d) = (3, 12);
+                    let x = Var::from_tensor(&rand_input(bsz, d, cin, 12)?)?;
+                    let probe = rand_input(bsz, d, cout, 13)?;
+                    // One more padding step than needed, and 2 steps in front of the output.
+                    let pad_in = conv.reach() + 1;
+                    let xt = x.as_tensor().transpose(0, 1)?.contiguous()?.pad_with_zeros(0, pad_in, 0)?;
+                    let out = conv.forward_time_major(&xt, pad_in, 2, leaky)?;
+                    let what = format!("k={k} dil={dil} {mode:?} {cin}->{cout} leaky={leaky:?}");
+                    assert_eq!(out.dims(), &[2 + d, bsz, cout], "{what}");
+                    assert_eq!(out.narrow(0, 0, 2)?.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0, "{what}: padding");
+                    let fast = out.narrow(0, 2, d)?.transpose(0, 1)?;
+                    let slow = composed(&conv, x.as_tensor(), leaky)?;
+                    assert!(max(&fast, &slow)? < 1e-4, "{what}: values differ by {}", max(&fast, &slow)?);
+                    let gf = (&fast * &probe)?.sum_all()?.backward()?;
+                    let gs = (&slow * &probe)?.sum_all()?.backward()?;
+                    for (v, name) in [(x.as_tensor(), "dx"), (&conv.w, "dW"), (&conv.b, "db")] {
+                        let diff = max(gf.get(v).expect("grad"), gs.get(v).expect("grad"))?;
+                        assert!(diff < 1e-4, "{what}: {name} differs by {diff}");
+                    }
+                    // A second backward through the same graph (the kept columns were taken).
+                    let again = (&fast * &probe)?.sum_all()?.backward()?;
+                    assert!(max(again.get(&conv.w).expect("grad"), gs.get(&conv.w).expect("grad"))? < 1e-4, "{what}");
                 }
             }
         }

@@ -12,6 +12,7 @@ pub mod mlp;
 pub mod pixelcnn;
 mod registry;
 pub mod rnn;
+pub mod timeconv;
 pub mod unfold;
 
 pub use registry::{invalid, plugin, plugin_names, registry, BuildCtx, Plugin, PluginConfig, PluginError};
