@@ -179,19 +179,7 @@ impl CustomOp3 for Dense {
             None => mm(s1, &Layout::contiguous_with_offset((rows, k), l1.start_offset()))?,
         };
         let CpuStorage::F32(mut y) = y else { bail!("dense: matmul returned another dtype") };
-        let slope = self.slope;
-        let rows_per_chunk = (CHUNK / cout.max(1)).max(1);
-        y.par_chunks_mut(rows_per_chunk * cout.max(1)).for_each(|chunk| {
-            for row in chunk.chunks_mut(cout.max(1)) {
-                for (v, &bb) in row.iter_mut().zip(bias) {
-                    let z = *v + bb;
-                    *v = match slope {
-                        Some(s) if z <= 0.0 => z * s,
-                        _ => z,
-                    };
-                }
-            }
-        });
+        bias_act(&mut y, bias, self.slope);
         let mut out = dims.to_vec();
         if let Some(last) = out.last_mut() {
             *last = cout;
@@ -264,6 +252,25 @@ impl CustomOp3 for Dense {
     }
 }
 
+/// y = act(y + b) row by row, in parallel; act = LeakyReLU(slope) as max(z, slope z) (slope
+/// in [0, 1]) or the identity. Written without branches: a data-dependent branch here ran at
+/// a fifth of the speed of the vectorised loop on the reference network's first layer.
+pub(crate) fn bias_act(y: &mut [f32], bias: &[f32], slope: Option<f32>) {
+    let c = bias.len().max(1);
+    let rows_per_chunk = (CHUNK / c).max(1);
+    y.par_chunks_mut(rows_per_chunk * c).for_each(|chunk| {
+        for row in chunk.chunks_mut(c) {
+            match slope {
+                Some(s) => row.iter_mut().zip(bias).for_each(|(v, &b)| {
+                    let z = *v + b;
+                    *v = z.max(z * s);
+                }),
+                None => row.iter_mut().zip(bias).for_each(|(v, &b)| *v += b),
+            }
+        }
+    });
+}
+
 /// dz = g where the output is positive, g * slope elsewhere: one pass over (g, y).
 #[derive(Debug, Clone, Copy)]
 struct LeakyGrad(f32);
@@ -282,7 +289,7 @@ impl candle_core::CustomOp2 for LeakyGrad {
         let mut out = vec![0f32; g.len()];
         out.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(y.par_chunks(CHUNK))).for_each(|(o, (gi, yi))| {
             for ((d, &gg), &yy) in o.iter_mut().zip(gi).zip(yi) {
-                *d = if yy > 0.0 { gg } else { gg * slope };
+                *d = gg * if yy > 0.0 { 1.0 } else { slope };
             }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))

@@ -228,7 +228,11 @@ impl TimeConv {
             bail!("timeconv: input of {p} steps with {} padding, shifts up to {}", self.pad_in, self.max_shift());
         }
         if wk != self.shifts.len() * cin {
-            bail!("timeconv: weight has {wk} rows, {} taps of {cin} channels need {}", self.shifts.len(), self.shifts.len() * cin);
+            bail!(
+                "timeconv: weight has {wk} rows, {} taps of {cin} channels need {}",
+                self.shifts.len(),
+                self.shifts.len() * cin
+            );
         }
         Ok(Dims { t: p - self.pad_in, b, cin, cout })
     }
@@ -286,7 +290,16 @@ impl TimeConv {
                 let ws = self.w_side(w, d);
                 let mut z = vec![0f32; m * k * d.cout];
                 let lhs = View::new(x, self.pad_in * d.b * d.cin, d.cin, 1);
-                gemm_into(&mut z, 0, k * d.cout, (m, k * d.cout, d.cin), lhs, View::new(&ws, 0, k * d.cout, 1), false, par)?;
+                gemm_into(
+                    &mut z,
+                    0,
+                    k * d.cout,
+                    (m, k * d.cout, d.cin),
+                    lhs,
+                    View::new(&ws, 0, k * d.cout, 1),
+                    false,
+                    par,
+                )?;
                 // y[r] = sum_j Z[r - s_j B, block j].
                 y[out_off..].par_chunks_mut(ROWS_PER_TASK * d.cout).enumerate().for_each(|(i, chunk)| {
                     for (q, row) in chunk.chunks_mut(d.cout).enumerate() {
@@ -303,18 +316,7 @@ impl TimeConv {
                 });
             }
         }
-        let slope = self.slope;
-        y[out_off..].par_chunks_mut(ROWS_PER_TASK * d.cout).for_each(|chunk| {
-            for row in chunk.chunks_mut(d.cout) {
-                for (v, &bb) in row.iter_mut().zip(bias) {
-                    let z = *v + bb;
-                    *v = match slope {
-                        Some(s) if z <= 0.0 => z * s,
-                        _ => z,
-                    };
-                }
-            }
-        });
+        crate::dense::bias_act(&mut y[out_off..], bias, self.slope);
         Ok(y)
     }
 
@@ -333,13 +335,16 @@ impl TimeConv {
                 let mut acc = vec![0f32; n];
                 for (q, row) in chunk.chunks_mut(n).enumerate() {
                     let at = base + q * n;
-                    for (o, ((dst, &g), &yy)) in row.iter_mut().zip(&dy[at..at + n]).zip(&y[at..at + n]).enumerate() {
-                        *dst = match slope {
-                            Some(s) if yy <= 0.0 => g * s,
-                            _ => g,
-                        };
-                        acc[o] += *dst;
+                    let (g, yy) = (&dy[at..at + n], &y[at..at + n]);
+                    // Branch-free (a select), so the loop vectorises.
+                    match slope {
+                        Some(s) => row
+                            .iter_mut()
+                            .zip(g.iter().zip(yy))
+                            .for_each(|(o, (&g, &y))| *o = g * if y > 0.0 { 1.0 } else { s }),
+                        None => row.copy_from_slice(g),
                     }
+                    acc.iter_mut().zip(row.iter()).for_each(|(a, v)| *a += v);
                 }
                 acc
             })
@@ -384,15 +389,26 @@ impl TimeConv {
                 gemm_long_k(&mut dw, (kc, d.cout, m), View::new(&cols, 0, 1, kc), View::new(&dz, 0, d.cout, 1))?;
                 if let Some(dx) = dx.as_mut() {
                     let mut dcols = vec![0f32; m * kc];
-                    gemm_into(&mut dcols, 0, kc, (m, kc, d.cout), View::new(&dz, 0, d.cout, 1), View::new(w, 0, 1, d.cout), false, par)?;
+                    gemm_into(
+                        &mut dcols,
+                        0,
+                        kc,
+                        (m, kc, d.cout),
+                        View::new(&dz, 0, d.cout, 1),
+                        View::new(w, 0, 1, d.cout),
+                        false,
+                        par,
+                    )?;
                     // The adjoint of the unfold, serial over taps so writes never overlap.
                     for (j, &s) in self.shifts.iter().enumerate() {
                         let base = (self.pad_in - s) * d.b * d.cin;
-                        dx[base..base + m * d.cin].par_chunks_mut(d.cin).zip(dcols.par_chunks(kc)).for_each(|(o, row)| {
-                            for (a, v) in o.iter_mut().zip(&row[j * d.cin..(j + 1) * d.cin]) {
-                                *a += v;
-                            }
-                        });
+                        dx[base..base + m * d.cin].par_chunks_mut(d.cin).zip(dcols.par_chunks(kc)).for_each(
+                            |(o, row)| {
+                                for (a, v) in o.iter_mut().zip(&row[j * d.cin..(j + 1) * d.cin]) {
+                                    *a += v;
+                                }
+                            },
+                        );
                     }
                     dx[..x_off].fill(0.0);
                 }
@@ -407,7 +423,8 @@ impl TimeConv {
                         for (j, &s) in self.shifts.iter().enumerate() {
                             let src = r + s * d.b;
                             if src < m {
-                                row[j * d.cout..(j + 1) * d.cout].copy_from_slice(&dz[src * d.cout..(src + 1) * d.cout]);
+                                row[j * d.cout..(j + 1) * d.cout]
+                                    .copy_from_slice(&dz[src * d.cout..(src + 1) * d.cout]);
                             }
                         }
                     }
@@ -423,7 +440,16 @@ impl TimeConv {
                 }
                 if let Some(dx) = dx.as_mut() {
                     let ws = self.w_side(w, d);
-                    gemm_into(dx, x_off, d.cin, (m, d.cin, kn), View::new(&dzs, 0, kn, 1), View::new(&ws, 0, 1, kn), false, par)?;
+                    gemm_into(
+                        dx,
+                        x_off,
+                        d.cin,
+                        (m, d.cin, kn),
+                        View::new(&dzs, 0, kn, 1),
+                        View::new(&ws, 0, 1, kn),
+                        false,
+                        par,
+                    )?;
                 }
             }
         }
@@ -460,13 +486,22 @@ impl CustomOp3 for TimeConv {
         Ok((CpuStorage::F32(y), Shape::from((self.pad_out + d.t, d.b, d.cout))))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let x = x.contiguous()?;
         let w = w.contiguous()?;
         let d = self.dims(x.layout(), w.layout())?;
         let g = with_f32(&x, "input", |xs| {
             with_f32(&w, "weight", |ws| {
-                with_f32(res, "output", |ys| with_f32(dy, "gradient", |gs| self.backward(xs, ws, ys, gs, d, x.track_op())))
+                with_f32(res, "output", |ys| {
+                    with_f32(dy, "gradient", |gs| self.backward(xs, ws, ys, gs, d, x.track_op()))
+                })
             })
         })?;
         let dev = x.device();
