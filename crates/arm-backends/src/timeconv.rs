@@ -108,25 +108,33 @@ fn gemm_into(
     Ok(())
 }
 
-/// dst (m x n, row-major, contiguous) = lhs (m x k) rhs (k x n) for a long k: the k range is
-/// split into one block per thread, each a single-threaded gemm into its own buffer, summed
-/// in block order (deterministic for a given thread count). For the weight gradients
-/// (256 x 4096 x 256), where gemm's own threading splits the small output and ran at 80% of
-/// its peak, this measured 90%.
-fn gemm_long_k(dst: &mut [f32], (m, n, k): (usize, usize, usize), lhs: View, rhs: View) -> Result<()> {
+/// Several products with a long k: dst[off_i .. off_i + m n] (row-major m x n) = lhs_i rhs_i,
+/// each lhs_i (m x k), rhs_i (k x n). The k range is split into one block per thread; each
+/// thread runs all the products on its block single-threaded into its own buffer, and the
+/// buffers are summed in block order (deterministic for a given thread count). For the weight
+/// gradients (7 products of 256 x 4096 x 256) gemm's own threading splits the small outputs
+/// and ran at 80% of its peak; this ran at 95%.
+fn gemm_long_k(dst: &mut [f32], (m, n, k): (usize, usize, usize), prods: &[(usize, View, View)]) -> Result<()> {
     let parts = candle_core::utils::get_num_threads().clamp(1, k.max(1).div_ceil(256));
     if parts <= 1 {
-        return gemm_into(dst, 0, n, (m, n, k), lhs, rhs, false, parallelism());
+        for &(off, lhs, rhs) in prods {
+            gemm_into(dst, off, n, (m, n, k), lhs, rhs, false, parallelism())?;
+        }
+        return Ok(());
     }
     let per = k.div_ceil(parts);
+    let len = dst.len();
     let partials = (0..parts)
         .into_par_iter()
         .map(|p| {
             let (k0, k1) = (p * per, ((p + 1) * per).min(k));
-            let mut out = vec![0f32; m * n];
-            let l = View { off: lhs.off + k0 * lhs.cs, ..lhs };
-            let r = View { off: rhs.off + k0 * rhs.rs, ..rhs };
-            gemm_into(&mut out, 0, n, (m, n, k1.saturating_sub(k0)), l, r, false, Parallelism::None).map(|_| out)
+            let mut out = vec![0f32; len];
+            for &(off, lhs, rhs) in prods {
+                let l = View { off: lhs.off + k0 * lhs.cs, ..lhs };
+                let r = View { off: rhs.off + k0 * rhs.rs, ..rhs };
+                gemm_into(&mut out, off, n, (m, n, k1.saturating_sub(k0)), l, r, false, Parallelism::None)?;
+            }
+            Ok(out)
         })
         .collect::<Result<Vec<_>>>()?;
     let (first, rest) = partials.split_first().ok_or_else(|| candle_core::Error::Msg("no blocks".into()))?;
@@ -369,11 +377,15 @@ impl TimeConv {
         let (dz, db) = self.dz_and_db(dy, y, d, tail);
         match route {
             Route::Taps => {
+                // dW_j = X_j^T dZ, X_j = the input shifted by s_j.
+                let prods: Vec<_> = (self.shifts.iter().enumerate())
+                    .map(|(j, &s)| {
+                        let xt = View::new(x, (self.pad_in - s) * d.b * d.cin, 1, d.cin);
+                        (j * d.cin * d.cout, xt, View::new(&dz, 0, d.cout, 1))
+                    })
+                    .collect();
+                gemm_long_k(&mut dw, (d.cin, d.cout, m), &prods)?;
                 for (j, &s) in self.shifts.iter().enumerate() {
-                    // dW_j = X_j^T dZ, X_j = the input shifted by s_j.
-                    let xt = View::new(x, (self.pad_in - s) * d.b * d.cin, 1, d.cin);
-                    let blk = &mut dw[j * d.cin * d.cout..(j + 1) * d.cin * d.cout];
-                    gemm_long_k(blk, (d.cin, d.cout, m), xt, View::new(&dz, 0, d.cout, 1))?;
                     if let Some(dx) = dx.as_mut() {
                         // dX += dZ (shifted forward by s_j) W_j^T.
                         let lhs = View::new(&dz, s * d.b * d.cout, d.cout, 1);
@@ -386,7 +398,11 @@ impl TimeConv {
                 let kept = self.cols.lock().ok().and_then(|mut s| s.take());
                 let cols = kept.unwrap_or_else(|| self.unfold(x, d));
                 let kc = k * d.cin;
-                gemm_long_k(&mut dw, (kc, d.cout, m), View::new(&cols, 0, 1, kc), View::new(&dz, 0, d.cout, 1))?;
+                gemm_long_k(
+                    &mut dw,
+                    (kc, d.cout, m),
+                    &[(0, View::new(&cols, 0, 1, kc), View::new(&dz, 0, d.cout, 1))],
+                )?;
                 if let Some(dx) = dx.as_mut() {
                     let mut dcols = vec![0f32; m * kc];
                     gemm_into(
@@ -431,7 +447,11 @@ impl TimeConv {
                 });
                 let xs = View::new(x, x_off, d.cin, 1);
                 let mut dws = vec![0f32; d.cin * kn];
-                gemm_long_k(&mut dws, (d.cin, kn, m), View { rs: 1, cs: d.cin, ..xs }, View::new(&dzs, 0, kn, 1))?;
+                gemm_long_k(
+                    &mut dws,
+                    (d.cin, kn, m),
+                    &[(0, View { rs: 1, cs: d.cin, ..xs }, View::new(&dzs, 0, kn, 1))],
+                )?;
                 for j in 0..k {
                     for c in 0..d.cin {
                         let from = &dws[(c * k + j) * d.cout..(c * k + j + 1) * d.cout];

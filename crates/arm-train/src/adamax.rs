@@ -3,8 +3,9 @@
 //! it adds eps inside the max (u_t = max(beta2 u_{t-1}, |g_t| + eps)) so a parameter whose
 //! gradient has always been zero gets no 0/0, and applies weight decay as an L2 term on g.
 
-use candle_core::{backprop::GradStore, Tensor, Var};
+use candle_core::{backprop::GradStore, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 use candle_nn::Optimizer;
+use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy)]
 pub struct ParamsAdamax {
@@ -56,6 +57,17 @@ impl Optimizer for Adamax {
         let step = p.lr / (1.0 - p.beta1.powi(self.t as i32)); // bias-corrected step size
         for s in self.state.iter_mut() {
             let Some(g) = grads.get(&s.var) else { continue };
+            let fused = p.weight_decay == 0.0
+                && g.device().is_cpu()
+                && [g.dtype(), s.var.dtype(), s.m.dtype(), s.u.dtype()].iter().all(|&d| d == DType::F32);
+            if fused {
+                // One pass each over m, u and the variable, in place: no temporaries.
+                let g = g.detach().contiguous()?;
+                s.m.inplace_op2(&g, &Moment { beta1: p.beta1 as f32 })?;
+                s.u.inplace_op2(&g, &InfNorm { beta2: p.beta2 as f32, eps: p.eps as f32 })?;
+                s.var.as_tensor().inplace_op3(&s.m, &s.u, &Update { step: step as f32 })?;
+                continue;
+            }
             // Gradients carry the step's autograd graph; state built from them must not, or
             // every step's graph would stay reachable from the moments (a leak of GBs).
             let g = g.detach();
@@ -77,6 +89,91 @@ impl Optimizer for Adamax {
 
     fn set_learning_rate(&mut self, lr: f64) {
         self.params.lr = lr;
+    }
+}
+
+const CHUNK: usize = 1 << 14;
+
+fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, z))) => Ok(&v[a..z]),
+        _ => candle_core::bail!("adamax: expected contiguous f32"),
+    }
+}
+
+fn f32s_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, z))) => Ok(&mut v[a..z]),
+        _ => candle_core::bail!("adamax: expected contiguous f32"),
+    }
+}
+
+/// m = beta1 m + (1 - beta1) g, in place.
+struct Moment {
+    beta1: f32,
+}
+
+impl InplaceOp2 for Moment {
+    fn name(&self) -> &'static str {
+        "adamax_moment"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let (m, g) = (f32s_mut(s1, l1)?, f32s(s2, l2)?);
+        let b1 = self.beta1;
+        m.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(m, g)| {
+            m.iter_mut().zip(g).for_each(|(m, &g)| *m = b1 * *m + (1.0 - b1) * g);
+        });
+        Ok(())
+    }
+}
+
+/// u = max(beta2 u, |g| + eps), in place.
+struct InfNorm {
+    beta2: f32,
+    eps: f32,
+}
+
+impl InplaceOp2 for InfNorm {
+    fn name(&self) -> &'static str {
+        "adamax_inf_norm"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let (u, g) = (f32s_mut(s1, l1)?, f32s(s2, l2)?);
+        let (b2, eps) = (self.beta2, self.eps);
+        u.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(u, g)| {
+            u.iter_mut().zip(g).for_each(|(u, &g)| *u = (b2 * *u).max(g.abs() + eps));
+        });
+        Ok(())
+    }
+}
+
+/// w -= step m / u, in place.
+struct Update {
+    step: f32,
+}
+
+impl InplaceOp3 for Update {
+    fn name(&self) -> &'static str {
+        "adamax_update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let (w, m, u) = (f32s_mut(s1, l1)?, f32s(s2, l2)?, f32s(s3, l3)?);
+        let step = self.step;
+        w.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK).zip(u.par_chunks(CHUNK))).for_each(|(w, (m, u))| {
+            w.iter_mut().zip(m.iter().zip(u)).for_each(|(w, (&m, &u))| *w -= step * (m / u));
+        });
+        Ok(())
     }
 }
 
@@ -118,6 +215,31 @@ impl Adamax {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// The in-place f32 update against the composed candle ops (taken for f64), over steps
+    /// whose gradients change sign and size.
+    #[test]
+    fn in_place_update_equals_composed_ops() -> candle_core::Result<()> {
+        let init = [0.3f64, -1.2, 2.0, 0.0, 5.0];
+        let w32 = Var::new(&init.map(|v| v as f32), &Device::Cpu)?;
+        let w64 = Var::new(&init, &Device::Cpu)?;
+        let params = ParamsAdamax { lr: 0.05, ..Default::default() };
+        let mut o32 = Adamax::new(vec![w32.clone()], params)?;
+        let mut o64 = Adamax::new(vec![w64.clone()], params)?;
+        for t in 0..6 {
+            let c: Vec<f64> = (0..5).map(|i| ((i * 7 + t * 3) % 11) as f64 - 5.0).collect();
+            let c32 = Tensor::new(c.iter().map(|&v| v as f32).collect::<Vec<_>>(), &Device::Cpu)?;
+            let c64 = Tensor::new(c, &Device::Cpu)?;
+            o32.backward_step(&(w32.as_tensor() * &c32)?.sqr()?.sum_all()?)?;
+            o64.backward_step(&(w64.as_tensor() * &c64)?.sqr()?.sum_all()?)?;
+        }
+        let (a, b) = (w32.as_tensor().to_vec1::<f32>()?, w64.as_tensor().to_vec1::<f64>()?);
+        for (x, y) in a.iter().zip(&b) {
+            assert!((*x as f64 - y).abs() < 1e-5, "{a:?} vs {b:?}");
+        }
+        assert!(a.iter().zip(init).any(|(x, i)| (*x as f64 - i).abs() > 0.1), "the weights moved: {a:?}");
+        Ok(())
+    }
 
     #[test]
     fn two_steps_match_hand_computed_values() -> candle_core::Result<()> {
