@@ -19,6 +19,7 @@ use rayon::prelude::*;
 
 use arm_core::Result;
 
+use crate::kernels::{gemm_long_k, with_f32, View};
 use crate::unfold::{Fold, Unfold};
 
 /// One gemm of a [`dense`] call: (rows x k) @ (k x n), and whether the backward also needs the
@@ -231,8 +232,23 @@ impl CustomOp3 for Dense {
                 (None, Some(u)) => u.apply(x)?.reshape((rows, k))?,
                 (None, None) => x.reshape((rows, k))?,
             };
-            // As dW^T = dz^T cols: both operands row-major, measured ~15% faster in gemm.
-            Some(dz.t()?.matmul(&cols)?.t()?)
+            // dW^T = dz^T cols (both operands row-major: measured 10-40% faster than cols^T dz),
+            // its long sums split across threads, then transposed into W's layout.
+            let dz = dz.contiguous()?;
+            let dw = with_f32(&cols, "columns", |c| {
+                with_f32(&dz, "gradient", |z| {
+                    let mut dwt = vec![0f32; cout * k];
+                    gemm_long_k(&mut dwt, (cout, k, rows), &[(0, View::new(z, 0, 1, cout), View::new(c, 0, k, 1))])?;
+                    let mut dw = vec![0f32; k * cout];
+                    dw.par_chunks_mut(cout.max(1)).enumerate().for_each(|(i, row)| {
+                        for (o, v) in row.iter_mut().enumerate() {
+                            *v = dwt[o * k + i];
+                        }
+                    });
+                    Ok(dw)
+                })
+            })?;
+            Some(Tensor::from_vec(dw, (k, cout), x.device())?)
         } else {
             None
         };
@@ -258,17 +274,7 @@ impl CustomOp3 for Dense {
 pub(crate) fn bias_act(y: &mut [f32], bias: &[f32], slope: Option<f32>) {
     let c = bias.len().max(1);
     let rows_per_chunk = (CHUNK / c).max(1);
-    y.par_chunks_mut(rows_per_chunk * c).for_each(|chunk| {
-        for row in chunk.chunks_mut(c) {
-            match slope {
-                Some(s) => row.iter_mut().zip(bias).for_each(|(v, &b)| {
-                    let z = *v + b;
-                    *v = z.max(z * s);
-                }),
-                None => row.iter_mut().zip(bias).for_each(|(v, &b)| *v += b),
-            }
-        }
-    });
+    y.par_chunks_mut(rows_per_chunk * c).for_each(|chunk| crate::simd::bias_act_rows(chunk, bias, slope));
 }
 
 /// dz = g where the output is positive, g * slope elsewhere: one pass over (g, y).
@@ -287,11 +293,9 @@ impl candle_core::CustomOp2 for LeakyGrad {
         }
         let slope = self.0;
         let mut out = vec![0f32; g.len()];
-        out.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(y.par_chunks(CHUNK))).for_each(|(o, (gi, yi))| {
-            for ((d, &gg), &yy) in o.iter_mut().zip(gi).zip(yi) {
-                *d = gg * if yy > 0.0 { 1.0 } else { slope };
-            }
-        });
+        out.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
+            .for_each(|(o, (gi, yi))| crate::simd::leaky_grad(o, gi, yi, slope));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -316,11 +320,7 @@ impl CustomOp1 for ColumnSum {
             .par_chunks(SUM_ROWS * c.max(1))
             .map(|block| {
                 let mut acc = vec![0f32; c];
-                for row in block.chunks(c.max(1)) {
-                    for (a, &v) in acc.iter_mut().zip(row) {
-                        *a += v;
-                    }
-                }
+                crate::simd::add_rows(&mut acc, block);
                 acc
             })
             .collect();

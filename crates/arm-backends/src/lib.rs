@@ -6,12 +6,14 @@ pub mod dense;
 mod fastmath;
 pub mod fused;
 pub mod gated_pixelcnn;
+mod kernels;
 pub mod layers;
 pub mod markov;
 pub mod mlp;
 pub mod pixelcnn;
 mod registry;
 pub mod rnn;
+mod simd;
 pub mod timeconv;
 pub mod unfold;
 

@@ -18,136 +18,12 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
-use gemm::Parallelism;
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use arm_core::Result;
 
-/// A matrix view of a slice: element (i, j) at `off + i rs + j cs`.
-#[derive(Clone, Copy)]
-struct View<'a> {
-    data: &'a [f32],
-    off: usize,
-    rs: usize,
-    cs: usize,
-}
-
-impl<'a> View<'a> {
-    fn new(data: &'a [f32], off: usize, rs: usize, cs: usize) -> Self {
-        Self { data, off, rs, cs }
-    }
-
-    /// Whether every element of a (rows x cols) matrix lies inside the slice.
-    fn fits(&self, rows: usize, cols: usize) -> bool {
-        rows == 0 || cols == 0 || self.off + (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
-    }
-}
-
-fn parallelism() -> Parallelism {
-    match candle_core::utils::get_num_threads() {
-        0 | 1 => Parallelism::None,
-        n => Parallelism::Rayon(n),
-    }
-}
-
-/// dst (m x n, at `dst_off` with row stride `dst_rs`, unit column stride) = lhs (m x k) rhs
-/// (k x n), or += when `accumulate`. Bounds are checked here, so callers stay safe code.
-#[allow(clippy::too_many_arguments)]
-fn gemm_into(
-    dst: &mut [f32],
-    dst_off: usize,
-    dst_rs: usize,
-    (m, n, k): (usize, usize, usize),
-    lhs: View,
-    rhs: View,
-    accumulate: bool,
-    par: Parallelism,
-) -> Result<()> {
-    let out = View::new(dst, dst_off, dst_rs, 1);
-    if !(out.fits(m, n) && lhs.fits(m, k) && rhs.fits(k, n)) {
-        bail!("timeconv: gemm view out of bounds ({m}x{k} by {k}x{n})");
-    }
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        if !accumulate {
-            for r in 0..m {
-                dst[dst_off + r * dst_rs..dst_off + r * dst_rs + n].fill(0.0);
-            }
-        }
-        return Ok(());
-    }
-    #[allow(unsafe_code)]
-    // SAFETY: the three views were checked above to lie inside their slices for these m, n, k;
-    // `dst` is borrowed mutably, so it cannot alias `lhs` or `rhs`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr().add(dst_off),
-            1,
-            dst_rs as isize,
-            accumulate,
-            lhs.data.as_ptr().add(lhs.off),
-            lhs.cs as isize,
-            lhs.rs as isize,
-            rhs.data.as_ptr().add(rhs.off),
-            rhs.cs as isize,
-            rhs.rs as isize,
-            if accumulate { 1.0 } else { 0.0 },
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
-    Ok(())
-}
-
-/// Several products with a long k: dst[off_i .. off_i + m n] (row-major m x n) = lhs_i rhs_i,
-/// each lhs_i (m x k), rhs_i (k x n). The k range is split into one block per thread; each
-/// thread runs all the products on its block single-threaded into its own buffer, and the
-/// buffers are summed in block order (deterministic for a given thread count). For the weight
-/// gradients (7 products of 256 x 4096 x 256) gemm's own threading splits the small outputs
-/// and ran at 80% of its peak; this ran at 95%.
-fn gemm_long_k(dst: &mut [f32], (m, n, k): (usize, usize, usize), prods: &[(usize, View, View)]) -> Result<()> {
-    let parts = candle_core::utils::get_num_threads().clamp(1, k.max(1).div_ceil(256));
-    if parts <= 1 {
-        for &(off, lhs, rhs) in prods {
-            gemm_into(dst, off, n, (m, n, k), lhs, rhs, false, parallelism())?;
-        }
-        return Ok(());
-    }
-    let per = k.div_ceil(parts);
-    let len = dst.len();
-    let partials = (0..parts)
-        .into_par_iter()
-        .map(|p| {
-            let (k0, k1) = (p * per, ((p + 1) * per).min(k));
-            let mut out = vec![0f32; len];
-            for &(off, lhs, rhs) in prods {
-                let l = View { off: lhs.off + k0 * lhs.cs, ..lhs };
-                let r = View { off: rhs.off + k0 * rhs.rs, ..rhs };
-                gemm_into(&mut out, off, n, (m, n, k1.saturating_sub(k0)), l, r, false, Parallelism::None)?;
-            }
-            Ok(out)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let (first, rest) = partials.split_first().ok_or_else(|| candle_core::Error::Msg("no blocks".into()))?;
-    dst.copy_from_slice(first);
-    for p in rest {
-        dst.par_chunks_mut(1 << 14).zip(p.par_chunks(1 << 14)).for_each(|(d, s)| {
-            for (a, b) in d.iter_mut().zip(s) {
-                *a += b;
-            }
-        });
-    }
-    Ok(())
-}
+use crate::kernels::{f32s, gemm_into, gemm_long_k, parallelism, with_f32, View};
 
 /// How a layer's product is arranged (see the module header).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,20 +64,6 @@ impl Dims {
     fn rows(&self) -> usize {
         self.t * self.b
     }
-}
-
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else { bail!("timeconv: {what} must be f32") };
-    let Some((a, z)) = l.contiguous_offsets() else { bail!("timeconv: {what} must be contiguous") };
-    Ok(&v[a..z])
-}
-
-/// Runs `f` on the f32 data of a contiguous CPU tensor.
-fn with_f32<T>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
-    let t = t.contiguous()?;
-    let (s, l) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*s else { bail!("timeconv: {what} must be on the CPU") };
-    f(f32s(cpu, l, what)?)
 }
 
 fn tensor(v: Vec<f32>, shape: impl Into<Shape>, dev: &candle_core::Device) -> Result<Tensor> {
@@ -315,9 +177,7 @@ impl TimeConv {
                         for (j, &s) in self.shifts.iter().enumerate() {
                             if let Some(src) = r.checked_sub(s * d.b) {
                                 let from = &z[src * k * d.cout + j * d.cout..src * k * d.cout + (j + 1) * d.cout];
-                                for (o, v) in row.iter_mut().zip(from) {
-                                    *o += v;
-                                }
+                                crate::simd::add_assign(row, from);
                             }
                         }
                     }
@@ -344,15 +204,11 @@ impl TimeConv {
                 for (q, row) in chunk.chunks_mut(n).enumerate() {
                     let at = base + q * n;
                     let (g, yy) = (&dy[at..at + n], &y[at..at + n]);
-                    // Branch-free (a select), so the loop vectorises.
                     match slope {
-                        Some(s) => row
-                            .iter_mut()
-                            .zip(g.iter().zip(yy))
-                            .for_each(|(o, (&g, &y))| *o = g * if y > 0.0 { 1.0 } else { s }),
+                        Some(s) => crate::simd::leaky_grad(row, g, yy, s),
                         None => row.copy_from_slice(g),
                     }
-                    acc.iter_mut().zip(row.iter()).for_each(|(a, v)| *a += v);
+                    crate::simd::add_assign(&mut acc, row);
                 }
                 acc
             })
@@ -418,13 +274,10 @@ impl TimeConv {
                     // The adjoint of the unfold, serial over taps so writes never overlap.
                     for (j, &s) in self.shifts.iter().enumerate() {
                         let base = (self.pad_in - s) * d.b * d.cin;
-                        dx[base..base + m * d.cin].par_chunks_mut(d.cin).zip(dcols.par_chunks(kc)).for_each(
-                            |(o, row)| {
-                                for (a, v) in o.iter_mut().zip(&row[j * d.cin..(j + 1) * d.cin]) {
-                                    *a += v;
-                                }
-                            },
-                        );
+                        dx[base..base + m * d.cin]
+                            .par_chunks_mut(d.cin)
+                            .zip(dcols.par_chunks(kc))
+                            .for_each(|(o, row)| crate::simd::add_assign(o, &row[j * d.cin..(j + 1) * d.cin]));
                     }
                     dx[..x_off].fill(0.0);
                 }

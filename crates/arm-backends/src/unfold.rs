@@ -76,9 +76,7 @@ impl Unfold {
                 for (t, &tap) in self.taps.iter().enumerate() {
                     if let Some(src) = self.source(pos, tap) {
                         let from = &gb[(pos * k + t) * c..(pos * k + t + 1) * c];
-                        for (o, v) in ob[src * c..(src + 1) * c].iter_mut().zip(from) {
-                            *o += v;
-                        }
+                        crate::simd::add_assign(&mut ob[src * c..(src + 1) * c], from);
                     }
                 }
             }
