@@ -146,3 +146,53 @@ pub(crate) fn with_f32<T>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> Resu
     let Storage::Cpu(cpu) = &*s else { bail!("kernels: {what} must be on the CPU") };
     f(f32s(cpu, l, what)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vals(n: usize, seed: usize) -> Vec<f32> {
+        (0..n).map(|i| (((i + 7 * seed) * 7919 % 613) as f32 - 306.0) / 300.0).collect()
+    }
+
+    /// (m x n) = lhs (m x k) rhs (k x n) by the triple loop, in f64.
+    fn naive(m: usize, n: usize, k: usize, lhs: View, rhs: View) -> Vec<f64> {
+        let at = |v: &View, i: usize, j: usize| v.data[v.off + i * v.rs + j * v.cs] as f64;
+        let mut out = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k).map(|q| at(&lhs, i, q) * at(&rhs, q, j)).sum();
+            }
+        }
+        out
+    }
+
+    /// Strided, offset and transposed views, accumulation, and the k split of the long
+    /// products (with a k that does not divide evenly) against the triple loop.
+    #[test]
+    fn products_of_views_equal_the_triple_loop() -> Result<()> {
+        let (m, n, k) = (37, 29, 1031);
+        let a = vals(20 + m * k, 1);
+        let b = vals(5 + k * n, 2);
+        let lhs_t = View::new(&a, 20, 1, m); // (m x k) read from a column-major block
+        let rhs = View::new(&b, 5, n, 1);
+        let want = naive(m, n, k, lhs_t, rhs);
+        let close = |got: &[f32], want: &[f64]| {
+            got.iter().zip(want).all(|(g, w)| (*g as f64 - w).abs() < 1e-3 * (1.0 + w.abs()))
+        };
+        let mut long = vec![0f32; m * n];
+        gemm_long_k(&mut long, (m, n, k), &[(0, lhs_t, rhs)])?;
+        assert!(close(&long, &want), "gemm_long_k");
+        // Into an offset destination with a wider row stride, then accumulated a second time.
+        let mut dst = vec![0f32; 3 + m * (n + 4)];
+        gemm_into(&mut dst, 3, n + 4, (m, n, k), lhs_t, rhs, false, parallelism())?;
+        gemm_into(&mut dst, 3, n + 4, (m, n, k), lhs_t, rhs, true, parallelism())?;
+        let rows: Vec<f32> = (0..m).flat_map(|i| dst[3 + i * (n + 4)..3 + i * (n + 4) + n].to_vec()).collect();
+        let twice: Vec<f64> = want.iter().map(|w| 2.0 * w).collect();
+        assert!(close(&rows, &twice), "gemm_into");
+        // A view reaching past the slice is an error, not a read out of bounds.
+        let short = View::new(&b, 6, n, 1);
+        assert!(gemm_into(&mut long, 0, n, (m, n, k), lhs_t, short, false, Parallelism::None).is_err());
+        Ok(())
+    }
+}
