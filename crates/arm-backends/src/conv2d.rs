@@ -88,6 +88,11 @@ pub fn tap_conv2d(
 }
 
 impl TapConv2d {
+    /// (W, b, taps).
+    pub(crate) fn parts(&self) -> (&Tensor, &Tensor, &Unfold) {
+        (&self.w, &self.b, &self.unfold)
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         crate::dense::dense(x, &self.w, &self.b, Some(&self.unfold), None) // (B, N, C_out)
     }

@@ -148,7 +148,9 @@ impl Conditional for GatedPixelCnnNet {
         let last = self.layers.len() - 1;
         for (l, layer) in self.layers.iter().enumerate() {
             let v_pre = layer.vertical.forward(&v)?; // (B, H*W, 2C)
-            let h_pre = (layer.horizontal.forward(&h)? + layer.v_to_h.forward(&v_pre)?)?; // (B, H*W, 2C)
+                                                     // horizontal(h) + v_to_h(v_pre) as one product.
+            let ((hw, hb, taps), (vw, vb)) = (layer.horizontal.parts(), layer.v_to_h.parts());
+            let h_pre = crate::dense::dense_pair(&h, taps, hw, hb, &v_pre, vw, vb)?; // (B, H*W, 2C)
             let o = layer.out.forward(&self.dropout.forward_t(&gate(&h_pre)?, train)?)?; // (B, H*W, C)
             skip = Some(match skip {
                 Some(s) => (s + &o)?,

@@ -36,6 +36,11 @@ pub fn linear(inp: usize, out: usize, vb: VarBuilder) -> Result<Linear> {
 }
 
 impl Linear {
+    /// (W, b).
+    pub(crate) fn parts(&self) -> (&Tensor, &Tensor) {
+        (&self.w, &self.b)
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         crate::dense::dense(x, &self.w, &self.b, None, None)
     }
