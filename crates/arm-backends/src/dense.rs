@@ -261,11 +261,12 @@ impl CustomOp3 for Dense {
     }
 }
 
-/// y = unfold(x1) W1 + x2 W2 + b1 + b2 as one product: the columns [unfold(x1) | x2 | 1] times
-/// [W1; W2; b1 + b2] (the gated PixelCNN's horizontal convolution plus the 1x1 map of the
-/// vertical pre-activations). One op instead of two and a sum: the sum's backward alone made
-/// candle zero-fill and add two gradients of the output's size. x1: (B, N, C1), x2: (B, N, C2),
-/// W1: (taps C1, C_out), W2: (C2, C_out). CPU and f32; elsewhere the composed ops.
+/// y = unfold(x1) W1 + x2 W2 + b1 + b2 as one op (the gated PixelCNN's horizontal convolution
+/// plus the 1x1 map of the vertical pre-activations), with the weights as one tensor
+/// [W1; b1 + b2; W2]: [unfold(x1) | 1] times its first rows, plus x2 times the rest, accumulated
+/// in place. One op instead of two and a sum: the sum's backward alone made candle zero-fill and
+/// add two gradients of the output's size. x1: (B, N, C1), x2: (B, N, C2), W1: (taps C1, C_out),
+/// W2: (C2, C_out). CPU and f32; elsewhere the composed ops.
 pub fn dense_pair(
     x1: &Tensor,
     u: &Unfold,
@@ -279,31 +280,91 @@ pub fn dense_pair(
     if !(x1.device().is_cpu() && f32s) {
         return dense(x1, w1, b1, Some(u), None)? + dense(x2, w2, b2, None, None)?;
     }
-    let w = Tensor::cat(&[w1, w2, &(b1 + b2)?.unsqueeze(0)?], 0)?;
+    let w = Tensor::cat(&[w1, &(b1 + b2)?.unsqueeze(0)?, w2], 0)?;
     let (rows, c1) = (x1.elem_count() / x1.dim(D::Minus1)?.max(1), x1.dim(D::Minus1)?);
     record(GemmShape { rows, k: u.taps.len() * c1 + x2.dim(D::Minus1)? + 1, n: w.dim(1)?, input_grad: x1.track_op() });
     x1.contiguous()?.apply_op3(&x2.contiguous()?, &w.contiguous()?, Pair(u.clone()))
 }
 
-/// The op of [`dense_pair`]: (x1, x2, [W1; W2; b]).
+/// The op of [`dense_pair`]: (x1, x2, [W1; b; W2]).
 #[derive(Clone)]
 struct Pair(Unfold);
 
+/// Sizes of a [`Pair`] call: images, cells, channels of x1 and x2, outputs.
+#[derive(Clone, Copy)]
+struct PairDims {
+    b: usize,
+    n: usize,
+    c1: usize,
+    c2: usize,
+    cout: usize,
+}
+
 impl Pair {
-    /// The columns [unfold(x1) | x2 | 1], (B N) x (taps C1 + C2 + 1).
-    fn columns(&self, x1: &[f32], x2: &[f32], (b, n, c1, c2): (usize, usize, usize, usize)) -> Vec<f32> {
-        let k1 = self.0.taps.len() * c1;
-        let kk = k1 + c2 + 1;
-        let mut cols = vec![0f32; b * n * kk];
-        let first = self.0.unfold_cpu(x1, b, n, c1);
-        cols.par_chunks_mut(kk).zip(first.par_chunks(k1.max(1))).zip(x2.par_chunks(c2.max(1))).for_each(
-            |((row, u), v)| {
-                row[..k1].copy_from_slice(u);
-                row[k1..k1 + c2].copy_from_slice(v);
-                row[kk - 1] = 1.0;
-            },
-        );
+    /// The columns [unfold(x1) | 1], (B N) x (taps C1 + 1).
+    fn columns(&self, x1: &[f32], d: PairDims) -> Vec<f32> {
+        let k1 = self.0.taps.len() * d.c1;
+        let mut cols = vec![0f32; d.b * d.n * (k1 + 1)];
+        let first = self.0.unfold_cpu(x1, d.b, d.n, d.c1);
+        cols.par_chunks_mut(k1 + 1).zip(first.par_chunks(k1.max(1))).for_each(|(row, u)| {
+            row[..k1].copy_from_slice(u);
+            row[k1] = 1.0;
+        });
         cols
+    }
+
+    fn dims(&self, l1: &Layout, l2: &Layout, l3: &Layout) -> Result<PairDims> {
+        let (b, n, c1) = l1.shape().dims3()?;
+        let (b2, n2, c2) = l2.shape().dims3()?;
+        let (kk, cout) = l3.shape().dims2()?;
+        if (b2, n2) != (b, n) || kk != self.0.taps.len() * c1 + 1 + c2 {
+            bail!("dense_pair: inputs {:?} and {:?} with weights {:?}", l1.shape(), l2.shape(), l3.shape());
+        }
+        Ok(PairDims { b, n, c1, c2, cout })
+    }
+
+    fn forward(&self, x1: &[f32], x2: &[f32], w: &[f32], d: PairDims) -> Result<Vec<f32>> {
+        let (rows, k1, par) = (d.b * d.n, self.0.taps.len() * d.c1, parallelism());
+        let cols = self.columns(x1, d);
+        let mut y = vec![0f32; rows * d.cout];
+        let (w1b, w2) = (View::new(w, 0, d.cout, 1), View::new(w, (k1 + 1) * d.cout, d.cout, 1));
+        gemm_into(&mut y, 0, d.cout, (rows, d.cout, k1 + 1), View::new(&cols, 0, k1 + 1, 1), w1b, false, par)?;
+        gemm_into(&mut y, 0, d.cout, (rows, d.cout, d.c2), View::new(x2, 0, d.c2, 1), w2, true, par)?;
+        Ok(y)
+    }
+
+    /// (dx1, dx2, dW) from dy.
+    fn backward(
+        &self,
+        x1: &[f32],
+        x2: &[f32],
+        w: &[f32],
+        g: &[f32],
+        d: PairDims,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let (rows, k1, par) = (d.b * d.n, self.0.taps.len() * d.c1, parallelism());
+        let kk = k1 + 1 + d.c2;
+        let dzt = View::new(g, 0, 1, d.cout); // dy^T
+                                              // dW^T in two products (both operands row-major), then transposed into W's layout.
+        let cols = self.columns(x1, d); // again: cheaper than keeping them, as in `dense`
+        let mut dwt1 = vec![0f32; d.cout * (k1 + 1)];
+        gemm_long_k(&mut dwt1, (d.cout, k1 + 1, rows), &[(0, dzt, View::new(&cols, 0, k1 + 1, 1))])?;
+        let mut dwt2 = vec![0f32; d.cout * d.c2];
+        gemm_long_k(&mut dwt2, (d.cout, d.c2, rows), &[(0, dzt, View::new(x2, 0, d.c2, 1))])?;
+        let mut dw = vec![0f32; kk * d.cout];
+        dw.par_chunks_mut(d.cout.max(1)).enumerate().for_each(|(i, row)| {
+            let (src, at, width) = if i <= k1 { (&dwt1, i, k1 + 1) } else { (&dwt2, i - k1 - 1, d.c2) };
+            for (o, v) in row.iter_mut().enumerate() {
+                *v = src[o * width + at];
+            }
+        });
+        // dx1 = fold(dy W1^T), dx2 = dy W2^T.
+        let dy = View::new(g, 0, d.cout, 1);
+        let mut dcols = vec![0f32; rows * k1];
+        gemm_into(&mut dcols, 0, k1, (rows, k1, d.cout), dy, View::new(w, 0, 1, d.cout), false, par)?;
+        let mut dx2 = vec![0f32; rows * d.c2];
+        gemm_into(&mut dx2, 0, d.c2, (rows, d.c2, d.cout), dy, View::new(w, (k1 + 1) * d.cout, 1, d.cout), false, par)?;
+        Ok((self.0.fold_cpu(&dcols, d.b, d.n, d.c1), dx2, dw))
     }
 }
 
@@ -321,26 +382,9 @@ impl CustomOp3 for Pair {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (b, n, c1) = l1.shape().dims3()?;
-        let (b2, n2, c2) = l2.shape().dims3()?;
-        let (kk, cout) = l3.shape().dims2()?;
-        if (b2, n2) != (b, n) || kk != self.0.taps.len() * c1 + c2 + 1 {
-            bail!("dense_pair: inputs {:?} and {:?} with weights {:?}", l1.shape(), l2.shape(), l3.shape());
-        }
-        let cols = self.columns(slice(s1, l1, "input")?, slice(s2, l2, "second input")?, (b, n, c1, c2));
-        let w = slice(s3, l3, "weight")?;
-        let mut y = vec![0f32; b * n * cout];
-        gemm_into(
-            &mut y,
-            0,
-            cout,
-            (b * n, cout, kk),
-            View::new(&cols, 0, kk, 1),
-            View::new(w, 0, cout, 1),
-            false,
-            parallelism(),
-        )?;
-        Ok((CpuStorage::F32(y), Shape::from((b, n, cout))))
+        let d = self.dims(l1, l2, l3)?;
+        let y = self.forward(slice(s1, l1, "input")?, slice(s2, l2, "second input")?, slice(s3, l3, "weight")?, d)?;
+        Ok((CpuStorage::F32(y), Shape::from((d.b, d.n, d.cout))))
     }
 
     fn bwd(
@@ -351,62 +395,22 @@ impl CustomOp3 for Pair {
         _res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, n, c1) = x1.dims3()?;
-        let c2 = x2.dim(2)?;
-        let (kk, cout) = w.dims2()?;
-        let (rows, k1) = (b * n, self.0.taps.len() * c1);
-        let dy = dy.contiguous()?;
-        let w = w.contiguous()?;
-        let (dx1, dx2, dw) = with_f32(x1, "input", |x1v| {
-            with_f32(x2, "second input", |x2v| {
-                with_f32(&w, "weight", |wv| {
-                    with_f32(&dy, "gradient", |g| {
-                        // The columns again (cheaper than keeping them, as in `dense`).
-                        let cols = self.columns(x1v, x2v, (b, n, c1, c2));
-                        let mut dwt = vec![0f32; cout * kk];
-                        gemm_long_k(
-                            &mut dwt,
-                            (cout, kk, rows),
-                            &[(0, View::new(g, 0, 1, cout), View::new(&cols, 0, kk, 1))],
-                        )?;
-                        let mut dw = vec![0f32; kk * cout];
-                        dw.par_chunks_mut(cout.max(1)).enumerate().for_each(|(i, row)| {
-                            for (o, v) in row.iter_mut().enumerate() {
-                                *v = dwt[o * kk + i];
-                            }
-                        });
-                        // dcols = dy W^T, then split: the unfold's part folds back into x1.
-                        let mut dcols = vec![0f32; rows * kk];
-                        gemm_into(
-                            &mut dcols,
-                            0,
-                            kk,
-                            (rows, kk, cout),
-                            View::new(g, 0, cout, 1),
-                            View::new(wv, 0, 1, cout),
-                            false,
-                            parallelism(),
-                        )?;
-                        let mut first = vec![0f32; rows * k1];
-                        let mut dx2 = vec![0f32; rows * c2];
-                        first
-                            .par_chunks_mut(k1.max(1))
-                            .zip(dx2.par_chunks_mut(c2.max(1)))
-                            .zip(dcols.par_chunks(kk))
-                            .for_each(|((a, v), row)| {
-                                a.copy_from_slice(&row[..k1]);
-                                v.copy_from_slice(&row[k1..k1 + c2]);
-                            });
-                        Ok((self.0.fold_cpu(&first, b, n, c1), dx2, dw))
-                    })
-                })
+        let (x1, x2, w, dy) = (x1.contiguous()?, x2.contiguous()?, w.contiguous()?, dy.contiguous()?);
+        let d = self.dims(x1.layout(), x2.layout(), w.layout())?;
+        let (dx1, dx2, dw) = with_f32(&x1, "input", |a| {
+            with_f32(&x2, "second input", |b| {
+                with_f32(&w, "weight", |wv| with_f32(&dy, "gradient", |g| self.backward(a, b, wv, g, d)))
             })
         })?;
         let dev = x1.device();
-        let dx1 = if x1.track_op() { Some(Tensor::from_vec(dx1, x1.shape(), dev)?) } else { None };
-        let dx2 = if x2.track_op() { Some(Tensor::from_vec(dx2, x2.shape(), dev)?) } else { None };
-        let dw = if w.track_op() { Some(Tensor::from_vec(dw, w.shape(), dev)?) } else { None };
-        Ok((dx1, dx2, dw))
+        let grad = |keep: bool, v: Vec<f32>, t: &Tensor| {
+            if keep {
+                Tensor::from_vec(v, t.shape(), dev).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        Ok((grad(x1.track_op(), dx1, &x1)?, grad(x2.track_op(), dx2, &x2)?, grad(w.track_op(), dw, &w)?))
     }
 }
 
