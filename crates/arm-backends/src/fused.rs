@@ -24,7 +24,7 @@ struct Gate;
 
 /// d/da of the gate from (a, g): one pass.
 #[derive(Debug, Clone, Copy)]
-struct GateGrad;
+pub(crate) struct GateGrad;
 
 use crate::fastmath::{sigmoid as sigmoid32, tanh as tanh32};
 
@@ -119,6 +119,17 @@ impl CustomOp2 for GateGrad {
             .for_each(|(o, (ai, gi))| gate_grad_rows(o, ai, gi, c));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
+}
+
+/// tanh(a[:, :C]) sigmoid(a[:, C:]) of a contiguous (rows, 2C) slice, in parallel.
+pub(crate) fn gate_cpu(a: &[f32], c: usize) -> Vec<f32> {
+    let c2 = 2 * c;
+    let mut out = vec![0f32; a.len() / c2.max(1) * c];
+    let rows_per_chunk = (CHUNK / c2.max(1)).max(1);
+    out.par_chunks_mut(rows_per_chunk * c.max(1))
+        .zip(a.par_chunks(rows_per_chunk * c2.max(1)))
+        .for_each(|(o, ai)| gate_rows(o, ai, c));
+    out
 }
 
 /// The gated unit over the last dimension: (..., 2C) -> (..., C). Fused on CPU for f32.

@@ -144,14 +144,29 @@ impl Conditional for GatedPixelCnnNet {
         }
         let x = x.unsqueeze(2)?; // (B, H*W, 1)
         let (mut v, mut h) = (x.clone(), x);
+        // Without dropout between a gate and the layer reading it, the gate runs inside that
+        // layer's op (`dense_gated`): v_pre is carried to the next layer ungated.
+        let fuse = !self.dropout.active(train);
+        let mut v_pre_prev: Option<Tensor> = None;
         let mut skip: Option<Tensor> = None;
         let last = self.layers.len() - 1;
         for (l, layer) in self.layers.iter().enumerate() {
-            let v_pre = layer.vertical.forward(&v)?; // (B, H*W, 2C)
-                                                     // horizontal(h) + v_to_h(v_pre) as one product.
+            let v_pre = match &v_pre_prev {
+                Some(p) => {
+                    let (w, b, taps) = layer.vertical.parts();
+                    crate::dense::dense_gated(p, w, b, Some(taps))?
+                }
+                None => layer.vertical.forward(&v)?,
+            }; // (B, H*W, 2C)
+               // horizontal(h) + v_to_h(v_pre) as one product.
             let ((hw, hb, taps), (vw, vb)) = (layer.horizontal.parts(), layer.v_to_h.parts());
             let h_pre = crate::dense::dense_pair(&h, taps, hw, hb, &v_pre, vw, vb)?; // (B, H*W, 2C)
-            let o = layer.out.forward(&self.dropout.forward_t(&gate(&h_pre)?, train)?)?; // (B, H*W, C)
+            let o = if fuse {
+                let (w, b) = layer.out.parts();
+                crate::dense::dense_gated(&h_pre, w, b, None)?
+            } else {
+                layer.out.forward(&self.dropout.forward_t(&gate(&h_pre)?, train)?)?
+            }; // (B, H*W, C)
             skip = Some(match skip {
                 Some(s) => (s + &o)?,
                 None => o.clone(),
@@ -159,7 +174,11 @@ impl Conditional for GatedPixelCnnNet {
             h = if layer.residual { (h + o)? } else { o };
             if l < last {
                 // The last layer's vertical output feeds nothing.
-                v = self.dropout.forward_t(&gate(&v_pre)?, train)?; // (B, H*W, C)
+                if fuse {
+                    v_pre_prev = Some(v_pre);
+                } else {
+                    v = self.dropout.forward_t(&gate(&v_pre)?, train)?; // (B, H*W, C)
+                }
             }
         }
         let skip = skip.ok_or_else(|| candle_core::Error::Msg("network has no layers".into()))?;

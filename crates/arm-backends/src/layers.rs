@@ -178,6 +178,11 @@ impl Dropout {
         *self.rng.lock().unwrap_or_else(|e| e.into_inner()) = rng;
     }
 
+    /// Whether [`Self::forward_t`] changes anything (training with p > 0).
+    pub fn active(&self, train: bool) -> bool {
+        train && self.p > 0.0
+    }
+
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if !train || self.p <= 0.0 {
             return Ok(x.clone());
