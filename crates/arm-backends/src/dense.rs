@@ -56,13 +56,13 @@ pub(crate) fn record(shape: GemmShape) {
 
 /// y = act(unfold(x) W + b). x: (B, N, C_in) with an unfold, else (..., C_in); W: (taps * C_in,
 /// C_out) or (C_in, C_out); b: (C_out,). y: x's shape with the last dimension C_out.
-/// `leaky`: LeakyReLU slope in (0, 1] (its backward reads the output's sign, which equals the
-/// pre-activation's only for a positive slope).
+/// `leaky`: LeakyReLU slope in [0, 1], 0 being ReLU (its backward reads the output's sign:
+/// positive exactly where the pre-activation is).
 pub fn dense(x: &Tensor, w: &Tensor, b: &Tensor, unfold: Option<&Unfold>, leaky: Option<f64>) -> Result<Tensor> {
     let (cin, cout) = (*x.dims().last().unwrap_or(&0), w.dim(1)?);
     let fused = x.device().is_cpu()
         && [x.dtype(), w.dtype(), b.dtype()].iter().all(|&d| d == DType::F32)
-        && leaky.is_none_or(|s| s > 0.0 && s <= 1.0);
+        && leaky.is_none_or(|s| (0.0..=1.0).contains(&s));
     if fused {
         // Fewer output than input channels: multiply first, shift the k narrower results.
         let out_side = unfold.is_some() && cout < cin;
@@ -595,7 +595,7 @@ mod tests {
             Some(Unfold { height: 3, width: 4, taps: vec![(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 0)] }),
         ];
         for u in &unfolds {
-            for leaky in [None, Some(0.01), Some(1.0)] {
+            for leaky in [None, Some(0.0), Some(0.01), Some(1.0)] {
                 // C_out > C_in and C_out < C_in: both sides of the unfold.
                 for (cin, cout) in [(3, 4), (5, 2)] {
                     let (bsz, n) = (2, u.as_ref().map_or(5, |u| u.height * u.width));

@@ -44,12 +44,17 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         crate::dense::dense(x, &self.w, &self.b, None, None)
     }
+
+    /// ReLU(x W + b), one op.
+    pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
+        crate::dense::dense(x, &self.w, &self.b, None, Some(0.0))
+    }
 }
 
 /// The output head of the 2D plugins: ReLU, 1x1, ReLU, 1x1; (..., C) -> (..., P).
 pub fn relu_head(head: &[Linear; 2], h: &Tensor) -> Result<Tensor> {
-    let h = head[0].forward(&h.relu()?)?; // (..., C)
-    head[1].forward(&h.relu()?) // (..., P)
+    let h = head[0].forward_relu(&h.relu()?)?; // (..., C), the second ReLU inside the op
+    head[1].forward(&h) // (..., P)
 }
 
 /// Zero-pads `x` (B, D, C) with `front` positions at the start of the sequence.
