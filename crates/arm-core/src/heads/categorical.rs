@@ -3,10 +3,114 @@
 //! The log-probability is an exact log-softmax (log-sum-exp with the max subtracted); unlike the
 //! chapter's reference code it clamps no probability, so NLLs are exact to float precision.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
+use rayon::prelude::*;
 
 use super::Head;
 use crate::Result;
+
+/// log softmax(logits)[x] from candle ops: the path off the CPU, and the reference in tests.
+fn log_prob_composed(params: &Tensor, x: &Tensor) -> Result<Tensor> {
+    let logp = candle_nn::ops::log_softmax(params, D::Minus1)?; // (..., K)
+    let idx = x.to_dtype(DType::U32)?.unsqueeze(D::Minus1)?; // (..., 1)
+    logp.gather(&idx.contiguous()?, D::Minus1)?.squeeze(D::Minus1) // (...)
+}
+
+/// log softmax(logits)[x] as one op (params (..., K), x (...) of level indices): composed, the
+/// log-softmax, gather and squeeze are eight graph nodes, each with its own backward pass.
+/// Backward: d logits = g (onehot(x) - softmax(logits)).
+#[derive(Debug, Clone, Copy)]
+struct LogProb;
+
+fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, z))) => Ok(&v[a..z]),
+        _ => bail!("categorical: expected contiguous f32"),
+    }
+}
+
+/// The level index of x, checked against K levels.
+fn level(x: f32, k: usize) -> Result<usize> {
+    if x >= 0.0 && (x as usize) < k {
+        Ok(x as usize)
+    } else {
+        bail!("categorical: pixel value {x} outside 0..{k}")
+    }
+}
+
+impl CustomOp2 for LogProb {
+    fn name(&self) -> &'static str {
+        "categorical_log_prob"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (logits, x) = (f32s(s1, l1)?, f32s(s2, l2)?);
+        let k = l1.dims().last().copied().unwrap_or(0).max(1);
+        if logits.len() != x.len() * k {
+            bail!("categorical: {} logits for {} pixels of {k} levels", logits.len(), x.len());
+        }
+        let out = logits
+            .par_chunks(k)
+            .zip(x.par_iter())
+            .map(|(row, &xv)| {
+                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let lse = m + row.iter().map(|&l| (l - m).exp()).sum::<f32>().ln();
+                Ok(row[level(xv, k)?] - lse)
+            })
+            .collect::<Result<Vec<f32>>>()?;
+        Ok((CpuStorage::F32(out), l2.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        params: &Tensor,
+        x: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = params.contiguous()?.apply_op3_no_bwd(&x.contiguous()?, &grad.contiguous()?, &LogProbGrad)?;
+        Ok((Some(d), None))
+    }
+}
+
+/// d logits = g (onehot(x) - softmax(logits)) from (logits, x, g).
+#[derive(Debug, Clone, Copy)]
+struct LogProbGrad;
+
+impl CustomOp3 for LogProbGrad {
+    fn name(&self) -> &'static str {
+        "categorical_log_prob_grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (logits, x, g) = (f32s(s1, l1)?, f32s(s2, l2)?, f32s(s3, l3)?);
+        let k = l1.dims().last().copied().unwrap_or(0).max(1);
+        if logits.len() != x.len() * k || g.len() != x.len() {
+            bail!("categorical: {} logits, {} pixels, {} gradients", logits.len(), x.len(), g.len());
+        }
+        let mut d = vec![0f32; logits.len()];
+        d.par_chunks_mut(k).zip(logits.par_chunks(k)).zip(x.par_iter().zip(g.par_iter())).try_for_each(
+            |((drow, row), (&xv, &gv))| {
+                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let total: f32 = row.iter().map(|&l| (l - m).exp()).sum();
+                for (dv, &l) in drow.iter_mut().zip(row) {
+                    *dv = -gv * (l - m).exp() / total;
+                }
+                drow[level(xv, k)?] += gv;
+                Ok::<(), candle_core::Error>(())
+            },
+        )?;
+        Ok((CpuStorage::F32(d), l1.shape().clone()))
+    }
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct Categorical {
@@ -33,9 +137,10 @@ impl Head for Categorical {
     }
 
     fn log_prob(&self, params: &Tensor, x: &Tensor) -> Result<Tensor> {
-        let logp = candle_nn::ops::log_softmax(params, D::Minus1)?; // (..., K)
-        let idx = x.to_dtype(DType::U32)?.unsqueeze(D::Minus1)?; // (..., 1)
-        logp.gather(&idx.contiguous()?, D::Minus1)?.squeeze(D::Minus1) // (...)
+        if params.device().is_cpu() && params.dtype() == DType::F32 && x.dtype() == DType::F32 {
+            return params.contiguous()?.apply_op2(&x.contiguous()?, LogProb);
+        }
+        log_prob_composed(params, x)
     }
 
     fn sample(&self, params: &Tensor, noise: &Tensor) -> Result<Tensor> {
@@ -70,6 +175,29 @@ impl Head for Categorical {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// The fused op against log_softmax + gather, in values and in the logits' gradient, and a
+    /// level outside 0..K is an error.
+    #[test]
+    fn fused_log_prob_equals_composed_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, k) = (23, 5);
+        let l: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 613) as f32 - 306.0) / 40.0).collect();
+        let params = candle_core::Var::from_tensor(&Tensor::from_vec(l, (n, k), &dev)?)?;
+        let x = Tensor::from_vec((0..n).map(|i| (i * 3 % k) as f32).collect::<Vec<_>>(), n, &dev)?;
+        let probe = Tensor::from_vec((0..n).map(|i| i as f32 - 11.0).collect::<Vec<_>>(), n, &dev)?;
+        let fast = Categorical::new(k).log_prob(params.as_tensor(), &x)?;
+        let slow = log_prob_composed(params.as_tensor(), &x)?;
+        let diff =
+            |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>() };
+        assert!(diff(&fast, &slow)? < 1e-5, "values");
+        let gf = (&fast * &probe)?.sum_all()?.backward()?;
+        let gs = (&slow * &probe)?.sum_all()?.backward()?;
+        assert!(diff(gf.get(&params).expect("grad"), gs.get(&params).expect("grad"))? < 1e-5, "gradient");
+        let bad = Tensor::from_vec(vec![k as f32; n], n, &dev)?;
+        assert!(Categorical::new(k).log_prob(params.as_tensor(), &bad).is_err());
+        Ok(())
+    }
 
     #[test]
     fn log_prob_matches_hand_computed_values() -> Result<()> {
