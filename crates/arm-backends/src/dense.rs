@@ -20,7 +20,7 @@ use rayon::prelude::*;
 
 use arm_core::Result;
 
-use crate::kernels::{gemm_into, gemm_long_k, parallelism, with_f32, View};
+use crate::kernels::{f32s, gemm_into, parallelism, taps_side_by_side, weight_grad, with_f32, View};
 use crate::unfold::{Fold, Unfold};
 
 /// One gemm of a [`dense`] call: (rows x k) @ (k x n), and whether the backward also needs the
@@ -59,17 +59,12 @@ pub(crate) fn record(shape: GemmShape) {
 /// `leaky`: LeakyReLU slope in [0, 1], 0 being ReLU (its backward reads the output's sign:
 /// positive exactly where the pre-activation is).
 pub fn dense(x: &Tensor, w: &Tensor, b: &Tensor, unfold: Option<&Unfold>, leaky: Option<f64>) -> Result<Tensor> {
-    let (cin, cout) = (*x.dims().last().unwrap_or(&0), w.dim(1)?);
+    let cout = w.dim(1)?;
     let fused = x.device().is_cpu()
         && [x.dtype(), w.dtype(), b.dtype()].iter().all(|&d| d == DType::F32)
         && leaky.is_none_or(|s| (0.0..=1.0).contains(&s));
     if fused {
-        // Fewer output than input channels: multiply first, shift the k narrower results.
-        let out_side = unfold.is_some() && cout < cin;
-        let op = Dense { unfold: unfold.cloned(), out_side, slope: leaky.map(|s| s as f32) };
-        let (rows, k) = op.rows_k(x.dims());
-        let (k, n) = if out_side { (cin, k / cin.max(1) * cout) } else { (k, cout) };
-        record(GemmShape { rows, k, n, input_grad: x.track_op() });
+        let op = Dense::new(unfold, x.dims(), cout, leaky, x.track_op());
         return x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, op);
     }
     let cols = match unfold {
@@ -101,15 +96,21 @@ struct Dense {
     slope: Option<f32>,
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else { bail!("dense: {what} must be f32") };
-    let Some((a, z)) = l.contiguous_offsets() else { bail!("dense: {what} must be contiguous") };
-    Ok(&v[a..z])
-}
-
 const CHUNK: usize = 1 << 14;
 
 impl Dense {
+    /// The op for an input of shape `dims`, its gemm noted for [`record_gemms`]. Fewer output
+    /// than input channels with an unfold: multiply first, shift the k narrower results.
+    fn new(unfold: Option<&Unfold>, dims: &[usize], cout: usize, leaky: Option<f64>, input_grad: bool) -> Self {
+        let cin = dims.last().copied().unwrap_or(0);
+        let out_side = unfold.is_some() && cout < cin;
+        let op = Dense { unfold: unfold.cloned(), out_side, slope: leaky.map(|s| s as f32) };
+        let (rows, k) = op.rows_k(dims);
+        let (k, n) = if out_side { (cin, k / cin.max(1) * cout) } else { (k, cout) };
+        record(GemmShape { rows, k, n, input_grad });
+        op
+    }
+
     /// (rows, C_in of the matmul) for an input of shape `dims`.
     fn rows_k(&self, dims: &[usize]) -> (usize, usize) {
         let cin = *dims.last().unwrap_or(&0);
@@ -141,21 +142,14 @@ impl CustomOp3 for Dense {
         if l3.shape().dims1()? != cout {
             bail!("dense: bias of {} for {cout} outputs", l3.shape().dims1()?);
         }
-        let x = slice(s1, l1, "input")?;
-        let bias = slice(s3, l3, "bias")?;
+        let x = f32s(s1, l1, "dense: input")?;
+        let bias = f32s(s3, l3, "dense: bias")?;
         let mm = |lhs: &CpuStorage, ll: &Layout| lhs.matmul(s2, (1, rows, cout, k), ll, l2);
         let y = match &self.unfold {
             Some(u) if self.out_side => {
                 let (b, n, cin) = l1.shape().dims3()?;
                 let taps = u.taps.len();
-                let w = slice(s2, l2, "weight")?;
-                let mut wcat = vec![0f32; cin * taps * cout];
-                for t in 0..taps {
-                    for c in 0..cin {
-                        let from = &w[(t * cin + c) * cout..(t * cin + c + 1) * cout];
-                        wcat[(c * taps + t) * cout..(c * taps + t + 1) * cout].copy_from_slice(from);
-                    }
-                }
+                let wcat = taps_side_by_side(f32s(s2, l2, "dense: weight")?, taps, cin, cout);
                 let lx = Layout::contiguous_with_offset((rows, cin), l1.start_offset());
                 let z = s1.matmul(
                     &CpuStorage::F32(wcat),
@@ -227,21 +221,9 @@ impl CustomOp3 for Dense {
                 Some(u) => x.contiguous()?.apply_op1_no_bwd(u)?.reshape((rows, k))?,
                 None => x.reshape((rows, k))?,
             };
-            // dW^T = dz^T cols (both operands row-major: measured 10-40% faster than cols^T dz),
-            // its long sums split across threads, then transposed into W's layout.
             let dz = dz.contiguous()?;
             let dw = with_f32(&cols, "columns", |c| {
-                with_f32(&dz, "gradient", |z| {
-                    let mut dwt = vec![0f32; cout * k];
-                    gemm_long_k(&mut dwt, (cout, k, rows), &[(0, View::new(z, 0, 1, cout), View::new(c, 0, k, 1))])?;
-                    let mut dw = vec![0f32; k * cout];
-                    dw.par_chunks_mut(cout.max(1)).enumerate().for_each(|(i, row)| {
-                        for (o, v) in row.iter_mut().enumerate() {
-                            *v = dwt[o * k + i];
-                        }
-                    });
-                    Ok(dw)
-                })
+                with_f32(&dz, "gradient", |z| weight_grad(z, cout, View::new(c, 0, k, 1), k, rows))
             })?;
             Some(Tensor::from_vec(dw, (k, cout), x.device())?)
         } else {
@@ -345,21 +327,10 @@ impl Pair {
         d: PairDims,
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let (rows, k1, par) = (d.b * d.n, self.0.taps.len() * d.c1, parallelism());
-        let kk = k1 + 1 + d.c2;
-        let dzt = View::new(g, 0, 1, d.cout); // dy^T
-                                              // dW^T in two products (both operands row-major), then transposed into W's layout.
+        // dW = [cols; x2]^T dy, in two products.
         let cols = self.columns(x1, d); // again: cheaper than keeping them, as in `dense`
-        let mut dwt1 = vec![0f32; d.cout * (k1 + 1)];
-        gemm_long_k(&mut dwt1, (d.cout, k1 + 1, rows), &[(0, dzt, View::new(&cols, 0, k1 + 1, 1))])?;
-        let mut dwt2 = vec![0f32; d.cout * d.c2];
-        gemm_long_k(&mut dwt2, (d.cout, d.c2, rows), &[(0, dzt, View::new(x2, 0, d.c2, 1))])?;
-        let mut dw = vec![0f32; kk * d.cout];
-        dw.par_chunks_mut(d.cout.max(1)).enumerate().for_each(|(i, row)| {
-            let (src, at, width) = if i <= k1 { (&dwt1, i, k1 + 1) } else { (&dwt2, i - k1 - 1, d.c2) };
-            for (o, v) in row.iter_mut().enumerate() {
-                *v = src[o * width + at];
-            }
-        });
+        let mut dw = weight_grad(g, d.cout, View::new(&cols, 0, k1 + 1, 1), k1 + 1, rows)?;
+        dw.extend(weight_grad(g, d.cout, View::new(x2, 0, d.c2, 1), d.c2, rows)?);
         // dx1 = fold(dy W1^T), dx2 = dy W2^T.
         let dy = View::new(g, 0, d.cout, 1);
         let mut dcols = vec![0f32; rows * k1];
@@ -385,7 +356,12 @@ impl CustomOp3 for Pair {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = self.dims(l1, l2, l3)?;
-        let y = self.forward(slice(s1, l1, "input")?, slice(s2, l2, "second input")?, slice(s3, l3, "weight")?, d)?;
+        let y = self.forward(
+            f32s(s1, l1, "dense: input")?,
+            f32s(s2, l2, "dense: second input")?,
+            f32s(s3, l3, "dense: weight")?,
+            d,
+        )?;
         Ok((CpuStorage::F32(y), Shape::from((d.b, d.n, d.cout))))
     }
 
@@ -425,16 +401,11 @@ pub fn dense_gated(a: &Tensor, w: &Tensor, b: &Tensor, unfold: Option<&Unfold>) 
     if !cpu_f32 {
         return dense(&crate::fused::gate(a)?, w, b, unfold, None);
     }
-    let (c, cout) = (a.dim(D::Minus1)? / 2, w.dim(1)?);
-    let out_side = unfold.is_some() && cout < c;
-    let inner = Dense { unfold: unfold.cloned(), out_side, slope: None };
     let mut gdims = a.dims().to_vec();
     if let Some(last) = gdims.last_mut() {
-        *last = c;
+        *last /= 2;
     }
-    let (rows, k) = inner.rows_k(&gdims);
-    let (k, n) = if out_side { (c, k / c.max(1) * cout) } else { (k, cout) };
-    record(GemmShape { rows, k, n, input_grad: a.track_op() });
+    let inner = Dense::new(unfold, &gdims, w.dim(1)?, None, a.track_op());
     a.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, GatedDense { inner, kept: Default::default() })
 }
 
@@ -467,7 +438,7 @@ impl CustomOp3 for GatedDense {
         if let Some(last) = dims.last_mut() {
             *last = c2 / 2;
         }
-        let g = crate::fused::gate_cpu(slice(s1, l1, "input")?, c2 / 2);
+        let g = crate::fused::gate_cpu(f32s(s1, l1, "dense: input")?, c2 / 2);
         // A variable, so that the inner backward computes the gradient of the gate's output.
         let g = Var::from_vec(g, dims, &candle_core::Device::Cpu)?;
         let out = {
@@ -523,7 +494,7 @@ impl candle_core::CustomOp2 for LeakyGrad {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (g, y) = (slice(s1, l1, "gradient")?, slice(s2, l2, "output")?);
+        let (g, y) = (f32s(s1, l1, "dense: gradient")?, f32s(s2, l2, "dense: output")?);
         if g.len() != y.len() {
             bail!("leaky_grad: {} gradients for {} outputs", g.len(), y.len());
         }
@@ -551,7 +522,7 @@ impl CustomOp1 for ColumnSum {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (_, c) = l.shape().dims2()?;
-        let z = slice(s, l, "column_sum input")?;
+        let z = f32s(s, l, "dense: column_sum input")?;
         let partials: Vec<Vec<f32>> = z
             .par_chunks(SUM_ROWS * c.max(1))
             .map(|block| {

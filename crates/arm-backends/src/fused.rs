@@ -8,11 +8,7 @@ use rayon::prelude::*;
 
 use arm_core::Result;
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else { bail!("{op}: only f32 is supported") };
-    let Some((a, z)) = l.contiguous_offsets() else { bail!("{op}: input must be contiguous") };
-    Ok(&v[a..z])
-}
+use crate::kernels::f32s;
 
 const CHUNK: usize = 1 << 14;
 
@@ -80,14 +76,9 @@ impl CustomOp1 for Gate {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, c2) = rows_c2(l.shape().dims())?;
+        let (_, c2) = rows_c2(l.shape().dims())?;
         let c = c2 / 2;
-        let a = slice(s, l, "gate")?;
-        let mut out = vec![0f32; n * c];
-        let rows_per_chunk = (CHUNK / c2.max(1)).max(1);
-        out.par_chunks_mut(rows_per_chunk * c.max(1))
-            .zip(a.par_chunks(rows_per_chunk * c2.max(1)))
-            .for_each(|(o, ai)| gate_rows(o, ai, c));
+        let out = gate_cpu(f32s(s, l, "gate input")?, c);
         let mut dims = l.shape().dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = c;
@@ -111,7 +102,7 @@ impl CustomOp2 for GateGrad {
         if l2.shape().elem_count() != n * c {
             bail!("gate_grad: gradient {:?} for input {:?}", l2.shape(), l1.shape());
         }
-        let (a, g) = (slice(s1, l1, "gate_grad")?, slice(s2, l2, "gate_grad")?);
+        let (a, g) = (f32s(s1, l1, "gate_grad input")?, f32s(s2, l2, "gate_grad input")?);
         let mut out = vec![0f32; n * c2];
         let rows_per_chunk = (CHUNK / c2.max(1)).max(1);
         out.par_chunks_mut(rows_per_chunk * c2.max(1))

@@ -143,22 +143,23 @@ impl Conditional for GatedPixelCnnNet {
             candle_core::bail!("gated_pixelcnn: input has {d} pixels, built for {}", self.dims);
         }
         let x = x.unsqueeze(2)?; // (B, H*W, 1)
-        let (mut v, mut h) = (x.clone(), x);
+        let mut h = x.clone();
         // Without dropout between a gate and the layer reading it, the gate runs inside that
-        // layer's op (`dense_gated`): v_pre is carried to the next layer ungated.
+        // layer's op (`dense_gated`), so the vertical stack carries its pre-activations.
         let fuse = !self.dropout.active(train);
-        let mut v_pre_prev: Option<Tensor> = None;
+        let mut v_prev: Option<Tensor> = None; // the previous layer's vertical pre-activations
         let mut skip: Option<Tensor> = None;
-        let last = self.layers.len() - 1;
-        for (l, layer) in self.layers.iter().enumerate() {
-            let v_pre = match &v_pre_prev {
-                Some(p) => {
+        for layer in &self.layers {
+            // Vertical pre-activations (B, H*W, 2C).
+            let v_pre = match &v_prev {
+                None => layer.vertical.forward(&x)?,
+                Some(p) if fuse => {
                     let (w, b, taps) = layer.vertical.parts();
                     crate::dense::dense_gated(p, w, b, Some(taps))?
                 }
-                None => layer.vertical.forward(&v)?,
-            }; // (B, H*W, 2C)
-               // horizontal(h) + v_to_h(v_pre) as one product.
+                Some(p) => layer.vertical.forward(&self.dropout.forward_t(&gate(p)?, train)?)?,
+            };
+            // horizontal(h) + v_to_h(v_pre) as one product.
             let ((hw, hb, taps), (vw, vb)) = (layer.horizontal.parts(), layer.v_to_h.parts());
             let h_pre = crate::dense::dense_pair(&h, taps, hw, hb, &v_pre, vw, vb)?; // (B, H*W, 2C)
             let o = if fuse {
@@ -172,14 +173,7 @@ impl Conditional for GatedPixelCnnNet {
                 None => o.clone(),
             });
             h = if layer.residual { (h + o)? } else { o };
-            if l < last {
-                // The last layer's vertical output feeds nothing.
-                if fuse {
-                    v_pre_prev = Some(v_pre);
-                } else {
-                    v = self.dropout.forward_t(&gate(&v_pre)?, train)?; // (B, H*W, C)
-                }
-            }
+            v_prev = Some(v_pre); // gated by the next layer; the last layer's feeds nothing
         }
         let skip = skip.ok_or_else(|| candle_core::Error::Msg("network has no layers".into()))?;
         self.head(&skip) // (B, H*W, P)

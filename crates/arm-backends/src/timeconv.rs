@@ -23,7 +23,7 @@ use rayon::prelude::*;
 
 use arm_core::Result;
 
-use crate::kernels::{f32s, gemm_into, gemm_long_k, parallelism, with_f32, View};
+use crate::kernels::{f32s, gemm_into, gemm_long_k, parallelism, taps_side_by_side, taps_stacked, with_f32, View};
 
 /// How a layer's product is arranged (see the module header).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,10 +64,6 @@ impl Dims {
     fn rows(&self) -> usize {
         self.t * self.b
     }
-}
-
-fn tensor(v: Vec<f32>, shape: impl Into<Shape>, dev: &candle_core::Device) -> Result<Tensor> {
-    Tensor::from_vec(v, shape, dev)
 }
 
 const ROWS_PER_TASK: usize = 64;
@@ -123,19 +119,6 @@ impl TimeConv {
         cols
     }
 
-    /// W' (C_in, k C_out): W' [c, j C_out + o] = W [j C_in + c, o].
-    fn w_side(&self, w: &[f32], d: Dims) -> Vec<f32> {
-        let k = self.shifts.len();
-        let mut ws = vec![0f32; d.cin * k * d.cout];
-        for j in 0..k {
-            for c in 0..d.cin {
-                let from = &w[(j * d.cin + c) * d.cout..(j * d.cin + c + 1) * d.cout];
-                ws[(c * k + j) * d.cout..(c * k + j + 1) * d.cout].copy_from_slice(from);
-            }
-        }
-        ws
-    }
-
     fn forward(&self, x: &[f32], w: &[f32], bias: &[f32], d: Dims) -> Result<Vec<f32>> {
         let (m, k, par) = (d.rows(), self.shifts.len(), parallelism());
         let out_off = self.pad_out * d.b * d.cout;
@@ -157,7 +140,7 @@ impl TimeConv {
                 }
             }
             Route::OutSide => {
-                let ws = self.w_side(w, d);
+                let ws = taps_side_by_side(w, k, d.cin, d.cout);
                 let mut z = vec![0f32; m * k * d.cout];
                 let lhs = View::new(x, self.pad_in * d.b * d.cin, d.cin, 1);
                 gemm_into(
@@ -305,14 +288,9 @@ impl TimeConv {
                     (d.cin, kn, m),
                     &[(0, View { rs: 1, cs: d.cin, ..xs }, View::new(&dzs, 0, kn, 1))],
                 )?;
-                for j in 0..k {
-                    for c in 0..d.cin {
-                        let from = &dws[(c * k + j) * d.cout..(c * k + j + 1) * d.cout];
-                        dw[(j * d.cin + c) * d.cout..(j * d.cin + c + 1) * d.cout].copy_from_slice(from);
-                    }
-                }
+                dw = taps_stacked(&dws, k, d.cin, d.cout);
                 if let Some(dx) = dx.as_mut() {
-                    let ws = self.w_side(w, d);
+                    let ws = taps_side_by_side(w, k, d.cin, d.cout);
                     gemm_into(
                         dx,
                         x_off,
@@ -378,9 +356,9 @@ impl CustomOp3 for TimeConv {
             })
         })?;
         let dev = x.device();
-        let dx = g.dx.map(|v| tensor(v, x.shape(), dev)).transpose()?;
-        let dw = if w.track_op() { Some(tensor(g.dw, w.shape(), dev)?) } else { None };
-        let db = if b.track_op() { Some(tensor(g.db, b.shape(), dev)?) } else { None };
+        let dx = g.dx.map(|v| Tensor::from_vec(v, x.shape(), dev)).transpose()?;
+        let dw = if w.track_op() { Some(Tensor::from_vec(g.dw, w.shape(), dev)?) } else { None };
+        let db = if b.track_op() { Some(Tensor::from_vec(g.db, b.shape(), dev)?) } else { None };
         Ok((dx, dw, db))
     }
 }

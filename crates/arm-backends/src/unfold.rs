@@ -12,6 +12,8 @@ use rayon::prelude::*;
 
 use arm_core::Result;
 
+use crate::kernels::f32s;
+
 /// Tap offsets (dy, dx): tap t of cell (r, c) reads cell (r + dy, c + dx).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unfold {
@@ -125,12 +127,6 @@ impl Unfold {
     }
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else { bail!("{op}: only f32 is supported") };
-    let Some((a, z)) = l.contiguous_offsets() else { bail!("{op}: input must be contiguous") };
-    Ok(&v[a..z])
-}
-
 impl CustomOp1 for Unfold {
     fn name(&self) -> &'static str {
         "unfold"
@@ -138,7 +134,7 @@ impl CustomOp1 for Unfold {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, n, c) = self.check(l, 1)?;
-        let cols = self.unfold_cpu(f32_slice(s, l, "unfold")?, b, n, c);
+        let cols = self.unfold_cpu(f32s(s, l, "unfold input")?, b, n, c);
         Ok((CpuStorage::F32(cols), Shape::from((b, n, self.taps.len() * c))))
     }
 
@@ -156,7 +152,7 @@ impl CustomOp1 for Fold {
         let u = &self.0;
         let k = u.taps.len();
         let (b, n, c) = u.check(l, k)?;
-        let out = u.fold_cpu(f32_slice(s, l, "fold")?, b, n, c);
+        let out = u.fold_cpu(f32s(s, l, "fold input")?, b, n, c);
         Ok((CpuStorage::F32(out), Shape::from((b, n, c))))
     }
 

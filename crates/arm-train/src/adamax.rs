@@ -5,6 +5,8 @@
 
 use candle_core::{backprop::GradStore, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 use candle_nn::Optimizer;
+
+use arm_core::{cpu_f32, cpu_f32_mut};
 use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy)]
@@ -94,20 +96,6 @@ impl Optimizer for Adamax {
 
 const CHUNK: usize = 1 << 14;
 
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, z))) => Ok(&v[a..z]),
-        _ => candle_core::bail!("adamax: expected contiguous f32"),
-    }
-}
-
-fn f32s_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, z))) => Ok(&mut v[a..z]),
-        _ => candle_core::bail!("adamax: expected contiguous f32"),
-    }
-}
-
 /// m = beta1 m + (1 - beta1) g, in place.
 struct Moment {
     beta1: f32,
@@ -119,7 +107,7 @@ impl InplaceOp2 for Moment {
     }
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
-        let (m, g) = (f32s_mut(s1, l1)?, f32s(s2, l2)?);
+        let (m, g) = (cpu_f32_mut(s1, l1, "adamax state")?, cpu_f32(s2, l2, "adamax input")?);
         let b1 = self.beta1;
         m.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(m, g)| {
             m.iter_mut().zip(g).for_each(|(m, &g)| *m = b1 * *m + (1.0 - b1) * g);
@@ -140,7 +128,7 @@ impl InplaceOp2 for InfNorm {
     }
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
-        let (u, g) = (f32s_mut(s1, l1)?, f32s(s2, l2)?);
+        let (u, g) = (cpu_f32_mut(s1, l1, "adamax state")?, cpu_f32(s2, l2, "adamax input")?);
         let (b2, eps) = (self.beta2, self.eps);
         u.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(u, g)| {
             u.iter_mut().zip(g).for_each(|(u, &g)| *u = (b2 * *u).max(g.abs() + eps));
@@ -168,7 +156,8 @@ impl InplaceOp3 for Update {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<()> {
-        let (w, m, u) = (f32s_mut(s1, l1)?, f32s(s2, l2)?, f32s(s3, l3)?);
+        let (w, m, u) =
+            (cpu_f32_mut(s1, l1, "adamax state")?, cpu_f32(s2, l2, "adamax input")?, cpu_f32(s3, l3, "adamax input")?);
         let step = self.step;
         w.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK).zip(u.par_chunks(CHUNK))).for_each(|(w, (m, u))| {
             w.iter_mut().zip(m.iter().zip(u)).for_each(|(w, (&m, &u))| *w -= step * (m / u));

@@ -7,7 +7,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, 
 use rayon::prelude::*;
 
 use super::Head;
-use crate::Result;
+use crate::{cpu_f32, Result};
 
 /// log softmax(logits)[x] from candle ops: the path off the CPU, and the reference in tests.
 fn log_prob_composed(params: &Tensor, x: &Tensor) -> Result<Tensor> {
@@ -22,11 +22,11 @@ fn log_prob_composed(params: &Tensor, x: &Tensor) -> Result<Tensor> {
 #[derive(Debug, Clone, Copy)]
 struct LogProb;
 
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, z))) => Ok(&v[a..z]),
-        _ => bail!("categorical: expected contiguous f32"),
-    }
+/// (m, sum_k exp(l_k - m)) with m = max_k l_k: log-sum-exp = m + ln(sum), softmax_k =
+/// exp(l_k - m) / sum, without overflow.
+fn max_and_sum_exp(row: &[f32]) -> (f32, f32) {
+    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    (m, row.iter().map(|&l| (l - m).exp()).sum())
 }
 
 /// The level index of x, checked against K levels.
@@ -44,7 +44,7 @@ impl CustomOp2 for LogProb {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (logits, x) = (f32s(s1, l1)?, f32s(s2, l2)?);
+        let (logits, x) = (cpu_f32(s1, l1, "logits")?, cpu_f32(s2, l2, "levels")?);
         let k = l1.dims().last().copied().unwrap_or(0).max(1);
         if logits.len() != x.len() * k {
             bail!("categorical: {} logits for {} pixels of {k} levels", logits.len(), x.len());
@@ -53,9 +53,8 @@ impl CustomOp2 for LogProb {
             .par_chunks(k)
             .zip(x.par_iter())
             .map(|(row, &xv)| {
-                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let lse = m + row.iter().map(|&l| (l - m).exp()).sum::<f32>().ln();
-                Ok(row[level(xv, k)?] - lse)
+                let (m, total) = max_and_sum_exp(row);
+                Ok(row[level(xv, k)?] - (m + total.ln()))
             })
             .collect::<Result<Vec<f32>>>()?;
         Ok((CpuStorage::F32(out), l2.shape().clone()))
@@ -91,7 +90,7 @@ impl CustomOp3 for LogProbGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (logits, x, g) = (f32s(s1, l1)?, f32s(s2, l2)?, f32s(s3, l3)?);
+        let (logits, x, g) = (cpu_f32(s1, l1, "logits")?, cpu_f32(s2, l2, "levels")?, cpu_f32(s3, l3, "gradient")?);
         let k = l1.dims().last().copied().unwrap_or(0).max(1);
         if logits.len() != x.len() * k || g.len() != x.len() {
             bail!("categorical: {} logits, {} pixels, {} gradients", logits.len(), x.len(), g.len());
@@ -99,8 +98,7 @@ impl CustomOp3 for LogProbGrad {
         let mut d = vec![0f32; logits.len()];
         d.par_chunks_mut(k).zip(logits.par_chunks(k)).zip(x.par_iter().zip(g.par_iter())).try_for_each(
             |((drow, row), (&xv, &gv))| {
-                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let total: f32 = row.iter().map(|&l| (l - m).exp()).sum();
+                let (m, total) = max_and_sum_exp(row);
                 for (dv, &l) in drow.iter_mut().zip(row) {
                     *dv = -gv * (l - m).exp() / total;
                 }
