@@ -85,6 +85,19 @@ fn gemm_floor(shapes: &[arm_backends::dense::GemmShape], dev: &Device) -> Result
     Ok(total)
 }
 
+/// Median milliseconds per step and calls per step of every phase recorded by the fused ops.
+fn print_phases(steps: &[Vec<(&'static str, f64, u64)>]) {
+    let mut names: Vec<&str> = steps.iter().flatten().map(|p| p.0).collect();
+    names.sort_unstable();
+    names.dedup();
+    for name in names {
+        let of = |f: &dyn Fn(&(&str, f64, u64)) -> f64| {
+            median(steps.iter().map(|s| s.iter().find(|p| p.0 == name).map_or(0.0, f)).collect())
+        };
+        println!("    {name:<28} {:>8.2} ms/step {:>4} calls", 1e3 * of(&|p| p.1), of(&|p| p.2 as f64));
+    }
+}
+
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -139,7 +152,7 @@ pub fn default_cases() -> Vec<Case> {
     ]
 }
 
-pub fn bench_train(cases: &[Case], steps: usize, dev: &Device) -> Result<()> {
+pub fn bench_train(cases: &[Case], steps: usize, profile: bool, dev: &Device) -> Result<()> {
     let batch = 64;
     let square = Matmul::new(1024, 1024, 1024, dev)?;
     let peak_sq = square.median_gflops(10)?;
@@ -173,18 +186,27 @@ pub fn bench_train(cases: &[Case], steps: usize, dev: &Device) -> Result<()> {
         drop(loss?);
         let floor = gemm_floor(&shapes, dev)?;
         let (mut tf, mut tb, mut to, mut ts, mut peaks) = (vec![], vec![], vec![], vec![], vec![]);
+        let mut phases = Vec::new();
         for i in 0..steps + 2 {
-            let t0 = Instant::now();
-            let loss = arm.nll(&x, true)?;
-            let _ = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-            let t1 = Instant::now();
-            let grads = loss.backward()?;
-            dev.synchronize()?;
-            let t2 = Instant::now();
-            opt.step(&grads)?;
-            dev.synchronize()?;
-            let t3 = Instant::now();
+            // Profiled steps are timed too, but kept out of the medians' warm-up.
+            arm_core::profile::enable(profile && i >= 2);
+            let mut step = || -> Result<_> {
+                let t0 = Instant::now();
+                let loss = arm.nll(&x, true)?;
+                let _ = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+                let t1 = Instant::now();
+                let grads = loss.backward()?;
+                dev.synchronize()?;
+                let t2 = Instant::now();
+                opt.step(&grads)?;
+                dev.synchronize()?;
+                let t3 = Instant::now();
+                Ok((t0, t1, t2, t3))
+            };
+            let (t0, t1, t2, t3) = arm_train::in_pool(&mut step)?; // as the trainer runs it
+            arm_core::profile::enable(false);
             if i >= 2 {
+                phases.push(arm_core::profile::totals());
                 tf.push((t1 - t0).as_secs_f64());
                 tb.push((t2 - t1).as_secs_f64());
                 to.push((t3 - t2).as_secs_f64());
@@ -218,10 +240,17 @@ pub fn bench_train(cases: &[Case], steps: usize, dev: &Device) -> Result<()> {
             eval_ips,
             peak_rss_mib()
         );
+        if profile {
+            print_phases(&phases);
+        }
     }
     println!();
     println!("peak: GFLOP/s of a 1024^3 matmul after each step (best of 3, median over steps); gemms s: the step's");
     println!("matrix products timed one by one (forward, dW, dX) as (rows, k C_in) x (k C_in, C_out);");
     println!("ceiling: the % of peak the step would reach if it took only that long.");
+    if profile {
+        println!("phases (--profile): median over the steps; a phase includes those named after it (`dense bwd`");
+        println!("includes `dense bwd dW`), and ops outside the fused ones (candle's) are not listed.");
+    }
     Ok(())
 }

@@ -187,7 +187,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Bench { what: crate::BenchWhat::Train { steps, model } } => {
+        Command::Bench { what: crate::BenchWhat::Train { steps, model, profile } } => {
             let device = parse_device(&cli.device)?;
             let mut cases = crate::bench::default_cases();
             if let Some(m) = &model {
@@ -197,7 +197,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
                     return Err(bad_input(format!("--model {m}: matches none of {}", labels.join(", "))));
                 }
             }
-            crate::bench::bench_train(&cases, steps, &device)
+            crate::bench::bench_train(&cases, steps, profile, &device)
         }
         Command::List => {
             list();

@@ -44,6 +44,18 @@ fn keep_freed_memory() {
 #[cfg(target_env = "msvc")]
 fn keep_freed_memory() {}
 
+/// candle runs element-wise ops on its own pool, whose threads spin 25,000 rounds after each
+/// op before parking: on two cores, about half a millisecond taken from the matrix product
+/// that follows. 50 rounds, unless the user set the variable (measured with `runner bench
+/// train`, 3 alternated runs each: reference step 0.0585-0.0597 -> 0.0553-0.0563 s,
+/// evaluation 2100-3000 -> ~3100 images/s). Read when candle starts that pool, so set first.
+fn short_candle_spin() {
+    const VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+    if std::env::var_os(VAR).is_none() {
+        std::env::set_var(VAR, "50");
+    }
+}
+
 /// `runner report | head` should end quietly, as other command-line tools do, not panic on a
 /// closed stdout: restore the default SIGPIPE action that Rust's runtime ignores.
 #[cfg(unix)]
@@ -199,6 +211,9 @@ enum BenchWhat {
         /// Only the models whose label contains this text (e.g. `reference`, `gated`).
         #[arg(long)]
         model: Option<String>,
+        /// Also print the milliseconds per step of each phase of the fused CPU ops.
+        #[arg(long)]
+        profile: bool,
     },
     /// Seconds of the naive, cached and Jacobi samplers per plugin on 8x8 and 28x28 images.
     Sampling {
@@ -218,6 +233,7 @@ enum BenchWhat {
 }
 
 fn main() -> ExitCode {
+    short_candle_spin();
     keep_freed_memory();
     quiet_broken_pipe();
     let cli = Cli::parse();

@@ -396,7 +396,8 @@ fn user_csv_and_parquet_files_train_and_bad_files_are_named() {
 #[test]
 fn bench_train_counts_the_reference_flops_and_its_ratios_agree() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let o = runner(dir.path()).args(["bench", "train", "--steps", "1", "--model", "reference"]).output().expect("run");
+    let args = ["bench", "train", "--steps", "1", "--model", "reference", "--profile"];
+    let o = runner(dir.path()).args(args).output().expect("run");
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
     let row = out.lines().find(|l| l.contains("(reference)")).unwrap_or_else(|| panic!("no row in {out}"));
@@ -414,6 +415,15 @@ fn bench_train_counts_the_reference_flops_and_its_ratios_agree() {
     assert!((gflop - by_hand).abs() < 0.01, "{gflop} vs {by_hand}");
     assert!((gflops - gflop / step).abs() <= 0.01 * gflops + 0.1, "{row}");
     assert!((pct - 100.0 * gflops / peak).abs() < 0.2, "{row} with peak {peak}");
+    // --profile: one call per layer (4) each way, and the layers' forward within the step's.
+    let phase = |name: &str| -> (f64, f64) {
+        let line = out.lines().find(|l| l.trim_start().starts_with(name)).unwrap_or_else(|| panic!("no {name} in {out}"));
+        let v: Vec<&str> = line[line.find(name).unwrap_or(0) + name.len()..].split_whitespace().collect();
+        (v[0].parse().expect("ms"), v[2].parse().expect("calls"))
+    };
+    let (fwd_ms, fwd_calls) = phase("timeconv fwd");
+    assert_eq!((fwd_calls, phase("timeconv bwd").1), (4.0, 4.0), "{out}");
+    assert!(fwd_ms > 0.0 && fwd_ms <= 1e3 * cols[1], "{fwd_ms} ms of a {} s forward", cols[1]);
     // Only the selected model ran; an unknown one is a one-line error.
     assert!(!out.contains("gated_pixelcnn"), "{out}");
     let bad = runner(dir.path()).args(["bench", "train", "--model", "nonesuch"]).output().expect("run");

@@ -142,6 +142,7 @@ impl CustomOp3 for Dense {
         if l3.shape().dims1()? != cout {
             bail!("dense: bias of {} for {cout} outputs", l3.shape().dims1()?);
         }
+        let _p = arm_core::profile::scope("dense fwd");
         let x = f32s(s1, l1, "dense: input")?;
         let bias = f32s(s3, l3, "dense: bias")?;
         let mm = |lhs: &CpuStorage, ll: &Layout| lhs.matmul(s2, (1, rows, cout, k), ll, l2);
@@ -184,6 +185,7 @@ impl CustomOp3 for Dense {
         res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _p = arm_core::profile::scope("dense bwd");
         let (rows, k) = self.rows_k(x.dims());
         let cout = w.dim(1)?;
         let dy = dy.contiguous()?.reshape((rows, cout))?;
@@ -214,6 +216,8 @@ impl CustomOp3 for Dense {
             return Ok((dx, dw, db));
         }
         let dw = if w.track_op() {
+            let _p = arm_core::profile::scope("dense bwd dW");
+            let p = arm_core::profile::scope("dense bwd dW cols");
             // The columns are unfolded again rather than kept from the forward pass: reading
             // them back from memory (12 MB for a gated PixelCNN layer) was slower than
             // rebuilding them from x (2 MB), and the step holds 300 MB less.
@@ -221,6 +225,7 @@ impl CustomOp3 for Dense {
                 Some(u) => x.contiguous()?.apply_op1_no_bwd(u)?.reshape((rows, k))?,
                 None => x.reshape((rows, k))?,
             };
+            drop(p);
             let dz = dz.contiguous()?;
             let dw = with_f32(&cols, "columns", |c| {
                 with_f32(&dz, "gradient", |z| weight_grad(z, cout, View::new(c, 0, k, 1), k, rows))
@@ -230,7 +235,10 @@ impl CustomOp3 for Dense {
             None
         };
         let dx = if x.track_op() {
+            let _p = arm_core::profile::scope("dense bwd dx");
+            let p = arm_core::profile::scope("dense bwd dx gemm");
             let dcols = dz.matmul(&w.t()?)?; // (rows, k)
+            drop(p);
             Some(match &self.unfold {
                 Some(u) => {
                     let (bsz, n, _) = x.dims3()?;
@@ -308,6 +316,7 @@ impl Pair {
     }
 
     fn forward(&self, x1: &[f32], x2: &[f32], w: &[f32], d: PairDims) -> Result<Vec<f32>> {
+        let _p = arm_core::profile::scope("pair fwd");
         let (rows, k1, par) = (d.b * d.n, self.0.taps.len() * d.c1, parallelism());
         let cols = self.columns(x1, d);
         let mut y = vec![0f32; rows * d.cout];
@@ -326,11 +335,15 @@ impl Pair {
         g: &[f32],
         d: PairDims,
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let _p = arm_core::profile::scope("pair bwd");
         let (rows, k1, par) = (d.b * d.n, self.0.taps.len() * d.c1, parallelism());
         // dW = [cols; x2]^T dy, in two products.
+        let p = arm_core::profile::scope("pair bwd dW");
         let cols = self.columns(x1, d); // again: cheaper than keeping them, as in `dense`
         let mut dw = weight_grad(g, d.cout, View::new(&cols, 0, k1 + 1, 1), k1 + 1, rows)?;
         dw.extend(weight_grad(g, d.cout, View::new(x2, 0, d.c2, 1), d.c2, rows)?);
+        drop(p);
+        let _p = arm_core::profile::scope("pair bwd dx");
         // dx1 = fold(dy W1^T), dx2 = dy W2^T.
         let dy = View::new(g, 0, d.cout, 1);
         let mut dcols = vec![0f32; rows * k1];
@@ -438,7 +451,9 @@ impl CustomOp3 for GatedDense {
         if let Some(last) = dims.last_mut() {
             *last = c2 / 2;
         }
+        let p = arm_core::profile::scope("gated fwd gate");
         let g = crate::fused::gate_cpu(f32s(s1, l1, "dense: input")?, c2 / 2);
+        drop(p);
         // A variable, so that the inner backward computes the gradient of the gate's output.
         let g = Var::from_vec(g, dims, &candle_core::Device::Cpu)?;
         let out = {
@@ -467,6 +482,7 @@ impl CustomOp3 for GatedDense {
         let (dg, dw, db) = self.inner.bwd(g.as_tensor(), w, b, res, dy)?;
         let da = match dg {
             Some(dg) if a.track_op() => {
+                let _p = arm_core::profile::scope("gated bwd gate");
                 Some(a.contiguous()?.apply_op2_no_bwd(&dg.contiguous()?, &crate::fused::GateGrad)?)
             }
             _ => None,

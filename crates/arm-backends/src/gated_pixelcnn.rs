@@ -12,6 +12,9 @@
 //! output passes a 1x1 convolution, is added to the layer's input (a residual connection, from
 //! the second layer on) and is summed into skip connections; the head is ReLU, 1x1, ReLU, 1x1
 //! to the head's P parameters. Raster order only; (B, D) is read as (B, H*W, 1).
+//! The residual and skip paths share the 1x1 output map and the first layer has no residual,
+//! so after layer l both sums are o_0 + ... + o_l: the skip sum is the last layer's output
+//! and is not computed twice.
 //!
 //! The cached stepper computes the vertical stack one image row at a time (at the first pixel
 //! of the row: it depends on rows above only, and later layers read cells to the right) and
@@ -148,7 +151,6 @@ impl Conditional for GatedPixelCnnNet {
         // layer's op (`dense_gated`), so the vertical stack carries its pre-activations.
         let fuse = !self.dropout.active(train);
         let mut v_prev: Option<Tensor> = None; // the previous layer's vertical pre-activations
-        let mut skip: Option<Tensor> = None;
         for layer in &self.layers {
             // Vertical pre-activations (B, H*W, 2C).
             let v_pre = match &v_prev {
@@ -168,15 +170,13 @@ impl Conditional for GatedPixelCnnNet {
             } else {
                 layer.out.forward(&self.dropout.forward_t(&gate(&h_pre)?, train)?)?
             }; // (B, H*W, C)
-            skip = Some(match skip {
-                Some(s) => (s + &o)?,
-                None => o.clone(),
-            });
-            h = if layer.residual { (h + o)? } else { o };
+            h = if layer.residual { (h + o)? } else { o }; // = the skip sum so far
             v_prev = Some(v_pre); // gated by the next layer; the last layer's feeds nothing
         }
-        let skip = skip.ok_or_else(|| candle_core::Error::Msg("network has no layers".into()))?;
-        self.head(&skip) // (B, H*W, P)
+        if self.layers.is_empty() {
+            candle_core::bail!("network has no layers");
+        }
+        self.head(&h) // (B, H*W, P)
     }
 
     fn seq_len(&self) -> usize {
@@ -259,7 +259,6 @@ impl Stepper for GatedStepper<'_> {
         if self.pos % self.net.width == 0 {
             self.vertical_row()?;
         }
-        let mut skip: Option<Tensor> = None;
         for (l, layer) in self.net.layers.iter().enumerate() {
             let from_h = match l {
                 0 => layer.horizontal.forward_at(self.pos, &self.pixels, &self.zero_pixel)?,
@@ -267,15 +266,15 @@ impl Stepper for GatedStepper<'_> {
             }; // (B, 2C)
             let h_pre = (from_h + layer.v_to_h.forward(cell(&self.v_pre[l], self.pos)?)?)?; // (B, 2C)
             let o = layer.out.forward(&gate(&h_pre)?)?; // (B, C)
-            skip = Some(match skip {
-                Some(s) => (s + &o)?,
-                None => o.clone(),
-            });
             let h = if layer.residual { (cell(&self.h[l - 1], self.pos)? + o)? } else { o };
             self.h[l].push(h);
         }
-        let skip = skip.ok_or_else(|| candle_core::Error::Msg("network has no layers".into()))?;
-        let p = self.net.head(&skip)?; // (B, P)
+        let skip = self
+            .h
+            .last()
+            .and_then(|h| h.last())
+            .ok_or_else(|| candle_core::Error::Msg("network has no layers".into()))?;
+        let p = self.net.head(skip)?; // (B, P) from the skip sum (the last layer's h)
         self.out = Some(p.clone());
         Ok(p)
     }

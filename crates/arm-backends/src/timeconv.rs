@@ -120,6 +120,7 @@ impl TimeConv {
     }
 
     fn forward(&self, x: &[f32], w: &[f32], bias: &[f32], d: Dims) -> Result<Vec<f32>> {
+        let _p = arm_core::profile::scope("timeconv fwd");
         let (m, k, par) = (d.rows(), self.shifts.len(), parallelism());
         let out_off = self.pad_out * d.b * d.cout;
         let mut y = vec![0f32; out_off + m * d.cout];
@@ -207,6 +208,7 @@ impl TimeConv {
 
     /// (dx, dW, db) for x, W, the output y and its gradient dy.
     fn backward(&self, x: &[f32], w: &[f32], y: &[f32], dy: &[f32], d: Dims, need_dx: bool) -> Result<Grads> {
+        let _p = arm_core::profile::scope("timeconv bwd");
         let (m, k, par) = (d.rows(), self.shifts.len(), parallelism());
         let x_off = self.pad_in * d.b * d.cin;
         let mut dw = vec![0f32; k * d.cin * d.cout];

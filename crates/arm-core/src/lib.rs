@@ -9,6 +9,7 @@ mod arm;
 pub mod heads;
 mod init;
 mod ordering;
+pub mod profile;
 mod traits;
 
 pub use arm::{bits_per_dim, Arm, SampleOutput, Sampler};
