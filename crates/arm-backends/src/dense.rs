@@ -255,9 +255,9 @@ impl CustomOp3 for Dense {
 
 /// y = unfold(x1) W1 + x2 W2 + b1 + b2 as one op (the gated PixelCNN's horizontal convolution
 /// plus the 1x1 map of the vertical pre-activations), with the weights as one tensor
-/// [W1; b1 + b2; W2]: [unfold(x1) | 1] times its first rows, plus x2 times the rest, accumulated
-/// in place. One op instead of two and a sum: the sum's backward alone made candle zero-fill and
-/// add two gradients of the output's size. x1: (B, N, C1), x2: (B, N, C2), W1: (taps C1, C_out),
+/// [W1; b1 + b2; W2]: y starts as the bias rows and both products accumulate into it. One op
+/// instead of two and a sum: the sum's backward alone made candle zero-fill and add two
+/// gradients of the output's size. x1: (B, N, C1), x2: (B, N, C2), W1: (taps C1, C_out),
 /// W2: (C2, C_out). CPU and f32; elsewhere the composed ops.
 pub fn dense_pair(
     x1: &Tensor,
@@ -274,7 +274,7 @@ pub fn dense_pair(
     }
     let w = Tensor::cat(&[w1, &(b1 + b2)?.unsqueeze(0)?, w2], 0)?;
     let (rows, c1) = (x1.elem_count() / x1.dim(D::Minus1)?.max(1), x1.dim(D::Minus1)?);
-    record(GemmShape { rows, k: u.taps.len() * c1 + x2.dim(D::Minus1)? + 1, n: w.dim(1)?, input_grad: x1.track_op() });
+    record(GemmShape { rows, k: u.taps.len() * c1 + x2.dim(D::Minus1)?, n: w.dim(1)?, input_grad: x1.track_op() });
     x1.contiguous()?.apply_op3(&x2.contiguous()?, &w.contiguous()?, Pair(u.clone()))
 }
 
@@ -293,17 +293,6 @@ struct PairDims {
 }
 
 impl Pair {
-    /// The columns [unfold(x1) | 1], (B N) x (taps C1 + 1).
-    fn columns(&self, x1: &[f32], d: PairDims) -> Vec<f32> {
-        let k1 = self.0.taps.len() * d.c1;
-        let mut cols = vec![0f32; d.b * d.n * (k1 + 1)];
-        let first = self.0.unfold_cpu(x1, d.b, d.n, d.c1);
-        cols.par_chunks_mut(k1 + 1).zip(first.par_chunks(k1.max(1))).for_each(|(row, u)| {
-            row[..k1].copy_from_slice(u);
-            row[k1] = 1.0;
-        });
-        cols
-    }
 
     fn dims(&self, l1: &Layout, l2: &Layout, l3: &Layout) -> Result<PairDims> {
         let (b, n, c1) = l1.shape().dims3()?;
@@ -318,10 +307,14 @@ impl Pair {
     fn forward(&self, x1: &[f32], x2: &[f32], w: &[f32], d: PairDims) -> Result<Vec<f32>> {
         let _p = arm_core::profile::scope("pair fwd");
         let (rows, k1, par) = (d.b * d.n, self.0.taps.len() * d.c1, parallelism());
-        let cols = self.columns(x1, d);
+        let cols = self.0.unfold_cpu(x1, d.b, d.n, d.c1);
+        // A bias row in the weights and a column of ones would make the first product's k odd
+        // (257 for 128 channels): measured 68% of peak for its weight gradient, against 72%.
+        let bias = &w[k1 * d.cout..(k1 + 1) * d.cout];
         let mut y = vec![0f32; rows * d.cout];
-        let (w1b, w2) = (View::new(w, 0, d.cout, 1), View::new(w, (k1 + 1) * d.cout, d.cout, 1));
-        gemm_into(&mut y, 0, d.cout, (rows, d.cout, k1 + 1), View::new(&cols, 0, k1 + 1, 1), w1b, false, par)?;
+        y.par_chunks_mut(d.cout.max(1)).for_each(|row| row.copy_from_slice(bias));
+        let (w1, w2) = (View::new(w, 0, d.cout, 1), View::new(w, (k1 + 1) * d.cout, d.cout, 1));
+        gemm_into(&mut y, 0, d.cout, (rows, d.cout, k1), View::new(&cols, 0, k1, 1), w1, true, par)?;
         gemm_into(&mut y, 0, d.cout, (rows, d.cout, d.c2), View::new(x2, 0, d.c2, 1), w2, true, par)?;
         Ok(y)
     }
@@ -337,10 +330,11 @@ impl Pair {
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let _p = arm_core::profile::scope("pair bwd");
         let (rows, k1, par) = (d.b * d.n, self.0.taps.len() * d.c1, parallelism());
-        // dW = [cols; x2]^T dy, in two products.
+        // dW = [cols; 1; x2]^T dy: two products and the bias's column sums.
         let p = arm_core::profile::scope("pair bwd dW");
-        let cols = self.columns(x1, d); // again: cheaper than keeping them, as in `dense`
-        let mut dw = weight_grad(g, d.cout, View::new(&cols, 0, k1 + 1, 1), k1 + 1, rows)?;
+        let cols = self.0.unfold_cpu(x1, d.b, d.n, d.c1); // again: cheaper than keeping them, as in `dense`
+        let mut dw = weight_grad(g, d.cout, View::new(&cols, 0, k1, 1), k1, rows)?;
+        dw.extend(column_sums(g, d.cout));
         dw.extend(weight_grad(g, d.cout, View::new(x2, 0, d.c2, 1), d.c2, rows)?);
         drop(p);
         let _p = arm_core::profile::scope("pair bwd dx");
@@ -539,22 +533,27 @@ impl CustomOp1 for ColumnSum {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (_, c) = l.shape().dims2()?;
         let z = f32s(s, l, "dense: column_sum input")?;
-        let partials: Vec<Vec<f32>> = z
-            .par_chunks(SUM_ROWS * c.max(1))
-            .map(|block| {
-                let mut acc = vec![0f32; c];
-                crate::simd::add_rows(&mut acc, block);
-                acc
-            })
-            .collect();
-        let mut out = vec![0f32; c];
-        for p in &partials {
-            for (o, v) in out.iter_mut().zip(p) {
-                *o += v;
-            }
-        }
-        Ok((CpuStorage::F32(out), Shape::from(c)))
+        Ok((CpuStorage::F32(column_sums(z, c)), Shape::from(c)))
     }
+}
+
+/// [`ColumnSum`] of a row-major (N, c) slice.
+fn column_sums(z: &[f32], c: usize) -> Vec<f32> {
+    let partials: Vec<Vec<f32>> = z
+        .par_chunks(SUM_ROWS * c.max(1))
+        .map(|block| {
+            let mut acc = vec![0f32; c];
+            crate::simd::add_rows(&mut acc, block);
+            acc
+        })
+        .collect();
+    let mut out = vec![0f32; c];
+    for p in &partials {
+        for (o, v) in out.iter_mut().zip(p) {
+            *o += v;
+        }
+    }
+    out
 }
 
 #[cfg(test)]
