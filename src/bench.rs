@@ -55,36 +55,6 @@ pub fn matmul_gflops(m: usize, k: usize, n: usize, reps: usize, dev: &Device) ->
     Matmul::new(m, k, n, dev)?.median_gflops(reps)
 }
 
-/// Median seconds of the gemms of one training step, each timed alone: the forward product, and
-/// the backward's dW^T = dy^T X and (where the input needs a gradient) dX = dy W^T, with the
-/// operand layouts `dense` uses. The step cannot be faster than their sum.
-fn gemm_floor(shapes: &[arm_backends::dense::GemmShape], dev: &Device) -> Result<f64> {
-    let mut total = 0.0;
-    for s in shapes {
-        let x = Tensor::randn(0f32, 1.0, (s.rows, s.k), dev)?;
-        let w = Tensor::randn(0f32, 1.0, (s.k, s.n), dev)?;
-        let dy = Tensor::randn(0f32, 1.0, (s.rows, s.n), dev)?;
-        let time = |f: &dyn Fn() -> Result<Tensor>| -> Result<f64> {
-            let _ = f()?;
-            let mut t = Vec::new();
-            for _ in 0..9 {
-                let t0 = Instant::now();
-                let r = f()?;
-                dev.synchronize()?;
-                t.push(t0.elapsed().as_secs_f64());
-                drop(r);
-            }
-            Ok(median(t))
-        };
-        total += time(&|| Ok(x.matmul(&w)?))?;
-        total += time(&|| Ok(dy.t()?.matmul(&x)?))?;
-        if s.input_grad {
-            total += time(&|| Ok(dy.matmul(&w.t()?)?))?;
-        }
-    }
-    Ok(total)
-}
-
 /// Median milliseconds per step and calls per step of every phase recorded by the fused ops.
 fn print_phases(steps: &[Vec<(&'static str, f64, u64)>]) {
     let mut names: Vec<&str> = steps.iter().flatten().map(|p| p.0).collect();
@@ -160,20 +130,8 @@ pub fn bench_train(cases: &[Case], steps: usize, profile: bool, dev: &Device) ->
     println!("matmul now: 1024x1024x1024 {peak_sq:.1} GFLOP/s; 4096x1792x256 {peak_conv:.1} GFLOP/s");
     println!();
     println!(
-        "{:<42} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9}",
-        "model",
-        "step s",
-        "fwd s",
-        "bwd s",
-        "opt s",
-        "GFLOP/step",
-        "GFLOP/s",
-        "peak",
-        "% peak",
-        "gemms s",
-        "ceiling",
-        "eval im/s",
-        "rss MiB"
+        "{:<42} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>8} {:>9} {:>9}",
+        "model", "step s", "fwd s", "bwd s", "opt s", "GFLOP/step", "GFLOP/s", "peak", "% peak", "eval im/s", "rss MiB"
     );
     for case in cases {
         let (arm, map, data) = crate::run::build(&case.cfg, dev)?;
@@ -182,9 +140,6 @@ pub fn bench_train(cases: &[Case], steps: usize, profile: bool, dev: &Device) ->
         let mut opt = Adamax::new(map.all_vars(), ParamsAdamax::default())?;
         let idx: Vec<usize> = (0..batch).collect();
         let x = data.train.batch(&idx, dev)?;
-        let (loss, shapes) = arm_backends::dense::record_gemms(|| arm.nll(&x, true));
-        drop(loss?);
-        let floor = gemm_floor(&shapes, dev)?;
         let (mut tf, mut tb, mut to, mut ts, mut peaks) = (vec![], vec![], vec![], vec![], vec![]);
         let mut phases = Vec::new();
         for i in 0..steps + 2 {
@@ -225,7 +180,7 @@ pub fn bench_train(cases: &[Case], steps: usize, profile: bool, dev: &Device) ->
         let n_eval = arm_train::evaluate(&arm, &data.val, 500).map(|_| data.val.n)?;
         let eval_ips = n_eval as f64 / t0.elapsed().as_secs_f64();
         println!(
-            "{:<42} {:>9.4} {:>9.4} {:>9.4} {:>9.4} {:>10.2} {:>9.1} {:>9.1} {:>7.1}% {:>9.4} {:>8.1}% {:>9.0} {:>9.0}",
+            "{:<42} {:>9.4} {:>9.4} {:>9.4} {:>9.4} {:>10.2} {:>9.1} {:>9.1} {:>7.1}% {:>9.0} {:>9.0}",
             case.label,
             step,
             median(tf),
@@ -235,8 +190,6 @@ pub fn bench_train(cases: &[Case], steps: usize, profile: bool, dev: &Device) ->
             gflops,
             peak,
             100.0 * gflops / peak,
-            floor,
-            100.0 * 3.0 * fwd_flops / floor / 1e9 / peak,
             eval_ips,
             peak_rss_mib()
         );
@@ -245,9 +198,7 @@ pub fn bench_train(cases: &[Case], steps: usize, profile: bool, dev: &Device) ->
         }
     }
     println!();
-    println!("peak: GFLOP/s of a 1024^3 matmul after each step (best of 3, median over steps); gemms s: the step's");
-    println!("matrix products timed one by one (forward, dW, dX) as (rows, k C_in) x (k C_in, C_out);");
-    println!("ceiling: the % of peak the step would reach if it took only that long.");
+    println!("peak: GFLOP/s of a 1024^3 matmul after each step (best of 3, median over steps).");
     if profile {
         println!("phases (--profile): median over the steps; a phase includes those named after it (`dense bwd`");
         println!("includes `dense bwd dW`), and ops outside the fused ones (candle's) are not listed.");

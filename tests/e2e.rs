@@ -417,7 +417,8 @@ fn bench_train_counts_the_reference_flops_and_its_ratios_agree() {
     assert!((pct - 100.0 * gflops / peak).abs() < 0.2, "{row} with peak {peak}");
     // --profile: one call per layer (4) each way, and the layers' forward within the step's.
     let phase = |name: &str| -> (f64, f64) {
-        let line = out.lines().find(|l| l.trim_start().starts_with(name)).unwrap_or_else(|| panic!("no {name} in {out}"));
+        let line =
+            out.lines().find(|l| l.trim_start().starts_with(name)).unwrap_or_else(|| panic!("no {name} in {out}"));
         let v: Vec<&str> = line[line.find(name).unwrap_or(0) + name.len()..].split_whitespace().collect();
         (v[0].parse().expect("ms"), v[2].parse().expect("calls"))
     };

@@ -10,8 +10,6 @@
 //! the gradients of x, W and b reach the store. Elsewhere (other devices, dtypes) the same
 //! function composes candle ops.
 
-use std::cell::RefCell;
-
 use candle_core::backend::BackendStorage;
 use std::sync::{Arc, Mutex};
 
@@ -23,37 +21,6 @@ use arm_core::Result;
 use crate::kernels::{f32s, gemm_into, parallelism, taps_side_by_side, weight_grad, with_f32, View};
 use crate::unfold::{Fold, Unfold};
 
-/// One gemm of a [`dense`] call: (rows x k) @ (k x n), and whether the backward also needs the
-/// input gradient (dx = dy W^T) besides dW.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GemmShape {
-    pub rows: usize,
-    pub k: usize,
-    pub n: usize,
-    pub input_grad: bool,
-}
-
-thread_local! {
-    static RECORD: RefCell<Option<Vec<GemmShape>>> = const { RefCell::new(None) };
-}
-
-/// Runs `f` and returns the gemm shapes of the [`dense`] calls it made on this thread (for
-/// `runner bench train`, which times those gemms alone as the step's floor).
-pub fn record_gemms<T>(f: impl FnOnce() -> T) -> (T, Vec<GemmShape>) {
-    RECORD.with(|r| *r.borrow_mut() = Some(Vec::new()));
-    let out = f();
-    (out, RECORD.with(|r| r.borrow_mut().take()).unwrap_or_default())
-}
-
-/// Notes one gemm for [`record_gemms`], if recording on this thread.
-pub(crate) fn record(shape: GemmShape) {
-    RECORD.with(|r| {
-        if let Some(v) = r.borrow_mut().as_mut() {
-            v.push(shape);
-        }
-    });
-}
-
 /// y = act(unfold(x) W + b). x: (B, N, C_in) with an unfold, else (..., C_in); W: (taps * C_in,
 /// C_out) or (C_in, C_out); b: (C_out,). y: x's shape with the last dimension C_out.
 /// `leaky`: LeakyReLU slope in [0, 1], 0 being ReLU (its backward reads the output's sign:
@@ -64,7 +31,7 @@ pub fn dense(x: &Tensor, w: &Tensor, b: &Tensor, unfold: Option<&Unfold>, leaky:
         && [x.dtype(), w.dtype(), b.dtype()].iter().all(|&d| d == DType::F32)
         && leaky.is_none_or(|s| (0.0..=1.0).contains(&s));
     if fused {
-        let op = Dense::new(unfold, x.dims(), cout, leaky, x.track_op());
+        let op = Dense::new(unfold, x.dim(D::Minus1)?, cout, leaky);
         return x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, op);
     }
     let cols = match unfold {
@@ -99,16 +66,11 @@ struct Dense {
 const CHUNK: usize = 1 << 14;
 
 impl Dense {
-    /// The op for an input of shape `dims`, its gemm noted for [`record_gemms`]. Fewer output
-    /// than input channels with an unfold: multiply first, shift the k narrower results.
-    fn new(unfold: Option<&Unfold>, dims: &[usize], cout: usize, leaky: Option<f64>, input_grad: bool) -> Self {
-        let cin = dims.last().copied().unwrap_or(0);
+    /// The op for an input with `cin` channels. Fewer output than input channels with an
+    /// unfold: multiply first, shift the k narrower results.
+    fn new(unfold: Option<&Unfold>, cin: usize, cout: usize, leaky: Option<f64>) -> Self {
         let out_side = unfold.is_some() && cout < cin;
-        let op = Dense { unfold: unfold.cloned(), out_side, slope: leaky.map(|s| s as f32) };
-        let (rows, k) = op.rows_k(dims);
-        let (k, n) = if out_side { (cin, k / cin.max(1) * cout) } else { (k, cout) };
-        record(GemmShape { rows, k, n, input_grad });
-        op
+        Dense { unfold: unfold.cloned(), out_side, slope: leaky.map(|s| s as f32) }
     }
 
     /// (rows, C_in of the matmul) for an input of shape `dims`.
@@ -273,8 +235,6 @@ pub fn dense_pair(
         return dense(x1, w1, b1, Some(u), None)? + dense(x2, w2, b2, None, None)?;
     }
     let w = Tensor::cat(&[w1, &(b1 + b2)?.unsqueeze(0)?, w2], 0)?;
-    let (rows, c1) = (x1.elem_count() / x1.dim(D::Minus1)?.max(1), x1.dim(D::Minus1)?);
-    record(GemmShape { rows, k: u.taps.len() * c1 + x2.dim(D::Minus1)?, n: w.dim(1)?, input_grad: x1.track_op() });
     x1.contiguous()?.apply_op3(&x2.contiguous()?, &w.contiguous()?, Pair(u.clone()))
 }
 
@@ -293,7 +253,6 @@ struct PairDims {
 }
 
 impl Pair {
-
     fn dims(&self, l1: &Layout, l2: &Layout, l3: &Layout) -> Result<PairDims> {
         let (b, n, c1) = l1.shape().dims3()?;
         let (b2, n2, c2) = l2.shape().dims3()?;
@@ -408,11 +367,7 @@ pub fn dense_gated(a: &Tensor, w: &Tensor, b: &Tensor, unfold: Option<&Unfold>) 
     if !cpu_f32 {
         return dense(&crate::fused::gate(a)?, w, b, unfold, None);
     }
-    let mut gdims = a.dims().to_vec();
-    if let Some(last) = gdims.last_mut() {
-        *last /= 2;
-    }
-    let inner = Dense::new(unfold, &gdims, w.dim(1)?, None, a.track_op());
+    let inner = Dense::new(unfold, a.dim(D::Minus1)? / 2, w.dim(1)?, None);
     a.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, GatedDense { inner, kept: Default::default() })
 }
 

@@ -215,9 +215,17 @@ impl TimeConv {
         let mut dx = if need_dx { Some(vec![0f32; x_off + m * d.cin]) } else { None };
         let route = self.route(d);
         let tail = if route == Route::Taps { self.max_shift() } else { 0 };
+        let p = arm_core::profile::scope("timeconv bwd dz");
         let (dz, db) = self.dz_and_db(dy, y, d, tail);
+        drop(p);
+        let _r = arm_core::profile::scope(match route {
+            Route::Taps => "timeconv bwd taps",
+            Route::Unfold => "timeconv bwd unfold",
+            Route::OutSide => "timeconv bwd outside",
+        });
         match route {
             Route::Taps => {
+                let p = arm_core::profile::scope("timeconv bwd taps dW");
                 // dW_j = X_j^T dZ, X_j = the input shifted by s_j.
                 let prods: Vec<_> = (self.shifts.iter().enumerate())
                     .map(|(j, &s)| {
@@ -226,6 +234,7 @@ impl TimeConv {
                     })
                     .collect();
                 gemm_long_k(&mut dw, (d.cin, d.cout, m), &prods)?;
+                drop(p);
                 for (j, &s) in self.shifts.iter().enumerate() {
                     if let Some(dx) = dx.as_mut() {
                         // dX += dZ (shifted forward by s_j) W_j^T.
@@ -368,9 +377,5 @@ impl CustomOp3 for TimeConv {
 /// Applies `op` to x (pad_in + T, B, C_in), W and b on the CPU (f32).
 pub fn time_conv(op: &TimeConv, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     let op = TimeConv { cols: Default::default(), ..op.clone() }; // this call's own column store
-    let d = op.dims(x.layout(), w.layout())?;
-    let k = op.shifts.len();
-    let (kk, n) = if op.route(d) == Route::OutSide { (d.cin, k * d.cout) } else { (k * d.cin, d.cout) };
-    crate::dense::record(crate::dense::GemmShape { rows: d.rows(), k: kk, n, input_grad: x.track_op() });
     x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, op)
 }
