@@ -158,7 +158,7 @@ pub fn bench_train(cases: &[Case], steps: usize, profile: bool, dev: &Device) ->
                 let t3 = Instant::now();
                 Ok((t0, t1, t2, t3))
             };
-            let (t0, t1, t2, t3) = arm_train::in_pool(&mut step)?; // as the trainer runs it
+            let (t0, t1, t2, t3) = arm_train::in_pool(dev, &mut step)?; // as the trainer runs it
             arm_core::profile::enable(false);
             if i >= 2 {
                 phases.push(arm_core::profile::totals());

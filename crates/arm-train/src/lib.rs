@@ -174,7 +174,7 @@ pub struct Outcome {
 pub fn evaluate(arm: &Arm, split: &Split, batch: usize) -> candle_core::Result<f64> {
     let mut total = 0.0f64;
     for x in split.batches(batch, arm.device()) {
-        let lp = in_pool(|| arm.log_prob(&x?))?; // (B,)
+        let lp = in_pool(arm.device(), || arm.log_prob(&x?))?; // (B,)
         total += lp.to_dtype(candle_core::DType::F64)?.sum_all()?.to_scalar::<f64>()?;
     }
     Ok(-total / split.n.max(1) as f64)
@@ -187,9 +187,14 @@ pub fn evaluate(arm: &Arm, split: &Split, batch: usize) -> candle_core::Result<f
 /// took up to a third of a millisecond to start. From a worker, a region runs its first half
 /// in place and only the second worker has to be woken. Measured with `runner bench train`,
 /// 3 alternated runs each: gated PixelCNN 0.122-0.128 -> 0.113-0.123 s per step, reference
-/// 0.057-0.059 -> 0.056 s.
-pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    rayon::scope(|_| f())
+/// 0.057-0.059 -> 0.056 s. Other devices run `f` on the calling thread (a GPU context is
+/// bound to the thread that made it current).
+pub fn in_pool<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) -> R {
+    if device.is_cpu() {
+        rayon::scope(|_| f())
+    } else {
+        f()
+    }
 }
 
 /// Shuffled training indices of `epoch`: a ChaCha8 stream per (seed, epoch), so an epoch's
@@ -352,7 +357,7 @@ pub fn train_from(
         let mut train_sum = 0.0f64;
         for (step, idx) in order.chunks(cfg.batch_size).enumerate() {
             let x = data.train.batch(idx, &device)?; // (B, D)
-            let lv = in_pool(|| -> candle_core::Result<f64> {
+            let lv = in_pool(&device, || -> candle_core::Result<f64> {
                 let loss = arm.nll(&x, true)?; // scalar, nats per image
                 let lv = loss.to_scalar::<f32>()? as f64;
                 if lv.is_finite() {
@@ -418,4 +423,19 @@ pub fn train_from(
         (None, None)
     };
     Ok(Outcome { status, history, best_epoch, best_val_nll: best_val, test_nll, test_bpd })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The step runs on a worker of the pool the fused ops split their work over, and gives
+    /// back what the closure returned.
+    #[test]
+    fn in_pool_runs_on_a_rayon_worker() {
+        assert_eq!(rayon::current_thread_index(), None, "the test thread is not a worker");
+        let (on_worker, v) = in_pool(&Device::Cpu, || (rayon::current_thread_index().is_some(), 7));
+        assert!(on_worker);
+        assert_eq!(v, 7);
+    }
 }
