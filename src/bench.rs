@@ -143,9 +143,10 @@ pub fn bench_train(cases: &[Case], steps: usize, profile: bool, dev: &Device) ->
         let (mut tf, mut tb, mut to, mut ts, mut peaks) = (vec![], vec![], vec![], vec![], vec![]);
         let mut phases = Vec::new();
         for i in 0..steps + 2 {
-            // Profiled steps are timed too, but kept out of the medians' warm-up.
+            // The two warm-up steps are neither timed nor profiled.
             arm_core::profile::enable(profile && i >= 2);
-            let mut step = || -> Result<_> {
+            // On a pool worker, as the trainer runs its steps.
+            let (t0, t1, t2, t3) = arm_train::in_pool(dev, || -> Result<_> {
                 let t0 = Instant::now();
                 let loss = arm.nll(&x, true)?;
                 let _ = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
@@ -157,8 +158,7 @@ pub fn bench_train(cases: &[Case], steps: usize, profile: bool, dev: &Device) ->
                 dev.synchronize()?;
                 let t3 = Instant::now();
                 Ok((t0, t1, t2, t3))
-            };
-            let (t0, t1, t2, t3) = arm_train::in_pool(dev, &mut step)?; // as the trainer runs it
+            })?;
             arm_core::profile::enable(false);
             if i >= 2 {
                 phases.push(arm_core::profile::totals());

@@ -163,26 +163,24 @@ pub(crate) fn weight_grad(dy: &[f32], n: usize, cols: View, k: usize, rows: usiz
 /// W' (C_in, taps C_out) from W (taps C_in, C_out) with tap-major rows: W'[c, t C_out + o] =
 /// W[t C_in + c, o], the taps' weights side by side for multiplying before shifting.
 pub(crate) fn taps_side_by_side(w: &[f32], taps: usize, cin: usize, cout: usize) -> Vec<f32> {
-    let mut ws = vec![0f32; cin * taps * cout];
-    for t in 0..taps {
-        for c in 0..cin {
-            let from = &w[(t * cin + c) * cout..(t * cin + c + 1) * cout];
-            ws[(c * taps + t) * cout..(c * taps + t + 1) * cout].copy_from_slice(from);
-        }
-    }
-    ws
+    swap_row_blocks(w, taps, cin, cout)
 }
 
 /// The inverse of [`taps_side_by_side`]: W (taps C_in, C_out) from W' (C_in, taps C_out).
 pub(crate) fn taps_stacked(ws: &[f32], taps: usize, cin: usize, cout: usize) -> Vec<f32> {
-    let mut w = vec![0f32; cin * taps * cout];
-    for t in 0..taps {
-        for c in 0..cin {
-            let from = &ws[(c * taps + t) * cout..(c * taps + t + 1) * cout];
-            w[(t * cin + c) * cout..(t * cin + c + 1) * cout].copy_from_slice(from);
+    swap_row_blocks(ws, cin, taps, cout)
+}
+
+/// Rows of `len` values indexed (i, j) in an (a x b) grid, reordered to (j, i).
+fn swap_row_blocks(src: &[f32], a: usize, b: usize, len: usize) -> Vec<f32> {
+    let mut dst = vec![0f32; a * b * len];
+    for i in 0..a {
+        for j in 0..b {
+            let from = &src[(i * b + j) * len..(i * b + j + 1) * len];
+            dst[(j * a + i) * len..(j * a + i + 1) * len].copy_from_slice(from);
         }
     }
-    w
+    dst
 }
 
 pub(crate) use arm_core::cpu_f32 as f32s;
