@@ -22,7 +22,7 @@ use rand_chacha::ChaCha8Rng;
 const BIN: &str = env!("CARGO_BIN_EXE_runner");
 
 fn fixture(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name).to_string_lossy().to_string()
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name).to_string_lossy().to_string()
 }
 
 fn cmd(results: &Path, args: &[&str]) -> std::process::Command {

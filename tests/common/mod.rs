@@ -8,7 +8,7 @@ use assert_cmd::Command;
 use polars::prelude::{DataFrame, DataType, ParquetReader, SerReader};
 
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
 }
 
 /// The binary with `--results` set and no log filter from the environment.

@@ -1,20 +1,9 @@
-//! Conditional plugins (one file each), their registry and shared layers.
+//! Conditional plugins (one file each under `plugins/`), the layers they are made of
+//! (`layers/`), and the registry that maps a name in an experiment file to a plugin.
+//! Plugins compose layers; layers call the fused ops of `arm-kernels`.
 
-pub mod causal_conv1d;
-pub mod conv2d;
-pub mod dense;
-mod fastmath;
-pub mod fused;
-pub mod gated_pixelcnn;
-mod kernels;
 pub mod layers;
-pub mod markov;
-pub mod mlp;
-pub mod pixelcnn;
+pub mod plugins;
 mod registry;
-pub mod rnn;
-mod simd;
-pub mod timeconv;
-pub mod unfold;
 
 pub use registry::{invalid, plugin, plugin_names, registry, BuildCtx, Plugin, PluginConfig, PluginError};

@@ -132,12 +132,12 @@ impl Plugin {
 /// Every plugin, one line each.
 pub fn registry() -> Vec<Plugin> {
     vec![
-        Plugin::of::<crate::causal_conv1d::CausalConv1dConfig>(),
-        Plugin::of::<crate::mlp::MlpConfig>(),
-        Plugin::of::<crate::rnn::RnnConfig>(),
-        Plugin::of::<crate::pixelcnn::PixelCnnConfig>(),
-        Plugin::of::<crate::gated_pixelcnn::GatedPixelCnnConfig>(),
-        Plugin::of::<crate::markov::MarkovConfig>(),
+        Plugin::of::<crate::plugins::causal_conv1d::CausalConv1dConfig>(),
+        Plugin::of::<crate::plugins::mlp::MlpConfig>(),
+        Plugin::of::<crate::plugins::rnn::RnnConfig>(),
+        Plugin::of::<crate::plugins::pixelcnn::PixelCnnConfig>(),
+        Plugin::of::<crate::plugins::gated_pixelcnn::GatedPixelCnnConfig>(),
+        Plugin::of::<crate::plugins::markov::MarkovConfig>(),
     ]
 }
 

@@ -9,7 +9,6 @@ mod arm;
 pub mod heads;
 mod init;
 mod ordering;
-pub mod profile;
 mod traits;
 
 pub use arm::{bits_per_dim, Arm, SampleOutput, Sampler};
@@ -17,27 +16,6 @@ pub use heads::{build_head, categorical::Categorical, head_names, resolve_head, 
 pub use init::{seeded_var_builder, SeededInit};
 pub use ordering::Ordering;
 pub use traits::{Conditional, NaiveStepper, Stepper};
-
-/// The f32 data of a contiguous CPU storage, for the custom ops of the crates; `what` names it
-/// in the error.
-pub fn cpu_f32<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout, what: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (candle_core::CpuStorage::F32(v), Some((a, z))) => Ok(&v[a..z]),
-        _ => candle_core::bail!("{what} must be contiguous f32"),
-    }
-}
-
-/// [`cpu_f32`] for an op that writes in place.
-pub fn cpu_f32_mut<'a>(
-    s: &'a mut candle_core::CpuStorage,
-    l: &candle_core::Layout,
-    what: &str,
-) -> Result<&'a mut [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (candle_core::CpuStorage::F32(v), Some((a, z))) => Ok(&mut v[a..z]),
-        _ => candle_core::bail!("{what} must be contiguous f32"),
-    }
-}
 
 /// Result type of the core: candle's error carries shape and op context.
 pub type Result<T> = candle_core::Result<T>;

@@ -6,7 +6,7 @@
 use candle_core::{backprop::GradStore, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 use candle_nn::Optimizer;
 
-use arm_core::{cpu_f32, cpu_f32_mut};
+use arm_kernels::{cpu_f32, cpu_f32_mut};
 use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy)]

@@ -7,7 +7,9 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, 
 use rayon::prelude::*;
 
 use super::Head;
-use crate::{cpu_f32, Result};
+use arm_kernels::cpu_f32;
+
+use crate::Result;
 
 /// log softmax(logits)[x] from candle ops: the path off the CPU, and the reference in tests.
 fn log_prob_composed(params: &Tensor, x: &Tensor) -> Result<Tensor> {

@@ -10,9 +10,9 @@
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use arm_core::Result;
+use crate::Result;
 
-use crate::kernels::f32s;
+use crate::gemm::f32s;
 
 /// Tap offsets (dy, dx): tap t of cell (r, c) reads cell (r + dy, c + dx).
 #[derive(Debug, Clone, PartialEq, Eq)]

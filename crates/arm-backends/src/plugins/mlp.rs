@@ -16,7 +16,7 @@ type Result<T, E = candle_core::Error> = std::result::Result<T, E>;
 
 use crate::layers::{leaky_relu, linear, Dropout, Linear};
 use crate::registry::{invalid, BuildCtx, PluginConfig, PluginError};
-use crate::unfold::Unfold;
+use arm_kernels::Unfold;
 
 /// LeakyReLU slope between hidden layers (the causal_conv1d default).
 const SLOPE: f64 = 0.01;

@@ -21,9 +21,9 @@ use std::sync::{Arc, Mutex};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use arm_core::Result;
+use crate::Result;
 
-use crate::kernels::{f32s, gemm_into, gemm_long_k, parallelism, taps_side_by_side, taps_stacked, with_f32, View};
+use crate::gemm::{f32s, gemm_into, gemm_long_k, parallelism, taps_side_by_side, taps_stacked, with_f32, View};
 
 /// How a layer's product is arranged (see the module header).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,7 +120,7 @@ impl TimeConv {
     }
 
     fn forward(&self, x: &[f32], w: &[f32], bias: &[f32], d: Dims) -> Result<Vec<f32>> {
-        let _p = arm_core::profile::scope("timeconv fwd");
+        let _p = crate::profile::scope("timeconv fwd");
         let (m, k, par) = (d.rows(), self.shifts.len(), parallelism());
         let out_off = self.pad_out * d.b * d.cout;
         let mut y = vec![0f32; out_off + m * d.cout];
@@ -208,24 +208,24 @@ impl TimeConv {
 
     /// (dx, dW, db) for x, W, the output y and its gradient dy.
     fn backward(&self, x: &[f32], w: &[f32], y: &[f32], dy: &[f32], d: Dims, need_dx: bool) -> Result<Grads> {
-        let _p = arm_core::profile::scope("timeconv bwd");
+        let _p = crate::profile::scope("timeconv bwd");
         let (m, k, par) = (d.rows(), self.shifts.len(), parallelism());
         let x_off = self.pad_in * d.b * d.cin;
         let mut dw = vec![0f32; k * d.cin * d.cout];
         let mut dx = if need_dx { Some(vec![0f32; x_off + m * d.cin]) } else { None };
         let route = self.route(d);
         let tail = if route == Route::Taps { self.max_shift() } else { 0 };
-        let p = arm_core::profile::scope("timeconv bwd dz");
+        let p = crate::profile::scope("timeconv bwd dz");
         let (dz, db) = self.dz_and_db(dy, y, d, tail);
         drop(p);
-        let _r = arm_core::profile::scope(match route {
+        let _r = crate::profile::scope(match route {
             Route::Taps => "timeconv bwd taps",
             Route::Unfold => "timeconv bwd unfold",
             Route::OutSide => "timeconv bwd outside",
         });
         match route {
             Route::Taps => {
-                let p = arm_core::profile::scope("timeconv bwd taps dW");
+                let p = crate::profile::scope("timeconv bwd taps dW");
                 // dW_j = X_j^T dZ, X_j = the input shifted by s_j.
                 let prods: Vec<_> = (self.shifts.iter().enumerate())
                     .map(|(j, &s)| {

@@ -8,6 +8,8 @@
 //! bias and activation, as the single op of [`crate::dense`]: candle's gemm is much faster than
 //! its conv kernels, and one op keeps candle's per-node gradient bookkeeping out of the step.
 
+pub mod conv2d;
+
 use std::sync::Mutex;
 
 use candle_core::{DType, Tensor};
@@ -42,12 +44,12 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::dense::dense(x, &self.w, &self.b, None, None)
+        arm_kernels::dense(x, &self.w, &self.b, None, None)
     }
 
     /// ReLU(x W + b), one op.
     pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
-        crate::dense::dense(x, &self.w, &self.b, None, Some(0.0))
+        arm_kernels::dense(x, &self.w, &self.b, None, Some(0.0))
     }
 }
 
@@ -110,19 +112,19 @@ impl CausalConv1d {
     }
 
     /// The taps as an unfold: tap t reads position d - shift - t*dilation (zeros before the start).
-    fn unfold(&self, d: usize) -> crate::unfold::Unfold {
+    fn unfold(&self, d: usize) -> arm_kernels::Unfold {
         let taps = (0..self.kernel).map(|t| (0isize, -((self.shift + t * self.dilation) as isize))).collect();
-        crate::unfold::Unfold { height: 1, width: d, taps }
+        arm_kernels::Unfold { height: 1, width: d, taps }
     }
 
     /// (B, D, C_in) -> (B, D, C_out).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::dense::dense(x, &self.w, &self.b, Some(&self.unfold(x.dim(1)?)), None)
+        arm_kernels::dense(x, &self.w, &self.b, Some(&self.unfold(x.dim(1)?)), None)
     }
 
     /// LeakyReLU(conv(x)), one fused op.
     pub fn forward_leaky(&self, x: &Tensor, slope: f64) -> Result<Tensor> {
-        crate::dense::dense(x, &self.w, &self.b, Some(&self.unfold(x.dim(1)?)), Some(slope))
+        arm_kernels::dense(x, &self.w, &self.b, Some(&self.unfold(x.dim(1)?)), Some(slope))
     }
 
     /// The same layer on time-major activations (see [`crate::timeconv`]): h is
@@ -130,8 +132,8 @@ impl CausalConv1d {
     /// (pad_out + D, B, C_out), LeakyReLU'd when `slope` is given. CPU and f32 only.
     pub fn forward_time_major(&self, h: &Tensor, pad_in: usize, pad_out: usize, slope: Option<f64>) -> Result<Tensor> {
         let shifts = (0..self.kernel).map(|t| self.shift + t * self.dilation).collect();
-        let op = crate::timeconv::TimeConv::new(shifts, pad_in, pad_out, slope);
-        crate::timeconv::time_conv(&op, h, &self.w, &self.b)
+        let op = arm_kernels::TimeConv::new(shifts, pad_in, pad_out, slope);
+        arm_kernels::time_conv(&op, h, &self.w, &self.b)
     }
 
     /// Whether [`Self::forward_time_major`] can run on `x`.

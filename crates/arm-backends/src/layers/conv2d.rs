@@ -6,7 +6,7 @@
 //! horizontal stacks of the gated PixelCNN (van den Oord et al. 2016, "Conditional Image
 //! Generation with PixelCNN Decoders", §2.1, Fig. 1-2) differ only in their tap lists. Listing
 //! only the taps a mask allows makes the mask exact (there are no masked-out weights to leak or
-//! to waste FLOPs on) and the convolution is [`crate::unfold::Unfold`] followed by one matmul
+//! to waste FLOPs on) and the convolution is [`arm_kernels::Unfold`] followed by one matmul
 //! with a (taps * C_in, C_out) weight, at candle's gemm speed (one op: [`crate::dense`]).
 //!
 //! Grids are (B, H*W, C): cell index r * W + c is the raster position, so (B, D) inputs only
@@ -17,7 +17,7 @@ use candle_nn::{Init, VarBuilder};
 
 use arm_core::Result;
 
-use crate::unfold::Unfold;
+use arm_kernels::Unfold;
 
 /// Which taps of a k x k PixelCNN kernel are kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,7 +94,7 @@ impl TapConv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::dense::dense(x, &self.w, &self.b, Some(&self.unfold), None) // (B, N, C_out)
+        arm_kernels::dense(x, &self.w, &self.b, Some(&self.unfold), None) // (B, N, C_out)
     }
 
     /// One output cell for a stepper. `cells[p]` is the input at raster position p, (B, C_in),

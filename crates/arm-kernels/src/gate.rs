@@ -6,9 +6,9 @@
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use arm_core::Result;
+use crate::Result;
 
-use crate::kernels::f32s;
+use crate::gemm::f32s;
 
 const CHUNK: usize = 1 << 14;
 

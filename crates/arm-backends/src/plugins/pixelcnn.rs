@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use arm_core::{Conditional, Stepper};
 type Result<T, E = candle_core::Error> = std::result::Result<T, E>;
 
-use crate::conv2d::{masked_taps, tap_conv2d, Mask, TapConv2d};
+use crate::layers::conv2d::{masked_taps, tap_conv2d, Mask, TapConv2d};
 use crate::layers::{linear, Dropout, Linear};
 use crate::registry::{invalid, BuildCtx, PluginConfig, PluginError};
 

@@ -144,7 +144,7 @@ pub fn bench_train(cases: &[Case], steps: usize, profile: bool, dev: &Device) ->
         let mut phases = Vec::new();
         for i in 0..steps + 2 {
             // The two warm-up steps are neither timed nor profiled.
-            arm_core::profile::enable(profile && i >= 2);
+            arm_kernels::profile::enable(profile && i >= 2);
             // On a pool worker, as the trainer runs its steps.
             let (t0, t1, t2, t3) = arm_train::in_pool(dev, || -> Result<_> {
                 let t0 = Instant::now();
@@ -159,9 +159,9 @@ pub fn bench_train(cases: &[Case], steps: usize, profile: bool, dev: &Device) ->
                 let t3 = Instant::now();
                 Ok((t0, t1, t2, t3))
             })?;
-            arm_core::profile::enable(false);
+            arm_kernels::profile::enable(false);
             if i >= 2 {
-                phases.push(arm_core::profile::totals());
+                phases.push(arm_kernels::profile::totals());
                 tf.push((t1 - t0).as_secs_f64());
                 tb.push((t2 - t1).as_secs_f64());
                 to.push((t3 - t2).as_secs_f64());

@@ -6,7 +6,7 @@ use candle_core::{bail, Storage, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use arm_core::Result;
+use crate::Result;
 
 /// A matrix view of a slice: element (i, j) at `off + i rs + j cs`.
 #[derive(Clone, Copy)]
@@ -117,7 +117,7 @@ pub(crate) fn gemm_long_k(
     }
     let per = k.div_ceil(parts);
     let len = dst.len();
-    let p = arm_core::profile::scope("weight grad k-blocks");
+    let p = crate::profile::scope("weight grad k-blocks");
     let partials = (0..parts)
         .into_par_iter()
         .map(|p| {
@@ -132,7 +132,7 @@ pub(crate) fn gemm_long_k(
         })
         .collect::<Result<Vec<_>>>()?;
     drop(p);
-    let _p = arm_core::profile::scope("weight grad sum");
+    let _p = crate::profile::scope("weight grad sum");
     const CHUNK: usize = 1 << 14;
     dst.par_chunks_mut(CHUNK).enumerate().for_each(|(i, d)| {
         let at = i * CHUNK;
@@ -148,7 +148,7 @@ pub(crate) fn gemm_long_k(
 /// as dW^T = dy^T cols (both operands row-major: measured 10-40% faster than cols^T dy) with
 /// the long sums split by [`gemm_long_k`], then transposed into W's layout.
 pub(crate) fn weight_grad(dy: &[f32], n: usize, cols: View, k: usize, rows: usize) -> Result<Vec<f32>> {
-    let _p = arm_core::profile::scope("weight grad");
+    let _p = crate::profile::scope("weight grad");
     let mut dwt = vec![0f32; n * k];
     gemm_long_k(&mut dwt, (n, k, rows), &[(0, View::new(dy, 0, 1, n), cols)])?;
     let mut dw = vec![0f32; k * n];
@@ -183,7 +183,7 @@ fn swap_row_blocks(src: &[f32], a: usize, b: usize, len: usize) -> Vec<f32> {
     dst
 }
 
-pub(crate) use arm_core::cpu_f32 as f32s;
+pub(crate) use crate::cpu_f32 as f32s;
 
 /// Runs `f` on the f32 data of a contiguous CPU tensor.
 pub(crate) fn with_f32<T>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {

@@ -16,9 +16,9 @@ use std::sync::{Arc, Mutex};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor, Var, D};
 use rayon::prelude::*;
 
-use arm_core::Result;
+use crate::Result;
 
-use crate::kernels::{f32s, gemm_into, parallelism, taps_side_by_side, weight_grad, with_f32, View};
+use crate::gemm::{f32s, gemm_into, parallelism, taps_side_by_side, weight_grad, with_f32, View};
 use crate::unfold::{Fold, Unfold};
 
 /// y = act(unfold(x) W + b). x: (B, N, C_in) with an unfold, else (..., C_in); W: (taps * C_in,
@@ -41,7 +41,7 @@ pub fn dense(x: &Tensor, w: &Tensor, b: &Tensor, unfold: Option<&Unfold>, leaky:
     let kc = cols.dim(cols.rank() - 1)?;
     let y = cols.reshape((cols.elem_count() / kc.max(1), kc))?.matmul(w)?.broadcast_add(b)?;
     let y = match leaky {
-        Some(s) => crate::layers::leaky_relu(&y, s)?,
+        Some(s) => crate::leaky_relu(&y, s)?,
         None => y,
     };
     let mut out_dims = x.dims().to_vec();
@@ -104,7 +104,7 @@ impl CustomOp3 for Dense {
         if l3.shape().dims1()? != cout {
             bail!("dense: bias of {} for {cout} outputs", l3.shape().dims1()?);
         }
-        let _p = arm_core::profile::scope("dense fwd");
+        let _p = crate::profile::scope("dense fwd");
         let x = f32s(s1, l1, "dense: input")?;
         let bias = f32s(s3, l3, "dense: bias")?;
         let mm = |lhs: &CpuStorage, ll: &Layout| lhs.matmul(s2, (1, rows, cout, k), ll, l2);
@@ -147,7 +147,7 @@ impl CustomOp3 for Dense {
         res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let _p = arm_core::profile::scope("dense bwd");
+        let _p = crate::profile::scope("dense bwd");
         let (rows, k) = self.rows_k(x.dims());
         let cout = w.dim(1)?;
         let dy = dy.contiguous()?.reshape((rows, cout))?;
@@ -178,8 +178,8 @@ impl CustomOp3 for Dense {
             return Ok((dx, dw, db));
         }
         let dw = if w.track_op() {
-            let _p = arm_core::profile::scope("dense bwd dW");
-            let p = arm_core::profile::scope("dense bwd dW cols");
+            let _p = crate::profile::scope("dense bwd dW");
+            let p = crate::profile::scope("dense bwd dW cols");
             // The columns are unfolded again rather than kept from the forward pass: reading
             // them back from memory (12 MB for a gated PixelCNN layer) was slower than
             // rebuilding them from x (2 MB), and the step holds 300 MB less.
@@ -197,8 +197,8 @@ impl CustomOp3 for Dense {
             None
         };
         let dx = if x.track_op() {
-            let _p = arm_core::profile::scope("dense bwd dx");
-            let p = arm_core::profile::scope("dense bwd dx gemm");
+            let _p = crate::profile::scope("dense bwd dx");
+            let p = crate::profile::scope("dense bwd dx gemm");
             let dcols = dz.matmul(&w.t()?)?; // (rows, k)
             drop(p);
             Some(match &self.unfold {
@@ -264,7 +264,7 @@ impl Pair {
     }
 
     fn forward(&self, x1: &[f32], x2: &[f32], w: &[f32], d: PairDims) -> Result<Vec<f32>> {
-        let _p = arm_core::profile::scope("pair fwd");
+        let _p = crate::profile::scope("pair fwd");
         let (rows, k1, par) = (d.b * d.n, self.0.taps.len() * d.c1, parallelism());
         let cols = self.0.unfold_cpu(x1, d.b, d.n, d.c1);
         // A bias row in the weights and a column of ones would make the first product's k odd
@@ -287,16 +287,16 @@ impl Pair {
         g: &[f32],
         d: PairDims,
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-        let _p = arm_core::profile::scope("pair bwd");
+        let _p = crate::profile::scope("pair bwd");
         let (rows, k1, par) = (d.b * d.n, self.0.taps.len() * d.c1, parallelism());
         // dW = [cols; 1; x2]^T dy: two products and the bias's column sums.
-        let p = arm_core::profile::scope("pair bwd dW");
+        let p = crate::profile::scope("pair bwd dW");
         let cols = self.0.unfold_cpu(x1, d.b, d.n, d.c1); // again: cheaper than keeping them, as in `dense`
         let mut dw = weight_grad(g, d.cout, View::new(&cols, 0, k1, 1), k1, rows)?;
         dw.extend(column_sums(g, d.cout));
         dw.extend(weight_grad(g, d.cout, View::new(x2, 0, d.c2, 1), d.c2, rows)?);
         drop(p);
-        let _p = arm_core::profile::scope("pair bwd dx");
+        let _p = crate::profile::scope("pair bwd dx");
         // dx1 = fold(dy W1^T), dx2 = dy W2^T.
         let dy = View::new(g, 0, d.cout, 1);
         let mut dcols = vec![0f32; rows * k1];
@@ -359,13 +359,13 @@ impl CustomOp3 for Pair {
 }
 
 /// y = gate(a) W + b with an optional unfold of gate(a), where gate is the gated PixelCNN's
-/// tanh(a[.., :C]) sigmoid(a[.., C:]) ([`crate::fused::gate`]): the gate as the first step of
+/// tanh(a[.., :C]) sigmoid(a[.., C:]) ([`crate::gate::gate`]): the gate as the first step of
 /// the layer that reads it, so its (rows, C) output never becomes a graph node (whose gradient
 /// candle would zero-fill and add). CPU and f32; elsewhere gate then [`dense`].
 pub fn dense_gated(a: &Tensor, w: &Tensor, b: &Tensor, unfold: Option<&Unfold>) -> Result<Tensor> {
     let cpu_f32 = a.device().is_cpu() && [a.dtype(), w.dtype(), b.dtype()].iter().all(|&d| d == DType::F32);
     if !cpu_f32 {
-        return dense(&crate::fused::gate(a)?, w, b, unfold, None);
+        return dense(&crate::gate::gate(a)?, w, b, unfold, None);
     }
     let inner = Dense::new(unfold, a.dim(D::Minus1)? / 2, w.dim(1)?, None);
     a.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, GatedDense { inner, kept: Default::default() })
@@ -400,8 +400,8 @@ impl CustomOp3 for GatedDense {
         if let Some(last) = dims.last_mut() {
             *last = c2 / 2;
         }
-        let p = arm_core::profile::scope("gated fwd gate");
-        let g = crate::fused::gate_cpu(f32s(s1, l1, "dense: input")?, c2 / 2);
+        let p = crate::profile::scope("gated fwd gate");
+        let g = crate::gate::gate_cpu(f32s(s1, l1, "dense: input")?, c2 / 2);
         drop(p);
         // A variable, so that the inner backward computes the gradient of the gate's output.
         let g = Var::from_vec(g, dims, &candle_core::Device::Cpu)?;
@@ -426,13 +426,13 @@ impl CustomOp3 for GatedDense {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = match self.kept.lock().ok().and_then(|mut s| s.take()) {
             Some(g) => g,
-            None => Var::from_tensor(&crate::fused::gate(&a.detach())?)?, // a second backward
+            None => Var::from_tensor(&crate::gate::gate(&a.detach())?)?, // a second backward
         };
         let (dg, dw, db) = self.inner.bwd(g.as_tensor(), w, b, res, dy)?;
         let da = match dg {
             Some(dg) if a.track_op() => {
-                let _p = arm_core::profile::scope("gated bwd gate");
-                Some(a.contiguous()?.apply_op2_no_bwd(&dg.contiguous()?, &crate::fused::GateGrad)?)
+                let _p = crate::profile::scope("gated bwd gate");
+                Some(a.contiguous()?.apply_op2_no_bwd(&dg.contiguous()?, &crate::gate::GateGrad)?)
             }
             _ => None,
         };
@@ -552,7 +552,7 @@ mod tests {
                     };
                     let z = cols.reshape((bsz * n, k))?.matmul(w.as_tensor())?.broadcast_add(b.as_tensor())?;
                     let plain = match leaky {
-                        Some(s) => crate::layers::leaky_relu(&z, s)?,
+                        Some(s) => crate::leaky_relu(&z, s)?,
                         None => z,
                     }
                     .reshape((bsz, n, cout))?;
@@ -623,7 +623,7 @@ mod tests {
                 let b = Var::from_tensor(&Tensor::from_vec(vals(cout, 3), cout, &dev)?)?;
                 let probe = Tensor::from_vec(vals(bsz * n * cout, 4), (bsz, n, cout), &dev)?;
                 let fused = dense_gated(a.as_tensor(), w.as_tensor(), b.as_tensor(), u.as_ref())?;
-                let plain = dense(&crate::fused::gate(a.as_tensor())?, w.as_tensor(), b.as_tensor(), u.as_ref(), None)?;
+                let plain = dense(&crate::gate::gate(a.as_tensor())?, w.as_tensor(), b.as_tensor(), u.as_ref(), None)?;
                 let what = format!("{u:?} {c}->{cout}");
                 assert!(max_diff(&fused, &plain)? < 1e-5, "{what}: values");
                 let gp = (&plain * &probe)?.sum_all()?.backward()?;

@@ -27,8 +27,8 @@ use serde::{Deserialize, Serialize};
 use arm_core::{Conditional, Stepper};
 type Result<T, E = candle_core::Error> = std::result::Result<T, E>;
 
-use crate::conv2d::{horizontal_taps, tap_conv2d, vertical_taps, TapConv2d};
-use crate::fused::gate;
+use crate::layers::conv2d::{horizontal_taps, tap_conv2d, vertical_taps, TapConv2d};
+use arm_kernels::gate;
 use crate::layers::{linear, Dropout, Linear};
 use crate::registry::{invalid, BuildCtx, PluginConfig, PluginError};
 
@@ -157,16 +157,16 @@ impl Conditional for GatedPixelCnnNet {
                 None => layer.vertical.forward(&x)?,
                 Some(p) if fuse => {
                     let (w, b, taps) = layer.vertical.parts();
-                    crate::dense::dense_gated(p, w, b, Some(taps))?
+                    arm_kernels::dense_gated(p, w, b, Some(taps))?
                 }
                 Some(p) => layer.vertical.forward(&self.dropout.forward_t(&gate(p)?, train)?)?,
             };
             // horizontal(h) + v_to_h(v_pre) as one product.
             let ((hw, hb, taps), (vw, vb)) = (layer.horizontal.parts(), layer.v_to_h.parts());
-            let h_pre = crate::dense::dense_pair(&h, taps, hw, hb, &v_pre, vw, vb)?; // (B, H*W, 2C)
+            let h_pre = arm_kernels::dense_pair(&h, taps, hw, hb, &v_pre, vw, vb)?; // (B, H*W, 2C)
             let o = if fuse {
                 let (w, b) = layer.out.parts();
-                crate::dense::dense_gated(&h_pre, w, b, None)?
+                arm_kernels::dense_gated(&h_pre, w, b, None)?
             } else {
                 layer.out.forward(&self.dropout.forward_t(&gate(&h_pre)?, train)?)?
             }; // (B, H*W, C)

@@ -1,0 +1,8 @@
+//! One file per conditional plugin; each is registered with one line in `registry()`.
+
+pub mod causal_conv1d;
+pub mod gated_pixelcnn;
+pub mod markov;
+pub mod mlp;
+pub mod pixelcnn;
+pub mod rnn;

@@ -1,0 +1,55 @@
+//! Fused CPU ops of the ARM lab, each a candle custom op with a hand-written backward and an
+//! equivalence test against the composed candle ops it replaces:
+//! - [`dense`], [`dense_gated`], [`dense_pair`]: act(unfold(x) W + b), the gate of the layer
+//!   that reads it, and two products summed, as one op each;
+//! - [`time_conv`]: causal Conv1d on time-major activations, gemms on shifted views;
+//! - [`Unfold`] / [`Fold`]: im2col over a tap list and its adjoint;
+//! - [`gate`]: tanh(a) * sigmoid(b), the gated PixelCNN's unit;
+//! - gemm on strided views, element-wise loops per SIMD level, vectorisable exp / tanh /
+//!   sigmoid, and a profiler of named phases ([`profile`]).
+//!
+//! This crate knows nothing of plugins or models: layers (`arm-backends`) call it, plugins
+//! call layers. Off the CPU (or for other dtypes) every op composes candle's own ops.
+
+mod dense;
+mod fastmath;
+mod gate;
+mod gemm;
+pub mod profile;
+mod simd;
+mod timeconv;
+mod unfold;
+
+pub use dense::{dense, dense_gated, dense_pair};
+pub use gate::gate;
+pub use timeconv::{time_conv, TimeConv};
+pub use unfold::{Fold, Unfold};
+
+/// Result type of the kernels: candle's error carries shape and op context.
+pub type Result<T> = candle_core::Result<T>;
+
+/// The f32 data of a contiguous CPU storage, for custom ops; `what` names it in the error.
+pub fn cpu_f32<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout, what: &str) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (candle_core::CpuStorage::F32(v), Some((a, z))) => Ok(&v[a..z]),
+        _ => candle_core::bail!("{what} must be contiguous f32"),
+    }
+}
+
+/// [`cpu_f32`] for an op that writes in place.
+pub fn cpu_f32_mut<'a>(
+    s: &'a mut candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    what: &str,
+) -> Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (candle_core::CpuStorage::F32(v), Some((a, z))) => Ok(&mut v[a..z]),
+        _ => candle_core::bail!("{what} must be contiguous f32"),
+    }
+}
+
+/// LeakyReLU as max(x, slope x), valid for slope in [0, 1]: the composed form the fused ops
+/// fall back to off the CPU.
+pub fn leaky_relu(x: &candle_core::Tensor, slope: f64) -> Result<candle_core::Tensor> {
+    x.maximum(&x.affine(slope, 0.0)?)
+}
