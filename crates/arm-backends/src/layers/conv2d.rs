@@ -7,7 +7,7 @@
 //! Generation with PixelCNN Decoders", §2.1, Fig. 1-2) differ only in their tap lists. Listing
 //! only the taps a mask allows makes the mask exact (there are no masked-out weights to leak or
 //! to waste FLOPs on) and the convolution is [`arm_kernels::Unfold`] followed by one matmul
-//! with a (taps * C_in, C_out) weight, at candle's gemm speed (one op: [`crate::dense`]).
+//! with a (taps * C_in, C_out) weight, at the gemm's speed (one op: [`arm_kernels::dense`]).
 //!
 //! Grids are (B, H*W, C): cell index r * W + c is the raster position, so (B, D) inputs only
 //! need an `unsqueeze(2)`. Left out: colour-channel masks (the data are greyscale).
@@ -61,9 +61,9 @@ pub fn horizontal_taps(k: usize, first: bool) -> Vec<(isize, isize)> {
 /// Channels-last convolution over a fixed tap list: (B, H*W, C_in) -> (B, H*W, C_out).
 #[derive(Debug, Clone)]
 pub struct TapConv2d {
-    w: Tensor, // (taps * C_in, C_out), tap-major rows
-    b: Tensor, // (C_out,)
-    unfold: Unfold,
+    pub(crate) w: Tensor, // (taps * C_in, C_out), tap-major rows
+    pub(crate) b: Tensor, // (C_out,)
+    pub(crate) unfold: Unfold,
 }
 
 /// PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with the fan-in of the taps actually
@@ -87,14 +87,29 @@ pub fn tap_conv2d(
     })
 }
 
-impl TapConv2d {
-    /// (W, b, taps).
-    pub(crate) fn parts(&self) -> (&Tensor, &Tensor, &Unfold) {
-        (&self.w, &self.b, &self.unfold)
-    }
+/// A k x k convolution under a PixelCNN mask (Fig. 2 of the PixelRNN paper): only the taps the
+/// mask allows exist.
+pub fn masked_conv2d(
+    cin: usize,
+    cout: usize,
+    k: usize,
+    mask: Mask,
+    shape: (usize, usize),
+    vb: VarBuilder,
+) -> Result<TapConv2d> {
+    tap_conv2d(cin, cout, masked_taps(k, mask), shape, vb)
+}
 
+impl TapConv2d {
+    /// (B, N, C_in) -> (B, N, C_out).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         arm_kernels::dense(x, &self.w, &self.b, Some(&self.unfold), None) // (B, N, C_out)
+    }
+
+    /// conv(gate(a)) with gate(a) = tanh(a[.., :C]) * sigmoid(a[.., C:]), a: (B, N, 2C): the
+    /// gate runs inside the convolution's op.
+    pub fn forward_gated(&self, a: &Tensor) -> Result<Tensor> {
+        arm_kernels::dense_gated(a, &self.w, &self.b, Some(&self.unfold)) // (B, N, C_out)
     }
 
     /// One output cell for a stepper. `cells[p]` is the input at raster position p, (B, C_in),

@@ -1,20 +1,17 @@
 //! `gated_pixelcnn`: the gated PixelCNN of van den Oord et al. 2016, "Conditional Image
 //! Generation with PixelCNN Decoders", §2.1-2.2, eq. 2 and Fig. 2, unconditional (no h term).
-//! Every layer has two stacks that together see every earlier pixel (no blind spot):
-//! - vertical: a (k/2 + 1) x k convolution over rows strictly above the current pixel
-//!   (`conv2d::vertical_taps`; the first layer's window ends at the row above, later ones
-//!   may read their input's current row, which already holds only rows above);
-//! - horizontal: a 1 x (k/2 + 1) convolution over the current row up to the current pixel
-//!   (the first layer stops left of it: mask A), plus the vertical pre-activations through a
-//!   1x1 convolution, added before the gate.
+//! Every layer has two stacks that together see every earlier pixel (no blind spot): a
+//! vertical stack over the rows strictly above and a horizontal stack over the current row up
+//! to the current pixel (the first layer stops left of it: mask A), joined as in Fig. 2
+//! (`layers/gated.rs` writes the layer out):
 //!
-//! Both stacks use the gated unit y = tanh(W_f * x) . sigmoid(W_g * x) (eq. 2). The horizontal
-//! output passes a 1x1 convolution, is added to the layer's input (a residual connection, from
-//! the second layer on) and is summed into skip connections; the head is ReLU, 1x1, ReLU, 1x1
-//! to the head's P parameters. Raster order only; (B, D) is read as (B, H*W, 1).
-//! The residual and skip paths share the 1x1 output map and the first layer has no residual,
-//! so after layer l both sums are o_0 + ... + o_l: the skip sum is the last layer's output
-//! and is not computed twice.
+//!   (v_l, h_l) = GatedBlock_l(v_{l-1}, h_{l-1}),  v_0 = h_0 = x,  params = out(h_L)
+//!
+//! Each block's horizontal output passes a 1x1 convolution and is added to its input (a
+//! residual connection, from the second layer on) and summed into skip connections. The
+//! residual and skip paths share the 1x1 map and the first layer has no residual, so after
+//! layer l both sums are o_0 + ... + o_l: the skip sum is h_L itself. The head is ReLU, 1x1,
+//! ReLU, 1x1 to the head's P parameters. Raster order only; (B, D) is read as (B, H*W, 1).
 //!
 //! The cached stepper computes the vertical stack one image row at a time (at the first pixel
 //! of the row: it depends on rows above only, and later layers read cells to the right) and
@@ -27,9 +24,7 @@ use serde::{Deserialize, Serialize};
 use arm_core::{Conditional, Stepper};
 type Result<T, E = candle_core::Error> = std::result::Result<T, E>;
 
-use crate::layers::conv2d::{horizontal_taps, tap_conv2d, vertical_taps, TapConv2d};
-use arm_kernels::gate;
-use crate::layers::{linear, Dropout, Linear};
+use crate::layers::{gated_block, output_mlp, Dropout, GatedBlock, OutputMlp, Vertical};
 use crate::registry::{invalid, BuildCtx, PluginConfig, PluginError};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -75,19 +70,10 @@ impl PluginConfig for GatedPixelCnnConfig {
 
     fn build(&self, ctx: BuildCtx) -> Result<Box<dyn Conditional>, PluginError> {
         let (hw, c, k) = ((ctx.height, ctx.width), self.channels, self.kernel);
-        let mut layers = Vec::with_capacity(self.layers);
-        for l in 0..self.layers {
-            let (first, cin) = (l == 0, if l == 0 { 1 } else { c });
-            let vb = ctx.vb.pp(format!("layers.{l}"));
-            layers.push(GatedLayer {
-                vertical: tap_conv2d(cin, 2 * c, vertical_taps(k, first), hw, vb.pp("vertical"))?,
-                horizontal: tap_conv2d(cin, 2 * c, horizontal_taps(k, first), hw, vb.pp("horizontal"))?,
-                v_to_h: linear(2 * c, 2 * c, vb.pp("v_to_h"))?,
-                out: linear(c, c, vb.pp("out"))?,
-                residual: !first,
-            });
-        }
-        let head = [linear(c, c, ctx.vb.pp("head.0"))?, linear(c, ctx.num_params, ctx.vb.pp("head.1"))?];
+        let layers = (0..self.layers)
+            .map(|l| gated_block(c, k, l == 0, hw, ctx.vb.pp(format!("layers.{l}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let head = output_mlp(c, ctx.num_params, ctx.vb.pp("head"))?;
         Ok(Box::new(GatedPixelCnnNet {
             layers,
             head,
@@ -114,29 +100,14 @@ impl PluginConfig for GatedPixelCnnConfig {
     }
 }
 
-struct GatedLayer {
-    vertical: TapConv2d,   // C_in -> 2C
-    horizontal: TapConv2d, // C_in -> 2C
-    v_to_h: Linear,        // 1x1, 2C -> 2C
-    out: Linear,           // 1x1, C -> C
-    residual: bool,
-}
-
 pub struct GatedPixelCnnNet {
-    layers: Vec<GatedLayer>,
-    head: [Linear; 2],
+    layers: Vec<GatedBlock>,
+    head: OutputMlp,
     channels: usize,
     width: usize,
     dropout: Dropout,
     dims: usize,
     device: Device,
-}
-
-impl GatedPixelCnnNet {
-    /// [`crate::layers::relu_head`] on the last features: (..., C) -> (..., P).
-    fn head(&self, h: &Tensor) -> Result<Tensor> {
-        crate::layers::relu_head(&self.head, h)
-    }
 }
 
 impl Conditional for GatedPixelCnnNet {
@@ -146,37 +117,14 @@ impl Conditional for GatedPixelCnnNet {
             candle_core::bail!("gated_pixelcnn: input has {d} pixels, built for {}", self.dims);
         }
         let x = x.unsqueeze(2)?; // (B, H*W, 1)
-        let mut h = x.clone();
-        // Without dropout between a gate and the layer reading it, the gate runs inside that
-        // layer's op (`dense_gated`), so the vertical stack carries its pre-activations.
-        let fuse = !self.dropout.active(train);
-        let mut v_prev: Option<Tensor> = None; // the previous layer's vertical pre-activations
-        for layer in &self.layers {
-            // Vertical pre-activations (B, H*W, 2C).
-            let v_pre = match &v_prev {
-                None => layer.vertical.forward(&x)?,
-                Some(p) if fuse => {
-                    let (w, b, taps) = layer.vertical.parts();
-                    arm_kernels::dense_gated(p, w, b, Some(taps))?
-                }
-                Some(p) => layer.vertical.forward(&self.dropout.forward_t(&gate(p)?, train)?)?,
-            };
-            // horizontal(h) + v_to_h(v_pre) as one product.
-            let ((hw, hb, taps), (vw, vb)) = (layer.horizontal.parts(), layer.v_to_h.parts());
-            let h_pre = arm_kernels::dense_pair(&h, taps, hw, hb, &v_pre, vw, vb)?; // (B, H*W, 2C)
-            let o = if fuse {
-                let (w, b) = layer.out.parts();
-                arm_kernels::dense_gated(&h_pre, w, b, None)?
-            } else {
-                layer.out.forward(&self.dropout.forward_t(&gate(&h_pre)?, train)?)?
-            }; // (B, H*W, C)
-            h = if layer.residual { (h + o)? } else { o }; // = the skip sum so far
-            v_prev = Some(v_pre); // gated by the next layer; the last layer's feeds nothing
+        let (mut v, mut h) = (Vertical::Pixels(x.clone()), x);
+        for block in &self.layers {
+            (v, h) = block.forward(&v, &h, &self.dropout, train)?; // h: (B, H*W, C)
         }
         if self.layers.is_empty() {
             candle_core::bail!("network has no layers");
         }
-        self.head(&h) // (B, H*W, P)
+        self.head.forward(&h) // (B, H*W, P)
     }
 
     fn seq_len(&self) -> usize {
@@ -229,13 +177,13 @@ impl GatedStepper<'_> {
     /// pushed) and, after the first layer, the previous layer's cells of this row.
     fn vertical_row(&mut self) -> Result<()> {
         let row = self.pos..self.pos + self.net.width;
-        for (l, layer) in self.net.layers.iter().enumerate() {
+        for (l, block) in self.net.layers.iter().enumerate() {
             for p in row.clone() {
-                let pre = match l {
-                    0 => layer.vertical.forward_at(p, &self.pixels, &self.zero_pixel)?,
-                    _ => layer.vertical.forward_at(p, &self.v[l - 1], &self.zero_act)?,
-                }; // (B, 2C)
-                self.v[l].push(gate(&pre)?);
+                let (pre, gated) = match l {
+                    0 => block.step_vertical(p, &self.pixels, &self.zero_pixel)?,
+                    _ => block.step_vertical(p, &self.v[l - 1], &self.zero_act)?,
+                }; // (B, 2C), (B, C)
+                self.v[l].push(gated);
                 self.v_pre[l].push(pre);
             }
         }
@@ -259,14 +207,12 @@ impl Stepper for GatedStepper<'_> {
         if self.pos % self.net.width == 0 {
             self.vertical_row()?;
         }
-        for (l, layer) in self.net.layers.iter().enumerate() {
-            let from_h = match l {
-                0 => layer.horizontal.forward_at(self.pos, &self.pixels, &self.zero_pixel)?,
-                _ => layer.horizontal.forward_at(self.pos, &self.h[l - 1], &self.zero_act)?,
-            }; // (B, 2C)
-            let h_pre = (from_h + layer.v_to_h.forward(cell(&self.v_pre[l], self.pos)?)?)?; // (B, 2C)
-            let o = layer.out.forward(&gate(&h_pre)?)?; // (B, C)
-            let h = if layer.residual { (cell(&self.h[l - 1], self.pos)? + o)? } else { o };
+        for (l, block) in self.net.layers.iter().enumerate() {
+            let v_pre = cell(&self.v_pre[l], self.pos)?;
+            let h = match l {
+                0 => block.step_horizontal(self.pos, &self.pixels, &self.zero_pixel, v_pre)?,
+                _ => block.step_horizontal(self.pos, &self.h[l - 1], &self.zero_act, v_pre)?,
+            }; // (B, C)
             self.h[l].push(h);
         }
         let skip = self
@@ -274,7 +220,7 @@ impl Stepper for GatedStepper<'_> {
             .last()
             .and_then(|h| h.last())
             .ok_or_else(|| candle_core::Error::Msg("network has no layers".into()))?;
-        let p = self.net.head(skip)?; // (B, P) from the skip sum (the last layer's h)
+        let p = self.net.head.forward(skip)?; // (B, P) from the skip sum (the last layer's h)
         self.out = Some(p.clone());
         Ok(p)
     }

@@ -14,9 +14,8 @@ use serde::{Deserialize, Serialize};
 use arm_core::{Conditional, Stepper};
 type Result<T, E = candle_core::Error> = std::result::Result<T, E>;
 
-use crate::layers::{leaky_relu, linear, Dropout, Linear};
+use crate::layers::{linear, window, Dropout, Linear, Window};
 use crate::registry::{invalid, BuildCtx, PluginConfig, PluginError};
-use arm_kernels::Unfold;
 
 /// LeakyReLU slope between hidden layers (the causal_conv1d default).
 const SLOPE: f64 = 0.01;
@@ -66,11 +65,9 @@ impl PluginConfig for MlpConfig {
             inp = self.hidden;
         }
         layers.push(linear(inp, ctx.num_params, ctx.vb.pp(format!("layers.{}", self.depth)))?);
-        // Tap t of position d reads x_{d-1-t}: the window, newest first.
-        let taps = (0..self.memory).map(|t| (0isize, -(t as isize) - 1)).collect();
         Ok(Box::new(MlpNet {
             layers,
-            window: Unfold { height: 1, width: ctx.dims(), taps },
+            window: window(self.memory, ctx.dims()),
             memory: self.memory,
             dropout: Dropout::new(self.dropout, ctx.seed),
             dims: ctx.dims(),
@@ -95,7 +92,7 @@ impl PluginConfig for MlpConfig {
 
 pub struct MlpNet {
     layers: Vec<Linear>,
-    window: Unfold,
+    window: Window,
     memory: usize,
     dropout: Dropout,
     dims: usize,
@@ -110,7 +107,7 @@ impl MlpNet {
         for (i, layer) in self.layers.iter().enumerate() {
             h = layer.forward(&h)?; // (..., hidden or P)
             if i < last {
-                h = self.dropout.forward_t(&leaky_relu(&h, SLOPE)?, train)?;
+                h = self.dropout.forward_t(&crate::layers::leaky_relu(&h, SLOPE)?, train)?;
             }
         }
         Ok(h)
@@ -123,7 +120,7 @@ impl Conditional for MlpNet {
         if d != self.dims {
             candle_core::bail!("mlp: input has {d} positions, built for {}", self.dims);
         }
-        let win = self.window.apply(&x.unsqueeze(2)?)?; // (B, D, m)
+        let win = self.window.forward(x)?; // (B, D, m): x_{d-1}, ..., x_{d-m}
         self.mlp(win, train) // (B, D, P)
     }
 

@@ -4,9 +4,12 @@
 //! mask-B convolutions (they may see the centre, which from then on holds features of earlier
 //! pixels only; Fig. 5), then ReLU, 1x1, ReLU, 1x1 to the head's P parameters.
 //! p(x) = prod_i p(x_i | x_<i) (eq. 1) in raster order; the input (B, D) is read as a
-//! (B, H*W, 1) channels-last image.
+//! (B, H*W, 1) channels-last image:
 //!
-//! Masked convolutions list only the taps the mask allows (`conv2d.rs`), so masks are exact.
+//!   h_0 = conv_A(x),  h_l = h_{l-1} + conv_B,l(ReLU(h_{l-1})),  params = out(h_L)
+//!
+//! Masked convolutions list only the taps the mask allows (`layers/conv2d.rs`), so masks are
+//! exact.
 //! The stack has the known blind spot (van den Oord et al. 2016, "Conditional Image Generation
 //! with PixelCNN Decoders", §2.2, Fig. 1): the field of view reaches right only as far as the
 //! rows above are reached by kernels leaning right, so a wedge of earlier pixels above-right
@@ -22,8 +25,7 @@ use serde::{Deserialize, Serialize};
 use arm_core::{Conditional, Stepper};
 type Result<T, E = candle_core::Error> = std::result::Result<T, E>;
 
-use crate::layers::conv2d::{masked_taps, tap_conv2d, Mask, TapConv2d};
-use crate::layers::{linear, Dropout, Linear};
+use crate::layers::{masked_conv2d, output_mlp, Dropout, Mask, OutputMlp, TapConv2d};
 use crate::registry::{invalid, BuildCtx, PluginConfig, PluginError};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -75,11 +77,11 @@ impl PluginConfig for PixelCnnConfig {
 
     fn build(&self, ctx: BuildCtx) -> Result<Box<dyn Conditional>, PluginError> {
         let (hw, c) = ((ctx.height, ctx.width), self.channels);
-        let first = tap_conv2d(1, c, masked_taps(self.first_kernel, Mask::A), hw, ctx.vb.pp("first"))?;
+        let first = masked_conv2d(1, c, self.first_kernel, Mask::A, hw, ctx.vb.pp("first"))?;
         let blocks = (0..self.layers)
-            .map(|i| tap_conv2d(c, c, masked_taps(self.kernel, Mask::B), hw, ctx.vb.pp(format!("blocks.{i}"))))
+            .map(|i| masked_conv2d(c, c, self.kernel, Mask::B, hw, ctx.vb.pp(format!("blocks.{i}"))))
             .collect::<Result<Vec<_>>>()?;
-        let head = [linear(c, c, ctx.vb.pp("head.0"))?, linear(c, ctx.num_params, ctx.vb.pp("head.1"))?];
+        let head = output_mlp(c, ctx.num_params, ctx.vb.pp("head"))?;
         Ok(Box::new(PixelCnnNet {
             first,
             blocks,
@@ -110,18 +112,11 @@ impl PluginConfig for PixelCnnConfig {
 pub struct PixelCnnNet {
     first: TapConv2d,
     blocks: Vec<TapConv2d>,
-    head: [Linear; 2],
+    head: OutputMlp,
     channels: usize,
     dropout: Dropout,
     dims: usize,
     device: Device,
-}
-
-impl PixelCnnNet {
-    /// [`crate::layers::relu_head`] on the last features: (..., C) -> (..., P).
-    fn head(&self, h: &Tensor) -> Result<Tensor> {
-        crate::layers::relu_head(&self.head, h)
-    }
 }
 
 impl Conditional for PixelCnnNet {
@@ -135,7 +130,7 @@ impl Conditional for PixelCnnNet {
             let branch = conv.forward(&h.relu()?)?; // (B, H*W, C)
             h = (h + self.dropout.forward_t(&branch, train)?)?;
         }
-        self.head(&h) // (B, H*W, P)
+        self.head.forward(&h) // (B, H*W, P)
     }
 
     fn seq_len(&self) -> usize {
@@ -190,7 +185,7 @@ impl Stepper for PixelCnnStepper<'_> {
             acts.push(h.relu()?);
             h = (&h + conv.forward_at(self.pos, acts, &self.zero_act)?)?; // (B, C)
         }
-        let p = self.net.head(&h)?; // (B, P)
+        let p = self.net.head.forward(&h)?; // (B, P)
         self.out = Some(p.clone());
         Ok(p)
     }

@@ -2,34 +2,21 @@
 //! through RNNs"; van den Oord et al. 2016, "Pixel Recurrent Neural Networks", §2): the state
 //! h_d = cell(x_{d-1}, h_{d-1}) summarises x_<d, and the parameters of x_d are a linear map
 //! of h_d. Position 0 reads a zero input and a zero state, so its parameters are learned
-//! constants (the biases). Cells, both written out on `layers::linear` so that every weight
-//! comes from the seeded `VarBuilder`:
-//! - GRU (Cho et al. 2014, eq. 5-8, in PyTorch's form with r applied to W_hn h + b_hn):
-//!   r = s(W_ir x + W_hr h), z = s(W_iz x + W_hz h), n = tanh(W_in x + r * (W_hn h)),
-//!   h' = (1 - z) * n + z * h;
-//! - LSTM (Hochreiter & Schmidhuber 1997; Graves 2013, eq. 7-11 without peepholes):
-//!   (i, f, g, o) = W_i x + W_h h, c' = s(f) c + s(i) tanh(g), h' = s(o) tanh(c').
+//! constants (the biases). The cells (GRU, LSTM) are written out in `layers/recurrent.rs`.
 //!
 //! Layers are stacked (dropout between them and before the output layer, training only). The
 //! cached stepper keeps each layer's state: one cell step per pixel. Left out: the row and
 //! diagonal LSTMs of PixelRNN (this one reads the sequence, not the 2D image).
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::ops::sigmoid;
 use serde::{Deserialize, Serialize};
 
 use arm_core::{Conditional, Stepper};
 type Result<T, E = candle_core::Error> = std::result::Result<T, E>;
 
-use crate::layers::{linear, Dropout, Linear};
+pub use crate::layers::CellKind;
+use crate::layers::{cell, linear, Cell, Dropout, Linear, State};
 use crate::registry::{invalid, BuildCtx, PluginConfig, PluginError};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CellKind {
-    Gru,
-    Lstm,
-}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -68,21 +55,12 @@ impl PluginConfig for RnnConfig {
     }
 
     fn build(&self, ctx: BuildCtx) -> Result<Box<dyn Conditional>, PluginError> {
-        let gates = match self.cell {
-            CellKind::Gru => 3,
-            CellKind::Lstm => 4,
-        };
-        let mut cells = Vec::with_capacity(self.layers);
-        for l in 0..self.layers {
-            let inp = if l == 0 { 1 } else { self.hidden };
-            let vb = ctx.vb.pp(format!("layers.{l}"));
-            cells.push(Cell {
-                kind: self.cell,
-                hidden: self.hidden,
-                wi: linear(inp, gates * self.hidden, vb.pp("input"))?,
-                wh: linear(self.hidden, gates * self.hidden, vb.pp("hidden"))?,
-            });
-        }
+        let cells = (0..self.layers)
+            .map(|l| {
+                let inp = if l == 0 { 1 } else { self.hidden };
+                cell(self.cell, inp, self.hidden, ctx.vb.pp(format!("layers.{l}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Box::new(RnnNet {
             cells,
             out: linear(self.hidden, ctx.num_params, ctx.vb.pp("out"))?,
@@ -104,55 +82,6 @@ impl PluginConfig for RnnConfig {
             ("layers", "stacked recurrent layers"),
             ("dropout", "dropout on each layer's outputs"),
         ]
-    }
-}
-
-/// One recurrent layer. Gate pre-activations are split along the last dimension in the order
-/// (r, z, n) for the GRU and (i, f, g, o) for the LSTM.
-struct Cell {
-    kind: CellKind,
-    hidden: usize,
-    wi: Linear, // (in, G*H)
-    wh: Linear, // (H, G*H)
-}
-
-/// A layer's recurrent state: h, and c for the LSTM.
-#[derive(Clone)]
-struct State {
-    h: Tensor,         // (B, H)
-    c: Option<Tensor>, // (B, H)
-}
-
-impl Cell {
-    fn zero_state(&self, batch: usize, device: &Device) -> Result<State> {
-        let z = Tensor::zeros((batch, self.hidden), DType::F32, device)?;
-        let c = (self.kind == CellKind::Lstm).then(|| z.clone());
-        Ok(State { h: z, c })
-    }
-
-    /// One step from the input's projection gx = W_i x + b_i, (B, G*H).
-    fn step(&self, gx: &Tensor, s: &State) -> Result<State> {
-        let hd = self.hidden;
-        let gh = self.wh.forward(&s.h)?; // (B, G*H)
-        match self.kind {
-            CellKind::Gru => {
-                let rz = sigmoid(&(gx.narrow(1, 0, 2 * hd)? + gh.narrow(1, 0, 2 * hd)?)?)?; // (B, 2H)
-                let (r, z) = (rz.narrow(1, 0, hd)?, rz.narrow(1, hd, hd)?);
-                let n = (gx.narrow(1, 2 * hd, hd)? + r.mul(&gh.narrow(1, 2 * hd, hd)?)?)?.tanh()?; // (B, H)
-                                                                                                   // h' = n + z * (h - n), the same as (1 - z) n + z h with one op fewer.
-                let h = (&n + z.mul(&(&s.h - &n)?)?)?;
-                Ok(State { h, c: None })
-            }
-            CellKind::Lstm => {
-                let c = s.c.as_ref().ok_or_else(|| candle_core::Error::Msg("lstm state without c".into()))?;
-                let g = (gx + gh)?; // (B, 4H)
-                let ifo = sigmoid(&Tensor::cat(&[g.narrow(1, 0, 2 * hd)?, g.narrow(1, 3 * hd, hd)?], 1)?)?; // (B, 3H)
-                let (i, f, o) = (ifo.narrow(1, 0, hd)?, ifo.narrow(1, hd, hd)?, ifo.narrow(1, 2 * hd, hd)?);
-                let c = (f.mul(c)? + i.mul(&g.narrow(1, 2 * hd, hd)?.tanh()?)?)?; // (B, H)
-                let h = o.mul(&c.tanh()?)?; // (B, H)
-                Ok(State { h, c: Some(c) })
-            }
-        }
     }
 }
 
@@ -181,7 +110,7 @@ impl Conditional for RnnNet {
             let mut s = cell.zero_state(b, &self.device)?;
             let mut hs = Vec::with_capacity(d);
             for inp in &seq {
-                s = cell.step(&cell.wi.forward(inp)?, &s)?; // (B, H)
+                s = cell.forward(inp, &s)?; // (B, H)
                 hs.push(self.dropout.forward_t(&s.h, train)?);
             }
             seq = hs;
@@ -231,7 +160,7 @@ impl Stepper for RnnStepper<'_> {
         let mut inp = self.input.clone();
         let mut states = Vec::with_capacity(self.states.len());
         for (cell, s) in self.net.cells.iter().zip(&self.states) {
-            let s = cell.step(&cell.wi.forward(&inp)?, s)?;
+            let s = cell.forward(&inp, s)?;
             inp = s.h.clone(); // (B, H)
             states.push(s);
         }
