@@ -57,8 +57,8 @@ struct Dense {
     /// With an unfold: y = fold'(x W') instead of unfold(x) W, where W' (C_in, taps*C_out)
     /// holds the same weights tap by tap and fold' sums tap t's block of the row the tap
     /// reads (the fold of the reversed taps). Same FLOPs; the (rows, taps*C) intermediate has
-    /// C = C_out instead of C_in, and the matmul has a wider output (for the reference
-    /// network's 256 -> 17 output layer: 119 columns instead of 17, measured 1.7x faster).
+    /// C = C_out instead of C_in, and the matmul has a wider output, which the gemm runs
+    /// closer to its peak (PERF.md, "Narrow outputs").
     out_side: bool,
     slope: Option<f32>,
 }
@@ -180,9 +180,9 @@ impl CustomOp3 for Dense {
         let dw = if w.track_op() {
             let _p = crate::profile::scope("dense bwd dW");
             let p = crate::profile::scope("dense bwd dW cols");
-            // The columns are unfolded again rather than kept from the forward pass: reading
-            // them back from memory (12 MB for a gated PixelCNN layer) was slower than
-            // rebuilding them from x (2 MB), and the step holds 300 MB less.
+            // The columns are unfolded again rather than kept from the forward pass: they are
+            // taps x larger than x, and rebuilding them from x beats reading them back from
+            // memory (PERF.md, "Unfold again").
             let cols = match &self.unfold {
                 Some(u) => x.contiguous()?.apply_op1_no_bwd(u)?.reshape((rows, k))?,
                 None => x.reshape((rows, k))?,
@@ -267,8 +267,8 @@ impl Pair {
         let _p = crate::profile::scope("pair fwd");
         let (rows, k1, par) = (d.b * d.n, self.0.taps.len() * d.c1, parallelism());
         let cols = self.0.unfold_cpu(x1, d.b, d.n, d.c1);
-        // A bias row in the weights and a column of ones would make the first product's k odd
-        // (257 for 128 channels): measured 68% of peak for its weight gradient, against 72%.
+        // The output starts as the bias rows: a bias row in the weights and a column of ones
+        // would make the product's k odd (257 for 128 channels), which the gemm runs slower.
         let bias = &w[k1 * d.cout..(k1 + 1) * d.cout];
         let mut y = vec![0f32; rows * d.cout];
         y.par_chunks_mut(d.cout.max(1)).for_each(|row| row.copy_from_slice(bias));
@@ -473,7 +473,7 @@ impl candle_core::CustomOp2 for LeakyGrad {
 }
 
 /// Sum over the rows of (N, C): candle reduces a non-last dimension element by element with
-/// strided indexing (measured ~20 ms per step of the reference network for its three biases).
+/// strided indexing, which is slow for bias gradients (PERF.md, "Bias gradients").
 /// Partial sums over fixed row blocks, added in block order: deterministic for any thread count.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ColumnSum;

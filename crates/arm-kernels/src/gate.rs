@@ -34,8 +34,7 @@ fn rows_c2(dims: &[usize]) -> Result<(usize, usize)> {
 }
 
 /// tanh(f) sigmoid(g) for rows [f | g] of 2c values. Compiled once per SIMD level and chosen
-/// at run time (the crate is built for baseline x86-64, whose 4-wide SSE2 loop was 5x slower
-/// than AVX-512 here).
+/// at run time: the crate is built for baseline x86-64, whose loops are only 4 wide.
 #[multiversion::multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma+bmi1+bmi2+lzcnt+popcnt",
     "x86_64+avx2+fma",

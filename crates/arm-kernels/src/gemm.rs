@@ -96,18 +96,15 @@ pub(crate) fn gemm_into(
 /// each lhs_i (m x k), rhs_i (k x n). The k range is cut into fixed blocks (a few per thread,
 /// at least 256 long); each block runs all the products single-threaded into its own buffer,
 /// and the buffers are summed in block order, so the result does not depend on which thread
-/// ran which block (deterministic for a given thread count). For the weight gradients
-/// (256 x 4096 x 256) gemm's own threading splits the small outputs and ran at 80% of its
-/// peak; one block per thread ran at 95% alone, but in a training step the second worker often
-/// woke up to 1 ms late and one thread did both blocks: with two blocks per thread the late
-/// one still takes its share.
+/// ran which block (deterministic for a given thread count). For weight gradients (small
+/// outputs, long sums) this beats the gemm's own threading, which splits the small output.
+/// Two blocks per thread rather than one: a worker that wakes up late still takes its share
+/// (PERF.md, "Weight gradients").
 pub(crate) fn gemm_long_k(
     dst: &mut [f32],
     (m, n, k): (usize, usize, usize),
     prods: &[(usize, View, View)],
 ) -> Result<()> {
-    // Two blocks per thread: measured 2.4 ms less per gated step than one (40.7 -> 38.3 ms of
-    // weight-gradient products), four were no better.
     let parts = (2 * candle_core::utils::get_num_threads()).clamp(1, k.max(1).div_ceil(256));
     if parts <= 1 {
         for &(off, lhs, rhs) in prods {
@@ -145,7 +142,7 @@ pub(crate) fn gemm_long_k(
 }
 
 /// dW (k x n, row-major) = cols^T dy for cols (rows x k) and dy (rows x n, contiguous): computed
-/// as dW^T = dy^T cols (both operands row-major: measured 10-40% faster than cols^T dy) with
+/// as dW^T = dy^T cols (both operands row-major, the gemm's fast case) with
 /// the long sums split by [`gemm_long_k`], then transposed into W's layout.
 pub(crate) fn weight_grad(dy: &[f32], n: usize, cols: View, k: usize, rows: usize) -> Result<Vec<f32>> {
     let _p = crate::profile::scope("weight grad");

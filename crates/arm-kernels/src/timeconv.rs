@@ -7,9 +7,9 @@
 //! y = b + sum_j X[shifted by s_j] W_j (the first tap writes, the others accumulate in place).
 //! The padding steps make early positions read zeros. The backward is the same shape:
 //! dX = sum_j dZ[shifted forward by s_j] W_j^T (dZ has zero steps behind it) and
-//! dW_j = X[shifted by s_j]^T dZ. Measured on this machine's AVX-512 gemm, per-tap products
-//! run at the rate of one (rows, k C_in) x (k C_in, C_out) product, and the im2col copy
-//! (29 MB per layer of the reference network) and its col2im are gone.
+//! dW_j = X[shifted by s_j]^T dZ. Per-tap products run at the rate of one (rows, k C_in) x
+//! (k C_in, C_out) product, and no im2col copy (k times the input) or col2im is made
+//! (PERF.md, "Time-major convolution").
 //!
 //! Layers with few channels take another route: a narrow input (the first layer, C_in = 1) is
 //! unfolded into its k C_in columns (small) and multiplied once; a narrow output (the last
