@@ -2,6 +2,7 @@
 //! (`layers/`), and the registry that maps a name in an experiment file to a plugin.
 //! Plugins compose layers; layers call the fused ops of `arm-kernels`.
 
+pub mod conformance;
 pub mod layers;
 pub mod plugins;
 mod registry;

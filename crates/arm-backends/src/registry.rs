@@ -49,6 +49,10 @@ pub trait PluginConfig: Serialize + DeserializeOwned + Default + 'static {
     const SUMMARY: &'static str;
     /// 2D plugins read the image as (H, W) and accept only raster order.
     const IS_2D: bool = false;
+    /// Whether every output row depends on the input just before it (the conformance suite's
+    /// liveness check); false for networks whose connectivity is sparse by design (MADE's
+    /// random degrees leave some pairs unconnected).
+    const SEES_PREDECESSOR: bool = true;
     /// Checks values against each other and the image shape; errors name the key.
     fn validate(&self, height: usize, width: usize) -> Result<(), PluginError>;
     fn build(&self, ctx: BuildCtx) -> Result<Box<dyn Conditional>, PluginError>;
@@ -63,6 +67,7 @@ pub struct Plugin {
     pub name: &'static str,
     pub summary: &'static str,
     pub is_2d: bool,
+    pub sees_predecessor: bool,
     pub key_docs: &'static [(&'static str, &'static str)],
     defaults: fn() -> toml::Table,
     resolve: fn(&toml::Table, usize, usize) -> Result<toml::Table, PluginError>,
@@ -101,6 +106,7 @@ impl Plugin {
             name: C::NAME,
             summary: C::SUMMARY,
             is_2d: C::IS_2D,
+            sees_predecessor: C::SEES_PREDECESSOR,
             key_docs: C::key_docs(),
             defaults: || to_table(&C::default()),
             resolve: resolve_with::<C>,
@@ -137,6 +143,9 @@ pub fn registry() -> Vec<Plugin> {
         Plugin::of::<crate::plugins::rnn::RnnConfig>(),
         Plugin::of::<crate::plugins::pixelcnn::PixelCnnConfig>(),
         Plugin::of::<crate::plugins::gated_pixelcnn::GatedPixelCnnConfig>(),
+        Plugin::of::<crate::plugins::fvsbn::FvsbnConfig>(),
+        Plugin::of::<crate::plugins::nade::NadeConfig>(),
+        Plugin::of::<crate::plugins::made::MadeConfig>(),
         Plugin::of::<crate::plugins::markov::MarkovConfig>(),
     ]
 }

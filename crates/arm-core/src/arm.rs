@@ -135,9 +135,35 @@ impl Arm {
         self.head.log_prob(&params, &xs) // (B, D)
     }
 
-    /// (B,) log p(x) in nats per image.
+    /// (B,) log p(x) in nats per image: of the network's default ensemble (one member for
+    /// most plugins; see [`Conditional::members`]).
     pub fn log_prob(&self, x: &Tensor) -> Result<Tensor> {
-        self.log_prob_pixels(x, false)?.sum(1)
+        self.log_prob_members(x, self.conditional.members().0)
+    }
+
+    /// (B,) log p_m(x) of member `m` of the network's ensemble alone.
+    pub fn log_prob_member(&self, x: &Tensor, m: usize) -> Result<Tensor> {
+        let xs = self.to_sequence(&x.to_dtype(DType::F32)?)?; // (B, D)
+        let params = self.conditional.forward_member(&self.scale(&xs)?, m)?; // (B, D, P)
+        self.head.log_prob(&params, &xs)?.sum(1)
+    }
+
+    /// (B,) log p(x) of the ensemble of the network's first `n` members, log (1/n) sum_m p_m(x)
+    /// (the log of the mean probability, not the mean of the logs), from a stable
+    /// log-sum-exp over members.
+    pub fn log_prob_members(&self, x: &Tensor, n: usize) -> Result<Tensor> {
+        let available = self.conditional.members().1;
+        if n == 0 || n > available {
+            candle_core::bail!("ensemble of {n} members: the network has {available}");
+        }
+        if n == 1 {
+            return self.log_prob_pixels(x, false)?.sum(1);
+        }
+        let per_member = (0..n).map(|m| self.log_prob_member(x, m)).collect::<Result<Vec<_>>>()?; // n x (B,)
+        let lp = Tensor::stack(&per_member, 1)?.to_dtype(DType::F64)?; // (B, n)
+        let top = lp.max_keepdim(1)?; // (B, 1)
+        let lse = (lp.broadcast_sub(&top)?.exp()?.sum_keepdim(1)?.log()? + top)?; // (B, 1)
+        (lse.squeeze(1)? - (n as f64).ln())?.to_dtype(DType::F32)
     }
 
     /// Mean negative log-likelihood in nats per image (the training loss).
@@ -196,5 +222,53 @@ impl Arm {
             }
         }
         Ok((x, d))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Categorical;
+
+    /// Two members with fixed logits for one pixel of 2 levels: member m predicts
+    /// p_m(0) = sigmoid(-l_m) whatever the input.
+    struct TwoMembers {
+        logits: [f32; 2],
+    }
+
+    impl Conditional for TwoMembers {
+        fn forward_t(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
+            self.forward_member(x, 0)
+        }
+        fn seq_len(&self) -> usize {
+            1
+        }
+        fn device(&self) -> &Device {
+            &Device::Cpu
+        }
+        fn members(&self) -> (usize, usize) {
+            (2, 2)
+        }
+        fn forward_member(&self, x: &Tensor, m: usize) -> Result<Tensor> {
+            let b = x.dim(0)?;
+            Tensor::new(&[[[0f32, self.logits[m]]]], x.device())?.broadcast_as((b, 1, 2))?.contiguous()
+        }
+    }
+
+    #[test]
+    fn an_ensemble_is_the_log_of_the_mean_probability() -> Result<()> {
+        // logits [0, ln 3] -> p(0) = 1/4; [0, 0] -> p(0) = 1/2. Ensemble p(0) = 3/8, p(1) = 5/8.
+        // python: import math; math.log(3/8), math.log(5/8)
+        let net = TwoMembers { logits: [3f32.ln(), 0.0] };
+        let arm = Arm::new(Box::new(net), Box::new(Categorical::new(2)), 2, (1, 1), Ordering::Raster)?;
+        let x = Tensor::new(&[[0f32], [1.0]], &Device::Cpu)?;
+        let lp = arm.log_prob(&x)?.to_vec1::<f32>()?;
+        assert!((lp[0] - (-0.980_829_3)).abs() < 1e-6, "{}", lp[0]);
+        assert!((lp[1] - (-0.470_003_6)).abs() < 1e-6, "{}", lp[1]);
+        // The mean of the logs would be (ln 1/4 + ln 1/2) / 2 = -1.0397 for x = 0.
+        let one = arm.log_prob_members(&x, 1)?.to_vec1::<f32>()?;
+        assert!((one[0] - 0.25f32.ln()).abs() < 1e-6);
+        assert!(arm.log_prob_members(&x, 3).is_err());
+        Ok(())
     }
 }

@@ -27,6 +27,35 @@ pub trait Conditional: Send + Sync {
     fn stepper(&self, batch: usize) -> Result<Box<dyn Stepper + '_>> {
         Ok(Box::new(NaiveStepper::new(self, batch)?))
     }
+
+    /// Members of the ensemble this network defines with shared weights (MADE's connectivity
+    /// masks): p(x) = mean_m p_m(x) over the first `n` members. Member 0 is `forward_t` in
+    /// evaluation mode, autoregressive in sequence order; the others may follow other orders
+    /// ([`Self::member_order`]). Returns (members evaluated by default, members available).
+    fn members(&self) -> (usize, usize) {
+        (1, 1)
+    }
+
+    /// Evaluation-mode forward pass of member `m` (< the available members), (B, D, P).
+    fn forward_member(&self, x: &Tensor, m: usize) -> Result<Tensor> {
+        if m != 0 {
+            candle_core::bail!("member {m}: this network has one member");
+        }
+        self.forward_t(x, false)
+    }
+
+    /// The order in which member `m` is autoregressive: order[i] = the sequence position of its
+    /// i-th variable, so row order[i] depends on inputs order[..i] only. None: sequence order.
+    fn member_order(&self, _m: usize) -> Option<Vec<usize>> {
+        None
+    }
+
+    /// Matrix-product FLOPs of one forward pass per image, when the network knows them (for
+    /// `runner bench`); None lets the caller assume every weight matrix is applied at every
+    /// position (true of convolutions and weight-shared layers).
+    fn flops_per_image(&self) -> Option<f64> {
+        None
+    }
 }
 
 /// One-pixel-at-a-time evaluation of a conditional.

@@ -5,12 +5,14 @@
 //! - [`time_conv`]: causal Conv1d on time-major activations, gemms on shifted views;
 //! - [`Unfold`] / [`Fold`]: im2col over a tap list and its adjoint;
 //! - [`gate`]: tanh(a) * sigmoid(b), the gated PixelCNN's unit;
+//! - [`exclusive_cumsum`]: prefix sums along a sequence (NADE's running pre-activation);
 //! - gemm on strided views, element-wise loops per SIMD level, vectorisable exp / tanh /
 //!   sigmoid, and a profiler of named phases ([`profile`]).
 //!
 //! This crate knows nothing of plugins or models: layers (`arm-backends`) call it, plugins
 //! call layers. Off the CPU (or for other dtypes) every op composes candle's own ops.
 
+mod cumsum;
 mod dense;
 mod fastmath;
 mod gate;
@@ -20,6 +22,7 @@ mod simd;
 mod timeconv;
 mod unfold;
 
+pub use cumsum::exclusive_cumsum;
 pub use dense::{dense, dense_gated, dense_pair};
 pub use gate::gate;
 pub use timeconv::{time_conv, TimeConv};

@@ -9,14 +9,16 @@ pub mod conv2d;
 mod dropout;
 pub mod gated;
 mod linear;
+mod masked;
 pub mod recurrent;
 mod window;
 
-pub use arm_kernels::leaky_relu;
+pub use arm_kernels::{exclusive_cumsum as prefix_sum, leaky_relu};
 pub use conv1d::{causal_conv1d, causal_conv_stack, CausalConv1d, CausalConvStack, CausalMode, ConvCache};
 pub use conv2d::{masked_conv2d, tap_conv2d, Mask, TapConv2d};
 pub use dropout::Dropout;
 pub use gated::{gated_block, GatedBlock, Vertical};
 pub use linear::{linear, output_mlp, Linear, OutputMlp};
+pub use masked::{masked_linear, MaskedLinear};
 pub use recurrent::{cell, Cell, CellKind, State};
 pub use window::{window, Window};

@@ -1,5 +1,7 @@
 //! Recurrent cells, written out on [`Linear`] so that every weight comes from the seeded
 //! `VarBuilder`. Gate pre-activations are split along the last dimension:
+//! - plain (Elman) RNN (Tomczak, "Deep Generative Modeling", eq. 2.7):
+//!   h' = tanh(W_i x + b_i + W_h h + b_h);
 //! - GRU (Cho et al. 2014, eq. 5-8, in PyTorch's form with r applied to W_hn h + b_hn):
 //!   r = s(W_ir x + W_hr h), z = s(W_iz x + W_hz h), n = tanh(W_in x + r * (W_hn h)),
 //!   h' = (1 - z) * n + z * h; order (r, z, n);
@@ -18,6 +20,7 @@ use super::{linear, Linear};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CellKind {
+    Tanh,
     Gru,
     Lstm,
 }
@@ -26,6 +29,7 @@ impl CellKind {
     /// Pre-activations per state unit.
     fn gates(self) -> usize {
         match self {
+            CellKind::Tanh => 1,
             CellKind::Gru => 3,
             CellKind::Lstm => 4,
         }
@@ -71,6 +75,7 @@ impl Cell {
         let gx = self.wi.forward(x)?; // (B, G*H)
         let gh = self.wh.forward(&s.h)?; // (B, G*H)
         match self.kind {
+            CellKind::Tanh => Ok(State { h: (gx + gh)?.tanh()?, c: None }),
             CellKind::Gru => {
                 let rz = sigmoid(&(gx.narrow(1, 0, 2 * hd)? + gh.narrow(1, 0, 2 * hd)?)?)?; // (B, 2H)
                 let (r, z) = (rz.narrow(1, 0, hd)?, rz.narrow(1, hd, hd)?);

@@ -2,8 +2,9 @@
 //! shared by every position (Tomczak, "Deep Generative Modeling", §2.2.1 "Finite memory", which
 //! truncates the factorisation p(x) = prod_d p(x_d | x_<d) of Larochelle & Murray 2011, eq. 1;
 //! Frey et al. 1996 used the unshared, full-memory logistic version). The window
-//! x_{d-1..d-m} is zero before the start of the sequence. Hidden layers are Linear + LeakyReLU
-//! (+ dropout); the last layer outputs the head's P parameters. depth = 0 is a linear model.
+//! x_{d-1..d-m} is zero before the start of the sequence. Hidden layers are Linear + ReLU
+//! (eq. 2.6) or LeakyReLU (the lab's default), + dropout; the last layer outputs the head's P
+//! parameters. depth = 0 is a linear model.
 //!
 //! The cached stepper keeps the window of the last m pixels, so each pixel costs one MLP pass.
 //! Left out: position embeddings (the shared MLP does not know where it is in the image).
@@ -20,6 +21,17 @@ use crate::registry::{invalid, BuildCtx, PluginConfig, PluginError};
 /// LeakyReLU slope between hidden layers (the causal_conv1d default).
 const SLOPE: f64 = 0.01;
 
+/// The hidden layers' non-linearity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// max(0, x), as eq. 2.6 writes it.
+    Relu,
+    /// max(0.01 x, x), the lab's default.
+    #[default]
+    LeakyRelu,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MlpConfig {
@@ -29,6 +41,8 @@ pub struct MlpConfig {
     pub hidden: usize,
     /// Number of hidden layers (0: a linear map from the window to the parameters).
     pub depth: usize,
+    /// Non-linearity of the hidden layers.
+    pub activation: Activation,
     /// Dropout probability after each hidden activation (training only).
     pub dropout: f64,
 }
@@ -36,7 +50,7 @@ pub struct MlpConfig {
 impl Default for MlpConfig {
     /// Digits (8x8): the previous row is in the window.
     fn default() -> Self {
-        Self { memory: 8, hidden: 256, depth: 2, dropout: 0.0 }
+        Self { memory: 8, hidden: 256, depth: 2, activation: Activation::LeakyRelu, dropout: 0.0 }
     }
 }
 
@@ -69,6 +83,7 @@ impl PluginConfig for MlpConfig {
             layers,
             window: window(self.memory, ctx.dims()),
             memory: self.memory,
+            activation: self.activation,
             dropout: Dropout::new(self.dropout, ctx.seed),
             dims: ctx.dims(),
             device: ctx.device,
@@ -76,8 +91,14 @@ impl PluginConfig for MlpConfig {
     }
 
     fn test_configs() -> Vec<Self> {
-        let c = |memory, hidden, depth| Self { memory, hidden, depth, dropout: 0.0 };
-        vec![c(1, 4, 1), c(3, 5, 2), c(9, 3, 1), c(2, 4, 0)]
+        let c = |memory, hidden, depth, activation| Self { memory, hidden, depth, activation, dropout: 0.0 };
+        vec![
+            c(1, 4, 1, Activation::LeakyRelu),
+            c(3, 5, 2, Activation::LeakyRelu),
+            c(9, 3, 1, Activation::LeakyRelu),
+            c(3, 8, 1, Activation::Relu),
+            c(2, 4, 0, Activation::LeakyRelu),
+        ]
     }
 
     fn key_docs() -> &'static [(&'static str, &'static str)] {
@@ -85,6 +106,7 @@ impl PluginConfig for MlpConfig {
             ("memory", "m: previous pixels the MLP sees (zero before the start)"),
             ("hidden", "width of each hidden layer"),
             ("depth", "number of hidden layers (0: linear)"),
+            ("activation", "\"relu\" (eq. 2.6) or \"leaky_relu\" (slope 0.01) between layers"),
             ("dropout", "dropout after each hidden activation"),
         ]
     }
@@ -94,6 +116,7 @@ pub struct MlpNet {
     layers: Vec<Linear>,
     window: Window,
     memory: usize,
+    activation: Activation,
     dropout: Dropout,
     dims: usize,
     device: Device,
@@ -107,7 +130,11 @@ impl MlpNet {
         for (i, layer) in self.layers.iter().enumerate() {
             h = layer.forward(&h)?; // (..., hidden or P)
             if i < last {
-                h = self.dropout.forward_t(&crate::layers::leaky_relu(&h, SLOPE)?, train)?;
+                let a = match self.activation {
+                    Activation::Relu => h.relu()?,
+                    Activation::LeakyRelu => crate::layers::leaky_relu(&h, SLOPE)?,
+                };
+                h = self.dropout.forward_t(&a, train)?;
             }
         }
         Ok(h)

@@ -2,7 +2,8 @@
 //! through RNNs"; van den Oord et al. 2016, "Pixel Recurrent Neural Networks", §2): the state
 //! h_d = cell(x_{d-1}, h_{d-1}) summarises x_<d, and the parameters of x_d are a linear map
 //! of h_d. Position 0 reads a zero input and a zero state, so its parameters are learned
-//! constants (the biases). The cells (GRU, LSTM) are written out in `layers/recurrent.rs`.
+//! constants (the biases). The cells (plain tanh, GRU, LSTM) are written out in
+//! `layers/recurrent.rs`.
 //!
 //! Layers are stacked (dropout between them and before the output layer, training only). The
 //! cached stepper keeps each layer's state: one cell step per pixel. Left out: the row and
@@ -21,7 +22,7 @@ use crate::registry::{invalid, BuildCtx, PluginConfig, PluginError};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RnnConfig {
-    /// Recurrent cell: "gru" or "lstm".
+    /// Recurrent cell: "tanh" (the plain RNN of eq. 2.7), "gru" or "lstm".
     pub cell: CellKind,
     /// State size of each layer.
     pub hidden: usize,
@@ -39,7 +40,7 @@ impl Default for RnnConfig {
 
 impl PluginConfig for RnnConfig {
     const NAME: &'static str = "rnn";
-    const SUMMARY: &'static str = "recurrent ARM (GRU or LSTM) over the pixel sequence";
+    const SUMMARY: &'static str = "recurrent ARM (plain tanh RNN, GRU or LSTM) over the pixel sequence";
 
     fn validate(&self, _h: usize, _w: usize) -> Result<(), PluginError> {
         if self.hidden == 0 {
@@ -72,12 +73,19 @@ impl PluginConfig for RnnConfig {
 
     fn test_configs() -> Vec<Self> {
         let c = |cell, hidden, layers| Self { cell, hidden, layers, dropout: 0.0 };
-        vec![c(CellKind::Gru, 4, 1), c(CellKind::Lstm, 3, 1), c(CellKind::Gru, 3, 2), c(CellKind::Lstm, 4, 2)]
+        vec![
+            c(CellKind::Gru, 4, 1),
+            c(CellKind::Lstm, 3, 1),
+            c(CellKind::Gru, 3, 2),
+            c(CellKind::Lstm, 4, 2),
+            c(CellKind::Tanh, 4, 1),
+            c(CellKind::Tanh, 3, 2),
+        ]
     }
 
     fn key_docs() -> &'static [(&'static str, &'static str)] {
         &[
-            ("cell", "recurrent cell: \"gru\" or \"lstm\""),
+            ("cell", "recurrent cell: \"tanh\" (plain RNN, eq. 2.7), \"gru\" or \"lstm\""),
             ("hidden", "state size of each layer"),
             ("layers", "stacked recurrent layers"),
             ("dropout", "dropout on each layer's outputs"),
