@@ -14,6 +14,11 @@ use arm_core::{Arm, Conditional, Sampler};
 
 type R<T> = Result<T, String>;
 
+/// Levels of the inputs that [`causality`] and [`stepper_matches_forward`] feed a network
+/// (build it with `BuildCtx::levels` = this): inputs are level / (LEVELS - 1).
+pub const LEVELS: usize = 5;
+const STEP: f64 = 1.0 / (LEVELS - 1) as f64;
+
 fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
@@ -41,7 +46,7 @@ fn order_of(net: &dyn Conditional, m: usize) -> Vec<usize> {
 pub fn causality(net: &dyn Conditional, width: usize, is_2d: bool, sees_predecessor: bool) -> R<()> {
     let d = net.seq_len();
     let dev = net.device().clone();
-    let x = random_levels(2, d, 5, 7, &dev).and_then(|t| t.affine(0.25, 0.0)).map_err(err)?;
+    let x = random_levels(2, d, LEVELS, 7, &dev).and_then(|t| t.affine(STEP, 0.0)).map_err(err)?;
     let (_, members) = net.members();
     let eval0 = net.forward_t(&x, false).map_err(err)?;
     if max_abs_diff(&eval0, &net.forward_member(&x, 0).map_err(err)?)? != 0.0 {
@@ -56,9 +61,12 @@ pub fn causality(net: &dyn Conditional, width: usize, is_2d: bool, sees_predeces
         let base = net.forward_member(&x, m).map_err(err)?; // (B, D, P)
         let mut any = false;
         for (i, &j) in order.iter().enumerate() {
+            // Another valid level in each image (inputs are level / (K - 1)).
             let mut v = x.to_vec2::<f32>().map_err(err)?;
-            v[0][j] += 0.7;
-            v[1][j] -= 0.9;
+            for (img, shift) in v.iter_mut().zip([2.0f32, 3.0]) {
+                let level = (img[j] / STEP as f32).round();
+                img[j] = ((level + shift) % LEVELS as f32) * STEP as f32;
+            }
             let xj = Tensor::new(v, &dev).map_err(err)?;
             let out = net.forward_member(&xj, m).map_err(err)?;
             let diff = (&out - &base)
@@ -112,7 +120,7 @@ pub fn sums_to_one(arm: &Arm) -> R<()> {
 /// The cached stepper's parameters equal the forward pass's rows at every position (1e-5).
 pub fn stepper_matches_forward(net: &dyn Conditional) -> R<()> {
     let d = net.seq_len();
-    let x = random_levels(3, d, 5, 11, net.device()).and_then(|t| t.affine(0.25, 0.0)).map_err(err)?;
+    let x = random_levels(3, d, LEVELS, 11, net.device()).and_then(|t| t.affine(STEP, 0.0)).map_err(err)?;
     let full = net.forward_t(&x, false).map_err(err)?; // (B, D, P)
     let mut st = net.stepper(3).map_err(err)?;
     for i in 0..d {

@@ -18,6 +18,9 @@ pub struct BuildCtx<'a> {
     pub width: usize,
     /// P: parameters per pixel the head needs.
     pub num_params: usize,
+    /// K: levels of the data. Inputs arrive as level / (K - 1), so a plugin that embeds levels
+    /// as tokens recovers them with round(x (K - 1)).
+    pub levels: usize,
     /// Seed for anything random inside the model at training time (dropout masks).
     pub seed: u64,
 }

@@ -13,11 +13,14 @@ type R<T> = Result<T, Box<dyn std::error::Error>>;
 
 const DEV: Device = Device::Cpu;
 
+/// Levels of the inputs the checks feed the networks that have no head (causality, stepper).
+const LEVELS: usize = conformance::LEVELS;
+
 fn build(
     p: &Plugin,
     cfg: &toml::Table,
     (h, w): (usize, usize),
-    np: usize,
+    (np, levels): (usize, usize),
     seed: u64,
 ) -> R<(Box<dyn Conditional>, VarMap)> {
     let map = VarMap::new();
@@ -27,6 +30,7 @@ fn build(
         height: h,
         width: w,
         num_params: np,
+        levels,
         seed,
     };
     Ok((p.build(cfg, ctx)?, map))
@@ -69,7 +73,7 @@ fn each_case(mut f: impl FnMut(&Plugin, &toml::Table, (usize, usize)) -> R<()>) 
 #[test]
 fn causality_by_perturbation() -> R<()> {
     each_case(|p, cfg, (h, w)| {
-        let (net, _) = build(p, cfg, (h, w), 3, 1)?;
+        let (net, _) = build(p, cfg, (h, w), (3, LEVELS), 1)?;
         Ok(conformance::causality(net.as_ref(), w, p.is_2d, p.sees_predecessor)?)
     })
 }
@@ -86,7 +90,7 @@ fn probabilities_sum_to_one_over_every_image() -> R<()> {
                     let k = 3;
                     for head_name in head_names() {
                         let head = every_head(head_name, k)?;
-                        let (net, _) = build(&p, &cfg, (h, w), head.num_params(), 2)?;
+                        let (net, _) = build(&p, &cfg, (h, w), (head.num_params(), k), 2)?;
                         let arm = Arm::new(net, head, k, (h, w), ord)?;
                         conformance::sums_to_one(&arm)
                             .map_err(|e| format!("{} {cfg:?} {ord:?} {head_name}: {e}", p.name))?;
@@ -101,7 +105,7 @@ fn probabilities_sum_to_one_over_every_image() -> R<()> {
 #[test]
 fn stepper_matches_forward_rows() -> R<()> {
     each_case(|p, cfg, (h, w)| {
-        let (net, _) = build(p, cfg, (h, w), 4, 3)?;
+        let (net, _) = build(p, cfg, (h, w), (4, LEVELS), 3)?;
         Ok(conformance::stepper_matches_forward(net.as_ref())?)
     })
 }
@@ -112,7 +116,7 @@ fn samplers_agree_for_the_same_noise() -> R<()> {
         let k = 4;
         for head_name in head_names() {
             let head = every_head(head_name, k)?;
-            let (net, _) = build(p, cfg, (h, w), head.num_params(), 4)?;
+            let (net, _) = build(p, cfg, (h, w), (head.num_params(), k), 4)?;
             let ord = if p.is_2d { Ordering::Raster } else { Ordering::Snake };
             let arm = Arm::new(net, head, k, (h, w), ord)?;
             conformance::samplers_agree(&arm, 5).map_err(|e| format!("{head_name}: {e}"))?;
@@ -125,10 +129,10 @@ fn samplers_agree_for_the_same_noise() -> R<()> {
 fn save_load_round_trip_and_seed_determinism() -> R<()> {
     each_case(|p, cfg, (h, w)| {
         let d = h * w;
-        let x = random_levels(2, d, 5, 13).affine(0.25, 0.0)?;
-        let (a, map_a) = build(p, cfg, (h, w), 3, 21)?;
-        let (b, mut map_b) = build(p, cfg, (h, w), 3, 21)?;
-        let (c, _) = build(p, cfg, (h, w), 3, 22)?;
+        let x = random_levels(2, d, LEVELS, 13).affine(1.0 / (LEVELS - 1) as f64, 0.0)?;
+        let (a, map_a) = build(p, cfg, (h, w), (3, LEVELS), 21)?;
+        let (b, mut map_b) = build(p, cfg, (h, w), (3, LEVELS), 21)?;
+        let (c, _) = build(p, cfg, (h, w), (3, LEVELS), 22)?;
         let (ya, yb, yc) = (a.forward_t(&x, false)?, b.forward_t(&x, false)?, c.forward_t(&x, false)?);
         assert_eq!(max_abs_diff(&ya, &yb)?, 0.0, "same seed, different outputs");
         assert!(max_abs_diff(&ya, &yc)? > 0.0, "different seeds, same outputs");

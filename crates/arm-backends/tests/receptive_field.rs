@@ -31,6 +31,7 @@ fn dependencies(name: &str, cfg: &str) -> R<Vec<Vec<bool>>> {
         height: H,
         width: W,
         num_params: 2,
+        levels: 2,
         seed: 3,
     };
     let net = p.build(&cfg, ctx)?;

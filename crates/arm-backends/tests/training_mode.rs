@@ -24,6 +24,7 @@ fn build_arm(p: &Plugin, cfg: &toml::Table, seed: u64) -> R<(Arm, VarMap)> {
         height: h,
         width: w,
         num_params: LEVELS,
+        levels: LEVELS,
         seed,
     };
     let net = p.build(cfg, ctx)?;

@@ -38,6 +38,7 @@ pub fn build(cfg: &RunConfig, device: &Device) -> Result<(Arm, VarMap, Dataset)>
         height: data.height,
         width: data.width,
         num_params: head.num_params(),
+        levels: data.levels,
         seed: cfg.seed,
     };
     let cond = plugin.build(&cfg.model.plugin, ctx).map_err(|e| anyhow!("model.{}: {e}", cfg.model.backend))?;

@@ -126,6 +126,7 @@ mod tests {
             height: 2,
             width: 2,
             num_params: 3,
+            levels: 5,
             seed: 1,
         };
         let (d, p) = (4, 3);

@@ -316,6 +316,7 @@ mod tests {
             height: h,
             width: w,
             num_params: p,
+            levels: 5,
             seed: 3,
         };
         Ok((Made::new(cfg, &ctx)?, map))
