@@ -15,7 +15,6 @@ use std::sync::Mutex;
 
 use anyhow::{anyhow, Result};
 use candle_core::Device;
-use fs2::FileExt;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::commands::Ui;
@@ -198,8 +197,12 @@ fn lock_path(dir: &Path) -> PathBuf {
 pub fn claim(dir: &Path) -> Result<Option<std::fs::File>> {
     std::fs::create_dir_all(dir)?;
     let lock = OpenOptions::new().create(true).truncate(false).write(true).open(lock_path(dir))?;
-    if lock.try_lock_exclusive().is_err() {
-        return Ok(None);
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(anyhow!("{}: cannot lock: {e}", lock_path(dir).display()));
+        }
     }
     for e in std::fs::read_dir(dir)?.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
