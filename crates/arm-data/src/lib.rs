@@ -32,6 +32,36 @@ pub enum DataError {
 /// Names accepted by `[data] name = ...`.
 pub const DATASET_NAMES: &[&str] = &["digits", "mnist10k", "mnist10k-binary"];
 
+/// Which part of a data set: the training, validation or test images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum SplitName {
+    Train,
+    /// Also accepted as "validation".
+    #[serde(alias = "validation")]
+    #[cfg_attr(feature = "clap", value(alias = "validation"))]
+    Val,
+    Test,
+}
+
+impl SplitName {
+    /// The name used on the command line and in file names.
+    pub fn name(self) -> &'static str {
+        match self {
+            SplitName::Train => "train",
+            SplitName::Val => "val",
+            SplitName::Test => "test",
+        }
+    }
+}
+
+impl std::fmt::Display for SplitName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Images of one split: `n` images of `dims` pixels, row-major, levels in 0..levels.
 #[derive(Debug, Clone)]
 pub struct Split {
@@ -80,12 +110,11 @@ impl Dataset {
         self.height * self.width
     }
 
-    pub fn split(&self, name: &str) -> Option<&Split> {
-        match name {
-            "train" => Some(&self.train),
-            "val" | "validation" => Some(&self.val),
-            "test" => Some(&self.test),
-            _ => None,
+    pub fn split(&self, which: SplitName) -> &Split {
+        match which {
+            SplitName::Train => &self.train,
+            SplitName::Val => &self.val,
+            SplitName::Test => &self.test,
         }
     }
 
@@ -205,6 +234,24 @@ mod tests {
         assert_eq!(d.train.pixels.iter().copied().max(), Some(16));
         // First row of the file (sklearn's digits.images[0] is a zero).
         assert_eq!(&d.train.pixels[..8], &[0, 0, 5, 13, 9, 1, 0, 0]);
+        Ok(())
+    }
+
+    #[test]
+    fn split_names_read_from_toml_with_the_validation_alias() -> Result<(), DataError> {
+        #[derive(serde::Deserialize)]
+        struct T {
+            s: SplitName,
+        }
+        let parse = |v: &str| toml::from_str::<T>(&format!("s = {v:?}")).map(|t| t.s).ok();
+        assert_eq!(parse("train"), Some(SplitName::Train));
+        assert_eq!(parse("val"), Some(SplitName::Val));
+        assert_eq!(parse("validation"), Some(SplitName::Val));
+        assert_eq!(parse("test"), Some(SplitName::Test));
+        assert_eq!(parse("dev"), None);
+        let d = digits()?;
+        assert_eq!(d.split(SplitName::Val).n, 350);
+        assert_eq!(SplitName::Val.to_string(), "val");
         Ok(())
     }
 

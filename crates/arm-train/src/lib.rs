@@ -69,31 +69,51 @@ impl Default for TrainConfig {
     }
 }
 
+/// What is wrong with a value of `[train]`.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Problem {
+    #[error("must be a positive number, got {0}")]
+    NotPositive(f64),
+    #[error("must be at least 1, got 0")]
+    Zero,
+    #[error("must be >= 0, got {0}")]
+    Negative(f64),
+    #[error("must be in [0, 1), got {0}")]
+    NotBelowOne(f64),
+}
+
+/// A `[train]` value out of range: its key (relative to `[train]`) and the problem.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{key}: {problem}")]
+pub struct TrainConfigError {
+    pub key: &'static str,
+    pub problem: Problem,
+}
+
 impl TrainConfig {
-    /// Checks ranges; the error is (key, what was expected).
-    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+    /// Checks ranges; the error names the first key out of range.
+    pub fn validate(&self) -> Result<(), TrainConfigError> {
+        let fail = |key, problem| Err(TrainConfigError { key, problem });
         let positive = |v: f64| v.is_finite() && v > 0.0;
         if !positive(self.lr) {
-            return Err(("lr", format!("must be a positive number, got {}", self.lr)));
+            return fail("lr", Problem::NotPositive(self.lr));
         }
-        if self.batch_size == 0 {
-            return Err(("batch_size", "must be at least 1, got 0".into()));
-        }
-        if self.eval_batch_size == 0 {
-            return Err(("eval_batch_size", "must be at least 1, got 0".into()));
-        }
-        if self.patience == 0 {
-            return Err(("patience", "must be at least 1, got 0".into()));
-        }
-        if self.max_epochs == 0 {
-            return Err(("max_epochs", "must be at least 1, got 0".into()));
+        for (key, v) in [
+            ("batch_size", self.batch_size),
+            ("eval_batch_size", self.eval_batch_size),
+            ("patience", self.patience),
+            ("max_epochs", self.max_epochs),
+        ] {
+            if v == 0 {
+                return fail(key, Problem::Zero);
+            }
         }
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            return Err(("weight_decay", format!("must be >= 0, got {}", self.weight_decay)));
+            return fail("weight_decay", Problem::Negative(self.weight_decay));
         }
-        for (k, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+        for (key, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
             if !(0.0..1.0).contains(&v) {
-                return Err((k, format!("must be in [0, 1), got {v}")));
+                return fail(key, Problem::NotBelowOne(v));
             }
         }
         Ok(())
@@ -428,6 +448,24 @@ pub fn train_from(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The first key out of range is named, with the value it has.
+    #[test]
+    fn validate_names_the_first_bad_key() {
+        assert_eq!(TrainConfig::default().validate(), Ok(()));
+        let bad = |c: TrainConfig| c.validate().err();
+        let err = |key, problem| Some(TrainConfigError { key, problem });
+        assert_eq!(bad(TrainConfig { lr: f64::NAN, batch_size: 0, ..Default::default() }).map(|e| e.key), Some("lr"));
+        assert_eq!(bad(TrainConfig { lr: -0.5, ..Default::default() }), err("lr", Problem::NotPositive(-0.5)));
+        assert_eq!(bad(TrainConfig { patience: 0, ..Default::default() }), err("patience", Problem::Zero));
+        assert_eq!(
+            bad(TrainConfig { weight_decay: -1.0, ..Default::default() }),
+            err("weight_decay", Problem::Negative(-1.0))
+        );
+        assert_eq!(bad(TrainConfig { beta2: 1.0, ..Default::default() }), err("beta2", Problem::NotBelowOne(1.0)));
+        let msg = bad(TrainConfig { max_epochs: 0, ..Default::default() }).map(|e| e.to_string());
+        assert_eq!(msg.as_deref(), Some("max_epochs: must be at least 1, got 0"));
+    }
 
     /// The step runs on a worker of the pool the fused ops split their work over, and gives
     /// back what the closure returned.

@@ -101,23 +101,27 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             }
             let mut cfg = exp.runs[0].clone();
             if let Some(s) = seed {
+                if i64::try_from(s).is_err() {
+                    return Err(bad_input(format!("--seed {s}: must be at most {} (a TOML integer)", i64::MAX)));
+                }
                 cfg.seed = s;
             }
+            let id = cfg.run_id().map_err(bad_input)?;
             let ui = Ui::new();
             install_ctrlc();
-            let dir = store::runs_dir(&cli.results, &exp.name).join(cfg.run_id());
+            let dir = store::runs_dir(&cli.results, &exp.name).join(&id);
             // The same claim as a sweep's: never two trainings of one run folder at once.
             let _claim = crate::sweep::claim(&dir)?
                 .ok_or_else(|| anyhow::anyhow!("{}: another runner process is training this run", dir.display()))?;
-            let done = if resume { store::RunStatus::read(&dir).filter(|s| s.is_finished()) } else { None };
+            let done = if resume { store::RunStatus::read(&dir)?.filter(|s| s.is_finished()) } else { None };
             let st = match done {
                 Some(st) => {
-                    tracing::info!("{}: already finished, nothing to resume", cfg.run_id());
+                    tracing::info!("{id}: already finished, nothing to resume");
                     st
                 }
                 None => {
                     tracing::info!("training {} -> {}", exp.name, dir.display());
-                    let bar = ui.run_bar(&cfg.run_id());
+                    let bar = ui.run_bar(&id);
                     let st = run::execute(&cfg, &dir, &device, &bar, !ui.tty, resume)?;
                     bar.finish_and_clear();
                     st
@@ -126,8 +130,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             let dims = crate::data::shape(&cfg.data).map_or(1, |(h, w, _)| h * w);
             match (st.best_val_nll, st.test_nll) {
                 (Some(v), Some(t)) if st.is_finished() => println!(
-                    "{}: best val NLL {v:.3} nats ({:.4} bits/dim) at epoch {} of {}; test NLL {t:.3} nats ({:.4} bits/dim); {} parameters, {:.0} s\nresults in {}",
-                    cfg.run_id(),
+                    "{id}: best val NLL {v:.3} nats ({:.4} bits/dim) at epoch {} of {}; test NLL {t:.3} nats ({:.4} bits/dim); {} parameters, {:.0} s\nresults in {}",
                     arm_core::bits_per_dim(v, dims),
                     st.best_epoch,
                     st.epochs,
@@ -137,9 +140,9 @@ pub fn dispatch(cli: Cli) -> Result<()> {
                     dir.display()
                 ),
                 _ => {
-                    println!("{}: {} ({})", cfg.run_id(), st.status, st.reason.clone().unwrap_or_default());
-                    if st.status == "failed" {
-                        anyhow::bail!("run {} failed: {}", cfg.run_id(), st.reason.unwrap_or_default());
+                    println!("{id}: {} ({})", st.status, st.reason.clone().unwrap_or_default());
+                    if st.status == store::RunState::Failed {
+                        anyhow::bail!("run {id} failed: {}", st.reason.unwrap_or_default());
                     }
                 }
             }
@@ -248,7 +251,7 @@ fn list() {
     println!("Heads ([model] head = NAME; keys go in [model.NAME]):\n");
     for h in arm_core::head_names() {
         println!("{h}");
-        if let Ok(t) = arm_core::resolve_head(h, &toml::Table::new(), 17) {
+        if let Ok(t) = arm_core::heads::resolve(h, &toml::Table::new(), 17) {
             for (k, v) in &t {
                 println!("    {k:<16} {:<8} default {}", type_of(v), v);
             }

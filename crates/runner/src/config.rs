@@ -5,9 +5,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result};
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -110,14 +111,79 @@ pub struct RunConfig {
     pub grid: Vec<(String, toml::Value)>,
 }
 
+/// A run config that cannot be written as, or read back from, `config.toml`.
+#[derive(Debug, thiserror::Error)]
+pub enum RunConfigError {
+    #[error("{section}: cannot be written as TOML: {source}")]
+    Serialise { section: &'static str, source: toml::ser::Error },
+    #[error("seed {0} is larger than a TOML integer can hold ({max})", max = i64::MAX)]
+    SeedTooLarge(u64),
+    #[error("{0}")]
+    Syntax(String),
+    #[error("missing key {0}")]
+    Missing(String),
+    #[error("{key}: expected {expected}")]
+    Type { key: String, expected: &'static str },
+    #[error("{0}")]
+    Value(KeyError),
+}
+
+fn to_value<T: Serialize>(section: &'static str, v: &T) -> Result<toml::Value, RunConfigError> {
+    toml::Value::try_from(v).map_err(|source| RunConfigError::Serialise { section, source })
+}
+
+/// `root[key]` of a config being read back, which must be there.
+fn field<'a>(t: &'a toml::Table, prefix: &str, key: &str) -> Result<&'a toml::Value, RunConfigError> {
+    t.get(key).ok_or_else(|| RunConfigError::Missing(format!("{prefix}{key}")))
+}
+
+fn typed<'a, T: ?Sized>(
+    v: &'a toml::Value,
+    key: &str,
+    expected: &'static str,
+    get: impl FnOnce(&'a toml::Value) -> Option<&'a T>,
+) -> Result<&'a T, RunConfigError> {
+    get(v).ok_or_else(|| RunConfigError::Type { key: key.to_string(), expected })
+}
+
+/// Reads back a section written from a `T`: every key its default writes must be there (the
+/// serde defaults are for experiment files, not for reading a run's own record).
+fn section<T: Serialize + DeserializeOwned + Default>(
+    root: &toml::Table,
+    key: &'static str,
+) -> Result<T, RunConfigError> {
+    let v = field(root, "", key)?;
+    let t = typed(v, key, "a table", toml::Value::as_table)?;
+    for k in to_value(key, &T::default())?.as_table().into_iter().flat_map(|d| d.keys()) {
+        field(t, &format!("{key}."), k)?;
+    }
+    from_value(v.clone()).map_err(|e| {
+        RunConfigError::Value(KeyError { key: Some(e.key.map_or(key.to_string(), |k| format!("{key}.{k}"))), ..e })
+    })
+}
+
+/// Deserialises a TOML value; the error names the key path inside it (None for the value itself).
+pub fn from_value<T: DeserializeOwned>(v: toml::Value) -> Result<T, KeyError> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let msg = e.into_inner().message().trim().to_string();
+        if path == "." {
+            KeyError::general(msg)
+        } else {
+            KeyError::at(path, msg)
+        }
+    })
+}
+
 impl RunConfig {
     /// The resolved config as written to `config.toml` (the plugin table nested under
     /// `[model.<backend>]`, as in experiment files).
-    pub fn to_toml(&self) -> String {
+    pub fn to_toml(&self) -> Result<String, RunConfigError> {
         let mut root = toml::Table::new();
         root.insert("name".into(), self.name.clone().into());
-        root.insert("seed".into(), toml::Value::Integer(self.seed as i64));
-        root.insert("data".into(), toml::Value::try_from(&self.data).unwrap_or(toml::Value::Table(Default::default())));
+        let seed = i64::try_from(self.seed).map_err(|_| RunConfigError::SeedTooLarge(self.seed))?;
+        root.insert("seed".into(), toml::Value::Integer(seed));
+        root.insert("data".into(), to_value("data", &self.data)?);
         let mut model = toml::Table::new();
         model.insert("backend".into(), self.model.backend.clone().into());
         model.insert("head".into(), self.model.head.clone().into());
@@ -126,32 +192,26 @@ impl RunConfig {
             model.insert(self.model.head.clone(), toml::Value::Table(self.model.head_table.clone()));
         }
         root.insert("model".into(), toml::Value::Table(model));
-        root.insert(
-            "train".into(),
-            toml::Value::try_from(&self.train).unwrap_or(toml::Value::Table(Default::default())),
-        );
-        root.insert(
-            "sample".into(),
-            toml::Value::try_from(&self.sample).unwrap_or(toml::Value::Table(Default::default())),
-        );
+        root.insert("train".into(), to_value("train", &self.train)?);
+        root.insert("sample".into(), to_value("sample", &self.sample)?);
         if !self.grid.is_empty() {
             let g: toml::Table = self.grid.iter().cloned().collect();
             root.insert("grid_point".into(), toml::Value::Table(g));
         }
-        toml::to_string(&root).unwrap_or_default()
+        toml::to_string(&root).map_err(|source| RunConfigError::Serialise { section: "config", source })
     }
 
     /// Stable id: sha256 of the resolved config (grid description excluded: it only labels).
-    pub fn hash(&self) -> String {
+    pub fn hash(&self) -> Result<String, RunConfigError> {
         let mut c = self.clone();
         c.grid.clear();
         c.name.clear();
-        let digest = Sha256::digest(c.to_toml().as_bytes());
-        digest.iter().take(5).map(|b| format!("{b:02x}")).collect()
+        let digest = Sha256::digest(c.to_toml()?.as_bytes());
+        Ok(digest.iter().take(5).map(|b| format!("{b:02x}")).collect())
     }
 
     /// Folder name: readable grid values and seed, then the hash.
-    pub fn run_id(&self) -> String {
+    pub fn run_id(&self) -> Result<String, RunConfigError> {
         let mut parts: Vec<String> =
             self.grid.iter().map(|(k, v)| format!("{}={}", k.rsplit('.').next().unwrap_or(k), compact(v))).collect();
         if parts.is_empty() {
@@ -164,31 +224,45 @@ impl RunConfig {
             .map(|c| if c.is_ascii_alphanumeric() || "=-_.".contains(c) { c } else { '-' })
             .take(80)
             .collect();
-        format!("{slug}-{}", self.hash())
+        Ok(format!("{slug}-{}", self.hash()?))
     }
 
-    /// Parses a run folder's `config.toml` back.
-    pub fn from_toml(text: &str) -> Result<Self> {
-        let root: toml::Table = toml::from_str(text)?;
-        let get = |k: &str| root.get(k).cloned().ok_or_else(|| anyhow!("missing key {k}"));
-        let model = get("model")?;
-        let backend =
-            model.get("backend").and_then(|v| v.as_str()).ok_or_else(|| anyhow!("missing model.backend"))?.to_string();
-        let head = model.get("head").and_then(|v| v.as_str()).unwrap_or("categorical").to_string();
-        let plugin = model.get(&backend).and_then(|v| v.as_table()).cloned().unwrap_or_default();
-        let head_table = model.get(&head).and_then(|v| v.as_table()).cloned().unwrap_or_default();
-        let grid = root
-            .get("grid_point")
-            .and_then(|v| v.as_table())
-            .map(|t| t.clone().into_iter().collect())
-            .unwrap_or_default();
+    /// Parses a run folder's `config.toml` back. Every key that [`RunConfig::to_toml`] writes
+    /// must be there with its type: a run's record is never completed with defaults.
+    pub fn from_toml(text: &str) -> Result<Self, RunConfigError> {
+        let root: toml::Table = toml::from_str(text).map_err(|e| RunConfigError::Syntax(toml_error(text, &e)))?;
+        let name = typed(field(&root, "", "name")?, "name", "a string", toml::Value::as_str)?;
+        let seed = field(&root, "", "seed")?
+            .as_integer()
+            .and_then(|s| u64::try_from(s).ok())
+            .ok_or_else(|| RunConfigError::Type { key: "seed".into(), expected: "an integer >= 0" })?;
+        let model = typed(field(&root, "", "model")?, "model", "a table", toml::Value::as_table)?;
+        let backend = typed(field(model, "model.", "backend")?, "model.backend", "a string", toml::Value::as_str)?;
+        let head = typed(field(model, "model.", "head")?, "model.head", "a string", toml::Value::as_str)?;
+        let plugin_key = format!("model.{backend}");
+        let plugin = typed(field(model, "model.", backend)?, &plugin_key, "a table", toml::Value::as_table)?;
+        // The head's table is written only when the head has settings.
+        let head_key = format!("model.{head}");
+        let head_table = match model.get(head) {
+            Some(v) => typed(v, &head_key, "a table", toml::Value::as_table)?.clone(),
+            None => toml::Table::new(),
+        };
+        let grid = match root.get("grid_point") {
+            Some(v) => typed(v, "grid_point", "a table", toml::Value::as_table)?.clone().into_iter().collect(),
+            None => Vec::new(),
+        };
         Ok(RunConfig {
-            name: get("name")?.as_str().unwrap_or_default().to_string(),
-            seed: get("seed")?.as_integer().unwrap_or(0) as u64,
-            data: get("data")?.try_into()?,
-            model: ModelConfig { backend, head, plugin, head_table },
-            train: get("train")?.try_into()?,
-            sample: root.get("sample").cloned().map(|v| v.try_into()).transpose()?.unwrap_or_default(),
+            name: name.to_string(),
+            seed,
+            data: section(&root, "data")?,
+            model: ModelConfig {
+                backend: backend.to_string(),
+                head: head.to_string(),
+                plugin: plugin.clone(),
+                head_table,
+            },
+            train: section(&root, "train")?,
+            sample: section(&root, "sample")?,
             grid,
         })
     }
@@ -211,12 +285,86 @@ pub struct Experiment {
     pub runs: Vec<RunConfig>,
 }
 
+/// A problem with the value at a key path of an experiment (`data.split`, `grid."train.lr"`,
+/// `zip[0]`, `model.causal_conv1d.dilations[1]`), or with no key (a data file's content).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyError {
+    pub key: Option<String>,
+    pub msg: String,
+}
+
+impl KeyError {
+    pub fn at(key: impl Into<String>, msg: impl std::fmt::Display) -> Self {
+        Self { key: Some(key.into()), msg: msg.to_string() }
+    }
+
+    pub fn general(msg: impl std::fmt::Display) -> Self {
+        Self { key: None, msg: msg.to_string() }
+    }
+}
+
+impl std::fmt::Display for KeyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.key {
+            Some(k) => write!(f, "{k}: {}", self.msg),
+            None => f.write_str(&self.msg),
+        }
+    }
+}
+
+impl std::error::Error for KeyError {}
+
+/// An experiment file that cannot be used; one line naming the file (and where possible the
+/// line, the grid point, the key and the layer the value came from).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read the experiment file: {source}")]
+    Read { file: String, source: std::io::Error },
+    #[error("{file}: {message}")]
+    Syntax { file: String, message: String },
+    #[error("--set {0:?}: expected key=value")]
+    SetWithoutValue(String),
+    #[error("--set {0:?}: empty key")]
+    SetEmptyKey(String),
+    #[error("{0}")]
+    Invalid(Box<Located>),
+}
+
+/// A [`KeyError`] located in an experiment file: `FILE[:LINE]: [POINT: ]KEY[ (from FROM)]: MESSAGE`.
+#[derive(Debug)]
+pub struct Located {
+    pub file: String,
+    pub line: Option<usize>,
+    /// The grid point, when the experiment has several.
+    pub point: Option<String>,
+    /// The `--set k=v` or `RUNNER__*` variable that set the key.
+    pub from: Option<String>,
+    pub error: KeyError,
+}
+
+impl std::fmt::Display for Located {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(l) = self.line {
+            write!(f, ":{l}")?;
+        }
+        write!(f, ": ")?;
+        if let Some(p) = &self.point {
+            write!(f, "{p}: ")?;
+        }
+        match (&self.error.key, &self.from) {
+            (Some(k), Some(from)) => write!(f, "{k} (from {from}): {}", self.error.msg),
+            _ => write!(f, "{}", self.error),
+        }
+    }
+}
+
 /// `key=value` from the command line; the value is read as TOML, else taken as a string.
-pub fn parse_set(s: &str) -> Result<(String, toml::Value)> {
-    let (k, v) = s.split_once('=').ok_or_else(|| anyhow!("--set {s:?}: expected key=value"))?;
+pub fn parse_set(s: &str) -> Result<(String, toml::Value), ConfigError> {
+    let (k, v) = s.split_once('=').ok_or_else(|| ConfigError::SetWithoutValue(s.to_string()))?;
     let k = k.trim();
     if k.is_empty() {
-        bail!("--set {s:?}: empty key");
+        return Err(ConfigError::SetEmptyKey(s.to_string()));
     }
     let value = toml::from_str::<toml::Table>(&format!("v = {}", v.trim()))
         .ok()
@@ -225,13 +373,13 @@ pub fn parse_set(s: &str) -> Result<(String, toml::Value)> {
     Ok((k.to_string(), value))
 }
 
-/// One line from a figment error: `key.path: message` (the file is added by the caller).
+/// The first problem of a figment error, at its key path (the file is added by the caller).
 /// Unknown and missing keys name the key itself, not just its table.
-fn figment_msg(e: figment::Error) -> String {
+fn figment_error(e: figment::Error) -> KeyError {
     use figment::error::Kind;
     let n = e.count();
     let first = e.into_iter().next();
-    let Some(e) = first else { return "invalid configuration".into() };
+    let Some(e) = first else { return KeyError::general("invalid configuration") };
     let mut path = e.path.clone();
     let kind = match &e.kind {
         Kind::UnknownField(f, expected) => {
@@ -266,14 +414,14 @@ fn figment_msg(e: figment::Error) -> String {
     }
     let more = if n > 1 { format!(" (and {} more)", n - 1) } else { String::new() };
     if key.is_empty() {
-        format!("{kind}{more}")
+        KeyError::general(format!("{kind}{more}"))
     } else {
-        format!("{key}: {kind}{more}")
+        KeyError::at(key, format!("{kind}{more}"))
     }
 }
 
-/// Position of a TOML syntax error as "line L, column C".
-fn toml_syntax_error(text: &str, e: &toml::de::Error) -> String {
+/// A TOML error on one line: "line L, column C: message" (the position when the error has one).
+pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
     let at = e
         .span()
         .map(|s| {
@@ -283,28 +431,30 @@ fn toml_syntax_error(text: &str, e: &toml::de::Error) -> String {
             format!("line {line}, column {col}: ")
         })
         .unwrap_or_default();
-    format!("TOML syntax error at {at}{}", e.message().trim())
+    format!("{at}{}", e.message().trim())
 }
 
-fn grid_points(file: &ExperimentFile) -> Result<Vec<Vec<(String, toml::Value)>>, String> {
+fn grid_points(file: &ExperimentFile) -> Result<Vec<Vec<(String, toml::Value)>>, KeyError> {
     let mut axes: Vec<Vec<Vec<(String, toml::Value)>>> = Vec::new();
     for (k, v) in &file.grid {
-        let list = v.as_array().ok_or_else(|| format!("grid.\"{k}\": expected a list of values, got {v}"))?;
+        let key = format!("grid.\"{k}\"");
+        let list = v.as_array().ok_or_else(|| KeyError::at(&key, format!("expected a list of values, got {v}")))?;
         if list.is_empty() {
-            return Err(format!("grid.\"{k}\": the list is empty; give at least one value"));
+            return Err(KeyError::at(key, "the list is empty; give at least one value"));
         }
         axes.push(list.iter().map(|x| vec![(k.clone(), x.clone())]).collect());
     }
     for (i, group) in file.zip.iter().enumerate() {
         let mut len = None;
         for (k, v) in group {
-            let list = v.as_array().ok_or_else(|| format!("zip[{i}].\"{k}\": expected a list of values, got {v}"))?;
+            let key = format!("zip[{i}].\"{k}\"");
+            let list = v.as_array().ok_or_else(|| KeyError::at(&key, format!("expected a list of values, got {v}")))?;
             match len {
                 None => len = Some(list.len()),
                 Some(n) if n != list.len() => {
-                    return Err(format!(
-                        "zip[{i}].\"{k}\": {} values, but the group's other lists have {n}",
-                        list.len()
+                    return Err(KeyError::at(
+                        key,
+                        format!("{} values, but the group's other lists have {n}", list.len()),
                     ))
                 }
                 _ => {}
@@ -312,7 +462,7 @@ fn grid_points(file: &ExperimentFile) -> Result<Vec<Vec<(String, toml::Value)>>,
         }
         let n = len.unwrap_or(0);
         if n == 0 {
-            return Err(format!("zip[{i}]: the group is empty; give lists of at least one value"));
+            return Err(KeyError::at(format!("zip[{i}]"), "the group is empty; give lists of at least one value"));
         }
         axes.push(
             (0..n)
@@ -328,7 +478,7 @@ fn grid_points(file: &ExperimentFile) -> Result<Vec<Vec<(String, toml::Value)>>,
         );
     }
     if axes.iter().try_fold(1usize, |n, a| n.checked_mul(a.len()).filter(|&n| n <= MAX_RUNS)).is_none() {
-        return Err(format!("grid: more than {MAX_RUNS} grid points"));
+        return Err(KeyError::at("grid", format!("more than {MAX_RUNS} grid points")));
     }
     let mut points: Vec<Vec<(String, toml::Value)>> = vec![vec![]];
     for axis in axes {
@@ -343,10 +493,10 @@ fn grid_points(file: &ExperimentFile) -> Result<Vec<Vec<(String, toml::Value)>>,
 /// Reads, expands and validates an experiment file. Errors are one line naming the file (and
 /// the line, or the `--set` / environment variable a value came from), the grid point and the
 /// key path.
-pub fn load(path: &Path, sets: &[String]) -> Result<Experiment> {
-    let file_s = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| anyhow!("{file_s}: cannot read the experiment file: {e}"))?;
-    load_str(&text, &file_s, sets)
+pub fn load(path: &Path, sets: &[String]) -> Result<Experiment, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: file.clone(), source })?;
+    load_str(&text, &file, sets)
 }
 
 /// Most runs one experiment file may expand to (grid points x seeds): a typo such as a long
@@ -355,27 +505,17 @@ pub const MAX_RUNS: usize = 100_000;
 
 /// [`load`] on the text of an experiment file; `file` names it in error messages. Never panics
 /// on any input (tests/bad_input.rs fuzzes it).
-pub fn load_str(text: &str, file: &str, sets: &[String]) -> Result<Experiment> {
-    let file_s = file.to_string();
-    let _: toml::Table = toml::from_str(text).map_err(|e| anyhow!("{file_s}: {}", toml_syntax_error(text, &e)))?;
-    let sets = sets.iter().map(|s| parse_set(s)).collect::<Result<Vec<_>>>().map_err(|e| anyhow!("{e:#}"))?;
+pub fn load_str(text: &str, file: &str, sets: &[String]) -> Result<Experiment, ConfigError> {
+    let _: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+        file: file.to_string(),
+        message: format!("TOML syntax error at {}", toml_error(text, &e)),
+    })?;
+    let sets = sets.iter().map(|s| parse_set(s)).collect::<Result<Vec<_>, _>>()?;
     let origin = Origin { file, text, doc: toml_edit::ImDocument::parse(text).ok(), sets: &sets };
-
-    let layered = |point: &[(String, toml::Value)]| -> Figment {
-        let mut f = Figment::from(Toml::string(text));
-        for (k, v) in point {
-            f = f.merge(Serialized::default(k, v));
-        }
-        f = f.merge(Env::prefixed("RUNNER__").split("__"));
-        for (k, v) in &sets {
-            f = f.merge(Serialized::default(k, v));
-        }
-        f
-    };
     let base: ExperimentFile =
-        layered(&[]).extract().map_err(|e| anyhow!("{}", origin.message(None, &[], &figment_msg(e))))?;
-    validate_name(&base.name).map_err(|e| anyhow!("{}", origin.message(None, &[], &format!("name: {e}"))))?;
-    let points = grid_points(&base).map_err(|e| anyhow!("{}", origin.message(None, &[], &e)))?;
+        layered(text, &[], &sets).extract().map_err(|e| origin.error(None, &[], figment_error(e)))?;
+    validate_name(&base.name).map_err(|e| origin.error(None, &[], KeyError::at("name", e)))?;
+    let points = grid_points(&base).map_err(|e| origin.error(None, &[], e))?;
     let mut runs = Vec::new();
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     for (i, point) in points.iter().enumerate() {
@@ -383,42 +523,66 @@ pub fn load_str(text: &str, file: &str, sets: &[String]) -> Result<Experiment> {
             let desc: Vec<String> = point.iter().map(|(k, v)| format!("{k} = {v}")).collect();
             format!("grid point {} ({})", i + 1, desc.join(", "))
         });
-        let fail = |e: &str| anyhow!("{}", origin.message(where_.as_deref(), point, e));
-        let ef: ExperimentFile = layered(point).extract().map_err(|e| fail(&figment_msg(e)))?;
-        let (data, model, train, sample) = resolve_point(&ef).map_err(|e| fail(&e))?;
-        // `seeds` may vary per grid point (a zip or grid key), e.g. fewer seeds for a costly point.
-        let seeds = ef.seeds.clone().unwrap_or_else(|| vec![0]);
-        if seeds.is_empty() {
-            return Err(fail("seeds: the list is empty; give at least one seed"));
-        }
-        if let Some(i) = (1..seeds.len()).find(|&i| seeds[..i].contains(&seeds[i])) {
-            return Err(fail(&format!("seeds: seed {} is listed twice", seeds[i])));
-        }
-        if runs.len() + seeds.len() > MAX_RUNS {
-            return Err(fail(&format!("grid points x seeds is more than {MAX_RUNS} runs")));
-        }
-        for &seed in &seeds {
-            let run = RunConfig {
-                name: base.name.clone(),
-                seed,
-                data: data.clone(),
-                model: model.clone(),
-                train: train.clone(),
-                sample: sample.clone(),
-                // Labels name what differs between configs; the seed is in the run id already.
-                grid: point.iter().filter(|(k, _)| k != "seeds").cloned().collect(),
-            };
+        let fail = |e: KeyError| origin.error(where_.as_deref(), point, e);
+        let ef: ExperimentFile = layered(text, point, &sets).extract().map_err(|e| fail(figment_error(e)))?;
+        for run in point_runs(&base.name, &ef, point, runs.len()).map_err(fail)? {
             // Two grid points that resolve to the same config would be one run trained twice.
-            if let Some(j) = seen.insert(run.hash(), i) {
-                return Err(fail(&format!(
-                    "grid: the same run as grid point {} (the grid lists one configuration twice)",
-                    j + 1
-                )));
+            if let Some(j) = seen.insert(run.hash().map_err(|e| fail(KeyError::general(e)))?, i) {
+                let msg = format!("the same run as grid point {} (the grid lists one configuration twice)", j + 1);
+                return Err(fail(KeyError::at("grid", msg)));
             }
             runs.push(run);
         }
     }
     Ok(Experiment { name: base.name, runs })
+}
+
+/// The figment layers of one grid point: file <- grid values <- `RUNNER__*` <- `--set`.
+fn layered(text: &str, point: &[(String, toml::Value)], sets: &[(String, toml::Value)]) -> Figment {
+    let mut f = Figment::from(Toml::string(text));
+    for (k, v) in point {
+        f = f.merge(Serialized::default(k, v));
+    }
+    f = f.merge(Env::prefixed("RUNNER__").split("__"));
+    for (k, v) in sets {
+        f = f.merge(Serialized::default(k, v));
+    }
+    f
+}
+
+/// The runs of one grid point (one per seed), checked; `before` runs came from earlier points.
+fn point_runs(
+    name: &str,
+    ef: &ExperimentFile,
+    point: &[(String, toml::Value)],
+    before: usize,
+) -> Result<Vec<RunConfig>, KeyError> {
+    let (data, model, train, sample) = resolve_point(ef)?;
+    // `seeds` may vary per grid point (a zip or grid key), e.g. fewer seeds for a costly point.
+    let seeds = ef.seeds.clone().unwrap_or_else(|| vec![0]);
+    if seeds.is_empty() {
+        return Err(KeyError::at("seeds", "the list is empty; give at least one seed"));
+    }
+    if let Some(i) = (1..seeds.len()).find(|&i| seeds[..i].contains(&seeds[i])) {
+        return Err(KeyError::at("seeds", format!("seed {} is listed twice", seeds[i])));
+    }
+    if let Some(&s) = seeds.iter().find(|&&s| i64::try_from(s).is_err()) {
+        return Err(KeyError::at("seeds", RunConfigError::SeedTooLarge(s)));
+    }
+    if before + seeds.len() > MAX_RUNS {
+        return Err(KeyError::general(format!("grid points x seeds is more than {MAX_RUNS} runs")));
+    }
+    let run = |seed| RunConfig {
+        name: name.to_string(),
+        seed,
+        data: data.clone(),
+        model: model.clone(),
+        train: train.clone(),
+        sample: sample.clone(),
+        // Labels name what differs between configs; the seed is in the run id already.
+        grid: point.iter().filter(|(k, _)| k != "seeds").cloned().collect(),
+    };
+    Ok(seeds.iter().map(|&s| run(s)).collect())
 }
 
 /// Where an error's key came from: a line of the file, a grid entry, `--set` or `RUNNER__*`.
@@ -504,12 +668,11 @@ impl Origin<'_> {
             .or_else(|| (0..64).find_map(|i| self.line_of(&format!("zip[{i}].{quoted}"))))
     }
 
-    /// `FILE[:LINE]: [grid point ...: ]KEY[ (from --set ...)]: MESSAGE` for an error written as
-    /// `KEY: MESSAGE` (or just `MESSAGE`).
-    fn message(&self, point: Option<&str>, point_keys: &[(String, toml::Value)], err: &str) -> String {
-        let key = err.split_once(": ").map(|(k, _)| k).filter(|k| !k.is_empty() && !k.contains(char::is_whitespace));
+    /// The error `e` (of the grid point `point`, whose values are `point_keys`) with the file,
+    /// and the line or the layer its key was set in.
+    fn error(&self, point: Option<&str>, point_keys: &[(String, toml::Value)], e: KeyError) -> ConfigError {
         let (mut line, mut from) = (None, None);
-        if let Some(key) = key {
+        if let Some(key) = e.key.as_deref() {
             // The error is at the overridden key, inside it, or at a table it put there.
             let hits = |k: &str| within(key, k) || within(k, key);
             if let Some((k, v)) = self.sets.iter().rev().find(|(k, _)| hits(k)) {
@@ -525,20 +688,8 @@ impl Origin<'_> {
                 line = self.line_of(key);
             }
         }
-        let mut s = self.file.to_string();
-        if let Some(l) = line {
-            s.push_str(&format!(":{l}"));
-        }
-        s.push_str(": ");
-        if let Some(p) = point {
-            s.push_str(p);
-            s.push_str(": ");
-        }
-        match (key, from) {
-            (Some(k), Some(f)) => s.push_str(&format!("{k} (from {f}){}", &err[k.len()..])),
-            _ => s.push_str(err),
-        }
-        s
+        let point = point.map(str::to_string);
+        ConfigError::Invalid(Box::new(Located { file: self.file.to_string(), line, point, from, error: e }))
     }
 }
 
@@ -554,52 +705,26 @@ fn validate_name(name: &str) -> Result<(), String> {
 }
 
 /// Checks one grid point's sections against the registries and the data shape.
-fn resolve_point(ef: &ExperimentFile) -> Result<(DataConfig, ModelConfig, TrainConfig, SampleConfig), String> {
-    if ef.data.path.is_none() && ef.data.name.is_empty() {
-        return Err("data: give name (an embedded data set) or path (a user file)".into());
-    }
-    if let Some([t, v]) = ef.data.split {
-        if !(t > 0.0 && v > 0.0 && t + v < 1.0) {
-            return Err(format!("data.split: [{t}, {v}] must be two positive fractions with a sum below 1"));
-        }
-    }
-    let (h, w, levels) = crate::data::shape(&ef.data)?;
-    let plugin = arm_backends::plugin(&ef.model.backend).map_err(|e| format!("model.backend: {e}"))?;
+fn resolve_point(ef: &ExperimentFile) -> Result<(DataConfig, ModelConfig, TrainConfig, SampleConfig), KeyError> {
+    let (h, w, levels) = check_data(&ef.data)?;
+    let plugin = arm_backends::plugin(&ef.model.backend).map_err(|e| KeyError::at("model.backend", e))?;
     if plugin.is_2d && ef.data.ordering != Ordering::Raster {
-        return Err(format!(
-            "data.ordering: {:?} is a 2D plugin and accepts only \"raster\", got {:?}",
-            plugin.name,
-            ef.data.ordering.name()
-        ));
+        let msg =
+            format!("{:?} is a 2D plugin and accepts only \"raster\", got {:?}", plugin.name, ef.data.ordering.name());
+        return Err(KeyError::at("data.ordering", msg));
     }
-    if !arm_core::head_names().contains(&ef.model.head.as_str()) {
-        return Err(format!(
-            "model.head: unknown head {:?}: expected one of {}",
-            ef.model.head,
-            arm_core::head_names().join(", ")
-        ));
-    }
-    let head_in = match ef.model.tables.get(&ef.model.head) {
-        Some(toml::Value::Table(t)) => t.clone(),
-        _ => toml::Table::new(),
-    };
-    let head_table = arm_core::resolve_head(&ef.model.head, &head_in, levels).map_err(|(k, m)| {
-        if k.is_empty() {
-            format!("model.{}: {m}", ef.model.head)
-        } else {
-            format!("model.{}.{k}: {m}", ef.model.head)
-        }
-    })?;
+    let head_table = resolve_head(&ef.model, levels)?;
     for (k, v) in &ef.model.tables {
         let known = arm_backends::plugin_names().contains(&k.as_str()) || arm_core::head_names().contains(&k.as_str());
         if !known {
-            return Err(format!(
-                "model.{k}: unknown key: expected backend, head, or a table named after a plugin ({}) or head",
+            let msg = format!(
+                "unknown key: expected backend, head, or a table named after a plugin ({}) or head",
                 arm_backends::plugin_names().join(", ")
-            ));
+            );
+            return Err(KeyError::at(format!("model.{k}"), msg));
         }
         if !v.is_table() {
-            return Err(format!("model.{k}: expected a table, got {v}"));
+            return Err(KeyError::at(format!("model.{k}"), format!("expected a table, got {v}")));
         }
     }
     let table = match ef.model.tables.get(plugin.name) {
@@ -607,13 +732,15 @@ fn resolve_point(ef: &ExperimentFile) -> Result<(DataConfig, ModelConfig, TrainC
         _ => toml::Table::new(),
     };
     let resolved = plugin.resolve(&table, h, w).map_err(|e| match e {
-        arm_backends::PluginError::Invalid { key, msg } if key.is_empty() => format!("model.{}: {msg}", plugin.name),
-        arm_backends::PluginError::Invalid { key, msg } => format!("model.{}.{key}: {msg}", plugin.name),
-        other => format!("model.{}: {other}", plugin.name),
+        arm_backends::PluginError::Invalid { key, msg } if key.is_empty() => {
+            KeyError::at(format!("model.{}", plugin.name), msg)
+        }
+        arm_backends::PluginError::Invalid { key, msg } => KeyError::at(format!("model.{}.{key}", plugin.name), msg),
+        other => KeyError::at(format!("model.{}", plugin.name), other),
     })?;
-    ef.train.validate().map_err(|(k, m)| format!("train.{k}: {m}"))?;
+    ef.train.validate().map_err(|e| KeyError::at(format!("train.{}", e.key), e.problem))?;
     if ef.sample.n == 0 {
-        return Err("sample.n: must be at least 1, got 0".into());
+        return Err(KeyError::at("sample.n", "must be at least 1, got 0"));
     }
     Ok((
         ef.data.clone(),
@@ -623,9 +750,42 @@ fn resolve_point(ef: &ExperimentFile) -> Result<(DataConfig, ModelConfig, TrainC
     ))
 }
 
-/// Reads the resolved config of a run folder.
+/// Checks `[data]` and returns the data's (height, width, levels).
+fn check_data(data: &DataConfig) -> Result<(usize, usize, usize), KeyError> {
+    if data.path.is_none() && data.name.is_empty() {
+        return Err(KeyError::at("data", "give name (an embedded data set) or path (a user file)"));
+    }
+    if let Some([t, v]) = data.split {
+        if !(t > 0.0 && v > 0.0 && t + v < 1.0) {
+            return Err(KeyError::at(
+                "data.split",
+                format!("[{t}, {v}] must be two positive fractions with a sum below 1"),
+            ));
+        }
+    }
+    crate::data::shape(data)
+}
+
+/// The complete table of the model's head (defaults filled), checked for data with `levels`.
+fn resolve_head(model: &ModelSection, levels: usize) -> Result<toml::Table, KeyError> {
+    let head = &model.head;
+    if !arm_core::head_names().contains(&head.as_str()) {
+        let msg = format!("unknown head {head:?}: expected one of {}", arm_core::head_names().join(", "));
+        return Err(KeyError::at("model.head", msg));
+    }
+    let table = match model.tables.get(head) {
+        Some(toml::Value::Table(t)) => t.clone(),
+        _ => toml::Table::new(),
+    };
+    arm_core::heads::resolve(head, &table, levels).map_err(|e| match e.key {
+        Some(k) => KeyError::at(format!("model.{head}.{k}"), e.problem),
+        None => KeyError::at(format!("model.{head}"), e.problem),
+    })
+}
+
+/// Reads the resolved config of a run folder; any problem names its `config.toml`.
 pub fn read_run_config(dir: &Path) -> Result<RunConfig> {
     let p = dir.join("config.toml");
     let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?;
-    RunConfig::from_toml(&text).with_context(|| format!("{}: not a run config", p.display()))
+    RunConfig::from_toml(&text).with_context(|| format!("{}: not a valid run config", p.display()))
 }

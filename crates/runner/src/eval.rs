@@ -10,13 +10,14 @@ use candle_core::{DType, Device};
 use polars::prelude::{df, CsvWriter, DataFrame, SerWriter};
 
 use arm_core::bits_per_dim;
+use arm_data::SplitName;
 
-use crate::store::{self, RunStatus};
+use crate::store;
 use crate::{bad_input, trained};
 
 pub struct Options {
     pub data: Option<String>,
-    pub split: String,
+    pub split: SplitName,
     pub out: Option<PathBuf>,
 }
 
@@ -53,9 +54,6 @@ pub fn write_csv(path: &Path, df: &mut DataFrame) -> Result<()> {
 
 pub fn eval(run_dir: &Path, device: &Device, opts: &Options) -> Result<()> {
     // Flags that need no model are checked first.
-    if !matches!(opts.split.as_str(), "test" | "val" | "train") {
-        return Err(bad_input(format!("--split {:?}: expected test, val or train", opts.split)));
-    }
     if let Some(out) = &opts.out {
         out_format(out)?;
     }
@@ -82,9 +80,7 @@ pub fn eval(run_dir: &Path, device: &Device, opts: &Options) -> Result<()> {
         }
         arm_data::load(&data_name)?
     };
-    let split = data
-        .split(&opts.split)
-        .ok_or_else(|| bad_input(format!("--split {:?}: expected test, val or train", opts.split)))?;
+    let split = data.split(opts.split);
     if split.n == 0 {
         return Err(bad_input(format!("--data {data_name} --split {}: the split is empty", opts.split)));
     }
@@ -116,8 +112,8 @@ pub fn eval(run_dir: &Path, device: &Device, opts: &Options) -> Result<()> {
         nll.len(),
         bits_per_dim(mean, dims)
     );
-    if own && opts.split == "test" {
-        if let Some(s) = RunStatus::read(run_dir).and_then(|s| s.test_nll) {
+    if own && opts.split == SplitName::Test {
+        if let Some(s) = t.status.as_ref().and_then(|s| s.test_nll) {
             println!("status.toml test NLL {s:.6} nats (relative difference {:.1e})", ((mean - s) / s).abs());
         }
     }

@@ -170,9 +170,9 @@ enum Command {
         /// Number of images.
         #[arg(long, default_value_t = 16)]
         n: usize,
-        /// naive | cached | jacobi (the same seed gives the same images with each).
-        #[arg(long, default_value = "cached")]
-        sampler: String,
+        /// How to walk the pixels (the same seed gives the same images with each).
+        #[arg(long, value_enum, default_value_t = arm_core::Sampler::Cached)]
+        sampler: arm_core::Sampler,
         /// Seed of the sampling noise.
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -187,9 +187,9 @@ enum Command {
         /// Data set (default: the run's own; must have the model's shape and levels).
         #[arg(long)]
         data: Option<String>,
-        /// test | val | train
-        #[arg(long, default_value = "test")]
-        split: String,
+        /// Which split of the data.
+        #[arg(long, value_enum, default_value_t = arm_data::SplitName::Test)]
+        split: arm_data::SplitName,
         /// FILE.parquet or FILE.csv (default: RUN_DIR/eval_<split>.parquet).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -232,11 +232,31 @@ enum BenchWhat {
     },
 }
 
+/// Help and version go to stdout as clap prints them; a bad command line is clap's message on
+/// one line (its hints joined on), exit status 2, like every other bad input.
+fn clap_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    let text = e.render().to_string();
+    let lines: Vec<&str> =
+        text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("For more information")).collect();
+    eprintln!("{}", lines.join(" "));
+    ExitCode::from(2)
+}
+
 fn main() -> ExitCode {
     short_candle_spin();
     keep_freed_memory();
     quiet_broken_pipe();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return clap_error(e),
+    };
     match commands::dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -317,7 +317,7 @@ pub fn report(results: &Path, dirs: &[PathBuf], device: &Device, opts: &Options)
             continue;
         };
         let dir = results_run_dir(&exp_dirs, best_run);
-        match sample_config(&dir, &best_run.config, device, opts.samples) {
+        match sample_config(&dir, best_run, device, opts.samples) {
             Ok((imgs, shape, levels)) => {
                 let p = sample_dir.join(format!("{}.png", g.slug()));
                 plots::sample_grid(
@@ -392,12 +392,12 @@ fn results_run_dir(exp_dirs: &[PathBuf], r: &Row) -> PathBuf {
 /// Loads a run's best weights and draws `n` samples with the cached sampler.
 pub fn sample_config(
     dir: &Path,
-    cfg: &crate::config::RunConfig,
+    run: &Row,
     device: &Device,
     n: usize,
 ) -> Result<(Vec<Vec<u8>>, (usize, usize), usize)> {
-    let t = crate::trained::build_with_weights(dir, cfg.clone(), device)?;
-    let (imgs, _) = crate::run::draw_samples(&t.arm, n, cfg.sample.seed, Sampler::Cached)?;
+    let t = crate::trained::build_with_weights(dir, run.config.clone(), Some(run.status.clone()), device)?;
+    let (imgs, _) = crate::run::draw_samples(&t.arm, n, run.config.sample.seed, Sampler::Cached)?;
     Ok((imgs, t.arm.shape(), t.arm.levels()))
 }
 

@@ -20,16 +20,19 @@ use arm_train::{Control, Event, Status};
 use crate::checkpoint;
 use crate::config::RunConfig;
 use crate::plots;
-use crate::store::{self, RunStatus};
+use crate::store::{self, RunState, RunStatus};
 
 /// Set by the Ctrl-C handler: runs stop after the current step and are marked interrupted.
 pub static STOP: AtomicBool = AtomicBool::new(false);
 
 /// Builds data, model and variables for a run (weights drawn from the run's seed).
 pub fn build(cfg: &RunConfig, device: &Device) -> Result<(Arm, VarMap, Dataset)> {
-    let data = crate::data::load_anyhow(&cfg.data)?;
-    let head = arm_core::build_head(&cfg.model.head, &cfg.model.head_table, data.levels)
-        .map_err(|(k, m)| anyhow!("model.{}{}{k}: {m}", cfg.model.head, if k.is_empty() { "" } else { "." }))?;
+    let data = crate::data::load(&cfg.data)?;
+    let head =
+        arm_core::heads::build(&cfg.model.head, &cfg.model.head_table, data.levels).map_err(|e| match e.key {
+            Some(k) => anyhow!("model.{}.{k}: {}", cfg.model.head, e.problem),
+            None => anyhow!("model.{}: {}", cfg.model.head, e.problem),
+        })?;
     let plugin = arm_backends::plugin(&cfg.model.backend)?;
     let map = VarMap::new();
     let ctx = BuildCtx {
@@ -139,8 +142,8 @@ pub fn execute(
 ) -> Result<RunStatus> {
     let t0 = Instant::now();
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create run folder", dir.display()))?;
-    store::atomic_write(&dir.join("config.toml"), cfg.to_toml().as_bytes())?;
-    let mut status = RunStatus { status: "running".into(), pid: std::process::id(), ..Default::default() };
+    store::atomic_write(&dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+    let mut status = RunStatus { pid: std::process::id(), ..RunStatus::new(RunState::Running) };
     status.write(dir)?;
 
     let (arm, map, data) = build(cfg, device)?;
@@ -193,7 +196,7 @@ pub fn execute(
         Control::Continue
     })?;
     if let Some(e) = write_err {
-        status.status = "failed".into();
+        status.status = RunState::Failed;
         status.reason = Some(format!("{e:#}"));
         status.write(dir)?;
         return Err(e);
@@ -217,16 +220,16 @@ pub fn execute(
                 arm.shape(),
                 arm.levels(),
             )?;
-            status.status = "finished".into();
+            status.status = RunState::Finished;
             status.test_nll = outcome.test_nll;
             status.test_bpd = outcome.test_bpd;
         }
         Status::Diverged { epoch, reason } => {
-            status.status = "failed".into();
+            status.status = RunState::Failed;
             status.reason = Some(format!("diverged at epoch {epoch}: {reason}"));
         }
         Status::Interrupted { epoch } => {
-            status.status = "interrupted".into();
+            status.status = RunState::Interrupted;
             let done = outcome.history.len();
             status.reason = Some(if done > 0 {
                 format!("interrupted in epoch {epoch}; --resume continues after epoch {done}")

@@ -20,7 +20,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::commands::Ui;
 use crate::config::{Experiment, RunConfig};
 use crate::run;
-use crate::store::{self, RunStatus};
+use crate::store::{self, RunState, RunStatus};
 use crate::summary;
 
 #[derive(Debug, Clone, Copy)]
@@ -52,13 +52,27 @@ pub struct Options {
     pub resume: bool,
 }
 
-fn selected(exp: &Experiment, shard: Option<Shard>) -> Vec<RunConfig> {
-    exp.runs
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| shard.is_none_or(|s| i % s.count == s.index))
-        .map(|(_, r)| r.clone())
-        .collect()
+/// One run of the sweep: its config, id and folder.
+struct Job {
+    cfg: RunConfig,
+    id: String,
+    dir: PathBuf,
+}
+
+fn selected(exp: &Experiment, shard: Option<Shard>, runs_dir: &Path) -> Result<Vec<Job>> {
+    let mut jobs = Vec::new();
+    for (i, cfg) in exp.runs.iter().enumerate() {
+        if shard.is_none_or(|s| i % s.count == s.index) {
+            let id = cfg.run_id()?;
+            jobs.push(Job { cfg: cfg.clone(), dir: runs_dir.join(&id), id });
+        }
+    }
+    Ok(jobs)
+}
+
+/// Whether a run folder holds a finished run (its status file, if any, must read).
+fn is_finished(dir: &Path) -> Result<bool> {
+    Ok(RunStatus::read(dir)?.is_some_and(|s| s.is_finished()))
 }
 
 #[derive(Default)]
@@ -71,10 +85,14 @@ struct Tally {
 
 pub fn sweep(exp: &Experiment, results: &Path, device: &Device, opts: &Options) -> Result<()> {
     let runs_dir = store::runs_dir(results, &exp.name);
-    let runs = selected(exp, opts.shard);
-    let dir_of = |r: &RunConfig| runs_dir.join(r.run_id());
-    let (done, todo): (Vec<_>, Vec<_>) =
-        runs.into_iter().partition(|r| RunStatus::read(&dir_of(r)).is_some_and(|s| s.is_finished()));
+    let (mut done, mut todo) = (Vec::new(), Vec::new());
+    for job in selected(exp, opts.shard, &runs_dir)? {
+        if is_finished(&job.dir)? {
+            done.push(job);
+        } else {
+            todo.push(job);
+        }
+    }
     if opts.dry_run {
         println!(
             "{}: {} runs in this selection, {} finished, {} to train",
@@ -84,13 +102,13 @@ pub fn sweep(exp: &Experiment, results: &Path, device: &Device, opts: &Options) 
             todo.len()
         );
         for r in &done {
-            println!("  done   {}", r.run_id());
+            println!("  done   {}", r.id);
         }
         for r in &todo {
-            let st = RunStatus::read(&dir_of(r)).map_or("missing".to_string(), |s| s.status);
+            let st = RunStatus::read(&r.dir)?.map_or("missing", |s| s.status.name());
             let ckpt =
-                if dir_of(r).join(crate::checkpoint::FILE).exists() { ", has a checkpoint for --resume" } else { "" };
-            println!("  todo   {}  ({st}{ckpt})", r.run_id());
+                if r.dir.join(crate::checkpoint::FILE).exists() { ", has a checkpoint for --resume" } else { "" };
+            println!("  todo   {}  ({st}{ckpt})", r.id);
         }
         return Ok(());
     }
@@ -124,9 +142,8 @@ pub fn sweep(exp: &Experiment, results: &Path, device: &Device, opts: &Options) 
                         break;
                     }
                     let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
-                    let Some(cfg) = next else { break };
-                    let dir = dir_of(&cfg);
-                    let work = || one_run(&cfg, &dir, device, &ui, opts.resume);
+                    let Some(job) = next else { break };
+                    let work = || one_run(&job, device, &ui, opts.resume);
                     let res = match &pool {
                         Ok(p) => p.install(work),
                         Err(_) => work(),
@@ -134,16 +151,16 @@ pub fn sweep(exp: &Experiment, results: &Path, device: &Device, opts: &Options) 
                     let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
                     match res {
                         Ok(Claim::Trained(st)) if st.is_finished() => t.trained += 1,
-                        Ok(Claim::Trained(st)) if st.status == "interrupted" => t.interrupted += 1,
+                        Ok(Claim::Trained(st)) if st.status == RunState::Interrupted => t.interrupted += 1,
                         Ok(Claim::Trained(st)) => {
-                            t.failed.push(format!("{}: {}", cfg.run_id(), st.reason.unwrap_or_default()));
+                            t.failed.push(format!("{}: {}", job.id, st.reason.unwrap_or_default()));
                             if opts.fail_fast {
                                 run::STOP.store(true, AtomicOrdering::SeqCst);
                             }
                         }
                         Ok(Claim::Elsewhere) => t.claimed_elsewhere += 1,
                         Err(e) => {
-                            t.failed.push(format!("{}: {e:#}", cfg.run_id()));
+                            t.failed.push(format!("{}: {e:#}", job.id));
                             if opts.fail_fast {
                                 run::STOP.store(true, AtomicOrdering::SeqCst);
                             }
@@ -213,20 +230,21 @@ pub fn claim(dir: &Path) -> Result<Option<std::fs::File>> {
     Ok(Some(lock))
 }
 
-fn one_run(cfg: &RunConfig, dir: &Path, device: &Device, ui: &Ui, resume: bool) -> Result<Claim> {
+fn one_run(job: &Job, device: &Device, ui: &Ui, resume: bool) -> Result<Claim> {
+    let (cfg, dir) = (&job.cfg, job.dir.as_path());
     let Some(lock) = claim(dir)? else { return Ok(Claim::Elsewhere) };
     // Another sweep may have finished it between our listing and the lock.
-    if RunStatus::read(dir).is_some_and(|s| s.is_finished()) {
+    if is_finished(dir)? {
         return Ok(Claim::Elsewhere);
     }
-    let bar = ui.run_bar(&cfg.run_id());
+    let bar = ui.run_bar(&job.id);
     let res = run::execute(cfg, dir, device, &bar, !ui.tty, resume);
     bar.finish_and_clear();
     ui.multi.remove(&bar);
     let st = match res {
         Ok(st) => st,
         Err(e) => {
-            let st = RunStatus { status: "failed".into(), reason: Some(format!("{e:#}")), ..Default::default() };
+            let st = RunStatus { reason: Some(format!("{e:#}")), ..RunStatus::new(RunState::Failed) };
             st.write(dir)?;
             st
         }
@@ -234,7 +252,7 @@ fn one_run(cfg: &RunConfig, dir: &Path, device: &Device, ui: &Ui, resume: bool) 
     if st.is_finished() {
         tracing::info!(
             "{} finished: test NLL {:.3} nats, best val {:.3} at epoch {}",
-            cfg.run_id(),
+            job.id,
             st.test_nll.unwrap_or(f64::NAN),
             st.best_val_nll.unwrap_or(f64::NAN),
             st.best_epoch
