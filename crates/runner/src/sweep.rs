@@ -83,34 +83,38 @@ struct Tally {
     claimed_elsewhere: usize,
 }
 
-pub fn sweep(exp: &Experiment, results: &Path, device: &Device, opts: &Options) -> Result<()> {
-    let runs_dir = store::runs_dir(results, &exp.name);
-    let (mut done, mut todo) = (Vec::new(), Vec::new());
-    for job in selected(exp, opts.shard, &runs_dir)? {
-        if is_finished(&job.dir)? {
-            done.push(job);
-        } else {
-            todo.push(job);
+impl Tally {
+    /// Counts how a run went; a failure stops the sweep with `fail_fast`.
+    fn record(&mut self, job: &Job, res: Result<Claim>, fail_fast: bool) {
+        let failed = match res {
+            Ok(Claim::Trained(st)) if st.is_finished() => {
+                self.trained += 1;
+                None
+            }
+            Ok(Claim::Trained(st)) if st.status == RunState::Interrupted => {
+                self.interrupted += 1;
+                None
+            }
+            Ok(Claim::Trained(st)) => Some(st.reason.unwrap_or_default()),
+            Ok(Claim::Elsewhere) => {
+                self.claimed_elsewhere += 1;
+                None
+            }
+            Err(e) => Some(format!("{e:#}")),
+        };
+        if let Some(why) = failed {
+            self.failed.push(format!("{}: {why}", job.id));
+            if fail_fast {
+                run::STOP.store(true, AtomicOrdering::SeqCst);
+            }
         }
     }
+}
+
+pub fn sweep(exp: &Experiment, results: &Path, device: &Device, opts: &Options) -> Result<()> {
+    let (done, todo) = plan(exp, results, opts.shard)?;
     if opts.dry_run {
-        println!(
-            "{}: {} runs in this selection, {} finished, {} to train",
-            exp.name,
-            done.len() + todo.len(),
-            done.len(),
-            todo.len()
-        );
-        for r in &done {
-            println!("  done   {}", r.id);
-        }
-        for r in &todo {
-            let st = RunStatus::read(&r.dir)?.map_or("missing", |s| s.status.name());
-            let ckpt =
-                if r.dir.join(crate::checkpoint::FILE).exists() { ", has a checkpoint for --resume" } else { "" };
-            println!("  todo   {}  ({st}{ckpt})", r.id);
-        }
-        return Ok(());
+        return print_plan(exp, &done, &todo);
     }
     let ui = Ui::new();
     crate::commands::install_ctrlc();
@@ -121,6 +125,54 @@ pub fn sweep(exp: &Experiment, results: &Path, device: &Device, opts: &Options) 
         todo.len(),
         opts.jobs
     );
+    let tally = train_all(exp, todo, device, opts, &ui);
+    summarise(exp, results, done.len(), &tally)?;
+    if !tally.failed.is_empty() && opts.fail_fast {
+        return Err(anyhow!("stopped after a failed run (--fail-fast)"));
+    }
+    if run::STOP.load(AtomicOrdering::SeqCst) {
+        return Err(anyhow!("interrupted; rerun the same command to finish the missing runs"));
+    }
+    Ok(())
+}
+
+/// The selected runs, split into (finished, to train).
+fn plan(exp: &Experiment, results: &Path, shard: Option<Shard>) -> Result<(Vec<Job>, Vec<Job>)> {
+    let runs_dir = store::runs_dir(results, &exp.name);
+    let (mut done, mut todo) = (Vec::new(), Vec::new());
+    for job in selected(exp, shard, &runs_dir)? {
+        if is_finished(&job.dir)? {
+            done.push(job);
+        } else {
+            todo.push(job);
+        }
+    }
+    Ok((done, todo))
+}
+
+/// `--dry-run`: the runs and what state each is in.
+fn print_plan(exp: &Experiment, done: &[Job], todo: &[Job]) -> Result<()> {
+    println!(
+        "{}: {} runs in this selection, {} finished, {} to train",
+        exp.name,
+        done.len() + todo.len(),
+        done.len(),
+        todo.len()
+    );
+    for r in done {
+        println!("  done   {}", r.id);
+    }
+    for r in todo {
+        let st = RunStatus::read(&r.dir)?.map_or("missing", |s| s.status.name());
+        let ckpt = if r.dir.join(crate::checkpoint::FILE).exists() { ", has a checkpoint for --resume" } else { "" };
+        println!("  todo   {}  ({st}{ckpt})", r.id);
+    }
+    Ok(())
+}
+
+/// Trains `todo` with `opts.jobs` workers, each on its share of the cores, until the queue is
+/// empty or a stop is asked for.
+fn train_all(exp: &Experiment, todo: Vec<Job>, device: &Device, opts: &Options, ui: &Ui) -> Tally {
     let overall = ui.multi.add(ProgressBar::new(todo.len() as u64));
     overall.set_style(
         ProgressStyle::with_template("{prefix:.bold} [{bar:30}] {pos}/{len} runs {elapsed} {msg}")
@@ -143,58 +195,39 @@ pub fn sweep(exp: &Experiment, results: &Path, device: &Device, opts: &Options) 
                     }
                     let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
                     let Some(job) = next else { break };
-                    let work = || one_run(&job, device, &ui, opts.resume);
+                    let work = || one_run(&job, device, ui, opts.resume);
                     let res = match &pool {
                         Ok(p) => p.install(work),
                         Err(_) => work(),
                     };
-                    let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
-                    match res {
-                        Ok(Claim::Trained(st)) if st.is_finished() => t.trained += 1,
-                        Ok(Claim::Trained(st)) if st.status == RunState::Interrupted => t.interrupted += 1,
-                        Ok(Claim::Trained(st)) => {
-                            t.failed.push(format!("{}: {}", job.id, st.reason.unwrap_or_default()));
-                            if opts.fail_fast {
-                                run::STOP.store(true, AtomicOrdering::SeqCst);
-                            }
-                        }
-                        Ok(Claim::Elsewhere) => t.claimed_elsewhere += 1,
-                        Err(e) => {
-                            t.failed.push(format!("{}: {e:#}", job.id));
-                            if opts.fail_fast {
-                                run::STOP.store(true, AtomicOrdering::SeqCst);
-                            }
-                        }
-                    }
+                    tally.lock().unwrap_or_else(|e| e.into_inner()).record(&job, res, opts.fail_fast);
                     overall.inc(1);
                 }
             });
         }
     });
     overall.finish_and_clear();
-    let rows = summary::rebuild(&store::experiment_dir(results, &exp.name))?;
-    let t = tally.into_inner().unwrap_or_else(|e| e.into_inner());
+    tally.into_inner().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Rebuilds `summary.parquet` and prints what the sweep did.
+fn summarise(exp: &Experiment, results: &Path, skipped: usize, t: &Tally) -> Result<()> {
+    let exp_dir = store::experiment_dir(results, &exp.name);
+    let rows = summary::rebuild(&exp_dir)?;
     let c = summary::counts(&rows);
     println!(
-        "{}: trained {}, skipped {} finished, {} claimed by another sweep, {} interrupted, {} failed; summary: {} ({} runs: {})",
+        "{}: trained {}, skipped {skipped} finished, {} claimed by another sweep, {} interrupted, {} failed; summary: {} ({} runs: {})",
         exp.name,
         t.trained,
-        done.len(),
         t.claimed_elsewhere,
         t.interrupted,
         t.failed.len(),
-        store::experiment_dir(results, &exp.name).join("summary.parquet").display(),
+        exp_dir.join("summary.parquet").display(),
         rows.len(),
         c.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", ")
     );
     for f in &t.failed {
         println!("  failed {f}");
-    }
-    if !t.failed.is_empty() && opts.fail_fast {
-        return Err(anyhow!("stopped after a failed run (--fail-fast)"));
-    }
-    if run::STOP.load(AtomicOrdering::SeqCst) {
-        return Err(anyhow!("interrupted; rerun the same command to finish the missing runs"));
     }
     Ok(())
 }
