@@ -4,8 +4,9 @@
 
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{anyhow, Result};
 use candle_core::Device;
+use candle_nn::VarMap;
 
 use arm_core::Arm;
 use arm_data::Dataset;
@@ -51,6 +52,11 @@ pub fn build_with_weights(dir: &Path, cfg: RunConfig, status: Option<RunStatus>,
     let config = dir.join("config.toml");
     let (arm, map, data) =
         crate::run::build(&cfg, device).map_err(|e| bad_input(format!("{}: {e:#}", config.display())))?;
-    crate::report::load_weights(&map, &weights).map_err(|e| bad_input(format!("{e:#}")))?;
+    load_weights(&map, &weights).map_err(|e| bad_input(format!("{e:#}")))?;
     Ok(Trained { cfg, status, arm, data })
+}
+
+fn load_weights(map: &VarMap, path: &Path) -> Result<()> {
+    let mut m = map.clone();
+    m.load(path).map_err(|e| anyhow!("{}: cannot load weights: {e}", path.display()))
 }
