@@ -69,9 +69,8 @@ fn set_overrides_every_points_seeds() {
     assert_eq!(exp.runs.iter().map(|r| r.seed).collect::<Vec<_>>(), vec![5, 5]);
 }
 
-/// Run ids must not change between versions: finished runs are found by their id. This one was
-/// written by the runner before config.toml serialisation became fallible (see
-/// results/reference/runs/ of a reference sweep).
+/// Run ids must not change between versions: a sweep finds its finished runs by their ids.
+/// This is the folder name of the reference experiment's seed 0 in existing results.
 #[test]
 fn the_reference_run_keeps_its_id() {
     let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../experiments/reference.toml");

@@ -1,9 +1,10 @@
 //! Data sets embedded in the binary, with the fixed splits every comparison uses.
 //!
-//! - `digits`: UCI optical digits as shipped by scikit-learn (8x8, 17 levels), 1,797 images;
-//!   train [0, 1000), validation [1000, 1350), test [1350, 1797), no shuffling.
-//! - `mnist10k` (28x28, 256 levels) and `mnist10k-binary` (pixel >= 128): 10,000 MNIST digits;
-//!   train [0, 8000), validation [8000, 9000), test [9000, 10000).
+//! - `digits`: the UCI optical recognition of handwritten digits test set (Alpaydin & Kaynak
+//!   1998) as shipped by scikit-learn (8x8, 17 levels), 1,797 images; train [0, 1000),
+//!   validation [1000, 1350), test [1350, 1797), no shuffling.
+//! - `mnist10k` (28x28, 256 levels) and `mnist10k-binary` (pixel >= 128): 10,000 MNIST digits
+//!   (LeCun et al. 1998); train [0, 8000), validation [8000, 9000), test [9000, 10000).
 //!
 //! Each embedded file is checked against its sha256 before it is parsed.
 

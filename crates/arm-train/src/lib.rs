@@ -203,12 +203,10 @@ pub fn evaluate(arm: &Arm, split: &Split, batch: usize) -> candle_core::Result<f
 /// Runs `f` on a worker of the current rayon pool (in place when already on one). The fused
 /// CPU ops split their products and loops over that pool; called from a thread outside it,
 /// every parallel region hands its work to a pool thread and wakes the caller when done, and
-/// a pool thread that went to sleep between regions (these are VMs: its CPU may be halted)
-/// took up to a third of a millisecond to start. From a worker, a region runs its first half
-/// in place and only the second worker has to be woken. Measured with `runner bench train`,
-/// 3 alternated runs each: gated PixelCNN 0.122-0.128 -> 0.113-0.123 s per step, reference
-/// 0.057-0.059 -> 0.056 s. Other devices run `f` on the calling thread (a GPU context is
-/// bound to the thread that made it current).
+/// a pool thread that went to sleep between regions (on a VM its CPU may be halted) is slow
+/// to start. From a worker, a region runs its first half in place and only the second worker
+/// has to be woken (see PERF.md, "Training steps on a rayon worker"). Other devices run `f`
+/// on the calling thread (a GPU context is bound to the thread that made it current).
 pub fn in_pool<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) -> R {
     if device.is_cpu() {
         rayon::scope(|_| f())

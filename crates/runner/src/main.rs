@@ -24,8 +24,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 // Training allocates and frees tens of MB per step. glibc (and jemalloc's oversize arena)
-// hand such blocks back to the OS, and the kernel zeroes fresh pages on each reuse: measured
-// 28-50% of a training step in page faults. mimalloc with purging disabled reuses them.
+// hand such blocks back to the OS, and the kernel's zeroing of fresh pages on each reuse then
+// costs a large part of a step; mimalloc with purging disabled keeps and reuses them (see
+// PERF.md, "Allocator").
 #[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -45,10 +46,9 @@ fn keep_freed_memory() {
 fn keep_freed_memory() {}
 
 /// candle runs element-wise ops on its own pool, whose threads spin 25,000 rounds after each
-/// op before parking: on two cores, about half a millisecond taken from the matrix product
-/// that follows. 50 rounds, unless the user set the variable (measured with `runner bench
-/// train`, 3 alternated runs each: reference step 0.0585-0.0597 -> 0.0553-0.0563 s,
-/// evaluation 2100-3000 -> ~3100 images/s). Read when candle starts that pool, so set first.
+/// op before parking: on few cores that spinning takes time from the matrix product that
+/// follows. 50 rounds, unless the user set the variable (see PERF.md, "candle's element-wise
+/// pool"). Read when candle starts that pool, so set first.
 fn short_candle_spin() {
     const VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
     if std::env::var_os(VAR).is_none() {

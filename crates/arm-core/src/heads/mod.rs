@@ -1,4 +1,8 @@
-//! Likelihood heads: turn per-pixel parameters into log-probabilities and samples.
+//! Likelihood heads: the per-pixel distribution p(x_d | x_<d) over K levels, from the
+//! parameters the conditional gives for position d: log-probabilities for training, and draws
+//! from pre-drawn noise for sampling. `categorical` is a softmax over the levels;
+//! `dlogistic_mixture` the discretised logistic mixture of PixelCNN++ (Salimans et al. 2017,
+//! eq. 2).
 
 pub mod categorical;
 pub mod dlogistic;
