@@ -34,7 +34,7 @@ fn grid_times_zip_times_seeds() {
     // 2 lr x 3 zipped (channels, batch) x 3 seeds; zipped keys move together.
     assert_eq!(exp.runs.len(), 18);
     for r in &exp.runs {
-        let ch = r.model.plugin["channels"].as_integer().unwrap();
+        let ch = r.model.plugin["channels"].as_integer().expect("channels");
         assert_eq!(r.train.batch_size as i64, 2 * ch);
     }
     let distinct: std::collections::BTreeSet<_> = exp.runs.iter().map(|r| r.run_id().expect("run id")).collect();
@@ -47,7 +47,7 @@ fn seeds_can_differ_per_grid_point() {
     let text = format!("{BASE}\n[[zip]]\n\"model.causal_conv1d.channels\" = [4, 64]\nseeds = [[0, 1, 2], [7]]\n");
     let exp = load_str(&text, "t.toml", &[]).expect("loads");
     let got: Vec<(i64, u64)> =
-        exp.runs.iter().map(|r| (r.model.plugin["channels"].as_integer().unwrap(), r.seed)).collect();
+        exp.runs.iter().map(|r| (r.model.plugin["channels"].as_integer().expect("channels"), r.seed)).collect();
     assert_eq!(got, vec![(4, 0), (4, 1), (4, 2), (64, 7)]);
     for r in &exp.runs {
         assert!(r.grid.iter().all(|(k, _)| k != "seeds"), "{:?}", r.grid);

@@ -22,8 +22,8 @@ const MNIST_IMAGES_SHA256: &str = "4ad5fec1bd0cf5999236acb54a81c2c9f42db47d3745a
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("unknown data set {0:?}: expected one of {1}")]
-    Unknown(String, String),
+    #[error("unknown data set {name:?}: expected one of {expected}")]
+    Unknown { name: String, expected: String },
     #[error("embedded data {name} is corrupt: sha256 {got}, expected {want}")]
     Checksum { name: &'static str, got: String, want: &'static str },
     #[error("{file}: {msg}")]
@@ -219,7 +219,7 @@ pub fn load(name: &str) -> Result<Dataset, DataError> {
         "digits" => digits(),
         "mnist10k" => mnist10k(),
         "mnist10k-binary" => mnist10k_binary(),
-        _ => Err(DataError::Unknown(name.to_string(), DATASET_NAMES.join(", "))),
+        _ => Err(DataError::Unknown { name: name.to_string(), expected: DATASET_NAMES.join(", ") }),
     }
 }
 

@@ -20,9 +20,9 @@
 //!
 //! so log p = log_sigmoid(a) + log_sigmoid(-b) + log(1 - exp(-delta)) with no subtraction of
 //! nearly equal CDFs. log_sigmoid is a softplus that never overflows, and log(1 - exp(-delta))
-//! switches to its series for small delta. PixelCNN++'s underflow branch, log pdf(bin centre)
-//! + log(2h), is the leading term of that series branch (log_sigmoid at the centre rather than
-//! at the edges, log delta = log 2h - log s). PixelCNN++ switches to it when the CDF difference
+//! switches to its series for small delta. PixelCNN++'s underflow branch, the log density at
+//! the bin centre plus log(2h), is the leading term of that series branch (log_sigmoid at the
+//! centre rather than at the edges, log delta = log 2h - log s). PixelCNN++ switches to it when the CDF difference
 //! is < 1e-5; that test also fires in the tails of narrow components, where the centre density
 //! under-counts the bin mass by a factor of up to exp(-delta/2) * delta (x0.12 at K = 256, log
 //! s = -7) and breaks normalisation by ~1e-5 even in exact arithmetic. Here the branch is
