@@ -240,7 +240,7 @@ fn mutate(text: &str, rng: &mut ChaCha8Rng) -> String {
         let i = rng.random_range(0..n);
         match rng.random_range(0..10) {
             // Replace a value with one of a random type.
-            0 | 1 | 2 => {
+            0..=2 => {
                 if let Some(l) = lines.get_mut(i) {
                     if let Some((k, _)) = l.split_once('=') {
                         *l = format!("{}= {}", k, random_value(rng, 0));

@@ -21,7 +21,7 @@ dilations = [1]
 
 fn ids(text: &str) -> Vec<(u64, String)> {
     let exp = load_str(text, "t.toml", &[]).expect("loads");
-    exp.runs.iter().map(|r| (r.seed, r.run_id())).collect()
+    exp.runs.iter().map(|r| (r.seed, r.run_id().expect("run id"))).collect()
 }
 
 #[test]
@@ -34,10 +34,10 @@ fn grid_times_zip_times_seeds() {
     // 2 lr x 3 zipped (channels, batch) x 3 seeds; zipped keys move together.
     assert_eq!(exp.runs.len(), 18);
     for r in &exp.runs {
-        let ch = r.model.plugin["channels"].as_integer().unwrap();
+        let ch = r.model.plugin["channels"].as_integer().expect("channels");
         assert_eq!(r.train.batch_size as i64, 2 * ch);
     }
-    let distinct: std::collections::BTreeSet<_> = exp.runs.iter().map(|r| r.run_id()).collect();
+    let distinct: std::collections::BTreeSet<_> = exp.runs.iter().map(|r| r.run_id().expect("run id")).collect();
     assert_eq!(distinct.len(), 18);
 }
 
@@ -47,11 +47,11 @@ fn seeds_can_differ_per_grid_point() {
     let text = format!("{BASE}\n[[zip]]\n\"model.causal_conv1d.channels\" = [4, 64]\nseeds = [[0, 1, 2], [7]]\n");
     let exp = load_str(&text, "t.toml", &[]).expect("loads");
     let got: Vec<(i64, u64)> =
-        exp.runs.iter().map(|r| (r.model.plugin["channels"].as_integer().unwrap(), r.seed)).collect();
+        exp.runs.iter().map(|r| (r.model.plugin["channels"].as_integer().expect("channels"), r.seed)).collect();
     assert_eq!(got, vec![(4, 0), (4, 1), (4, 2), (64, 7)]);
     for r in &exp.runs {
         assert!(r.grid.iter().all(|(k, _)| k != "seeds"), "{:?}", r.grid);
-        assert!(!r.run_id().contains("seeds"));
+        assert!(!r.run_id().expect("run id").contains("seeds"));
     }
     // A run keeps its id whether its seed came from the file's list or the point's own.
     let plain = format!("{BASE}\n[[zip]]\n\"model.causal_conv1d.channels\" = [4, 64]\n");
@@ -67,4 +67,57 @@ fn set_overrides_every_points_seeds() {
     let text = format!("{BASE}\n[[zip]]\n\"model.causal_conv1d.channels\" = [4, 64]\nseeds = [[0, 1, 2], [7]]\n");
     let exp = load_str(&text, "t.toml", &["seeds=[5]".to_string()]).expect("loads");
     assert_eq!(exp.runs.iter().map(|r| r.seed).collect::<Vec<_>>(), vec![5, 5]);
+}
+
+/// Run ids must not change between versions: a sweep finds its finished runs by their ids.
+/// This is the folder name of the reference experiment's seed 0 in existing results.
+#[test]
+fn the_reference_run_keeps_its_id() {
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../experiments/reference.toml");
+    let exp = runner::config::load(&file, &[]).expect("loads");
+    let ids: Vec<String> = exp.runs.iter().map(|r| r.run_id().expect("run id")).collect();
+    assert_eq!(ids[0], "causal_conv1d_s0-b48bde5dcf");
+}
+
+/// config.toml reads back to the same run (hence the same id), grid labels included.
+#[test]
+fn config_toml_round_trips() {
+    let text = format!(
+        "{BASE}\n[model.dlogistic_mixture]\ncomponents = 2\n\n[grid]\n\"train.lr\" = [1e-3, 3e-4]\n\
+         \"model.causal_conv1d.dilations\" = [[1], [1, 2]]\n"
+    )
+    .replace("backend = \"causal_conv1d\"", "backend = \"causal_conv1d\"\nhead = \"dlogistic_mixture\"");
+    let exp = load_str(&text, "t.toml", &[]).expect("loads");
+    assert_eq!(exp.runs.len(), 12);
+    for r in &exp.runs {
+        let back = runner::config::RunConfig::from_toml(&r.to_toml().expect("to_toml")).expect("from_toml");
+        assert_eq!(&back, r);
+        assert_eq!(back.run_id().expect("id"), r.run_id().expect("id"));
+    }
+}
+
+/// A config.toml missing a key, or with a value of the wrong type, is an error naming the key,
+/// never completed with a default.
+#[test]
+fn config_toml_with_missing_or_mistyped_keys_is_an_error() {
+    let exp = load_str(BASE, "t.toml", &[]).expect("loads");
+    let good = exp.runs[0].to_toml().expect("to_toml");
+    let cases = [
+        ("seed = 0\n", "", "missing key seed"),
+        ("seed = 0\n", "seed = -1\n", "seed: expected an integer >= 0"),
+        ("name = \"x\"\n", "", "missing key name"),
+        ("name = \"x\"\n", "name = 1\n", "name: expected a string"),
+        ("lr = 0.001\n", "", "missing key train.lr"),
+        ("lr = 0.001\n", "lr = \"high\"\n", "train.lr: invalid type"),
+        ("lr = 0.001\n", "lr = 0.001\nlr_decay = 1\n", "train.lr_decay: unknown field"),
+        ("[sample]\n", "[samples]\n", "missing key sample"),
+        ("head = \"categorical\"\n", "", "missing key model.head"),
+        ("ordering = \"raster\"\n", "ordering = \"spiral\"\n", "data.ordering: unknown variant `spiral`"),
+    ];
+    for (from, to, says) in cases {
+        assert!(good.contains(from), "{from:?} not in\n{good}");
+        let text = good.replacen(from, to, 1);
+        let err = runner::config::RunConfig::from_toml(&text).map(|_| ()).expect_err(says).to_string();
+        assert!(err.contains(says), "{err:?} lacks {says:?}");
+    }
 }

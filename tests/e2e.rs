@@ -449,7 +449,7 @@ fn report_over_two_data_sets_plots_one_curve_file_each() {
     std::fs::create_dir_all(&out).expect("mkdir");
     std::fs::write(out.join("nll_curves.png"), b"old").expect("write");
     let o = runner(&r)
-        .args(["report", r.join("tiny1").to_str().unwrap(), r.join("user").to_str().unwrap(), "--out"])
+        .args(["report", r.join("tiny1").to_str().expect("utf8"), r.join("user").to_str().expect("utf8"), "--out"])
         .arg(&out)
         .output()
         .expect("run");

@@ -122,7 +122,7 @@ fn bad_input_gets_one_line_and_exit_2() {
         (vec!["sample".into(), s(&unfinished)], vec!["model.safetensors"]),
         (
             vec!["sample".into(), s(&run), "--sampler".into(), "fast".into()],
-            vec!["--sampler", "fast", "naive, cached or jacobi"],
+            vec!["--sampler", "fast", "naive, cached, jacobi"],
         ),
         (vec!["sample".into(), s(&run), "--n".into(), "0".into()], vec!["--n"]),
         (vec!["eval".into(), s(&tmp.path().join("missing"))], vec!["missing", "no such run folder"]),

@@ -5,7 +5,7 @@
 //! broken on purpose). Registering a plugin enrols it here; nothing in this file names a plugin.
 
 use arm_backends::{conformance, registry, BuildCtx, Plugin};
-use arm_core::{build_head, head_names, resolve_head, seeded_var_builder, Arm, Conditional, Head, Ordering};
+use arm_core::{head_names, heads, seeded_var_builder, Arm, Conditional, Head, Ordering};
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 
@@ -47,8 +47,8 @@ fn shapes(p: &Plugin) -> Vec<(usize, usize)> {
 
 /// Every registered head with its default settings, for K levels.
 fn every_head(name: &str, k: usize) -> R<Box<dyn Head>> {
-    let table = resolve_head(name, &toml::Table::new(), k).map_err(|(key, m)| format!("{name}.{key}: {m}"))?;
-    Ok(build_head(name, &table, k).map_err(|(key, m)| format!("{name}.{key}: {m}"))?)
+    let table = heads::resolve(name, &toml::Table::new(), k).map_err(|e| format!("{name}: {e}"))?;
+    Ok(heads::build(name, &table, k).map_err(|e| format!("{name}: {e}"))?)
 }
 
 fn random_levels(b: usize, d: usize, k: usize, seed: u64) -> Tensor {

@@ -19,22 +19,33 @@ pub fn bits_per_dim(nats: f64, dims: usize) -> f64 {
     nats / (dims as f64 * std::f64::consts::LN_2)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How `Arm::sample` walks the pixels; every sampler returns the same images for one noise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Sampler {
+    /// A full forward pass per pixel (the default stepper).
     Naive,
+    /// The plugin's own stepper, with its caches.
     Cached,
+    /// Parallel fixed-point iterations of all pixels.
     Jacobi,
 }
 
-impl std::str::FromStr for Sampler {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "naive" => Ok(Sampler::Naive),
-            "cached" => Ok(Sampler::Cached),
-            "jacobi" => Ok(Sampler::Jacobi),
-            _ => Err(format!("unknown sampler {s:?}: expected naive, cached or jacobi")),
+impl Sampler {
+    /// The name used on the command line and in file names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Sampler::Naive => "naive",
+            Sampler::Cached => "cached",
+            Sampler::Jacobi => "jacobi",
         }
+    }
+}
+
+impl std::fmt::Display for Sampler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 

@@ -12,7 +12,7 @@ mod ordering;
 mod traits;
 
 pub use arm::{bits_per_dim, Arm, SampleOutput, Sampler};
-pub use heads::{build_head, categorical::Categorical, head_names, resolve_head, Head, HeadConfigError};
+pub use heads::{categorical::Categorical, head_names, Head, HeadConfigError, HeadProblem};
 pub use init::{seeded_var_builder, SeededInit};
 pub use ordering::Ordering;
 pub use traits::{Conditional, NaiveStepper, Stepper};

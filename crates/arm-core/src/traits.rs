@@ -1,4 +1,7 @@
-//! The two plugin traits of DESIGN.md §3 and the naive full-recompute stepper.
+//! The plugin traits: a `Conditional` gives the parameters of p(x_d | x_<d) for every position
+//! d in one pass (the factorisation of Larochelle & Murray 2011, eq. 1), and its `Stepper`
+//! evaluates it one position at a time for sampling; plus the naive stepper, which recomputes
+//! the whole pass at each position.
 
 use candle_core::{Device, Tensor};
 

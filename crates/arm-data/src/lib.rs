@@ -1,9 +1,10 @@
 //! Data sets embedded in the binary, with the fixed splits every comparison uses.
 //!
-//! - `digits`: UCI optical digits as shipped by scikit-learn (8x8, 17 levels), 1,797 images;
-//!   train [0, 1000), validation [1000, 1350), test [1350, 1797), no shuffling.
-//! - `mnist10k` (28x28, 256 levels) and `mnist10k-binary` (pixel >= 128): 10,000 MNIST digits;
-//!   train [0, 8000), validation [8000, 9000), test [9000, 10000).
+//! - `digits`: the UCI optical recognition of handwritten digits test set (Alpaydin & Kaynak
+//!   1998) as shipped by scikit-learn (8x8, 17 levels), 1,797 images; train [0, 1000),
+//!   validation [1000, 1350), test [1350, 1797), no shuffling.
+//! - `mnist10k` (28x28, 256 levels) and `mnist10k-binary` (pixel >= 128): 10,000 MNIST digits
+//!   (LeCun et al. 1998); train [0, 8000), validation [8000, 9000), test [9000, 10000).
 //!
 //! Each embedded file is checked against its sha256 before it is parsed.
 
@@ -21,8 +22,8 @@ const MNIST_IMAGES_SHA256: &str = "4ad5fec1bd0cf5999236acb54a81c2c9f42db47d3745a
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("unknown data set {0:?}: expected one of {1}")]
-    Unknown(String, String),
+    #[error("unknown data set {name:?}: expected one of {expected}")]
+    Unknown { name: String, expected: String },
     #[error("embedded data {name} is corrupt: sha256 {got}, expected {want}")]
     Checksum { name: &'static str, got: String, want: &'static str },
     #[error("{file}: {msg}")]
@@ -31,6 +32,36 @@ pub enum DataError {
 
 /// Names accepted by `[data] name = ...`.
 pub const DATASET_NAMES: &[&str] = &["digits", "mnist10k", "mnist10k-binary"];
+
+/// Which part of a data set: the training, validation or test images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum SplitName {
+    Train,
+    /// Also accepted as "validation".
+    #[serde(alias = "validation")]
+    #[cfg_attr(feature = "clap", value(alias = "validation"))]
+    Val,
+    Test,
+}
+
+impl SplitName {
+    /// The name used on the command line and in file names.
+    pub fn name(self) -> &'static str {
+        match self {
+            SplitName::Train => "train",
+            SplitName::Val => "val",
+            SplitName::Test => "test",
+        }
+    }
+}
+
+impl std::fmt::Display for SplitName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// Images of one split: `n` images of `dims` pixels, row-major, levels in 0..levels.
 #[derive(Debug, Clone)]
@@ -80,12 +111,11 @@ impl Dataset {
         self.height * self.width
     }
 
-    pub fn split(&self, name: &str) -> Option<&Split> {
-        match name {
-            "train" => Some(&self.train),
-            "val" | "validation" => Some(&self.val),
-            "test" => Some(&self.test),
-            _ => None,
+    pub fn split(&self, which: SplitName) -> &Split {
+        match which {
+            SplitName::Train => &self.train,
+            SplitName::Val => &self.val,
+            SplitName::Test => &self.test,
         }
     }
 
@@ -189,7 +219,7 @@ pub fn load(name: &str) -> Result<Dataset, DataError> {
         "digits" => digits(),
         "mnist10k" => mnist10k(),
         "mnist10k-binary" => mnist10k_binary(),
-        _ => Err(DataError::Unknown(name.to_string(), DATASET_NAMES.join(", "))),
+        _ => Err(DataError::Unknown { name: name.to_string(), expected: DATASET_NAMES.join(", ") }),
     }
 }
 
@@ -205,6 +235,24 @@ mod tests {
         assert_eq!(d.train.pixels.iter().copied().max(), Some(16));
         // First row of the file (sklearn's digits.images[0] is a zero).
         assert_eq!(&d.train.pixels[..8], &[0, 0, 5, 13, 9, 1, 0, 0]);
+        Ok(())
+    }
+
+    #[test]
+    fn split_names_read_from_toml_with_the_validation_alias() -> Result<(), DataError> {
+        #[derive(serde::Deserialize)]
+        struct T {
+            s: SplitName,
+        }
+        let parse = |v: &str| toml::from_str::<T>(&format!("s = {v:?}")).map(|t| t.s).ok();
+        assert_eq!(parse("train"), Some(SplitName::Train));
+        assert_eq!(parse("val"), Some(SplitName::Val));
+        assert_eq!(parse("validation"), Some(SplitName::Val));
+        assert_eq!(parse("test"), Some(SplitName::Test));
+        assert_eq!(parse("dev"), None);
+        let d = digits()?;
+        assert_eq!(d.split(SplitName::Val).n, 350);
+        assert_eq!(SplitName::Val.to_string(), "val");
         Ok(())
     }
 

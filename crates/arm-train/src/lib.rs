@@ -69,31 +69,51 @@ impl Default for TrainConfig {
     }
 }
 
+/// What is wrong with a value of `[train]`.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Problem {
+    #[error("must be a positive number, got {0}")]
+    NotPositive(f64),
+    #[error("must be at least 1, got 0")]
+    Zero,
+    #[error("must be >= 0, got {0}")]
+    Negative(f64),
+    #[error("must be in [0, 1), got {0}")]
+    NotBelowOne(f64),
+}
+
+/// A `[train]` value out of range: its key (relative to `[train]`) and the problem.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{key}: {problem}")]
+pub struct TrainConfigError {
+    pub key: &'static str,
+    pub problem: Problem,
+}
+
 impl TrainConfig {
-    /// Checks ranges; the error is (key, what was expected).
-    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+    /// Checks ranges; the error names the first key out of range.
+    pub fn validate(&self) -> Result<(), TrainConfigError> {
+        let fail = |key, problem| Err(TrainConfigError { key, problem });
         let positive = |v: f64| v.is_finite() && v > 0.0;
         if !positive(self.lr) {
-            return Err(("lr", format!("must be a positive number, got {}", self.lr)));
+            return fail("lr", Problem::NotPositive(self.lr));
         }
-        if self.batch_size == 0 {
-            return Err(("batch_size", "must be at least 1, got 0".into()));
-        }
-        if self.eval_batch_size == 0 {
-            return Err(("eval_batch_size", "must be at least 1, got 0".into()));
-        }
-        if self.patience == 0 {
-            return Err(("patience", "must be at least 1, got 0".into()));
-        }
-        if self.max_epochs == 0 {
-            return Err(("max_epochs", "must be at least 1, got 0".into()));
+        for (key, v) in [
+            ("batch_size", self.batch_size),
+            ("eval_batch_size", self.eval_batch_size),
+            ("patience", self.patience),
+            ("max_epochs", self.max_epochs),
+        ] {
+            if v == 0 {
+                return fail(key, Problem::Zero);
+            }
         }
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            return Err(("weight_decay", format!("must be >= 0, got {}", self.weight_decay)));
+            return fail("weight_decay", Problem::Negative(self.weight_decay));
         }
-        for (k, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+        for (key, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
             if !(0.0..1.0).contains(&v) {
-                return Err((k, format!("must be in [0, 1), got {v}")));
+                return fail(key, Problem::NotBelowOne(v));
             }
         }
         Ok(())
@@ -183,12 +203,10 @@ pub fn evaluate(arm: &Arm, split: &Split, batch: usize) -> candle_core::Result<f
 /// Runs `f` on a worker of the current rayon pool (in place when already on one). The fused
 /// CPU ops split their products and loops over that pool; called from a thread outside it,
 /// every parallel region hands its work to a pool thread and wakes the caller when done, and
-/// a pool thread that went to sleep between regions (these are VMs: its CPU may be halted)
-/// took up to a third of a millisecond to start. From a worker, a region runs its first half
-/// in place and only the second worker has to be woken. Measured with `runner bench train`,
-/// 3 alternated runs each: gated PixelCNN 0.122-0.128 -> 0.113-0.123 s per step, reference
-/// 0.057-0.059 -> 0.056 s. Other devices run `f` on the calling thread (a GPU context is
-/// bound to the thread that made it current).
+/// a pool thread that went to sleep between regions (on a VM its CPU may be halted) is slow
+/// to start. From a worker, a region runs its first half in place and only the second worker
+/// has to be woken (see PERF.md, "Training steps on a rayon worker"). Other devices run `f`
+/// on the calling thread (a GPU context is bound to the thread that made it current).
 pub fn in_pool<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) -> R {
     if device.is_cpu() {
         rayon::scope(|_| f())
@@ -314,120 +332,256 @@ pub fn train_from(
     resume: Option<TrainState>,
     on: &mut dyn FnMut(Event) -> Control,
 ) -> candle_core::Result<Outcome> {
-    let device: Device = arm.device().clone();
-    let vars = named_vars(map);
-    let mut opt = Opt::new(vars.iter().map(|(_, v)| v.clone()).collect(), cfg)?;
-    let steps = data.train.n.div_ceil(cfg.batch_size);
-    let mut history = Vec::new();
-    let (mut best_epoch, mut best_val) = (0usize, f64::INFINITY);
-    let mut best = snapshot(map)?;
-    let mut status = Status::Finished { stopped_early: false };
-    let mut first = 1;
+    let mut t = Trainer::new(arm, map, data, cfg, seed)?;
+    let (mut stopping, mut history, first) = match resume {
+        None => (EarlyStopping::new(map, cfg.patience)?, Vec::new(), 1),
+        Some(st) => t.resume(st)?,
+    };
+    // A resumed run may have ended at its last epoch (patience) and been stopped before saying so.
+    let status = if stopping.exhausted(first - 1) {
+        Status::Finished { stopped_early: true }
+    } else {
+        t.epochs(first, &mut stopping, &mut history, on)?
+    };
+    restore(map, &stopping.best_weights)?;
+    let (test_nll, test_bpd) = if matches!(status, Status::Finished { .. }) {
+        let nll = evaluate(arm, &data.test, cfg.eval_batch_size)?;
+        (Some(nll), Some(bits_per_dim(nll, data.dims())))
+    } else {
+        (None, None)
+    };
+    let (best_epoch, best_val_nll) = (stopping.best_epoch, stopping.best_val);
+    Ok(Outcome { status, history, best_epoch, best_val_nll, test_nll, test_bpd })
+}
 
-    if let Some(st) = resume {
-        restore_all(map, &st.weights, "checkpoint weights")?;
-        let mut moments = Vec::with_capacity(vars.len());
-        for (k, _) in &vars {
+/// Early stopping on the validation NLL: the best epoch so far, its NLL and its weights.
+struct EarlyStopping {
+    /// Epochs without a new best before training stops.
+    patience: usize,
+    best_epoch: usize,
+    best_val: f64,
+    best_weights: HashMap<String, Tensor>,
+}
+
+impl EarlyStopping {
+    /// Before the first epoch: the current weights stand as the best until an epoch improves.
+    fn new(map: &VarMap, patience: usize) -> candle_core::Result<Self> {
+        Ok(Self { patience, best_epoch: 0, best_val: f64::INFINITY, best_weights: snapshot(map)? })
+    }
+
+    /// Records the validation NLL of `epoch`; a new best keeps the map's weights. Returns whether
+    /// it was one.
+    fn record(&mut self, epoch: usize, val_nll: f64, map: &VarMap) -> candle_core::Result<bool> {
+        let improved = val_nll < self.best_val;
+        if improved {
+            self.best_val = val_nll;
+            self.best_epoch = epoch;
+            self.best_weights = snapshot(map)?;
+        }
+        Ok(improved)
+    }
+
+    /// Whether training stops after `epoch` (0: none yet): `patience` epochs without a new best.
+    fn exhausted(&self, epoch: usize) -> bool {
+        epoch > 0 && epoch.saturating_sub(self.best_epoch) >= self.patience
+    }
+}
+
+/// How an epoch's training pass ended.
+enum EpochEnd {
+    /// Every batch stepped; the sum of per-image losses (nats).
+    Trained { train_sum: f64 },
+    /// Divergence or the observer ended training in the middle of the epoch.
+    Stopped(Status),
+}
+
+/// What one training run works on: the model, its variables in a stable order, the optimiser.
+struct Trainer<'a> {
+    arm: &'a Arm,
+    map: &'a VarMap,
+    data: &'a Dataset,
+    cfg: &'a TrainConfig,
+    seed: u64,
+    device: Device,
+    vars: Vec<(String, Var)>,
+    opt: Opt,
+}
+
+impl<'a> Trainer<'a> {
+    fn new(
+        arm: &'a Arm,
+        map: &'a VarMap,
+        data: &'a Dataset,
+        cfg: &'a TrainConfig,
+        seed: u64,
+    ) -> candle_core::Result<Self> {
+        let vars = named_vars(map);
+        let opt = Opt::new(vars.iter().map(|(_, v)| v.clone()).collect(), cfg)?;
+        Ok(Self { arm, map, data, cfg, seed, device: arm.device().clone(), vars, opt })
+    }
+
+    /// Puts a checkpoint's weights and optimiser state in place; returns its early-stopping
+    /// state, its history and the epoch to continue with.
+    fn resume(&mut self, st: TrainState) -> candle_core::Result<(EarlyStopping, Vec<EpochMetrics>, usize)> {
+        restore_all(self.map, &st.weights, "checkpoint weights")?;
+        let mut moments = Vec::with_capacity(self.vars.len());
+        for (k, _) in &self.vars {
             let m = st.moments.get(k).ok_or_else(|| {
                 candle_core::Error::Msg(format!("checkpoint optimiser state: no moments for variable {k}"))
             })?;
             moments.push(m.clone());
         }
-        opt.set_state(moments, st.steps)?;
+        self.opt.set_state(moments, st.steps)?;
         // Check the best weights against the model too (restored into the map at the end).
-        for (k, v) in &vars {
+        for (k, v) in &self.vars {
             match st.best_weights.get(k) {
                 Some(t) if t.shape() == v.shape() => {}
                 _ => candle_core::bail!("checkpoint best weights: no tensor of shape {:?} for variable {k}", v.shape()),
             }
         }
-        best = st.best_weights;
-        (best_epoch, best_val, history, first) = (st.best_epoch, st.best_val_nll, st.history, st.epoch + 1);
-        // The run may have ended at that epoch (patience) and been stopped before saying so.
-        if st.epoch > 0 && st.epoch.saturating_sub(best_epoch) >= cfg.patience {
-            status = Status::Finished { stopped_early: true };
-            first = usize::MAX;
-        }
+        let stopping = EarlyStopping {
+            patience: self.cfg.patience,
+            best_epoch: st.best_epoch,
+            best_val: st.best_val_nll,
+            best_weights: st.best_weights,
+        };
+        Ok((stopping, st.history, st.epoch + 1))
     }
 
-    'epochs: for epoch in first..=cfg.max_epochs {
-        let t0 = Instant::now();
-        let order = epoch_order(data.train.n, seed, epoch);
-        arm.conditional().begin_epoch(epoch);
+    /// Epochs `first..=max_epochs`: train, validate, hand the state to the observer, stop early.
+    fn epochs(
+        &mut self,
+        first: usize,
+        stopping: &mut EarlyStopping,
+        history: &mut Vec<EpochMetrics>,
+        on: &mut dyn FnMut(Event) -> Control,
+    ) -> candle_core::Result<Status> {
+        for epoch in first..=self.cfg.max_epochs {
+            let t0 = Instant::now();
+            let train_sum = match self.run_epoch(epoch, on)? {
+                EpochEnd::Trained { train_sum } => train_sum,
+                EpochEnd::Stopped(status) => return Ok(status),
+            };
+            let val_nll = evaluate(self.arm, &self.data.val, self.cfg.eval_batch_size)?;
+            if !val_nll.is_finite() {
+                return Ok(Status::Diverged { epoch, reason: format!("validation NLL is {val_nll}") });
+            }
+            let improved = stopping.record(epoch, val_nll, self.map)?;
+            history.push(EpochMetrics {
+                epoch,
+                train_nll: train_sum / self.data.train.n.max(1) as f64,
+                val_nll,
+                val_bpd: bits_per_dim(val_nll, self.data.dims()),
+                seconds: t0.elapsed().as_secs_f64(),
+            });
+            let state = self.state(epoch, history, stopping)?;
+            let metrics = &history[history.len() - 1];
+            if on(Event::Epoch { metrics, best: improved, state: &state }) == Control::Stop {
+                return Ok(Status::Interrupted { epoch });
+            }
+            if stopping.exhausted(epoch) {
+                return Ok(Status::Finished { stopped_early: true });
+            }
+        }
+        Ok(Status::Finished { stopped_early: false })
+    }
+
+    /// One pass over the shuffled training set, a step per batch.
+    fn run_epoch(&mut self, epoch: usize, on: &mut dyn FnMut(Event) -> Control) -> candle_core::Result<EpochEnd> {
+        let order = epoch_order(self.data.train.n, self.seed, epoch);
+        self.arm.conditional().begin_epoch(epoch);
+        let steps = self.data.train.n.div_ceil(self.cfg.batch_size);
         let mut train_sum = 0.0f64;
-        for (step, idx) in order.chunks(cfg.batch_size).enumerate() {
-            let x = data.train.batch(idx, &device)?; // (B, D)
-            let lv = in_pool(&device, || -> candle_core::Result<f64> {
-                let loss = arm.nll(&x, true)?; // scalar, nats per image
-                let lv = loss.to_scalar::<f32>()? as f64;
-                if lv.is_finite() {
-                    opt.backward_step(&loss)?;
-                }
-                Ok(lv)
-            })?;
+        for (step, idx) in order.chunks(self.cfg.batch_size).enumerate() {
+            let lv = self.step(idx)?;
             if !lv.is_finite() {
-                status = Status::Diverged { epoch, reason: format!("training loss is {lv} at step {}", step + 1) };
-                break 'epochs;
+                let reason = format!("training loss is {lv} at step {}", step + 1);
+                return Ok(EpochEnd::Stopped(Status::Diverged { epoch, reason }));
             }
             train_sum += lv * idx.len() as f64;
             if on(Event::Step { epoch, step: step + 1, steps }) == Control::Stop {
-                status = Status::Interrupted { epoch };
-                break 'epochs;
+                return Ok(EpochEnd::Stopped(Status::Interrupted { epoch }));
             }
         }
-        let val_nll = evaluate(arm, &data.val, cfg.eval_batch_size)?;
-        if !val_nll.is_finite() {
-            status = Status::Diverged { epoch, reason: format!("validation NLL is {val_nll}") };
-            break;
-        }
-        let improved = val_nll < best_val;
-        if improved {
-            best_val = val_nll;
-            best_epoch = epoch;
-            best = snapshot(map)?;
-        }
-        let m = EpochMetrics {
-            epoch,
-            train_nll: train_sum / data.train.n.max(1) as f64,
-            val_nll,
-            val_bpd: bits_per_dim(val_nll, data.dims()),
-            seconds: t0.elapsed().as_secs_f64(),
-        };
-        history.push(m);
-        let (moments, opt_steps) = opt.state();
-        let state = TrainState {
-            epoch,
-            history: history.clone(),
-            best_epoch,
-            best_val_nll: best_val,
-            weights: snapshot(map)?,
-            best_weights: best.clone(),
-            moments: vars.iter().map(|(k, _)| k.clone()).zip(moments).collect(),
-            steps: opt_steps,
-        };
-        let stop = on(Event::Epoch { metrics: &history[history.len() - 1], best: improved, state: &state });
-        if stop == Control::Stop {
-            status = Status::Interrupted { epoch };
-            break;
-        }
-        if epoch - best_epoch >= cfg.patience {
-            status = Status::Finished { stopped_early: true };
-            break;
-        }
+        Ok(EpochEnd::Trained { train_sum })
     }
-    restore(map, &best)?;
-    let (test_nll, test_bpd) = if matches!(status, Status::Finished { .. }) {
-        let t = evaluate(arm, &data.test, cfg.eval_batch_size)?;
-        (Some(t), Some(bits_per_dim(t, data.dims())))
-    } else {
-        (None, None)
-    };
-    Ok(Outcome { status, history, best_epoch, best_val_nll: best_val, test_nll, test_bpd })
+
+    /// One optimiser step on the training images `idx`; returns the loss (nats per image). A
+    /// loss that is not finite takes no step.
+    fn step(&mut self, idx: &[usize]) -> candle_core::Result<f64> {
+        let x = self.data.train.batch(idx, &self.device)?; // (B, D)
+        let (arm, opt) = (self.arm, &mut self.opt);
+        in_pool(&self.device, || -> candle_core::Result<f64> {
+            let loss = arm.nll(&x, true)?; // scalar, nats per image
+            let lv = loss.to_scalar::<f32>()? as f64;
+            if lv.is_finite() {
+                opt.backward_step(&loss)?;
+            }
+            Ok(lv)
+        })
+    }
+
+    /// Everything needed to resume right after `epoch`.
+    fn state(
+        &self,
+        epoch: usize,
+        history: &[EpochMetrics],
+        stopping: &EarlyStopping,
+    ) -> candle_core::Result<TrainState> {
+        let (moments, steps) = self.opt.state();
+        Ok(TrainState {
+            epoch,
+            history: history.to_vec(),
+            best_epoch: stopping.best_epoch,
+            best_val_nll: stopping.best_val,
+            weights: snapshot(self.map)?,
+            best_weights: stopping.best_weights.clone(),
+            moments: self.vars.iter().map(|(k, _)| k.clone()).zip(moments).collect(),
+            steps,
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A new best resets the count; training stops once `patience` epochs pass without one.
+    #[test]
+    fn early_stopping_counts_epochs_since_the_best() -> candle_core::Result<()> {
+        let map = VarMap::new();
+        let mut es = EarlyStopping::new(&map, 2)?;
+        assert!(!es.exhausted(0), "nothing to stop before the first epoch");
+        let vals = [5.0, 4.0, 4.5, 3.0, 3.0, 3.5];
+        let mut seen = Vec::new();
+        for (i, v) in vals.into_iter().enumerate() {
+            let epoch = i + 1;
+            seen.push((es.record(epoch, v, &map)?, es.exhausted(epoch)));
+        }
+        // Epoch 4 is the best (an equal NLL is no improvement); 6 is the second epoch after it.
+        let want = [(true, false), (true, false), (false, false), (true, false), (false, false), (false, true)];
+        assert_eq!(seen, want);
+        assert_eq!((es.best_epoch, es.best_val), (4, 3.0));
+        Ok(())
+    }
+
+    /// The first key out of range is named, with the value it has.
+    #[test]
+    fn validate_names_the_first_bad_key() {
+        assert_eq!(TrainConfig::default().validate(), Ok(()));
+        let bad = |c: TrainConfig| c.validate().err();
+        let err = |key, problem| Some(TrainConfigError { key, problem });
+        assert_eq!(bad(TrainConfig { lr: f64::NAN, batch_size: 0, ..Default::default() }).map(|e| e.key), Some("lr"));
+        assert_eq!(bad(TrainConfig { lr: -0.5, ..Default::default() }), err("lr", Problem::NotPositive(-0.5)));
+        assert_eq!(bad(TrainConfig { patience: 0, ..Default::default() }), err("patience", Problem::Zero));
+        assert_eq!(
+            bad(TrainConfig { weight_decay: -1.0, ..Default::default() }),
+            err("weight_decay", Problem::Negative(-1.0))
+        );
+        assert_eq!(bad(TrainConfig { beta2: 1.0, ..Default::default() }), err("beta2", Problem::NotBelowOne(1.0)));
+        let msg = bad(TrainConfig { max_epochs: 0, ..Default::default() }).map(|e| e.to_string());
+        assert_eq!(msg.as_deref(), Some("max_epochs: must be at least 1, got 0"));
+    }
 
     /// The step runs on a worker of the pool the fused ops split their work over, and gives
     /// back what the closure returned.

@@ -167,7 +167,7 @@ pub fn bench_train(cases: &[Case], steps: usize, profile: bool, dev: &Device) ->
                 to.push((t3 - t2).as_secs_f64());
                 ts.push((t3 - t0).as_secs_f64());
                 // The fastest of three back-to-back products: the first after a step runs cold
-                // (measured ~20% slower), which would flatter the ratio.
+                // (slower; see PERF.md), which would flatter the ratio.
                 peaks
                     .push((0..3).map(|_| square.gflops()).collect::<Result<Vec<_>>>()?.into_iter().fold(0.0, f64::max));
             }

@@ -1,6 +1,7 @@
 //! Subcommands.
 
 use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::Device;
@@ -85,140 +86,149 @@ pub fn install_ctrlc() {
     });
 }
 
+/// Runs the command line's subcommand.
 pub fn dispatch(cli: Cli) -> Result<()> {
-    match cli.command {
-        Command::Train { file, sets, seed, resume } => {
-            let exp = config::load(&file, &sets).map_err(bad_input)?;
-            let device = parse_device(&cli.device)?;
-            let points: std::collections::BTreeSet<String> = exp.runs.iter().map(|r| format!("{:?}", r.grid)).collect();
-            if points.len() > 1 {
-                return Err(bad_input(format!(
-                    "{}: has a [grid] of {} points; `runner train` trains one run, use `runner sweep {}`",
-                    file.display(),
-                    points.len(),
-                    file.display()
-                )));
-            }
-            let mut cfg = exp.runs[0].clone();
-            if let Some(s) = seed {
-                cfg.seed = s;
-            }
-            let ui = Ui::new();
-            install_ctrlc();
-            let dir = store::runs_dir(&cli.results, &exp.name).join(cfg.run_id());
-            // The same claim as a sweep's: never two trainings of one run folder at once.
-            let _claim = crate::sweep::claim(&dir)?
-                .ok_or_else(|| anyhow::anyhow!("{}: another runner process is training this run", dir.display()))?;
-            let done = if resume { store::RunStatus::read(&dir).filter(|s| s.is_finished()) } else { None };
-            let st = match done {
-                Some(st) => {
-                    tracing::info!("{}: already finished, nothing to resume", cfg.run_id());
-                    st
-                }
-                None => {
-                    tracing::info!("training {} -> {}", exp.name, dir.display());
-                    let bar = ui.run_bar(&cfg.run_id());
-                    let st = run::execute(&cfg, &dir, &device, &bar, !ui.tty, resume)?;
-                    bar.finish_and_clear();
-                    st
-                }
-            };
-            let dims = crate::data::shape(&cfg.data).map_or(1, |(h, w, _)| h * w);
-            match (st.best_val_nll, st.test_nll) {
-                (Some(v), Some(t)) if st.is_finished() => println!(
-                    "{}: best val NLL {v:.3} nats ({:.4} bits/dim) at epoch {} of {}; test NLL {t:.3} nats ({:.4} bits/dim); {} parameters, {:.0} s\nresults in {}",
-                    cfg.run_id(),
-                    arm_core::bits_per_dim(v, dims),
-                    st.best_epoch,
-                    st.epochs,
-                    st.test_bpd.unwrap_or(f64::NAN),
-                    st.n_params,
-                    st.wall_seconds,
-                    dir.display()
-                ),
-                _ => {
-                    println!("{}: {} ({})", cfg.run_id(), st.status, st.reason.clone().unwrap_or_default());
-                    if st.status == "failed" {
-                        anyhow::bail!("run {} failed: {}", cfg.run_id(), st.reason.unwrap_or_default());
-                    }
-                }
-            }
-            Ok(())
-        }
+    let Cli { results, device, command } = cli;
+    match command {
+        Command::Train { file, sets, seed, resume } => train(&results, &device, &file, &sets, seed, resume),
         Command::Sweep { file, sets, jobs, shard, dry_run, fail_fast, resume } => {
             let exp = config::load(&file, &sets).map_err(bad_input)?;
             if jobs == 0 {
                 return Err(bad_input("--jobs: must be at least 1, got 0"));
             }
-            let device = parse_device(&cli.device)?;
-            crate::sweep::sweep(
-                &exp,
-                &cli.results,
-                &device,
-                &crate::sweep::Options { jobs, shard, dry_run, fail_fast, resume },
-            )
+            let device = parse_device(&device)?;
+            let opts = crate::sweep::Options { jobs, shard, dry_run, fail_fast, resume };
+            crate::sweep::sweep(&exp, &results, &device, &opts)
         }
         Command::Report { dirs, format, out, samples } => {
-            let device = parse_device(&cli.device)?;
+            let device = parse_device(&device)?;
             let _ui = Ui::new();
-            crate::report::report(
-                &cli.results,
-                &dirs,
-                &device,
-                &crate::report::Options { format, out, samples: samples.max(1) },
-            )
+            let opts = crate::report::Options { format, out, samples: samples.max(1) };
+            crate::report::report(&results, &dirs, &device, &opts)
         }
-        Command::Slurm { file, array, time, cpus, out, sets } => {
-            let exp = config::load(&file, &sets).map_err(bad_input)?;
-            if array == 0 {
-                return Err(bad_input("--array: must be at least 1, got 0"));
-            }
-            let p = crate::slurm::write_script(
-                &exp,
-                &file,
-                &cli.results,
-                &crate::slurm::Options { array, time, cpus, out, sets },
-            )?;
-            println!(
-                "wrote {} ({} runs in {array} shards); submit with: sbatch {}",
-                p.display(),
-                exp.runs.len(),
-                p.display()
-            );
-            Ok(())
-        }
-        Command::Bench { what: crate::BenchWhat::Train { steps, model, profile } } => {
-            let device = parse_device(&cli.device)?;
-            let mut cases = crate::bench::default_cases();
-            if let Some(m) = &model {
-                let labels: Vec<String> = cases.iter().map(|c| format!("'{}'", c.label)).collect();
-                cases.retain(|c| c.label.contains(m.as_str()));
-                if cases.is_empty() {
-                    return Err(bad_input(format!("--model {m}: matches none of {}", labels.join(", "))));
-                }
-            }
-            crate::bench::bench_train(&cases, steps, profile, &device)
-        }
+        Command::Slurm { file, array, time, cpus, out, sets } => slurm(&results, &file, array, time, cpus, out, sets),
         Command::List => {
             list();
             Ok(())
         }
         Command::Sample { run_dir, n, sampler, seed, out } => {
-            let device = parse_device(&cli.device)?;
+            let device = parse_device(&device)?;
             crate::sample::sample(&run_dir, &device, &crate::sample::Options { n, sampler, seed, out })
         }
         Command::Eval { run_dir, data, split, out } => {
-            let device = parse_device(&cli.device)?;
+            let device = parse_device(&device)?;
             crate::eval::eval(&run_dir, &device, &crate::eval::Options { data, split, out })
         }
+        Command::Bench { what: crate::BenchWhat::Train { steps, model, profile } } => {
+            bench_train(&device, steps, model.as_deref(), profile)
+        }
         Command::Bench { what: crate::BenchWhat::Sampling { max_seconds, batch, seed, plugins } } => {
-            let device = parse_device(&cli.device)?;
-            crate::bench_sampling::bench_sampling(
-                &device,
-                &crate::bench_sampling::Options { max_seconds, batch, seed, plugins },
-            )
+            let device = parse_device(&device)?;
+            let opts = crate::bench_sampling::Options { max_seconds, batch, seed, plugins };
+            crate::bench_sampling::bench_sampling(&device, &opts)
         }
     }
+}
+
+/// `runner train`: one run of an experiment file without a grid (its first seed, or `seed`).
+fn train(results: &Path, device: &str, file: &Path, sets: &[String], seed: Option<u64>, resume: bool) -> Result<()> {
+    let exp = config::load(file, sets).map_err(bad_input)?;
+    let device = parse_device(device)?;
+    let points: std::collections::BTreeSet<String> = exp.runs.iter().map(|r| format!("{:?}", r.grid)).collect();
+    if points.len() > 1 {
+        return Err(bad_input(format!(
+            "{}: has a [grid] of {} points; `runner train` trains one run, use `runner sweep {}`",
+            file.display(),
+            points.len(),
+            file.display()
+        )));
+    }
+    let mut cfg = exp.runs[0].clone();
+    if let Some(s) = seed {
+        if i64::try_from(s).is_err() {
+            return Err(bad_input(format!("--seed {s}: must be at most {} (a TOML integer)", i64::MAX)));
+        }
+        cfg.seed = s;
+    }
+    let id = cfg.run_id().map_err(bad_input)?;
+    let ui = Ui::new();
+    install_ctrlc();
+    let dir = store::runs_dir(results, &exp.name).join(&id);
+    // The same claim as a sweep's: never two trainings of one run folder at once.
+    let _claim = crate::sweep::claim(&dir)?
+        .ok_or_else(|| anyhow::anyhow!("{}: another runner process is training this run", dir.display()))?;
+    let done = if resume { store::RunStatus::read(&dir)?.filter(|s| s.is_finished()) } else { None };
+    let st = match done {
+        Some(st) => {
+            tracing::info!("{id}: already finished, nothing to resume");
+            st
+        }
+        None => {
+            tracing::info!("training {} -> {}", exp.name, dir.display());
+            let bar = ui.run_bar(&id);
+            let st = run::execute(&cfg, &dir, &device, &bar, !ui.tty, resume)?;
+            bar.finish_and_clear();
+            st
+        }
+    };
+    print_trained(&cfg, &id, &dir, st)
+}
+
+/// The one-line result of `runner train`; a failed run is an error.
+fn print_trained(cfg: &config::RunConfig, id: &str, dir: &Path, st: store::RunStatus) -> Result<()> {
+    let dims = crate::data::shape(&cfg.data).map_or(1, |(h, w, _)| h * w);
+    match (st.best_val_nll, st.test_nll) {
+        (Some(v), Some(t)) if st.is_finished() => println!(
+            "{id}: best val NLL {v:.3} nats ({:.4} bits/dim) at epoch {} of {}; test NLL {t:.3} nats ({:.4} bits/dim); {} parameters, {:.0} s\nresults in {}",
+            arm_core::bits_per_dim(v, dims),
+            st.best_epoch,
+            st.epochs,
+            st.test_bpd.unwrap_or(f64::NAN),
+            st.n_params,
+            st.wall_seconds,
+            dir.display()
+        ),
+        _ => {
+            println!("{id}: {} ({})", st.status, st.reason.clone().unwrap_or_default());
+            if st.status == store::RunState::Failed {
+                anyhow::bail!("run {id} failed: {}", st.reason.unwrap_or_default());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `runner slurm`: writes the sbatch array script of a sweep.
+fn slurm(
+    results: &Path,
+    file: &Path,
+    array: usize,
+    time: String,
+    cpus: usize,
+    out: Option<PathBuf>,
+    sets: Vec<String>,
+) -> Result<()> {
+    let exp = config::load(file, &sets).map_err(bad_input)?;
+    if array == 0 {
+        return Err(bad_input("--array: must be at least 1, got 0"));
+    }
+    let p = crate::slurm::write_script(&exp, file, results, &crate::slurm::Options { array, time, cpus, out, sets })?;
+    println!("wrote {} ({} runs in {array} shards); submit with: sbatch {}", p.display(), exp.runs.len(), p.display());
+    Ok(())
+}
+
+/// `runner bench train`: the default cases, or those whose label contains `model`.
+fn bench_train(device: &str, steps: usize, model: Option<&str>, profile: bool) -> Result<()> {
+    let device = parse_device(device)?;
+    let mut cases = crate::bench::default_cases();
+    if let Some(m) = model {
+        let labels: Vec<String> = cases.iter().map(|c| format!("'{}'", c.label)).collect();
+        cases.retain(|c| c.label.contains(m));
+        if cases.is_empty() {
+            return Err(bad_input(format!("--model {m}: matches none of {}", labels.join(", "))));
+        }
+    }
+    crate::bench::bench_train(&cases, steps, profile, &device)
 }
 
 fn type_of(v: &toml::Value) -> &'static str {
@@ -248,7 +258,7 @@ fn list() {
     println!("Heads ([model] head = NAME; keys go in [model.NAME]):\n");
     for h in arm_core::head_names() {
         println!("{h}");
-        if let Ok(t) = arm_core::resolve_head(h, &toml::Table::new(), 17) {
+        if let Ok(t) = arm_core::heads::resolve(h, &toml::Table::new(), 17) {
             for (k, v) in &t {
                 println!("    {k:<16} {:<8} default {}", type_of(v), v);
             }

@@ -10,13 +10,14 @@ use candle_core::{DType, Device};
 use polars::prelude::{df, CsvWriter, DataFrame, SerWriter};
 
 use arm_core::bits_per_dim;
+use arm_data::{Dataset, Split, SplitName};
 
-use crate::store::{self, RunStatus};
+use crate::store;
 use crate::{bad_input, trained};
 
 pub struct Options {
     pub data: Option<String>,
-    pub split: String,
+    pub split: SplitName,
     pub out: Option<PathBuf>,
 }
 
@@ -53,38 +54,12 @@ pub fn write_csv(path: &Path, df: &mut DataFrame) -> Result<()> {
 
 pub fn eval(run_dir: &Path, device: &Device, opts: &Options) -> Result<()> {
     // Flags that need no model are checked first.
-    if !matches!(opts.split.as_str(), "test" | "val" | "train") {
-        return Err(bad_input(format!("--split {:?}: expected test, val or train", opts.split)));
-    }
     if let Some(out) = &opts.out {
         out_format(out)?;
     }
     let t = trained::open(run_dir, device)?;
-    // The run's own data (an embedded set or its user file), or another embedded set by name.
-    let own = opts.data.as_ref().is_none_or(|d| *d == t.cfg.data.name);
-    let data_name = if own { t.data.name.clone() } else { opts.data.clone().unwrap_or_default() };
-    let data = if own {
-        t.data.clone()
-    } else {
-        let (h, w, levels) = arm_data::shape_of(&data_name).ok_or_else(|| {
-            bad_input(format!(
-                "--data {data_name:?}: unknown data set: expected one of {}",
-                arm_data::DATASET_NAMES.join(", ")
-            ))
-        })?;
-        let ((mh, mw), ml) = (t.arm.shape(), t.arm.levels());
-        if (h, w, levels) != (mh, mw, ml) {
-            return Err(bad_input(format!(
-                "--data {data_name}: {h}x{w} images with {levels} levels, but the model in {} was built for {mh}x{mw} with {ml} levels ({})",
-                run_dir.display(),
-                t.cfg.data.name
-            )));
-        }
-        arm_data::load(&data_name)?
-    };
-    let split = data
-        .split(&opts.split)
-        .ok_or_else(|| bad_input(format!("--split {:?}: expected test, val or train", opts.split)))?;
+    let (data_name, data, own) = eval_data(run_dir, &t, opts.data.as_deref())?;
+    let split = data.split(opts.split);
     if split.n == 0 {
         return Err(bad_input(format!("--data {data_name} --split {}: the split is empty", opts.split)));
     }
@@ -96,13 +71,7 @@ pub fn eval(run_dir: &Path, device: &Device, opts: &Options) -> Result<()> {
         }
     });
     let format = out_format(&out)?;
-
-    // Per-image NLL in the batches training evaluated with.
-    let mut nll = Vec::with_capacity(split.n);
-    for x in split.batches(t.cfg.train.eval_batch_size, device) {
-        let lp = t.arm.log_prob(&x?)?; // (B,) nats
-        nll.extend(lp.to_dtype(DType::F64)?.to_vec1::<f64>()?.into_iter().map(|v| -v));
-    }
+    let nll = per_image_nll(&t, split, device)?;
     let dims = t.arm.dims();
     let mean = nll.iter().sum::<f64>() / nll.len() as f64;
     let mut df = frame(&nll, dims)?;
@@ -116,11 +85,42 @@ pub fn eval(run_dir: &Path, device: &Device, opts: &Options) -> Result<()> {
         nll.len(),
         bits_per_dim(mean, dims)
     );
-    if own && opts.split == "test" {
-        if let Some(s) = RunStatus::read(run_dir).and_then(|s| s.test_nll) {
+    if own && opts.split == SplitName::Test {
+        if let Some(s) = t.status.as_ref().and_then(|s| s.test_nll) {
             println!("status.toml test NLL {s:.6} nats (relative difference {:.1e})", ((mean - s) / s).abs());
         }
     }
     println!("wrote {}", out.display());
     Ok(())
+}
+
+/// The data to evaluate on: the run's own (an embedded set or its user file), or another
+/// embedded set of the model's shape and levels. Returns (name, data, whether it is the run's own).
+fn eval_data(run_dir: &Path, t: &trained::Trained, name: Option<&str>) -> Result<(String, Dataset, bool)> {
+    let other = match name {
+        Some(d) if d != t.cfg.data.name => d,
+        _ => return Ok((t.data.name.clone(), t.data.clone(), true)),
+    };
+    let (h, w, levels) = arm_data::shape_of(other).ok_or_else(|| {
+        bad_input(format!("--data {other:?}: unknown data set: expected one of {}", arm_data::DATASET_NAMES.join(", ")))
+    })?;
+    let ((mh, mw), ml) = (t.arm.shape(), t.arm.levels());
+    if (h, w, levels) != (mh, mw, ml) {
+        return Err(bad_input(format!(
+            "--data {other}: {h}x{w} images with {levels} levels, but the model in {} was built for {mh}x{mw} with {ml} levels ({})",
+            run_dir.display(),
+            t.cfg.data.name
+        )));
+    }
+    Ok((other.to_string(), arm_data::load(other)?, false))
+}
+
+/// Per-image NLL in nats, in the batches training evaluated with.
+fn per_image_nll(t: &trained::Trained, split: &Split, device: &Device) -> Result<Vec<f64>> {
+    let mut nll = Vec::with_capacity(split.n);
+    for x in split.batches(t.cfg.train.eval_batch_size, device) {
+        let lp = t.arm.log_prob(&x?)?; // (B,) nats
+        nll.extend(lp.to_dtype(DType::F64)?.to_vec1::<f64>()?.into_iter().map(|v| -v));
+    }
+    Ok(nll)
 }

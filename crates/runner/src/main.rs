@@ -24,8 +24,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 // Training allocates and frees tens of MB per step. glibc (and jemalloc's oversize arena)
-// hand such blocks back to the OS, and the kernel zeroes fresh pages on each reuse: measured
-// 28-50% of a training step in page faults. mimalloc with purging disabled reuses them.
+// hand such blocks back to the OS, and the kernel's zeroing of fresh pages on each reuse then
+// costs a large part of a step; mimalloc with purging disabled keeps and reuses them (see
+// PERF.md, "Allocator").
 #[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -45,10 +46,9 @@ fn keep_freed_memory() {
 fn keep_freed_memory() {}
 
 /// candle runs element-wise ops on its own pool, whose threads spin 25,000 rounds after each
-/// op before parking: on two cores, about half a millisecond taken from the matrix product
-/// that follows. 50 rounds, unless the user set the variable (measured with `runner bench
-/// train`, 3 alternated runs each: reference step 0.0585-0.0597 -> 0.0553-0.0563 s,
-/// evaluation 2100-3000 -> ~3100 images/s). Read when candle starts that pool, so set first.
+/// op before parking: on few cores that spinning takes time from the matrix product that
+/// follows. 50 rounds, unless the user set the variable (see PERF.md, "candle's element-wise
+/// pool"). Read when candle starts that pool, so set first.
 fn short_candle_spin() {
     const VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
     if std::env::var_os(VAR).is_none() {
@@ -170,9 +170,9 @@ enum Command {
         /// Number of images.
         #[arg(long, default_value_t = 16)]
         n: usize,
-        /// naive | cached | jacobi (the same seed gives the same images with each).
-        #[arg(long, default_value = "cached")]
-        sampler: String,
+        /// How to walk the pixels (the same seed gives the same images with each).
+        #[arg(long, value_enum, default_value_t = arm_core::Sampler::Cached)]
+        sampler: arm_core::Sampler,
         /// Seed of the sampling noise.
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -187,9 +187,9 @@ enum Command {
         /// Data set (default: the run's own; must have the model's shape and levels).
         #[arg(long)]
         data: Option<String>,
-        /// test | val | train
-        #[arg(long, default_value = "test")]
-        split: String,
+        /// Which split of the data.
+        #[arg(long, value_enum, default_value_t = arm_data::SplitName::Test)]
+        split: arm_data::SplitName,
         /// FILE.parquet or FILE.csv (default: RUN_DIR/eval_<split>.parquet).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -232,11 +232,31 @@ enum BenchWhat {
     },
 }
 
+/// Help and version go to stdout as clap prints them; a bad command line is clap's message on
+/// one line (its hints joined on), exit status 2, like every other bad input.
+fn clap_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    let text = e.render().to_string();
+    let lines: Vec<&str> =
+        text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("For more information")).collect();
+    eprintln!("{}", lines.join(" "));
+    ExitCode::from(2)
+}
+
 fn main() -> ExitCode {
     short_candle_spin();
     keep_freed_memory();
     quiet_broken_pipe();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return clap_error(e),
+    };
     match commands::dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

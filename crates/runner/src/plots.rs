@@ -1,5 +1,6 @@
 //! PNG plots with plotters: NLL curves (optionally with a min-max band) and sample grids. The
-//! font is embedded (DejaVu Sans, see assets/), so plots render on machines with no fonts.
+//! font is embedded (DejaVu Sans, see crates/runner/assets/), so plots render on machines with
+//! no fonts.
 
 use std::path::Path;
 use std::sync::Once;

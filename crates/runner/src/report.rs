@@ -8,9 +8,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 use candle_core::Device;
-use candle_nn::VarMap;
 
 use arm_core::Sampler;
 
@@ -188,7 +187,31 @@ pub fn report(results: &Path, dirs: &[PathBuf], device: &Device, opts: &Options)
         opts.out
             .clone()
             .unwrap_or_else(|| if exp_dirs.len() == 1 { exp_dirs[0].clone() } else { results.to_path_buf() });
-    // Group by experiment and grid point (every key but the seed).
+    let multi = exp_dirs.len() > 1;
+    let groups = groups(rows);
+    let table = nll_table(&groups, multi);
+    let problems = problem_lines(&groups);
+    print_table(&table, &problems, opts.format);
+
+    std::fs::create_dir_all(&out_dir)?;
+    let mut written = write_curves(&out_dir, &curve_series(&groups, &exp_dirs, multi))?;
+    let sample_dir = out_dir.join("samples");
+    let sample_files = write_sample_grids(&groups, &exp_dirs, &sample_dir, device, opts.samples)?;
+    let md = markdown(&exp_dirs, &out_dir, &table, &problems, &written, &sample_files);
+    let md_path = out_dir.join("report.md");
+    store::atomic_write(&md_path, md.as_bytes())?;
+    written.push(md_path);
+    eprintln!(
+        "wrote {} and {} sample grid(s) in {}",
+        written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+        sample_files.len(),
+        sample_dir.display()
+    );
+    Ok(())
+}
+
+/// Runs grouped by experiment and grid point (every key but the seed), best mean test NLL first.
+fn groups(rows: Vec<Row>) -> Vec<Group> {
     let mut groups: BTreeMap<(String, String), Group> = BTreeMap::new();
     for r in rows {
         let key = (r.experiment.clone(), r.grid_label());
@@ -200,8 +223,13 @@ pub fn report(results: &Path, dirs: &[PathBuf], device: &Device, opts: &Options)
     }
     let mut groups: Vec<Group> = groups.into_values().collect();
     groups.sort_by(|a, b| a.test_mean().total_cmp(&b.test_mean()));
+    groups
+}
+
+/// One row per group: seeds finished, NLLs (mean ± std, CI), parameters, epochs; `*` marks the
+/// best. `multi` adds the experiment column.
+fn nll_table(groups: &[Group], multi: bool) -> Table {
     let best = groups.iter().position(|g| g.test_mean().is_finite());
-    let multi = exp_dirs.len() > 1;
     let mut header: Vec<String> = vec![" ".into()];
     if multi {
         header.push("experiment".into());
@@ -229,39 +257,50 @@ pub fn report(results: &Path, dirs: &[PathBuf], device: &Device, opts: &Options)
         row.extend([g.label.clone(), format!("{}/{}", fin.len(), g.runs.len()), test, ci, bpd, val, params, epochs]);
         table.rows.push(row);
     }
-    let problems: Vec<&Row> = groups.iter().flat_map(|g| g.runs.iter()).filter(|r| !r.status.is_finished()).collect();
-    let problem_lines: Vec<String> = problems
+    table
+}
+
+/// "STATUS EXPERIMENT/RUN: REASON" for every run that did not finish.
+fn problem_lines(groups: &[Group]) -> Vec<String> {
+    groups
         .iter()
+        .flat_map(|g| g.runs.iter())
+        .filter(|r| !r.status.is_finished())
         .map(|r| {
             format!(
-                "{} {}/{}: {}{}",
+                "{} {}/{}: {}",
                 r.status.status,
                 r.experiment,
                 r.run_id,
-                r.status.reason.clone().unwrap_or_default(),
-                ""
+                r.status.reason.clone().unwrap_or_default()
             )
         })
-        .collect();
+        .collect()
+}
 
-    print!("{}", table.render(opts.format));
-    if opts.format != Format::Csv {
-        if !problem_lines.is_empty() {
-            println!("\nruns not finished ({}):", problem_lines.len());
-            for l in &problem_lines {
+const FOOTNOTE: &str = "± is the sample std over seeds; CI is the 95% t-interval of the mean.";
+
+fn print_table(table: &Table, problems: &[String], format: Format) {
+    print!("{}", table.render(format));
+    if format != Format::Csv {
+        if !problems.is_empty() {
+            println!("\nruns not finished ({}):", problems.len());
+            for l in problems {
                 println!("  {l}");
             }
         }
-        println!("\n* best mean test NLL; ± is the sample std over seeds; CI is the 95% t-interval of the mean.");
+        println!("\n* best mean test NLL; {FOOTNOTE}");
     }
+}
 
-    // Curves: mean validation NLL per epoch over finished seeds, min-max band; one plot per data
-    // set, since NLLs of different image sizes do not share a scale.
+/// Mean validation NLL per epoch over each group's finished seeds, with a min-max band; keyed
+/// by data set, since NLLs of different image sizes do not share a scale.
+fn curve_series(groups: &[Group], exp_dirs: &[PathBuf], multi: bool) -> BTreeMap<String, Vec<Series>> {
     let mut series: BTreeMap<String, Vec<Series>> = BTreeMap::new();
-    for g in &groups {
+    for g in groups {
         let mut per_epoch: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
         for r in g.finished() {
-            let p = results_run_dir(&exp_dirs, r).join("metrics.parquet");
+            let p = results_run_dir(exp_dirs, r).join("metrics.parquet");
             if let Ok(h) = store::read_metrics(&p) {
                 for m in h {
                     per_epoch.entry(m.epoch).or_default().push(m.val_nll);
@@ -286,10 +325,13 @@ pub fn report(results: &Path, dirs: &[PathBuf], device: &Device, opts: &Options)
         let data = g.finished().first().map(|r| data_key(&r.config.data)).unwrap_or_default();
         series.entry(data).or_default().push(Series { label, points, band });
     }
-    std::fs::create_dir_all(&out_dir)?;
-    let mut written = vec![];
-    // Curve files of an earlier report whose data sets are gone would be stale.
-    if let Ok(entries) = std::fs::read_dir(&out_dir) {
+    series
+}
+
+/// `nll_curves.png`, or `nll_curves_<data>.png` per data set when there are several; curve
+/// files of an earlier report are removed first (their data sets may be gone).
+fn write_curves(out_dir: &Path, series: &BTreeMap<String, Vec<Series>>) -> Result<Vec<PathBuf>> {
+    if let Ok(entries) = std::fs::read_dir(out_dir) {
         for e in entries.flatten() {
             let n = e.file_name().to_string_lossy().to_string();
             if n.starts_with("nll_curves") && n.ends_with(".png") {
@@ -297,7 +339,8 @@ pub fn report(results: &Path, dirs: &[PathBuf], device: &Device, opts: &Options)
             }
         }
     }
-    for (d, these) in &series {
+    let mut written = vec![];
+    for (d, these) in series {
         let (file, title) = if series.len() == 1 {
             ("nll_curves.png".to_string(), "validation NLL (mean over seeds, band: min-max)".to_string())
         } else {
@@ -307,32 +350,48 @@ pub fn report(results: &Path, dirs: &[PathBuf], device: &Device, opts: &Options)
         plots::curves(&p, &title, "epoch", "NLL (nats per image)", these)?;
         written.push(p);
     }
-    // One sample grid per config from its best seed (lowest validation NLL).
-    let sample_dir = out_dir.join("samples");
-    let mut sample_files = vec![];
-    for g in &groups {
+    Ok(written)
+}
+
+/// One sample grid per group from its best seed (lowest validation NLL); a run whose model
+/// cannot be rebuilt is reported and skipped.
+fn write_sample_grids(
+    groups: &[Group],
+    exp_dirs: &[PathBuf],
+    sample_dir: &Path,
+    device: &Device,
+    n: usize,
+) -> Result<Vec<PathBuf>> {
+    let mut files = vec![];
+    for g in groups {
         let Some(best_run) = g.finished().into_iter().min_by(|a, b| {
             a.status.best_val_nll.unwrap_or(f64::INFINITY).total_cmp(&b.status.best_val_nll.unwrap_or(f64::INFINITY))
         }) else {
             continue;
         };
-        let dir = results_run_dir(&exp_dirs, best_run);
-        match sample_config(&dir, &best_run.config, device, opts.samples) {
-            Ok((imgs, shape, levels)) => {
+        let dir = results_run_dir(exp_dirs, best_run);
+        match sample_config(&dir, best_run, device, n) {
+            Ok(grid) => {
                 let p = sample_dir.join(format!("{}.png", g.slug()));
-                plots::sample_grid(
-                    &p,
-                    &format!("{} {} (seed {})", g.experiment, g.label, best_run.config.seed),
-                    &imgs,
-                    shape,
-                    levels,
-                )?;
-                sample_files.push(p);
+                let title = format!("{} {} (seed {})", g.experiment, g.label, best_run.config.seed);
+                plots::sample_grid(&p, &title, &grid.images, grid.shape, grid.levels)?;
+                files.push(p);
             }
             Err(e) => tracing::warn!("samples for {}: {e:#}", g.label),
         }
     }
-    // report.md
+    Ok(files)
+}
+
+/// `report.md`: the table, the unfinished runs, the curve plots and the sample grids.
+fn markdown(
+    exp_dirs: &[PathBuf],
+    out_dir: &Path,
+    table: &Table,
+    problems: &[String],
+    curves: &[PathBuf],
+    samples: &[PathBuf],
+) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "# NLL report\n");
     let _ = writeln!(
@@ -341,36 +400,22 @@ pub fn report(results: &Path, dirs: &[PathBuf], device: &Device, opts: &Options)
         exp_dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
     );
     md.push_str(&table.render(Format::Markdown));
-    let _ = writeln!(
-        md,
-        "\n`*` best mean test NLL; ± is the sample std over seeds; CI is the 95% t-interval of the mean.\n"
-    );
-    if !problem_lines.is_empty() {
+    let _ = writeln!(md, "\n`*` best mean test NLL; {FOOTNOTE}\n");
+    if !problems.is_empty() {
         let _ = writeln!(md, "## Runs not finished\n");
-        for l in &problem_lines {
+        for l in problems {
             let _ = writeln!(md, "- {l}");
         }
         md.push('\n');
     }
-    for p in &written {
-        // Only the curve plots are in `written` at this point.
-        let rel = p.strip_prefix(&out_dir).unwrap_or(p);
-        let _ = writeln!(md, "![validation NLL]({})\n", rel.display());
+    let rel = |p: &PathBuf| p.strip_prefix(out_dir).unwrap_or(p).display().to_string();
+    for p in curves {
+        let _ = writeln!(md, "![validation NLL]({})\n", rel(p));
     }
-    for p in &sample_files {
-        let rel = p.strip_prefix(&out_dir).unwrap_or(p);
-        let _ = writeln!(md, "![samples]({})", rel.display());
+    for p in samples {
+        let _ = writeln!(md, "![samples]({})", rel(p));
     }
-    let md_path = out_dir.join("report.md");
-    store::atomic_write(&md_path, md.as_bytes())?;
-    written.push(md_path);
-    eprintln!(
-        "wrote {} and {} sample grid(s) in {}",
-        written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
-        sample_files.len(),
-        sample_dir.display()
-    );
-    Ok(())
+    md
 }
 
 /// A file-name-safe name of a run's data set: the embedded set's name or the user file's stem.
@@ -389,19 +434,16 @@ fn results_run_dir(exp_dirs: &[PathBuf], r: &Row) -> PathBuf {
         .map_or_else(|| PathBuf::from(&r.experiment), |d| d.join("runs").join(&r.run_id))
 }
 
-/// Loads a run's best weights and draws `n` samples with the cached sampler.
-pub fn sample_config(
-    dir: &Path,
-    cfg: &crate::config::RunConfig,
-    device: &Device,
-    n: usize,
-) -> Result<(Vec<Vec<u8>>, (usize, usize), usize)> {
-    let t = crate::trained::build_with_weights(dir, cfg.clone(), device)?;
-    let (imgs, _) = crate::run::draw_samples(&t.arm, n, cfg.sample.seed, Sampler::Cached)?;
-    Ok((imgs, t.arm.shape(), t.arm.levels()))
+/// Images drawn from a run, with the image shape and number of levels.
+pub struct SampleGrid {
+    pub images: Vec<Vec<u8>>,
+    pub shape: (usize, usize),
+    pub levels: usize,
 }
 
-pub fn load_weights(map: &VarMap, path: &Path) -> Result<()> {
-    let mut m = map.clone();
-    m.load(path).map_err(|e| anyhow!("{}: cannot load weights: {e}", path.display()))
+/// Loads a run's best weights and draws `n` samples with the cached sampler.
+pub fn sample_config(dir: &Path, run: &Row, device: &Device, n: usize) -> Result<SampleGrid> {
+    let t = crate::trained::build_with_weights(dir, run.config.clone(), Some(run.status.clone()), device)?;
+    let (images, _) = crate::run::draw_samples(&t.arm, n, run.config.sample.seed, Sampler::Cached)?;
+    Ok(SampleGrid { images, shape: t.arm.shape(), levels: t.arm.levels() })
 }

@@ -20,16 +20,19 @@ use arm_train::{Control, Event, Status};
 use crate::checkpoint;
 use crate::config::RunConfig;
 use crate::plots;
-use crate::store::{self, RunStatus};
+use crate::store::{self, RunState, RunStatus};
 
 /// Set by the Ctrl-C handler: runs stop after the current step and are marked interrupted.
 pub static STOP: AtomicBool = AtomicBool::new(false);
 
 /// Builds data, model and variables for a run (weights drawn from the run's seed).
 pub fn build(cfg: &RunConfig, device: &Device) -> Result<(Arm, VarMap, Dataset)> {
-    let data = crate::data::load_anyhow(&cfg.data)?;
-    let head = arm_core::build_head(&cfg.model.head, &cfg.model.head_table, data.levels)
-        .map_err(|(k, m)| anyhow!("model.{}{}{k}: {m}", cfg.model.head, if k.is_empty() { "" } else { "." }))?;
+    let data = crate::data::load(&cfg.data)?;
+    let head =
+        arm_core::heads::build(&cfg.model.head, &cfg.model.head_table, data.levels).map_err(|e| match e.key {
+            Some(k) => anyhow!("model.{}.{k}: {}", cfg.model.head, e.problem),
+            None => anyhow!("model.{}: {}", cfg.model.head, e.problem),
+        })?;
     let plugin = arm_backends::plugin(&cfg.model.backend)?;
     let map = VarMap::new();
     let ctx = BuildCtx {
@@ -139,11 +142,7 @@ pub fn execute(
     resume: bool,
 ) -> Result<RunStatus> {
     let t0 = Instant::now();
-    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create run folder", dir.display()))?;
-    store::atomic_write(&dir.join("config.toml"), cfg.to_toml().as_bytes())?;
-    let mut status = RunStatus { status: "running".into(), pid: std::process::id(), ..Default::default() };
-    status.write(dir)?;
-
+    let mut status = begin(cfg, dir)?;
     let (arm, map, data) = build(cfg, device)?;
     status.n_params = n_params(&map);
     let run_id = dir.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
@@ -151,54 +150,119 @@ pub fn execute(
     let wall_before = start.as_ref().map_or(0.0, |(_, w)| *w);
     bar.set_length(cfg.train.max_epochs as u64);
     bar.set_position(start.as_ref().map_or(0, |(st, _)| st.epoch as u64));
-    let mut best_so_far = start.as_ref().map_or(f64::INFINITY, |(st, _)| st.best_val_nll);
-    let stop_after = stop_after_epochs();
-    let mut write_err: Option<anyhow::Error> = None;
+    let mut progress = Progress {
+        dir,
+        run_id: &run_id,
+        bar,
+        log_epochs,
+        t0,
+        wall_before,
+        best_so_far: start.as_ref().map_or(f64::INFINITY, |(st, _)| st.best_val_nll),
+        stop_after: stop_after_epochs(),
+        write_err: None,
+    };
     let outcome = arm_train::train_from(&arm, &map, &data, &cfg.train, cfg.seed, start.map(|(st, _)| st), &mut |ev| {
+        progress.on(ev)
+    })?;
+    if let Some(e) = progress.write_err {
+        status.status = RunState::Failed;
+        status.reason = Some(format!("{e:#}"));
+        status.write(dir)?;
+        return Err(e);
+    }
+    write_history(cfg, dir, &run_id, &outcome, &mut status)?;
+    record_outcome(cfg, dir, &arm, &map, &outcome, &mut status)?;
+    status.wall_seconds = wall_before + t0.elapsed().as_secs_f64();
+    status.write(dir)?;
+    if status.is_finished() {
+        // model.safetensors holds the best weights now; the checkpoint is no longer needed.
+        let _ = std::fs::remove_file(dir.join(checkpoint::FILE));
+    }
+    Ok(status)
+}
+
+/// Creates the run folder with its `config.toml` and a running status (returned).
+fn begin(cfg: &RunConfig, dir: &Path) -> Result<RunStatus> {
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create run folder", dir.display()))?;
+    store::atomic_write(&dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+    let status = RunStatus { pid: std::process::id(), ..RunStatus::new(RunState::Running) };
+    status.write(dir)?;
+    Ok(status)
+}
+
+/// The trainer's observer: writes the checkpoint and metrics after every epoch, shows progress,
+/// and asks to stop on Ctrl-C (or the test hook), or when a file cannot be written.
+struct Progress<'a> {
+    dir: &'a Path,
+    run_id: &'a str,
+    bar: &'a ProgressBar,
+    log_epochs: bool,
+    t0: Instant,
+    /// Wall seconds of the run before this process resumed it.
+    wall_before: f64,
+    best_so_far: f64,
+    stop_after: Option<usize>,
+    write_err: Option<anyhow::Error>,
+}
+
+impl Progress<'_> {
+    fn on(&mut self, ev: Event) -> Control {
         match ev {
             Event::Step { epoch, step, steps } => {
-                bar.set_message(format!("epoch {epoch} step {step}/{steps} best val {best_so_far:.2}"));
+                self.bar.set_message(format!("epoch {epoch} step {step}/{steps} best val {:.2}", self.best_so_far));
             }
             Event::Epoch { metrics, best, state } => {
-                let wall = wall_before + t0.elapsed().as_secs_f64();
-                let written = checkpoint::save(&dir.join(checkpoint::FILE), state, wall).and_then(|_| {
-                    store::write_parquet(&dir.join("metrics.parquet"), &mut store::metrics_frame(&state.history)?)
-                });
-                if let Err(e) = written {
-                    write_err = Some(e);
+                if let Err(e) = self.save(state) {
+                    self.write_err = Some(e);
                     return Control::Stop;
                 }
-                if stop_after.is_some_and(|n| metrics.epoch >= n) {
+                if self.stop_after.is_some_and(|n| metrics.epoch >= n) {
                     STOP.store(true, AtomicOrdering::SeqCst);
                 }
                 if best {
-                    best_so_far = metrics.val_nll;
+                    self.best_so_far = metrics.val_nll;
                 }
-                bar.set_position(metrics.epoch as u64);
-                bar.set_message(format!("val {:.3} nats, best {best_so_far:.3}", metrics.val_nll));
-                if log_epochs {
-                    tracing::info!(
-                        "{run_id} epoch {} train {:.3} val {:.3} nats ({:.4} bits/dim){}",
-                        metrics.epoch,
-                        metrics.train_nll,
-                        metrics.val_nll,
-                        metrics.val_bpd,
-                        if best { " *" } else { "" }
-                    );
-                }
+                self.show(metrics, best);
             }
         }
         if STOP.load(AtomicOrdering::SeqCst) {
             return Control::Stop;
         }
         Control::Continue
-    })?;
-    if let Some(e) = write_err {
-        status.status = "failed".into();
-        status.reason = Some(format!("{e:#}"));
-        status.write(dir)?;
-        return Err(e);
     }
+
+    /// The checkpoint and metrics of the epoch that just ended.
+    fn save(&self, state: &arm_train::TrainState) -> Result<()> {
+        let wall = self.wall_before + self.t0.elapsed().as_secs_f64();
+        checkpoint::save(&self.dir.join(checkpoint::FILE), state, wall)?;
+        store::write_parquet(&self.dir.join("metrics.parquet"), &mut store::metrics_frame(&state.history)?)
+    }
+
+    fn show(&self, m: &arm_train::EpochMetrics, best: bool) {
+        self.bar.set_position(m.epoch as u64);
+        self.bar.set_message(format!("val {:.3} nats, best {:.3}", m.val_nll, self.best_so_far));
+        if self.log_epochs {
+            tracing::info!(
+                "{} epoch {} train {:.3} val {:.3} nats ({:.4} bits/dim){}",
+                self.run_id,
+                m.epoch,
+                m.train_nll,
+                m.val_nll,
+                m.val_bpd,
+                if best { " *" } else { "" }
+            );
+        }
+    }
+}
+
+/// `metrics.parquet` and the NLL curve of the epochs run; the epoch counts in `status`.
+fn write_history(
+    cfg: &RunConfig,
+    dir: &Path,
+    run_id: &str,
+    outcome: &arm_train::Outcome,
+    status: &mut RunStatus,
+) -> Result<()> {
     let mut df = store::metrics_frame(&outcome.history)?;
     store::write_parquet(&dir.join("metrics.parquet"), &mut df)?;
     status.epochs = outcome.history.len() as u64;
@@ -207,27 +271,34 @@ pub fn execute(
     if !outcome.history.is_empty() {
         write_curve(dir, &format!("{} ({})", cfg.name, run_id), &outcome.history)?;
     }
+    Ok(())
+}
+
+/// How training ended, into `status`; a finished run also gets its best weights and samples.
+fn record_outcome(
+    cfg: &RunConfig,
+    dir: &Path,
+    arm: &Arm,
+    map: &VarMap,
+    outcome: &arm_train::Outcome,
+    status: &mut RunStatus,
+) -> Result<()> {
     match &outcome.status {
         Status::Finished { .. } => {
-            save_weights(&map, &dir.join("model.safetensors"))?;
-            let (imgs, _) = draw_samples(&arm, cfg.sample.n, cfg.sample.seed, Sampler::Cached)?;
-            plots::sample_grid(
-                &dir.join("samples.png"),
-                &format!("{} samples", cfg.model.backend),
-                &imgs,
-                arm.shape(),
-                arm.levels(),
-            )?;
-            status.status = "finished".into();
+            save_weights(map, &dir.join("model.safetensors"))?;
+            let (imgs, _) = draw_samples(arm, cfg.sample.n, cfg.sample.seed, Sampler::Cached)?;
+            let title = format!("{} samples", cfg.model.backend);
+            plots::sample_grid(&dir.join("samples.png"), &title, &imgs, arm.shape(), arm.levels())?;
+            status.status = RunState::Finished;
             status.test_nll = outcome.test_nll;
             status.test_bpd = outcome.test_bpd;
         }
         Status::Diverged { epoch, reason } => {
-            status.status = "failed".into();
+            status.status = RunState::Failed;
             status.reason = Some(format!("diverged at epoch {epoch}: {reason}"));
         }
         Status::Interrupted { epoch } => {
-            status.status = "interrupted".into();
+            status.status = RunState::Interrupted;
             let done = outcome.history.len();
             status.reason = Some(if done > 0 {
                 format!("interrupted in epoch {epoch}; --resume continues after epoch {done}")
@@ -236,11 +307,5 @@ pub fn execute(
             });
         }
     }
-    status.wall_seconds = wall_before + t0.elapsed().as_secs_f64();
-    status.write(dir)?;
-    if status.is_finished() {
-        // model.safetensors holds the best weights now; the checkpoint is no longer needed.
-        let _ = std::fs::remove_file(dir.join(checkpoint::FILE));
-    }
-    Ok(status)
+    Ok(())
 }

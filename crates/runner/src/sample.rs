@@ -14,24 +14,19 @@ use crate::{bad_input, plots, trained};
 
 pub struct Options {
     pub n: usize,
-    pub sampler: String,
+    pub sampler: Sampler,
     pub seed: u64,
     pub out: Option<PathBuf>,
 }
 
-pub fn parse_sampler(s: &str) -> Result<Sampler> {
-    s.parse::<Sampler>().map_err(|e| bad_input(format!("--sampler: {e}")))
-}
-
 pub fn sample(run_dir: &std::path::Path, device: &Device, opts: &Options) -> Result<()> {
     // Flags first: a bad flag is reported before any model is built.
-    let sampler = parse_sampler(&opts.sampler)?;
+    let sampler = opts.sampler;
     if opts.n == 0 {
         return Err(bad_input("--n: must be at least 1, got 0"));
     }
     let t = trained::open(run_dir, device)?;
-    let out =
-        opts.out.clone().unwrap_or_else(|| run_dir.join(format!("samples_{}_seed{}.png", opts.sampler, opts.seed)));
+    let out = opts.out.clone().unwrap_or_else(|| run_dir.join(format!("samples_{sampler}_seed{}.png", opts.seed)));
     let t0 = Instant::now();
     let (imgs, iterations) = crate::run::draw_samples(&t.arm, opts.n, opts.seed, sampler)?;
     let secs = t0.elapsed().as_secs_f64();
@@ -44,8 +39,7 @@ pub fn sample(run_dir: &std::path::Path, device: &Device, opts: &Options) -> Res
         _ => format!("; {iterations} sequential steps"),
     };
     println!(
-        "sampler {}: {} images of {}x{} in {secs:.3} s ({:.3} ms per image){passes}\nwrote {}",
-        opts.sampler,
+        "sampler {sampler}: {} images of {}x{} in {secs:.3} s ({:.3} ms per image){passes}\nwrote {}",
         opts.n,
         t.arm.shape().0,
         t.arm.shape().1,

@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use arm_train::EpochMetrics;
 
+use crate::bad_input;
+
 /// Writes `path` atomically through `write(tmp_path)`.
 pub fn atomic_write_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -68,18 +70,48 @@ pub fn read_metrics(path: &Path) -> Result<Vec<EpochMetrics>> {
         .collect())
 }
 
-/// `status.toml`: what happened to a run; written at start (running) and at the end.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// Where a run stands. In `status.toml` and `summary.parquet` as the lowercase name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    /// Training (or the process died while training: the claim lock tells).
+    Running,
+    Finished,
+    /// Diverged, or an error stopped it (`reason` says which).
+    Failed,
+    /// Stopped by Ctrl-C; `--resume` continues it.
+    Interrupted,
+    /// A run folder without a status file (killed before writing one).
+    Unfinished,
+}
+
+impl RunState {
+    pub fn name(self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Finished => "finished",
+            RunState::Failed => "failed",
+            RunState::Interrupted => "interrupted",
+            RunState::Unfinished => "unfinished",
+        }
+    }
+}
+
+impl std::fmt::Display for RunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// `status.toml`: what happened to a run; written at start (running) and at the end. Every
+/// field but the optional ones is always written, so reading requires them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunStatus {
-    /// running | finished | failed | interrupted
-    pub status: String,
+    pub status: RunState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    #[serde(default)]
     pub n_params: u64,
-    #[serde(default)]
     pub epochs: u64,
-    #[serde(default)]
     pub best_epoch: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub best_val_nll: Option<f64>,
@@ -87,20 +119,43 @@ pub struct RunStatus {
     pub test_nll: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_bpd: Option<f64>,
-    #[serde(default)]
     pub wall_seconds: f64,
-    #[serde(default)]
     pub pid: u32,
 }
 
 impl RunStatus {
+    /// A status with nothing measured yet.
+    pub fn new(status: RunState) -> Self {
+        Self {
+            status,
+            reason: None,
+            n_params: 0,
+            epochs: 0,
+            best_epoch: 0,
+            best_val_nll: None,
+            test_nll: None,
+            test_bpd: None,
+            wall_seconds: 0.0,
+            pid: 0,
+        }
+    }
+
     pub fn path(dir: &Path) -> PathBuf {
         dir.join("status.toml")
     }
 
-    pub fn read(dir: &Path) -> Option<RunStatus> {
-        let text = fs::read_to_string(Self::path(dir)).ok()?;
-        toml::from_str(&text).ok()
+    /// The run's status; None when it has no status file (a run killed before writing one).
+    /// A status file that does not read is bad input naming it (exit status 2).
+    pub fn read(dir: &Path) -> Result<Option<RunStatus>> {
+        let path = Self::path(dir);
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(bad_input(format!("{}: cannot read: {e}", path.display()))),
+        };
+        let bad = |e: &dyn std::fmt::Display| bad_input(format!("{}: not a valid status file: {e}", path.display()));
+        let table: toml::Table = toml::from_str(&text).map_err(|e| bad(&crate::config::toml_error(&text, &e)))?;
+        crate::config::from_value(toml::Value::Table(table)).map(Some).map_err(|e| bad(&e))
     }
 
     pub fn write(&self, dir: &Path) -> Result<()> {
@@ -108,7 +163,7 @@ impl RunStatus {
     }
 
     pub fn is_finished(&self) -> bool {
-        self.status == "finished"
+        self.status == RunState::Finished
     }
 }
 

@@ -7,8 +7,9 @@ use std::path::Path;
 use anyhow::Result;
 use polars::prelude::{Column, DataFrame};
 
+use crate::bad_input;
 use crate::config::{compact, read_run_config, RunConfig};
-use crate::store::{self, RunStatus};
+use crate::store::{self, RunState, RunStatus};
 
 #[derive(Debug, Clone)]
 pub struct Row {
@@ -33,8 +34,10 @@ impl Row {
     }
 }
 
-/// Every run folder of an experiment with a readable config; runs without a status file
-/// (killed before it was written) count as "unfinished".
+/// Every run folder of an experiment. A folder without `config.toml` was claimed by a process
+/// killed before it wrote one: there is no run to list yet. A run without a status file (killed
+/// before it was written) counts as unfinished. A config or status file that does not read is
+/// an error naming it: a run is never listed with made-up values.
 pub fn collect(exp_dir: &Path) -> Result<Vec<Row>> {
     let name = exp_dir.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
     let runs = exp_dir.join("runs");
@@ -43,8 +46,11 @@ pub fn collect(exp_dir: &Path) -> Result<Vec<Row>> {
     let mut dirs: Vec<_> = entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect();
     dirs.sort();
     for dir in dirs {
-        let Ok(config) = read_run_config(&dir) else { continue };
-        let status = RunStatus::read(&dir).unwrap_or(RunStatus { status: "unfinished".into(), ..Default::default() });
+        if !dir.join("config.toml").exists() {
+            continue;
+        }
+        let config = read_run_config(&dir).map_err(|e| bad_input(format!("{e:#}")))?;
+        let status = RunStatus::read(&dir)?.unwrap_or_else(|| RunStatus::new(RunState::Unfinished));
         let run_id = dir.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
         rows.push(Row { experiment: name.clone(), run_id, config, status });
     }
@@ -99,7 +105,7 @@ pub fn frame(rows: &[Row]) -> Result<DataFrame> {
         Column::new("test_nll".into(), o(|r| r.status.test_nll)),
         Column::new("test_bpd".into(), o(|r| r.status.test_bpd)),
         Column::new("wall_seconds".into(), rows.iter().map(|r| r.status.wall_seconds).collect::<Vec<_>>()),
-        Column::new("status".into(), s(|r| r.status.status.clone())),
+        Column::new("status".into(), s(|r| r.status.status.name().to_string())),
         Column::new("reason".into(), rows.iter().map(|r| r.status.reason.clone()).collect::<Vec<_>>()),
     ]);
     Ok(DataFrame::new(rows.len(), cols)?)
@@ -115,11 +121,11 @@ pub fn rebuild(exp_dir: &Path) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// Counts of runs by status.
-pub fn counts(rows: &[Row]) -> BTreeMap<String, usize> {
+/// Counts of runs by status name (in the names' order).
+pub fn counts(rows: &[Row]) -> BTreeMap<&'static str, usize> {
     let mut m = BTreeMap::new();
     for r in rows {
-        *m.entry(r.status.status.clone()).or_insert(0) += 1;
+        *m.entry(r.status.status.name()).or_insert(0) += 1;
     }
     m
 }

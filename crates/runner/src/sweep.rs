@@ -15,13 +15,12 @@ use std::sync::Mutex;
 
 use anyhow::{anyhow, Result};
 use candle_core::Device;
-use fs2::FileExt;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::commands::Ui;
 use crate::config::{Experiment, RunConfig};
 use crate::run;
-use crate::store::{self, RunStatus};
+use crate::store::{self, RunState, RunStatus};
 use crate::summary;
 
 #[derive(Debug, Clone, Copy)]
@@ -53,13 +52,27 @@ pub struct Options {
     pub resume: bool,
 }
 
-fn selected(exp: &Experiment, shard: Option<Shard>) -> Vec<RunConfig> {
-    exp.runs
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| shard.is_none_or(|s| i % s.count == s.index))
-        .map(|(_, r)| r.clone())
-        .collect()
+/// One run of the sweep: its config, id and folder.
+struct Job {
+    cfg: RunConfig,
+    id: String,
+    dir: PathBuf,
+}
+
+fn selected(exp: &Experiment, shard: Option<Shard>, runs_dir: &Path) -> Result<Vec<Job>> {
+    let mut jobs = Vec::new();
+    for (i, cfg) in exp.runs.iter().enumerate() {
+        if shard.is_none_or(|s| i % s.count == s.index) {
+            let id = cfg.run_id()?;
+            jobs.push(Job { cfg: cfg.clone(), dir: runs_dir.join(&id), id });
+        }
+    }
+    Ok(jobs)
+}
+
+/// Whether a run folder holds a finished run (its status file, if any, must read).
+fn is_finished(dir: &Path) -> Result<bool> {
+    Ok(RunStatus::read(dir)?.is_some_and(|s| s.is_finished()))
 }
 
 #[derive(Default)]
@@ -70,30 +83,38 @@ struct Tally {
     claimed_elsewhere: usize,
 }
 
+impl Tally {
+    /// Counts how a run went; a failure stops the sweep with `fail_fast`.
+    fn record(&mut self, job: &Job, res: Result<Claim>, fail_fast: bool) {
+        let failed = match res {
+            Ok(Claim::Trained(st)) if st.is_finished() => {
+                self.trained += 1;
+                None
+            }
+            Ok(Claim::Trained(st)) if st.status == RunState::Interrupted => {
+                self.interrupted += 1;
+                None
+            }
+            Ok(Claim::Trained(st)) => Some(st.reason.unwrap_or_default()),
+            Ok(Claim::Elsewhere) => {
+                self.claimed_elsewhere += 1;
+                None
+            }
+            Err(e) => Some(format!("{e:#}")),
+        };
+        if let Some(why) = failed {
+            self.failed.push(format!("{}: {why}", job.id));
+            if fail_fast {
+                run::STOP.store(true, AtomicOrdering::SeqCst);
+            }
+        }
+    }
+}
+
 pub fn sweep(exp: &Experiment, results: &Path, device: &Device, opts: &Options) -> Result<()> {
-    let runs_dir = store::runs_dir(results, &exp.name);
-    let runs = selected(exp, opts.shard);
-    let dir_of = |r: &RunConfig| runs_dir.join(r.run_id());
-    let (done, todo): (Vec<_>, Vec<_>) =
-        runs.into_iter().partition(|r| RunStatus::read(&dir_of(r)).is_some_and(|s| s.is_finished()));
+    let (done, todo) = plan(exp, results, opts.shard)?;
     if opts.dry_run {
-        println!(
-            "{}: {} runs in this selection, {} finished, {} to train",
-            exp.name,
-            done.len() + todo.len(),
-            done.len(),
-            todo.len()
-        );
-        for r in &done {
-            println!("  done   {}", r.run_id());
-        }
-        for r in &todo {
-            let st = RunStatus::read(&dir_of(r)).map_or("missing".to_string(), |s| s.status);
-            let ckpt =
-                if dir_of(r).join(crate::checkpoint::FILE).exists() { ", has a checkpoint for --resume" } else { "" };
-            println!("  todo   {}  ({st}{ckpt})", r.run_id());
-        }
-        return Ok(());
+        return print_plan(exp, &done, &todo);
     }
     let ui = Ui::new();
     crate::commands::install_ctrlc();
@@ -104,6 +125,54 @@ pub fn sweep(exp: &Experiment, results: &Path, device: &Device, opts: &Options) 
         todo.len(),
         opts.jobs
     );
+    let tally = train_all(exp, todo, device, opts, &ui);
+    summarise(exp, results, done.len(), &tally)?;
+    if !tally.failed.is_empty() && opts.fail_fast {
+        return Err(anyhow!("stopped after a failed run (--fail-fast)"));
+    }
+    if run::STOP.load(AtomicOrdering::SeqCst) {
+        return Err(anyhow!("interrupted; rerun the same command to finish the missing runs"));
+    }
+    Ok(())
+}
+
+/// The selected runs, split into (finished, to train).
+fn plan(exp: &Experiment, results: &Path, shard: Option<Shard>) -> Result<(Vec<Job>, Vec<Job>)> {
+    let runs_dir = store::runs_dir(results, &exp.name);
+    let (mut done, mut todo) = (Vec::new(), Vec::new());
+    for job in selected(exp, shard, &runs_dir)? {
+        if is_finished(&job.dir)? {
+            done.push(job);
+        } else {
+            todo.push(job);
+        }
+    }
+    Ok((done, todo))
+}
+
+/// `--dry-run`: the runs and what state each is in.
+fn print_plan(exp: &Experiment, done: &[Job], todo: &[Job]) -> Result<()> {
+    println!(
+        "{}: {} runs in this selection, {} finished, {} to train",
+        exp.name,
+        done.len() + todo.len(),
+        done.len(),
+        todo.len()
+    );
+    for r in done {
+        println!("  done   {}", r.id);
+    }
+    for r in todo {
+        let st = RunStatus::read(&r.dir)?.map_or("missing", |s| s.status.name());
+        let ckpt = if r.dir.join(crate::checkpoint::FILE).exists() { ", has a checkpoint for --resume" } else { "" };
+        println!("  todo   {}  ({st}{ckpt})", r.id);
+    }
+    Ok(())
+}
+
+/// Trains `todo` with `opts.jobs` workers, each on its share of the cores, until the queue is
+/// empty or a stop is asked for.
+fn train_all(exp: &Experiment, todo: Vec<Job>, device: &Device, opts: &Options, ui: &Ui) -> Tally {
     let overall = ui.multi.add(ProgressBar::new(todo.len() as u64));
     overall.set_style(
         ProgressStyle::with_template("{prefix:.bold} [{bar:30}] {pos}/{len} runs {elapsed} {msg}")
@@ -125,60 +194,40 @@ pub fn sweep(exp: &Experiment, results: &Path, device: &Device, opts: &Options) 
                         break;
                     }
                     let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
-                    let Some(cfg) = next else { break };
-                    let dir = dir_of(&cfg);
-                    let work = || one_run(&cfg, &dir, device, &ui, opts.resume);
+                    let Some(job) = next else { break };
+                    let work = || one_run(&job, device, ui, opts.resume);
                     let res = match &pool {
                         Ok(p) => p.install(work),
                         Err(_) => work(),
                     };
-                    let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
-                    match res {
-                        Ok(Claim::Trained(st)) if st.is_finished() => t.trained += 1,
-                        Ok(Claim::Trained(st)) if st.status == "interrupted" => t.interrupted += 1,
-                        Ok(Claim::Trained(st)) => {
-                            t.failed.push(format!("{}: {}", cfg.run_id(), st.reason.unwrap_or_default()));
-                            if opts.fail_fast {
-                                run::STOP.store(true, AtomicOrdering::SeqCst);
-                            }
-                        }
-                        Ok(Claim::Elsewhere) => t.claimed_elsewhere += 1,
-                        Err(e) => {
-                            t.failed.push(format!("{}: {e:#}", cfg.run_id()));
-                            if opts.fail_fast {
-                                run::STOP.store(true, AtomicOrdering::SeqCst);
-                            }
-                        }
-                    }
+                    tally.lock().unwrap_or_else(|e| e.into_inner()).record(&job, res, opts.fail_fast);
                     overall.inc(1);
                 }
             });
         }
     });
     overall.finish_and_clear();
-    let rows = summary::rebuild(&store::experiment_dir(results, &exp.name))?;
-    let t = tally.into_inner().unwrap_or_else(|e| e.into_inner());
+    tally.into_inner().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Rebuilds `summary.parquet` and prints what the sweep did.
+fn summarise(exp: &Experiment, results: &Path, skipped: usize, t: &Tally) -> Result<()> {
+    let exp_dir = store::experiment_dir(results, &exp.name);
+    let rows = summary::rebuild(&exp_dir)?;
     let c = summary::counts(&rows);
     println!(
-        "{}: trained {}, skipped {} finished, {} claimed by another sweep, {} interrupted, {} failed; summary: {} ({} runs: {})",
+        "{}: trained {}, skipped {skipped} finished, {} claimed by another sweep, {} interrupted, {} failed; summary: {} ({} runs: {})",
         exp.name,
         t.trained,
-        done.len(),
         t.claimed_elsewhere,
         t.interrupted,
         t.failed.len(),
-        store::experiment_dir(results, &exp.name).join("summary.parquet").display(),
+        exp_dir.join("summary.parquet").display(),
         rows.len(),
         c.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", ")
     );
     for f in &t.failed {
         println!("  failed {f}");
-    }
-    if !t.failed.is_empty() && opts.fail_fast {
-        return Err(anyhow!("stopped after a failed run (--fail-fast)"));
-    }
-    if run::STOP.load(AtomicOrdering::SeqCst) {
-        return Err(anyhow!("interrupted; rerun the same command to finish the missing runs"));
     }
     Ok(())
 }
@@ -198,8 +247,12 @@ fn lock_path(dir: &Path) -> PathBuf {
 pub fn claim(dir: &Path) -> Result<Option<std::fs::File>> {
     std::fs::create_dir_all(dir)?;
     let lock = OpenOptions::new().create(true).truncate(false).write(true).open(lock_path(dir))?;
-    if lock.try_lock_exclusive().is_err() {
-        return Ok(None);
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(anyhow!("{}: cannot lock: {e}", lock_path(dir).display()));
+        }
     }
     for e in std::fs::read_dir(dir)?.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
@@ -210,20 +263,21 @@ pub fn claim(dir: &Path) -> Result<Option<std::fs::File>> {
     Ok(Some(lock))
 }
 
-fn one_run(cfg: &RunConfig, dir: &Path, device: &Device, ui: &Ui, resume: bool) -> Result<Claim> {
+fn one_run(job: &Job, device: &Device, ui: &Ui, resume: bool) -> Result<Claim> {
+    let (cfg, dir) = (&job.cfg, job.dir.as_path());
     let Some(lock) = claim(dir)? else { return Ok(Claim::Elsewhere) };
     // Another sweep may have finished it between our listing and the lock.
-    if RunStatus::read(dir).is_some_and(|s| s.is_finished()) {
+    if is_finished(dir)? {
         return Ok(Claim::Elsewhere);
     }
-    let bar = ui.run_bar(&cfg.run_id());
+    let bar = ui.run_bar(&job.id);
     let res = run::execute(cfg, dir, device, &bar, !ui.tty, resume);
     bar.finish_and_clear();
     ui.multi.remove(&bar);
     let st = match res {
         Ok(st) => st,
         Err(e) => {
-            let st = RunStatus { status: "failed".into(), reason: Some(format!("{e:#}")), ..Default::default() };
+            let st = RunStatus { reason: Some(format!("{e:#}")), ..RunStatus::new(RunState::Failed) };
             st.write(dir)?;
             st
         }
@@ -231,7 +285,7 @@ fn one_run(cfg: &RunConfig, dir: &Path, device: &Device, ui: &Ui, resume: bool) 
     if st.is_finished() {
         tracing::info!(
             "{} finished: test NLL {:.3} nats, best val {:.3} at epoch {}",
-            cfg.run_id(),
+            job.id,
             st.test_nll.unwrap_or(f64::NAN),
             st.best_val_nll.unwrap_or(f64::NAN),
             st.best_epoch

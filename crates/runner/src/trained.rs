@@ -4,23 +4,28 @@
 
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{anyhow, Result};
 use candle_core::Device;
+use candle_nn::VarMap;
 
 use arm_core::Arm;
 use arm_data::Dataset;
 
 use crate::bad_input;
 use crate::config::{self, RunConfig};
+use crate::store::RunStatus;
 
 pub struct Trained {
     pub cfg: RunConfig,
+    /// The run's `status.toml`; None when it has none.
+    pub status: Option<RunStatus>,
     pub arm: Arm,
     /// The run's own data set (as named in its config).
     pub data: Dataset,
 }
 
-/// Opens the run folder `dir`. A missing folder, config or weights file is bad input (exit 2).
+/// Opens the run folder `dir`. A missing folder, config or weights file, or a config or status
+/// file that does not read, is bad input (exit 2).
 pub fn open(dir: &Path, device: &Device) -> Result<Trained> {
     if !dir.is_dir() {
         return Err(bad_input(format!("{}: no such run folder", dir.display())));
@@ -29,11 +34,13 @@ pub fn open(dir: &Path, device: &Device) -> Result<Trained> {
         return Err(bad_input(format!("{}: not a run folder (no config.toml inside)", dir.display())));
     }
     let cfg = config::read_run_config(dir).map_err(|e| bad_input(format!("{e:#}")))?;
-    build_with_weights(dir, cfg, device)
+    let status = RunStatus::read(dir)?;
+    build_with_weights(dir, cfg, status, device)
 }
 
-/// Builds the model of `cfg` and loads `dir/model.safetensors` into it.
-pub fn build_with_weights(dir: &Path, cfg: RunConfig, device: &Device) -> Result<Trained> {
+/// Builds the model of `cfg` (read from `dir/config.toml`) and loads `dir/model.safetensors`
+/// into it.
+pub fn build_with_weights(dir: &Path, cfg: RunConfig, status: Option<RunStatus>, device: &Device) -> Result<Trained> {
     let weights = dir.join("model.safetensors");
     if !weights.is_file() {
         return Err(bad_input(format!(
@@ -41,8 +48,15 @@ pub fn build_with_weights(dir: &Path, cfg: RunConfig, device: &Device) -> Result
             dir.display()
         )));
     }
+    // Everything the model is built from (data, head and plugin tables) is in config.toml.
+    let config = dir.join("config.toml");
     let (arm, map, data) =
-        crate::run::build(&cfg, device).map_err(|e| bad_input(format!("{}: {e:#}", dir.display())))?;
-    crate::report::load_weights(&map, &weights).map_err(|e| bad_input(format!("{e:#}")))?;
-    Ok(Trained { cfg, arm, data })
+        crate::run::build(&cfg, device).map_err(|e| bad_input(format!("{}: {e:#}", config.display())))?;
+    load_weights(&map, &weights).map_err(|e| bad_input(format!("{e:#}")))?;
+    Ok(Trained { cfg, status, arm, data })
+}
+
+fn load_weights(map: &VarMap, path: &Path) -> Result<()> {
+    let mut m = map.clone();
+    m.load(path).map_err(|e| anyhow!("{}: cannot load weights: {e}", path.display()))
 }

@@ -20,9 +20,9 @@
 //!
 //! so log p = log_sigmoid(a) + log_sigmoid(-b) + log(1 - exp(-delta)) with no subtraction of
 //! nearly equal CDFs. log_sigmoid is a softplus that never overflows, and log(1 - exp(-delta))
-//! switches to its series for small delta. PixelCNN++'s underflow branch, log pdf(bin centre)
-//! + log(2h), is the leading term of that series branch (log_sigmoid at the centre rather than
-//! at the edges, log delta = log 2h - log s). PixelCNN++ switches to it when the CDF difference
+//! switches to its series for small delta. PixelCNN++'s underflow branch, the log density at
+//! the bin centre plus log(2h), is the leading term of that series branch (log_sigmoid at the
+//! centre rather than at the edges, log delta = log 2h - log s). PixelCNN++ switches to it when the CDF difference
 //! is < 1e-5; that test also fires in the tails of narrow components, where the centre density
 //! under-counts the bin mass by a factor of up to exp(-delta/2) * delta (x0.12 at K = 256, log
 //! s = -7) and breaks normalisation by ~1e-5 even in exact arithmetic. Here the branch is
@@ -31,7 +31,7 @@
 
 use candle_core::{DType, Tensor, D};
 
-use super::Head;
+use super::{Head, HeadConfigError, HeadProblem};
 use crate::Result;
 
 /// `[model.dlogistic_mixture]` keys and their defaults.
@@ -233,25 +233,31 @@ pub const KEYS: [&str; 2] = ["components", "min_log_scale"];
 
 /// Reads (and validates) a `[model.dlogistic_mixture]` table, filling defaults, for data with
 /// `levels` levels. Errors name the offending key ("" for the data).
-pub fn from_table(table: &toml::Table, levels: usize) -> std::result::Result<DLogisticMixture, super::HeadConfigError> {
+pub fn from_table(table: &toml::Table, levels: usize) -> std::result::Result<DLogisticMixture, HeadConfigError> {
     if let Some(k) = table.keys().find(|k| !KEYS.contains(&k.as_str())) {
-        return Err((k.clone(), format!("unknown key: expected one of {}", KEYS.join(", "))));
+        return Err(HeadConfigError::at(k, HeadProblem::UnknownKey(KEYS.join(", "))));
     }
     let components = match table.get("components") {
         None => DEFAULT_COMPONENTS,
         Some(toml::Value::Integer(i)) if *i >= 1 => {
-            usize::try_from(*i).map_err(|_| ("components".to_string(), format!("{i} is too large")))?
+            usize::try_from(*i).map_err(|_| HeadConfigError::at("components", HeadProblem::TooLarge(*i)))?
         }
-        Some(v) => return Err(("components".into(), format!("expected an integer >= 1, got {v}"))),
+        Some(v) => {
+            let problem = HeadProblem::Invalid { expected: "an integer >= 1", got: v.to_string() };
+            return Err(HeadConfigError::at("components", problem));
+        }
     };
     let min_log_scale = match table.get("min_log_scale") {
         None => DEFAULT_MIN_LOG_SCALE,
         Some(toml::Value::Float(f)) if f.is_finite() => *f,
         Some(toml::Value::Integer(i)) => *i as f64,
-        Some(v) => return Err(("min_log_scale".into(), format!("expected a finite number, got {v}"))),
+        Some(v) => {
+            let problem = HeadProblem::Invalid { expected: "a finite number", got: v.to_string() };
+            return Err(HeadConfigError::at("min_log_scale", problem));
+        }
     };
     if levels < 2 {
-        return Err((String::new(), format!("needs at least 2 levels, data has {levels}")));
+        return Err(HeadConfigError::general(HeadProblem::TooFewLevels(levels)));
     }
     Ok(DLogisticMixture { levels, components, min_log_scale })
 }
@@ -544,22 +550,26 @@ mod tests {
 
     #[test]
     fn config_defaults_validation_and_registry() {
-        let full = super::super::resolve_head("dlogistic_mixture", &toml::Table::new(), 256);
+        let full = super::super::resolve("dlogistic_mixture", &toml::Table::new(), 256);
         assert_eq!(full, Ok(table("components = 5\nmin_log_scale = -7.0")));
         let t = table("components = 2\nmin_log_scale = -5");
         assert_eq!(
-            super::super::resolve_head("dlogistic_mixture", &t, 4),
+            super::super::resolve("dlogistic_mixture", &t, 4),
             Ok(table("components = 2\nmin_log_scale = -5.0"))
         );
-        let err =
-            |s: &str, levels| super::super::resolve_head("dlogistic_mixture", &table(s), levels).err().map(|e| e.0);
-        assert_eq!(err("components = 0", 256), Some("components".into()));
-        assert_eq!(err("components = 2.5", 256), Some("components".into()));
-        assert_eq!(err("min_log_scale = \"low\"", 256), Some("min_log_scale".into()));
-        assert_eq!(err("min_log_scale = nan", 256), Some("min_log_scale".into()));
-        assert_eq!(err("scales = 3", 256), Some("scales".into()));
-        assert_eq!(err("", 1), Some(String::new()));
-        match super::super::build_head("dlogistic_mixture", &table("components = 4"), 17) {
+        let err = |s: &str, levels| super::super::resolve("dlogistic_mixture", &table(s), levels).err();
+        let at = |key: &str, problem| Some(HeadConfigError::at(key, problem));
+        let invalid = |expected, got: &str| HeadProblem::Invalid { expected, got: got.into() };
+        assert_eq!(err("components = 0", 256), at("components", invalid("an integer >= 1", "0")));
+        assert_eq!(err("components = 2.5", 256), at("components", invalid("an integer >= 1", "2.5")));
+        assert_eq!(err("min_log_scale = \"low\"", 256), at("min_log_scale", invalid("a finite number", "\"low\"")));
+        assert_eq!(err("min_log_scale = nan", 256), at("min_log_scale", invalid("a finite number", "nan")));
+        assert_eq!(err("scales = 3", 256), at("scales", HeadProblem::UnknownKey("components, min_log_scale".into())));
+        assert_eq!(err("", 1), Some(HeadConfigError::general(HeadProblem::TooFewLevels(1))));
+        // The message names the key and what was expected.
+        let msg = err("components = 0", 256).map(|e| e.to_string());
+        assert_eq!(msg.as_deref(), Some("components: expected an integer >= 1, got 0"));
+        match super::super::build("dlogistic_mixture", &table("components = 4"), 17) {
             Ok(h) => {
                 assert_eq!((h.name(), h.num_params(), h.noise_dim()), ("dlogistic_mixture", 12, 5));
             }

@@ -1,4 +1,8 @@
-//! Likelihood heads: turn per-pixel parameters into log-probabilities and samples.
+//! Likelihood heads: the per-pixel distribution p(x_d | x_<d) over K levels, from the
+//! parameters the conditional gives for position d: log-probabilities for training, and draws
+//! from pre-drawn noise for sampling. `categorical` is a softmax over the levels;
+//! `dlogistic_mixture` the discretised logistic mixture of PixelCNN++ (Salimans et al. 2017,
+//! eq. 2).
 
 pub mod categorical;
 pub mod dlogistic;
@@ -27,41 +31,80 @@ pub fn head_names() -> &'static [&'static str] {
     &["categorical", "dlogistic_mixture"]
 }
 
-/// A head's config error: (key inside the head's table, what was expected).
-pub type HeadConfigError = (String, String);
+/// What is wrong in a head's config.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum HeadProblem {
+    #[error("unknown head {name:?}: expected one of {expected}")]
+    UnknownHead { name: String, expected: String },
+    #[error("unknown key: the categorical head has no settings")]
+    NoSettings,
+    #[error("unknown key: expected one of {0}")]
+    UnknownKey(String),
+    #[error("expected {expected}, got {got}")]
+    Invalid { expected: &'static str, got: String },
+    #[error("{0} is too large")]
+    TooLarge(i64),
+    #[error("needs at least 2 levels, data has {0}")]
+    TooFewLevels(usize),
+}
+
+/// A head's config error: the key inside the head's `[model.<head>]` table it concerns (None
+/// for the head's name or the data's levels) and the problem.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadConfigError {
+    pub key: Option<String>,
+    pub problem: HeadProblem,
+}
+
+impl HeadConfigError {
+    pub fn at(key: &str, problem: HeadProblem) -> Self {
+        Self { key: Some(key.to_string()), problem }
+    }
+
+    pub fn general(problem: HeadProblem) -> Self {
+        Self { key: None, problem }
+    }
+}
+
+impl std::fmt::Display for HeadConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.key {
+            Some(k) => write!(f, "{k}: {}", self.problem),
+            None => write!(f, "{}", self.problem),
+        }
+    }
+}
+
+impl std::error::Error for HeadConfigError {}
+
+fn unknown_head(name: &str) -> HeadConfigError {
+    HeadConfigError::general(HeadProblem::UnknownHead { name: name.to_string(), expected: head_names().join(", ") })
+}
 
 /// Fills defaults into a head's (possibly empty) `[model.<head>]` table and validates it for
 /// data with `levels` levels; returns the complete table.
-pub fn resolve_head(
-    name: &str,
-    table: &toml::Table,
-    levels: usize,
-) -> std::result::Result<toml::Table, HeadConfigError> {
+pub fn resolve(name: &str, table: &toml::Table, levels: usize) -> std::result::Result<toml::Table, HeadConfigError> {
     match name {
         "categorical" => {
             if let Some(k) = table.keys().next() {
-                return Err((k.clone(), "unknown key: the categorical head has no settings".into()));
+                return Err(HeadConfigError::at(k, HeadProblem::NoSettings));
             }
             if levels < 2 {
-                return Err((String::new(), format!("needs at least 2 levels, data has {levels}")));
+                return Err(HeadConfigError::general(HeadProblem::TooFewLevels(levels)));
             }
             Ok(toml::Table::new())
         }
         "dlogistic_mixture" => Ok(dlogistic::to_table(&dlogistic::from_table(table, levels)?)),
-        other => Err((String::new(), format!("unknown head {other:?}: expected one of {}", head_names().join(", ")))),
+        other => Err(unknown_head(other)),
     }
 }
 
 /// Builds a head from its resolved table.
-pub fn build_head(
-    name: &str,
-    table: &toml::Table,
-    levels: usize,
-) -> std::result::Result<Box<dyn Head>, HeadConfigError> {
-    resolve_head(name, table, levels)?;
+pub fn build(name: &str, table: &toml::Table, levels: usize) -> std::result::Result<Box<dyn Head>, HeadConfigError> {
+    resolve(name, table, levels)?;
     match name {
         "categorical" => Ok(Box::new(categorical::Categorical::new(levels))),
         "dlogistic_mixture" => Ok(Box::new(dlogistic::from_table(table, levels)?)),
-        other => Err((String::new(), format!("unknown head {other:?}"))),
+        other => Err(unknown_head(other)),
     }
 }

@@ -1,0 +1,365 @@
+//! Experiment files: figment layers (file <- grid point <- `RUNNER__*` env <- `--set`), grid
+//! expansion (cartesian product of `[grid]` lists, `[[zip]]` groups varying together, times
+//! `seeds`), validation of every run before the first one starts, and stable run ids.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use arm_core::Ordering;
+use arm_train::TrainConfig;
+
+mod errors;
+mod run_config;
+
+use errors::{figment_error, Origin};
+pub use errors::{toml_error, ConfigError, KeyError, Located};
+pub use run_config::{compact, from_value, read_run_config, RunConfig, RunConfigError};
+
+/// The experiment file as written (before grid expansion).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExperimentFile {
+    name: String,
+    #[serde(default)]
+    seeds: Option<Vec<u64>>,
+    data: DataConfig,
+    model: ModelSection,
+    #[serde(default)]
+    train: TrainConfig,
+    #[serde(default)]
+    sample: SampleConfig,
+    #[serde(default)]
+    grid: BTreeMap<String, toml::Value>,
+    #[serde(default)]
+    zip: Vec<BTreeMap<String, toml::Value>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// An embedded data set (digits, mnist10k, mnist10k-binary), or a label for `path`.
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub ordering: Ordering,
+    /// A user file (.csv, .npy, .parquet), one image per row, integer levels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Image height and width; inferred for square images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub height: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<usize>,
+    /// Number of levels; inferred as the largest value + 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub levels: Option<usize>,
+    /// Fractions of the file's images for train and validation (the rest is test), in file
+    /// order; default [0.8, 0.1].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<[f64; 2]>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct ModelSection {
+    backend: String,
+    #[serde(default = "default_head")]
+    head: String,
+    /// Per-plugin and per-head tables, keyed by their names.
+    #[serde(flatten)]
+    tables: BTreeMap<String, toml::Value>,
+}
+
+fn default_head() -> String {
+    "categorical".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SampleConfig {
+    /// Images in the sample grid written after training.
+    pub n: usize,
+    /// Seed of the sampling noise.
+    pub seed: u64,
+}
+
+impl Default for SampleConfig {
+    fn default() -> Self {
+        Self { n: 64, seed: 0 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub backend: String,
+    pub head: String,
+    /// The backend's complete resolved table.
+    pub plugin: toml::Table,
+    /// The head's complete resolved table (empty for heads without settings).
+    pub head_table: toml::Table,
+}
+
+/// A whole experiment, expanded and validated.
+#[derive(Debug)]
+pub struct Experiment {
+    pub name: String,
+    pub runs: Vec<RunConfig>,
+}
+
+/// `key=value` from the command line; the value is read as TOML, else taken as a string.
+pub fn parse_set(s: &str) -> Result<(String, toml::Value), ConfigError> {
+    let (k, v) = s.split_once('=').ok_or_else(|| ConfigError::SetWithoutValue(s.to_string()))?;
+    let k = k.trim();
+    if k.is_empty() {
+        return Err(ConfigError::SetEmptyKey(s.to_string()));
+    }
+    let value = toml::from_str::<toml::Table>(&format!("v = {}", v.trim()))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(v.trim().to_string()));
+    Ok((k.to_string(), value))
+}
+
+fn grid_points(file: &ExperimentFile) -> Result<Vec<Vec<(String, toml::Value)>>, KeyError> {
+    let mut axes: Vec<Vec<Vec<(String, toml::Value)>>> = Vec::new();
+    for (k, v) in &file.grid {
+        let key = format!("grid.\"{k}\"");
+        let list = v.as_array().ok_or_else(|| KeyError::at(&key, format!("expected a list of values, got {v}")))?;
+        if list.is_empty() {
+            return Err(KeyError::at(key, "the list is empty; give at least one value"));
+        }
+        axes.push(list.iter().map(|x| vec![(k.clone(), x.clone())]).collect());
+    }
+    for (i, group) in file.zip.iter().enumerate() {
+        let mut len = None;
+        for (k, v) in group {
+            let key = format!("zip[{i}].\"{k}\"");
+            let list = v.as_array().ok_or_else(|| KeyError::at(&key, format!("expected a list of values, got {v}")))?;
+            match len {
+                None => len = Some(list.len()),
+                Some(n) if n != list.len() => {
+                    return Err(KeyError::at(
+                        key,
+                        format!("{} values, but the group's other lists have {n}", list.len()),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        let n = len.unwrap_or(0);
+        if n == 0 {
+            return Err(KeyError::at(format!("zip[{i}]"), "the group is empty; give lists of at least one value"));
+        }
+        axes.push(
+            (0..n)
+                .map(|j| {
+                    group
+                        .iter()
+                        .map(|(k, v)| {
+                            (k.clone(), v.as_array().map(|a| a[j].clone()).unwrap_or(toml::Value::Boolean(false)))
+                        })
+                        .collect()
+                })
+                .collect(),
+        );
+    }
+    if axes.iter().try_fold(1usize, |n, a| n.checked_mul(a.len()).filter(|&n| n <= MAX_RUNS)).is_none() {
+        return Err(KeyError::at("grid", format!("more than {MAX_RUNS} grid points")));
+    }
+    let mut points: Vec<Vec<(String, toml::Value)>> = vec![vec![]];
+    for axis in axes {
+        points = points
+            .into_iter()
+            .flat_map(|p| axis.iter().map(move |vals| p.iter().cloned().chain(vals.iter().cloned()).collect()))
+            .collect();
+    }
+    Ok(points)
+}
+
+/// Reads, expands and validates an experiment file. Errors are one line naming the file (and
+/// the line, or the `--set` / environment variable a value came from), the grid point and the
+/// key path.
+pub fn load(path: &Path, sets: &[String]) -> Result<Experiment, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: file.clone(), source })?;
+    load_str(&text, &file, sets)
+}
+
+/// Most runs one experiment file may expand to (grid points x seeds): a typo such as a long
+/// list in every grid key should fail with a message, not exhaust memory.
+pub const MAX_RUNS: usize = 100_000;
+
+/// [`load`] on the text of an experiment file; `file` names it in error messages. Never panics
+/// on any input (tests/bad_input.rs fuzzes it).
+pub fn load_str(text: &str, file: &str, sets: &[String]) -> Result<Experiment, ConfigError> {
+    let _: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+        file: file.to_string(),
+        message: format!("TOML syntax error at {}", toml_error(text, &e)),
+    })?;
+    let sets = sets.iter().map(|s| parse_set(s)).collect::<Result<Vec<_>, _>>()?;
+    let origin = Origin { file, text, doc: toml_edit::ImDocument::parse(text).ok(), sets: &sets };
+    let base: ExperimentFile =
+        layered(text, &[], &sets).extract().map_err(|e| origin.error(None, &[], figment_error(e)))?;
+    validate_name(&base.name).map_err(|e| origin.error(None, &[], KeyError::at("name", e)))?;
+    let points = grid_points(&base).map_err(|e| origin.error(None, &[], e))?;
+    let mut runs = Vec::new();
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, point) in points.iter().enumerate() {
+        let where_ = (points.len() > 1 || !point.is_empty()).then(|| {
+            let desc: Vec<String> = point.iter().map(|(k, v)| format!("{k} = {v}")).collect();
+            format!("grid point {} ({})", i + 1, desc.join(", "))
+        });
+        let fail = |e: KeyError| origin.error(where_.as_deref(), point, e);
+        let ef: ExperimentFile = layered(text, point, &sets).extract().map_err(|e| fail(figment_error(e)))?;
+        for run in point_runs(&base.name, &ef, point, runs.len()).map_err(fail)? {
+            // Two grid points that resolve to the same config would be one run trained twice.
+            if let Some(j) = seen.insert(run.hash().map_err(|e| fail(KeyError::general(e)))?, i) {
+                let msg = format!("the same run as grid point {} (the grid lists one configuration twice)", j + 1);
+                return Err(fail(KeyError::at("grid", msg)));
+            }
+            runs.push(run);
+        }
+    }
+    Ok(Experiment { name: base.name, runs })
+}
+
+/// The figment layers of one grid point: file <- grid values <- `RUNNER__*` <- `--set`.
+fn layered(text: &str, point: &[(String, toml::Value)], sets: &[(String, toml::Value)]) -> Figment {
+    let mut f = Figment::from(Toml::string(text));
+    for (k, v) in point {
+        f = f.merge(Serialized::default(k, v));
+    }
+    f = f.merge(Env::prefixed("RUNNER__").split("__"));
+    for (k, v) in sets {
+        f = f.merge(Serialized::default(k, v));
+    }
+    f
+}
+
+/// The runs of one grid point (one per seed), checked; `before` runs came from earlier points.
+fn point_runs(
+    name: &str,
+    ef: &ExperimentFile,
+    point: &[(String, toml::Value)],
+    before: usize,
+) -> Result<Vec<RunConfig>, KeyError> {
+    let (data, model, train, sample) = resolve_point(ef)?;
+    // `seeds` may vary per grid point (a zip or grid key), e.g. fewer seeds for a costly point.
+    let seeds = ef.seeds.clone().unwrap_or_else(|| vec![0]);
+    if seeds.is_empty() {
+        return Err(KeyError::at("seeds", "the list is empty; give at least one seed"));
+    }
+    if let Some(i) = (1..seeds.len()).find(|&i| seeds[..i].contains(&seeds[i])) {
+        return Err(KeyError::at("seeds", format!("seed {} is listed twice", seeds[i])));
+    }
+    if let Some(&s) = seeds.iter().find(|&&s| i64::try_from(s).is_err()) {
+        return Err(KeyError::at("seeds", RunConfigError::SeedTooLarge(s)));
+    }
+    if before + seeds.len() > MAX_RUNS {
+        return Err(KeyError::general(format!("grid points x seeds is more than {MAX_RUNS} runs")));
+    }
+    let run = |seed| RunConfig {
+        name: name.to_string(),
+        seed,
+        data: data.clone(),
+        model: model.clone(),
+        train: train.clone(),
+        sample: sample.clone(),
+        // Labels name what differs between configs; the seed is in the run id already.
+        grid: point.iter().filter(|(k, _)| k != "seeds").cloned().collect(),
+    };
+    Ok(seeds.iter().map(|&s| run(s)).collect())
+}
+
+fn validate_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{name:?} must be a non-empty folder name of letters, digits, '-', '_' or '.'"))
+    }
+}
+
+/// Checks one grid point's sections against the registries and the data shape.
+fn resolve_point(ef: &ExperimentFile) -> Result<(DataConfig, ModelConfig, TrainConfig, SampleConfig), KeyError> {
+    let (h, w, levels) = check_data(&ef.data)?;
+    let plugin = arm_backends::plugin(&ef.model.backend).map_err(|e| KeyError::at("model.backend", e))?;
+    if plugin.is_2d && ef.data.ordering != Ordering::Raster {
+        let msg =
+            format!("{:?} is a 2D plugin and accepts only \"raster\", got {:?}", plugin.name, ef.data.ordering.name());
+        return Err(KeyError::at("data.ordering", msg));
+    }
+    let head_table = resolve_head(&ef.model, levels)?;
+    for (k, v) in &ef.model.tables {
+        let known = arm_backends::plugin_names().contains(&k.as_str()) || arm_core::head_names().contains(&k.as_str());
+        if !known {
+            let msg = format!(
+                "unknown key: expected backend, head, or a table named after a plugin ({}) or head",
+                arm_backends::plugin_names().join(", ")
+            );
+            return Err(KeyError::at(format!("model.{k}"), msg));
+        }
+        if !v.is_table() {
+            return Err(KeyError::at(format!("model.{k}"), format!("expected a table, got {v}")));
+        }
+    }
+    let table = match ef.model.tables.get(plugin.name) {
+        Some(toml::Value::Table(t)) => t.clone(),
+        _ => toml::Table::new(),
+    };
+    let resolved = plugin.resolve(&table, h, w).map_err(|e| match e {
+        arm_backends::PluginError::Invalid { key, msg } if key.is_empty() => {
+            KeyError::at(format!("model.{}", plugin.name), msg)
+        }
+        arm_backends::PluginError::Invalid { key, msg } => KeyError::at(format!("model.{}.{key}", plugin.name), msg),
+        other => KeyError::at(format!("model.{}", plugin.name), other),
+    })?;
+    ef.train.validate().map_err(|e| KeyError::at(format!("train.{}", e.key), e.problem))?;
+    if ef.sample.n == 0 {
+        return Err(KeyError::at("sample.n", "must be at least 1, got 0"));
+    }
+    Ok((
+        ef.data.clone(),
+        ModelConfig { backend: plugin.name.to_string(), head: ef.model.head.clone(), plugin: resolved, head_table },
+        ef.train.clone(),
+        ef.sample.clone(),
+    ))
+}
+
+/// Checks `[data]` and returns the data's (height, width, levels).
+fn check_data(data: &DataConfig) -> Result<(usize, usize, usize), KeyError> {
+    if data.path.is_none() && data.name.is_empty() {
+        return Err(KeyError::at("data", "give name (an embedded data set) or path (a user file)"));
+    }
+    if let Some([t, v]) = data.split {
+        if !(t > 0.0 && v > 0.0 && t + v < 1.0) {
+            return Err(KeyError::at(
+                "data.split",
+                format!("[{t}, {v}] must be two positive fractions with a sum below 1"),
+            ));
+        }
+    }
+    crate::data::shape(data)
+}
+
+/// The complete table of the model's head (defaults filled), checked for data with `levels`.
+fn resolve_head(model: &ModelSection, levels: usize) -> Result<toml::Table, KeyError> {
+    let head = &model.head;
+    if !arm_core::head_names().contains(&head.as_str()) {
+        let msg = format!("unknown head {head:?}: expected one of {}", arm_core::head_names().join(", "));
+        return Err(KeyError::at("model.head", msg));
+    }
+    let table = match model.tables.get(head) {
+        Some(toml::Value::Table(t)) => t.clone(),
+        _ => toml::Table::new(),
+    };
+    arm_core::heads::resolve(head, &table, levels).map_err(|e| match e.key {
+        Some(k) => KeyError::at(format!("model.{head}.{k}"), e.problem),
+        None => KeyError::at(format!("model.{head}"), e.problem),
+    })
+}
