@@ -27,7 +27,7 @@ fn train_writes_every_output_and_is_deterministic() {
     let m = read_parquet(&dir.join("metrics.parquet"));
     assert_eq!(m.height(), 2);
     let names: Vec<String> = m.get_column_names().iter().map(|s| s.to_string()).collect();
-    assert_eq!(names, ["epoch", "train_nll", "val_nll", "val_bpd", "seconds"]);
+    assert_eq!(names, ["epoch", "train_nll", "val_nll", "val_bpd", "seconds", "lr", "clipped_steps", "max_grad_norm"]);
     let val = f64_col(&m, "val_nll");
     let bpd = f64_col(&m, "val_bpd");
     for (v, b) in val.iter().zip(&bpd) {

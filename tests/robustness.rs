@@ -87,7 +87,7 @@ fn count(stdout: &str, word: &str) -> usize {
 /// The metrics that must not depend on interruptions (wall seconds aside).
 fn metrics(dir: &Path) -> Vec<Vec<f64>> {
     let m = read_parquet(&dir.join("metrics.parquet"));
-    ["epoch", "train_nll", "val_nll", "val_bpd"].iter().map(|c| f64_col(&m, c)).collect()
+    ["epoch", "train_nll", "val_nll", "val_bpd", "lr", "clipped_steps"].iter().map(|c| f64_col(&m, c)).collect()
 }
 
 #[test]
@@ -98,6 +98,19 @@ fn resumed_run_matches_an_uninterrupted_one() {
         &["--set", "train.max_epochs=4", "--set", "train.optimizer=\"adamw\"", "--set", "train.weight_decay=0.01"],
         // Dropout masks are re-seeded per epoch, so they resume too.
         &["--set", "train.max_epochs=4", "--set", "model.causal_conv1d.dropout=0.3"],
+        // Averaged weights, a schedule with warm-up, and clipping (a norm of 5 clips some steps).
+        &[
+            "--set",
+            "train.max_epochs=4",
+            "--set",
+            "train.ema=0.9",
+            "--set",
+            "train.schedule=\"cosine\"",
+            "--set",
+            "train.warmup_epochs=1",
+            "--set",
+            "train.clip_grad_norm=5.0",
+        ],
     ] {
         let tmp = tempfile::tempdir().expect("tempdir");
         let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));

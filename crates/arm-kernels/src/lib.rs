@@ -5,7 +5,8 @@
 //! - [`time_conv`]: causal Conv1d on time-major activations, gemms on shifted views;
 //! - [`Unfold`] / [`Fold`]: im2col over a tap list and its adjoint;
 //! - [`gate`]: tanh(a) * sigmoid(b), the gated PixelCNN's unit;
-//! - [`exclusive_cumsum`]: prefix sums along a sequence (NADE's running pre-activation);
+//! - [`exclusive_cumsum`], [`running_sigmoid`]: prefix sums along a sequence, and NADE's hidden
+//!   units sigmoid(c + sum_{j<d} x_j w_j) as one op;
 //! - gemm on strided views, element-wise loops per SIMD level, vectorisable exp / tanh /
 //!   sigmoid, and a profiler of named phases ([`profile`]).
 //!
@@ -18,6 +19,7 @@ mod fastmath;
 mod gate;
 mod gemm;
 pub mod profile;
+mod running;
 mod simd;
 mod timeconv;
 mod unfold;
@@ -25,6 +27,7 @@ mod unfold;
 pub use cumsum::exclusive_cumsum;
 pub use dense::{dense, dense_gated, dense_pair};
 pub use gate::gate;
+pub use running::running_sigmoid;
 pub use timeconv::{time_conv, TimeConv};
 pub use unfold::{Fold, Unfold};
 

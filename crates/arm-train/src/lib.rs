@@ -8,9 +8,16 @@
 //! exactly the epochs an uninterrupted run would have. The shuffling RNG is re-seeded from
 //! (seed, epoch) at every epoch start, so it needs no saving; so are the plugins' dropout
 //! streams (`Conditional::begin_epoch`), so a resumed run draws the same masks.
+//!
+//! Options: learning-rate schedules (a function of the epoch, `schedule.rs`), gradient clipping
+//! by global norm (`clip.rs`) and Polyak averaging of the weights (`ema.rs`): with `ema`, the
+//! validation and test NLL, the best weights and the saved model are the averages.
 
 mod adam;
 mod adamax;
+mod clip;
+mod ema;
+mod schedule;
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -24,6 +31,9 @@ use serde::{Deserialize, Serialize};
 
 pub use adam::{Adam, ParamsAdam};
 pub use adamax::{Adamax, ParamsAdamax};
+pub use clip::clip_grad_norm;
+pub use ema::Ema;
+pub use schedule::{lr_at, Schedule};
 use arm_core::{bits_per_dim, Arm};
 use arm_data::{Dataset, Split};
 
@@ -50,6 +60,35 @@ pub struct TrainConfig {
     pub beta2: f64,
     /// Batch size for validation and test passes (no gradients).
     pub eval_batch_size: usize,
+    // The keys below were added later: they are written to a run's config only when set, so
+    // the ids (config hashes) of runs made before them do not change.
+    /// Learning-rate schedule over epochs: constant, exponential (`lr_decay`) or cosine.
+    #[serde(skip_serializing_if = "is_default")]
+    pub schedule: Schedule,
+    /// Factor per epoch of the exponential schedule, in (0, 1].
+    #[serde(skip_serializing_if = "is_one")]
+    pub lr_decay: f64,
+    /// Epochs of linear warm-up before the schedule.
+    #[serde(skip_serializing_if = "is_default")]
+    pub warmup_epochs: usize,
+    /// The cosine schedule's floor.
+    #[serde(skip_serializing_if = "is_default")]
+    pub min_lr: f64,
+    /// Rescale the gradients when their global L2 norm exceeds this.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clip_grad_norm: Option<f64>,
+    /// Decay of the exponential moving average of the weights used for evaluation (Polyak
+    /// averaging, e.g. 0.9995).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ema: Option<f64>,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+fn is_one(v: &f64) -> bool {
+    *v == 1.0
 }
 
 impl Default for TrainConfig {
@@ -65,6 +104,12 @@ impl Default for TrainConfig {
             beta1: 0.9,
             beta2: 0.999,
             eval_batch_size: 500,
+            schedule: Schedule::Constant,
+            lr_decay: 1.0,
+            warmup_epochs: 0,
+            min_lr: 0.0,
+            clip_grad_norm: None,
+            ema: None,
         }
     }
 }
@@ -80,6 +125,10 @@ pub enum Problem {
     Negative(f64),
     #[error("must be in [0, 1), got {0}")]
     NotBelowOne(f64),
+    #[error("must be in (0, 1), got {0}")]
+    NotInUnitInterval(f64),
+    #[error("{0}")]
+    Other(String),
 }
 
 /// A `[train]` value out of range: its key (relative to `[train]`) and the problem.
@@ -116,6 +165,36 @@ impl TrainConfig {
                 return fail(key, Problem::NotBelowOne(v));
             }
         }
+        self.validate_options()
+    }
+
+    /// The schedule, clipping and averaging keys.
+    fn validate_options(&self) -> Result<(), TrainConfigError> {
+        let fail = |key, problem| Err(TrainConfigError { key, problem });
+        let other = |s: String| Problem::Other(s);
+        if !(self.lr_decay > 0.0 && self.lr_decay <= 1.0) {
+            return fail("lr_decay", other(format!("must be in (0, 1], got {}", self.lr_decay)));
+        }
+        if self.lr_decay != 1.0 && self.schedule != Schedule::Exponential {
+            return fail("lr_decay", other("is used only with schedule = \"exponential\"".into()));
+        }
+        if !(self.min_lr.is_finite() && self.min_lr >= 0.0 && self.min_lr <= self.lr) {
+            return fail("min_lr", other(format!("must be in [0, lr = {}], got {}", self.lr, self.min_lr)));
+        }
+        if self.warmup_epochs >= self.max_epochs {
+            let msg = format!("must be below max_epochs = {}, got {}", self.max_epochs, self.warmup_epochs);
+            return fail("warmup_epochs", other(msg));
+        }
+        if let Some(c) = self.clip_grad_norm {
+            if !(c.is_finite() && c > 0.0) {
+                return fail("clip_grad_norm", Problem::NotPositive(c));
+            }
+        }
+        if let Some(d) = self.ema {
+            if !(d > 0.0 && d < 1.0) {
+                return fail("ema", Problem::NotInUnitInterval(d));
+            }
+        }
         Ok(())
     }
 }
@@ -128,6 +207,13 @@ pub struct EpochMetrics {
     pub val_nll: f64,
     pub val_bpd: f64,
     pub seconds: f64,
+    /// The epoch's learning rate.
+    pub lr: f64,
+    /// Steps whose gradient norm was clipped (0 without clipping).
+    pub clipped_steps: usize,
+    /// The largest gradient norm of the epoch before clipping (NaN without clipping: the norm
+    /// is not computed then).
+    pub max_grad_norm: f64,
 }
 
 pub enum Event<'a> {
@@ -161,6 +247,8 @@ pub struct TrainState {
     pub moments: HashMap<String, (Tensor, Tensor)>,
     /// Optimiser steps taken (for bias correction).
     pub steps: usize,
+    /// The moving averages of the weights, with `ema`.
+    pub ema: Option<HashMap<String, Tensor>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -291,6 +379,20 @@ impl Opt {
         }
     }
 
+    fn step(&mut self, grads: &candle_core::backprop::GradStore) -> candle_core::Result<()> {
+        match self {
+            Opt::Adamax(o) => o.step(grads),
+            Opt::Adam(o) => o.step(grads),
+        }
+    }
+
+    fn set_lr(&mut self, lr: f64) {
+        match self {
+            Opt::Adamax(o) => o.set_learning_rate(lr),
+            Opt::Adam(o) => o.set_learning_rate(lr),
+        }
+    }
+
     /// (moments in `new`'s variable order, step count).
     fn state(&self) -> (Vec<(Tensor, Tensor)>, usize) {
         match self {
@@ -405,6 +507,11 @@ struct Trainer<'a> {
     device: Device,
     vars: Vec<(String, Var)>,
     opt: Opt,
+    /// The moving averages of the weights, with `ema`.
+    ema: Option<Ema>,
+    /// This epoch so far: steps whose gradients were clipped, the largest norm before clipping.
+    clipped: usize,
+    max_norm: f64,
 }
 
 impl<'a> Trainer<'a> {
@@ -417,7 +524,9 @@ impl<'a> Trainer<'a> {
     ) -> candle_core::Result<Self> {
         let vars = named_vars(map);
         let opt = Opt::new(vars.iter().map(|(_, v)| v.clone()).collect(), cfg)?;
-        Ok(Self { arm, map, data, cfg, seed, device: arm.device().clone(), vars, opt })
+        let ema = cfg.ema.map(|d| Ema::new(vars.iter().map(|(_, v)| v.clone()).collect(), d)).transpose()?;
+        let device = arm.device().clone();
+        Ok(Self { arm, map, data, cfg, seed, device, vars, opt, ema, clipped: 0, max_norm: f64::NAN })
     }
 
     /// Puts a checkpoint's weights and optimiser state in place; returns its early-stopping
@@ -432,6 +541,19 @@ impl<'a> Trainer<'a> {
             moments.push(m.clone());
         }
         self.opt.set_state(moments, st.steps)?;
+        match (&mut self.ema, &st.ema) {
+            (Some(ema), Some(avg)) => {
+                let get = |k: &String| {
+                    avg.get(k).cloned().ok_or_else(|| {
+                        candle_core::Error::Msg(format!("checkpoint weight averages: none for variable {k}"))
+                    })
+                };
+                ema.set(self.vars.iter().map(|(k, _)| get(k)).collect::<candle_core::Result<Vec<_>>>()?)?;
+            }
+            (Some(_), None) => candle_core::bail!("checkpoint has no weight averages, the run averages them (ema)"),
+            (None, Some(_)) => candle_core::bail!("checkpoint has weight averages, the run does not average (ema)"),
+            (None, None) => {}
+        }
         // Check the best weights against the model too (restored into the map at the end).
         for (k, v) in &self.vars {
             match st.best_weights.get(k) {
@@ -458,21 +580,26 @@ impl<'a> Trainer<'a> {
     ) -> candle_core::Result<Status> {
         for epoch in first..=self.cfg.max_epochs {
             let t0 = Instant::now();
+            let c = self.cfg;
+            let lr = lr_at(c.schedule, (c.lr, c.lr_decay, c.min_lr), (epoch, c.warmup_epochs, c.max_epochs));
+            self.opt.set_lr(lr);
             let train_sum = match self.run_epoch(epoch, on)? {
                 EpochEnd::Trained { train_sum } => train_sum,
                 EpochEnd::Stopped(status) => return Ok(status),
             };
-            let val_nll = evaluate(self.arm, &self.data.val, self.cfg.eval_batch_size)?;
+            let (val_nll, improved) = self.validate(epoch, stopping)?;
             if !val_nll.is_finite() {
                 return Ok(Status::Diverged { epoch, reason: format!("validation NLL is {val_nll}") });
             }
-            let improved = stopping.record(epoch, val_nll, self.map)?;
             history.push(EpochMetrics {
                 epoch,
                 train_nll: train_sum / self.data.train.n.max(1) as f64,
                 val_nll,
                 val_bpd: bits_per_dim(val_nll, self.data.dims()),
                 seconds: t0.elapsed().as_secs_f64(),
+                lr,
+                clipped_steps: self.clipped,
+                max_grad_norm: self.max_norm,
             });
             let state = self.state(epoch, history, stopping)?;
             let metrics = &history[history.len() - 1];
@@ -486,8 +613,31 @@ impl<'a> Trainer<'a> {
         Ok(Status::Finished { stopped_early: false })
     }
 
+    /// The validation NLL after an epoch, of the averaged weights with `ema` (which are then
+    /// the ones early stopping keeps), and whether it is a new best. A non-finite NLL is
+    /// returned before anything is recorded.
+    fn validate(&mut self, epoch: usize, stopping: &mut EarlyStopping) -> candle_core::Result<(f64, bool)> {
+        let training = match &self.ema {
+            None => None,
+            Some(ema) => {
+                let current = snapshot(self.map)?;
+                for ((_, v), avg) in self.vars.iter().zip(ema.averages()) {
+                    v.set(avg)?;
+                }
+                Some(current)
+            }
+        };
+        let val_nll = evaluate(self.arm, &self.data.val, self.cfg.eval_batch_size)?;
+        let improved = val_nll.is_finite() && stopping.record(epoch, val_nll, self.map)?;
+        if let Some(current) = training {
+            restore(self.map, &current)?;
+        }
+        Ok((val_nll, improved))
+    }
+
     /// One pass over the shuffled training set, a step per batch.
     fn run_epoch(&mut self, epoch: usize, on: &mut dyn FnMut(Event) -> Control) -> candle_core::Result<EpochEnd> {
+        (self.clipped, self.max_norm) = (0, f64::NAN);
         let order = epoch_order(self.data.train.n, self.seed, epoch);
         self.arm.conditional().begin_epoch(epoch);
         let steps = self.data.train.n.div_ceil(self.cfg.batch_size);
@@ -510,15 +660,32 @@ impl<'a> Trainer<'a> {
     /// loss that is not finite takes no step.
     fn step(&mut self, idx: &[usize]) -> candle_core::Result<f64> {
         let x = self.data.train.batch(idx, &self.device)?; // (B, D)
-        let (arm, opt) = (self.arm, &mut self.opt);
-        in_pool(&self.device, || -> candle_core::Result<f64> {
+        let (arm, opt, ema, clip) = (self.arm, &mut self.opt, &mut self.ema, self.cfg.clip_grad_norm);
+        let vars: Vec<Var> = if clip.is_some() { self.vars.iter().map(|(_, v)| v.clone()).collect() } else { vec![] };
+        let (lv, norm) = in_pool(&self.device, || -> candle_core::Result<(f64, Option<f64>)> {
             let loss = arm.nll(&x, true)?; // scalar, nats per image
             let lv = loss.to_scalar::<f32>()? as f64;
+            let mut norm = None;
             if lv.is_finite() {
-                opt.backward_step(&loss)?;
+                match clip {
+                    None => opt.backward_step(&loss)?,
+                    Some(max) => {
+                        let mut grads = loss.backward()?;
+                        norm = Some(clip_grad_norm(&mut grads, &vars, max)?);
+                        opt.step(&grads)?;
+                    }
+                }
+                if let Some(e) = ema {
+                    e.update()?;
+                }
             }
-            Ok(lv)
-        })
+            Ok((lv, norm))
+        })?;
+        if let (Some(n), Some(max)) = (norm, clip) {
+            self.clipped += usize::from(n > max);
+            self.max_norm = if self.max_norm.is_nan() { n } else { self.max_norm.max(n) };
+        }
+        Ok(lv)
     }
 
     /// Everything needed to resume right after `epoch`.
@@ -538,6 +705,7 @@ impl<'a> Trainer<'a> {
             best_weights: stopping.best_weights.clone(),
             moments: self.vars.iter().map(|(k, _)| k.clone()).zip(moments).collect(),
             steps,
+            ema: self.ema.as_ref().map(|e| self.vars.iter().map(|(k, _)| k.clone()).zip(e.averages().to_vec()).collect()),
         })
     }
 }

@@ -76,12 +76,17 @@ fn peak_rss_mib() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
-/// Forward matmul FLOPs per image: in the benchmarked plugins every weight matrix (every
-/// variable of rank >= 2) is applied once at every pixel, so FLOPs = 2 D sum(weights).
-/// Element-wise work (biases, activations, gates) is not counted.
-fn forward_flops_per_image(map: &candle_nn::VarMap, d: usize) -> f64 {
+/// Forward matmul FLOPs per image: the plugin's own count when it has one (dense masked
+/// networks apply each weight once per image, attention adds score products), else every
+/// weight matrix (every variable of rank >= 2) applied once at every pixel, as in the
+/// convolutional plugins: 2 D sum(weights). Element-wise work (biases, activations, gates) is
+/// not counted.
+fn forward_flops_per_image(arm: &arm_core::Arm, map: &candle_nn::VarMap) -> f64 {
+    if let Some(f) = arm.conditional().flops_per_image() {
+        return f;
+    }
     let weights: usize = map.all_vars().iter().filter(|v| v.rank() >= 2).map(|v| v.elem_count()).sum();
-    2.0 * d as f64 * weights as f64
+    2.0 * arm.dims() as f64 * weights as f64
 }
 
 pub struct Case {
@@ -89,7 +94,7 @@ pub struct Case {
     pub cfg: RunConfig,
 }
 
-fn case(label: &str, backend: &str, set: &[(&str, toml::Value)]) -> Case {
+fn case(label: &str, data: &str, backend: &str, set: &[(&str, toml::Value)]) -> Case {
     let mut plugin = arm_backends::plugin(backend).map(|p| p.defaults()).unwrap_or_default();
     for (k, v) in set {
         plugin.insert((*k).into(), v.clone());
@@ -99,7 +104,7 @@ fn case(label: &str, backend: &str, set: &[(&str, toml::Value)]) -> Case {
         cfg: RunConfig {
             name: "bench".into(),
             seed: 0,
-            data: DataConfig { name: "digits".into(), ordering: Default::default(), ..Default::default() },
+            data: DataConfig { name: data.into(), ordering: Default::default(), ..Default::default() },
             model: ModelConfig {
                 backend: backend.into(),
                 head: "categorical".into(),
@@ -117,8 +122,14 @@ fn case(label: &str, backend: &str, set: &[(&str, toml::Value)]) -> Case {
 /// PixelCNN with 128 channels.
 pub fn default_cases() -> Vec<Case> {
     vec![
-        case("causal_conv1d 256ch k7 x4 (reference)", "causal_conv1d", &[]),
-        case("gated_pixelcnn 128ch x5 k3", "gated_pixelcnn", &[("channels", toml::Value::Integer(128))]),
+        case("causal_conv1d 256ch k7 x4 (reference)", "digits", "causal_conv1d", &[]),
+        case("gated_pixelcnn 128ch x5 k3", "digits", "gated_pixelcnn", &[("channels", toml::Value::Integer(128))]),
+        case("fvsbn", "digits", "fvsbn", &[]),
+        case("nade 500 hidden", "digits", "nade", &[]),
+        case("made 500 hidden", "digits", "made", &[]),
+        case("fvsbn 28x28 binary", "mnist10k-binary", "fvsbn", &[]),
+        case("nade 500 hidden 28x28 binary", "mnist10k-binary", "nade", &[]),
+        case("made 500 hidden 28x28 binary", "mnist10k-binary", "made", &[]),
     ]
 }
 
@@ -135,8 +146,7 @@ pub fn bench_train(cases: &[Case], steps: usize, profile: bool, dev: &Device) ->
     );
     for case in cases {
         let (arm, map, data) = crate::run::build(&case.cfg, dev)?;
-        let d = arm.dims();
-        let fwd_flops = forward_flops_per_image(&map, d) * batch as f64;
+        let fwd_flops = forward_flops_per_image(&arm, &map) * batch as f64;
         let mut opt = Adamax::new(map.all_vars(), ParamsAdamax::default())?;
         let idx: Vec<usize> = (0..batch).collect();
         let x = data.train.batch(&idx, dev)?;

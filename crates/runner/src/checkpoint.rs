@@ -5,7 +5,9 @@
 //! Tensors, by name:
 //! - `weights.<var>` current weights, `best.<var>` weights of the best epoch so far
 //! - `moment1.<var>`, `moment2.<var>` the optimiser's moments (adamax m, u; adam/adamw m, v)
-//! - `history` (E, 5) f64: epoch, train_nll, val_nll, val_bpd, seconds per completed epoch
+//! - `ema.<var>` the moving averages of the weights (runs with `train.ema`)
+//! - `history` (E, 8) f64 per completed epoch: epoch, train_nll, val_nll, val_bpd, seconds, lr,
+//!   clipped_steps, max_grad_norm (format 1 had the first 5; its other columns read as NaN or 0)
 //! - `meta` f64: [format version, epoch, best_epoch, best_val_nll, optimiser steps, wall seconds]
 //!
 //! The shuffling RNG needs no saving: the trainer re-seeds it from (seed, epoch).
@@ -21,7 +23,10 @@ use arm_train::{EpochMetrics, TrainState};
 use crate::store;
 
 pub const FILE: &str = "checkpoint.safetensors";
-const VERSION: f64 = 1.0;
+const VERSION: f64 = 2.0;
+/// Columns of a history row in the current format, and in format 1.
+const COLUMNS: usize = 8;
+const COLUMNS_V1: usize = 5;
 
 /// Writes `state` (and the wall seconds spent so far) to `path` atomically.
 pub fn save(path: &Path, state: &TrainState, wall_seconds: f64) -> Result<()> {
@@ -36,9 +41,18 @@ pub fn save(path: &Path, state: &TrainState, wall_seconds: f64) -> Result<()> {
         t.insert(format!("moment1.{k}"), m1.clone());
         t.insert(format!("moment2.{k}"), m2.clone());
     }
-    let rows: Vec<f64> =
-        state.history.iter().flat_map(|m| [m.epoch as f64, m.train_nll, m.val_nll, m.val_bpd, m.seconds]).collect();
-    t.insert("history".into(), Tensor::from_vec(rows, (state.history.len(), 5), &Device::Cpu)?);
+    for (k, v) in state.ema.iter().flatten() {
+        t.insert(format!("ema.{k}"), v.clone());
+    }
+    let rows: Vec<f64> = state
+        .history
+        .iter()
+        .flat_map(|m| {
+            let (lr, clipped, norm) = (m.lr, m.clipped_steps as f64, m.max_grad_norm);
+            [m.epoch as f64, m.train_nll, m.val_nll, m.val_bpd, m.seconds, lr, clipped, norm]
+        })
+        .collect();
+    t.insert("history".into(), Tensor::from_vec(rows, (state.history.len(), COLUMNS), &Device::Cpu)?);
     let meta = vec![
         VERSION,
         state.epoch as f64,
@@ -63,20 +77,34 @@ pub fn load(path: &Path, device: &Device) -> Result<(TrainState, f64)> {
     let [version, epoch, best_epoch, best_val, steps, wall] = meta[..] else {
         return Err(bad("meta has the wrong length"));
     };
-    if version != VERSION {
-        return Err(bad(&format!("format version {version}, this runner reads {VERSION}")));
-    }
+    let columns = match version {
+        1.0 => COLUMNS_V1,
+        v if v == VERSION => COLUMNS,
+        _ => return Err(bad(&format!("format version {version}, this runner reads 1 and {VERSION}"))),
+    };
     let history =
         t.remove("history").ok_or_else(|| bad("no history tensor"))?.to_dtype(DType::F64)?.to_vec2::<f64>()?;
     let history: Vec<EpochMetrics> = history
         .iter()
-        .map(|r| match r[..] {
-            [e, t, v, b, s] => Ok(EpochMetrics { epoch: e as usize, train_nll: t, val_nll: v, val_bpd: b, seconds: s }),
-            _ => Err(bad("history rows must have 5 values")),
+        .map(|r| {
+            if r.len() != columns {
+                return Err(bad(&format!("history rows must have {columns} values")));
+            }
+            let at = |i: usize, missing: f64| r.get(i).copied().unwrap_or(missing);
+            Ok(EpochMetrics {
+                epoch: r[0] as usize,
+                train_nll: r[1],
+                val_nll: r[2],
+                val_bpd: r[3],
+                seconds: r[4],
+                lr: at(5, f64::NAN),
+                clipped_steps: at(6, 0.0) as usize,
+                max_grad_norm: at(7, f64::NAN),
+            })
         })
         .collect::<Result<_>>()?;
-    let (mut weights, mut best_weights, mut m1, mut m2) =
-        (HashMap::new(), HashMap::new(), HashMap::new(), HashMap::new());
+    let (mut weights, mut best_weights, mut m1, mut m2, mut ema) =
+        (HashMap::new(), HashMap::new(), HashMap::new(), HashMap::new(), HashMap::new());
     for (k, v) in t {
         let (kind, var) = k.split_once('.').ok_or_else(|| bad(&format!("unexpected tensor {k}")))?;
         let into = match kind {
@@ -84,6 +112,7 @@ pub fn load(path: &Path, device: &Device) -> Result<(TrainState, f64)> {
             "best" => &mut best_weights,
             "moment1" => &mut m1,
             "moment2" => &mut m2,
+            "ema" => &mut ema,
             _ => return Err(bad(&format!("unexpected tensor {k}"))),
         };
         into.insert(var.to_string(), v);
@@ -105,6 +134,7 @@ pub fn load(path: &Path, device: &Device) -> Result<(TrainState, f64)> {
         best_weights,
         moments,
         steps: steps as usize,
+        ema: (!ema.is_empty()).then_some(ema),
     };
     Ok((state, wall))
 }

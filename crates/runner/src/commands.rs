@@ -115,9 +115,9 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             let device = parse_device(&device)?;
             crate::sample::sample(&run_dir, &device, &crate::sample::Options { n, sampler, seed, out })
         }
-        Command::Eval { run_dir, data, split, out } => {
+        Command::Eval { run_dir, data, split, out, members } => {
             let device = parse_device(&device)?;
-            crate::eval::eval(&run_dir, &device, &crate::eval::Options { data, split, out })
+            crate::eval::eval(&run_dir, &device, &crate::eval::Options { data, split, out, members })
         }
         Command::Bench { what: crate::BenchWhat::Train { steps, model, profile } } => {
             bench_train(&device, steps, model.as_deref(), profile)
@@ -250,7 +250,8 @@ fn list() {
         let defaults = p.defaults();
         for (k, doc) in p.key_docs {
             let v = defaults.get(*k);
-            let (ty, dv) = v.map_or(("?", String::new()), |v| (type_of(v), v.to_string()));
+            // Keys added after the first runs are not written when default (the doc says it).
+            let (ty, dv) = v.map_or(("", "-".to_string()), |v| (type_of(v), v.to_string()));
             println!("    {k:<16} {ty:<8} default {dv:<14} {doc}");
         }
         println!();

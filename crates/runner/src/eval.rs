@@ -19,6 +19,8 @@ pub struct Options {
     pub data: Option<String>,
     pub split: SplitName,
     pub out: Option<PathBuf>,
+    /// Ensemble members to average (MADE's masks); None: the run's own `eval_masks`.
+    pub members: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +60,14 @@ pub fn eval(run_dir: &Path, device: &Device, opts: &Options) -> Result<()> {
         out_format(out)?;
     }
     let t = trained::open(run_dir, device)?;
+    let (default_members, available) = t.arm.conditional().members();
+    let members = opts.members.unwrap_or(default_members);
+    if members == 0 || members > available {
+        return Err(bad_input(format!(
+            "--members {members}: the model in {} has {available} ensemble member(s)",
+            run_dir.display()
+        )));
+    }
     let (data_name, data, own) = eval_data(run_dir, &t, opts.data.as_deref())?;
     let split = data.split(opts.split);
     if split.n == 0 {
@@ -71,7 +81,7 @@ pub fn eval(run_dir: &Path, device: &Device, opts: &Options) -> Result<()> {
         }
     });
     let format = out_format(&out)?;
-    let nll = per_image_nll(&t, split, device)?;
+    let nll = per_image_nll(&t, split, device, members)?;
     let dims = t.arm.dims();
     let mean = nll.iter().sum::<f64>() / nll.len() as f64;
     let mut df = frame(&nll, dims)?;
@@ -79,13 +89,14 @@ pub fn eval(run_dir: &Path, device: &Device, opts: &Options) -> Result<()> {
         OutFormat::Parquet => store::write_parquet(&out, &mut df)?,
         OutFormat::Csv => write_csv(&out, &mut df)?,
     }
+    let ensemble = if available > 1 { format!(", ensemble of {members} of {available} members") } else { String::new() };
     println!(
-        "{data_name} {}: {} images, mean NLL {mean:.6} nats ({:.6} bits/dim)",
+        "{data_name} {}: {} images, mean NLL {mean:.6} nats ({:.6} bits/dim){ensemble}",
         opts.split,
         nll.len(),
         bits_per_dim(mean, dims)
     );
-    if own && opts.split == SplitName::Test {
+    if own && opts.split == SplitName::Test && members == default_members {
         if let Some(s) = t.status.as_ref().and_then(|s| s.test_nll) {
             println!("status.toml test NLL {s:.6} nats (relative difference {:.1e})", ((mean - s) / s).abs());
         }
@@ -116,10 +127,10 @@ fn eval_data(run_dir: &Path, t: &trained::Trained, name: Option<&str>) -> Result
 }
 
 /// Per-image NLL in nats, in the batches training evaluated with.
-fn per_image_nll(t: &trained::Trained, split: &Split, device: &Device) -> Result<Vec<f64>> {
+fn per_image_nll(t: &trained::Trained, split: &Split, device: &Device, members: usize) -> Result<Vec<f64>> {
     let mut nll = Vec::with_capacity(split.n);
     for x in split.batches(t.cfg.train.eval_batch_size, device) {
-        let lp = t.arm.log_prob(&x?)?; // (B,) nats
+        let lp = t.arm.log_prob_members(&x?, members)?; // (B,) nats
         nll.extend(lp.to_dtype(DType::F64)?.to_vec1::<f64>()?.into_iter().map(|v| -v));
     }
     Ok(nll)

@@ -193,6 +193,10 @@ enum Command {
         /// FILE.parquet or FILE.csv (default: RUN_DIR/eval_<split>.parquet).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Average the probabilities of this many ensemble members (MADE's masks; default:
+        /// the run's own `eval_masks`). 1 evaluates the first mask alone.
+        #[arg(long)]
+        members: Option<usize>,
     },
     /// Benchmarks: `runner bench train`, `runner bench sampling`.
     Bench {

@@ -216,6 +216,16 @@ impl Progress<'_> {
                     self.write_err = Some(e);
                     return Control::Stop;
                 }
+                if metrics.clipped_steps > 0 {
+                    // Always logged, progress bar or not: clipping changes the optimisation.
+                    tracing::info!(
+                        "{} epoch {}: gradient norm clipped in {} steps (largest {:.3})",
+                        self.run_id,
+                        metrics.epoch,
+                        metrics.clipped_steps,
+                        metrics.max_grad_norm
+                    );
+                }
                 if self.stop_after.is_some_and(|n| metrics.epoch >= n) {
                     STOP.store(true, AtomicOrdering::SeqCst);
                 }

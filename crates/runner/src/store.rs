@@ -54,6 +54,9 @@ pub fn metrics_frame(history: &[EpochMetrics]) -> Result<DataFrame> {
         "val_nll" => history.iter().map(|m| m.val_nll).collect::<Vec<_>>(),
         "val_bpd" => history.iter().map(|m| m.val_bpd).collect::<Vec<_>>(),
         "seconds" => history.iter().map(|m| m.seconds).collect::<Vec<_>>(),
+        "lr" => history.iter().map(|m| m.lr).collect::<Vec<_>>(),
+        "clipped_steps" => history.iter().map(|m| m.clipped_steps as u32).collect::<Vec<_>>(),
+        "max_grad_norm" => history.iter().map(|m| m.max_grad_norm).collect::<Vec<_>>(),
     )?)
 }
 
@@ -65,8 +68,20 @@ pub fn read_metrics(path: &Path) -> Result<Vec<EpochMetrics>> {
         Ok(s.f64()?.iter().map(|v| v.unwrap_or(f64::NAN)).collect())
     };
     let (e, t, v, b, s) = (col("epoch")?, col("train_nll")?, col("val_nll")?, col("val_bpd")?, col("seconds")?);
+    // Columns added later are absent from older files.
+    let optional = |n: &str, missing: f64| col(n).unwrap_or_else(|_| vec![missing; e.len()]);
+    let (lr, clipped, norm) = (optional("lr", f64::NAN), optional("clipped_steps", 0.0), optional("max_grad_norm", f64::NAN));
     Ok((0..e.len())
-        .map(|i| EpochMetrics { epoch: e[i] as usize, train_nll: t[i], val_nll: v[i], val_bpd: b[i], seconds: s[i] })
+        .map(|i| EpochMetrics {
+            epoch: e[i] as usize,
+            train_nll: t[i],
+            val_nll: v[i],
+            val_bpd: b[i],
+            seconds: s[i],
+            lr: lr[i],
+            clipped_steps: clipped[i] as usize,
+            max_grad_norm: norm[i],
+        })
         .collect())
 }
 

@@ -13,7 +13,7 @@ mod masked;
 pub mod recurrent;
 mod window;
 
-pub use arm_kernels::{exclusive_cumsum as prefix_sum, leaky_relu};
+pub use arm_kernels::{leaky_relu, running_sigmoid};
 pub use conv1d::{causal_conv1d, causal_conv_stack, CausalConv1d, CausalConvStack, CausalMode, ConvCache};
 pub use conv2d::{masked_conv2d, tap_conv2d, Mask, TapConv2d};
 pub use dropout::Dropout;

@@ -32,6 +32,12 @@ pub enum Activation {
     LeakyRelu,
 }
 
+impl Activation {
+    fn is_default(&self) -> bool {
+        *self == Activation::default()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MlpConfig {
@@ -41,7 +47,9 @@ pub struct MlpConfig {
     pub hidden: usize,
     /// Number of hidden layers (0: a linear map from the window to the parameters).
     pub depth: usize,
-    /// Non-linearity of the hidden layers.
+    /// Non-linearity of the hidden layers. Added after the first runs: written to a run's
+    /// config only when not the default, so their ids (config hashes) stay the same.
+    #[serde(skip_serializing_if = "Activation::is_default")]
     pub activation: Activation,
     /// Dropout probability after each hidden activation (training only).
     pub dropout: f64,
@@ -106,7 +114,7 @@ impl PluginConfig for MlpConfig {
             ("memory", "m: previous pixels the MLP sees (zero before the start)"),
             ("hidden", "width of each hidden layer"),
             ("depth", "number of hidden layers (0: linear)"),
-            ("activation", "\"relu\" (eq. 2.6) or \"leaky_relu\" (slope 0.01) between layers"),
+            ("activation", "\"relu\" (eq. 2.6) or \"leaky_relu\" (slope 0.01; the default) between layers"),
             ("dropout", "dropout after each hidden activation"),
         ]
     }

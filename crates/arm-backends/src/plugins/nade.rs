@@ -4,8 +4,8 @@
 //!   a_d = c + W_{.,<d} x_{<d},   h_d = sigmoid(a_d),   params_d = V_d h_d + b_d.
 //!
 //! W (one H-vector per input position) and c are shared by every conditional; a_d is a running
-//! sum, so the forward pass is O(D H) plus the D output maps (an exclusive prefix sum of the
-//! x_j W_j along the sequence, `layers::prefix_sum`). The cached stepper is the paper's own recursion:
+//! sum, so the forward pass is O(D H) plus the D output maps (h_d for every d is one op,
+//! `layers::running_sigmoid`). The cached stepper is the paper's own recursion:
 //! a_{d+1} = a_d + x_d W_d, O(H P) per pixel.
 //! Left out: the paper's weight-tying variants and its ordering-agnostic follow-ups.
 
@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use arm_core::{Conditional, Stepper};
 
-use crate::layers::prefix_sum;
+use crate::layers::running_sigmoid;
 use crate::registry::{invalid, BuildCtx, PluginConfig, PluginError};
 
 type Result<T, E = candle_core::Error> = std::result::Result<T, E>;
@@ -95,11 +95,8 @@ impl Conditional for Nade {
         if d != self.dims {
             candle_core::bail!("nade: input has {d} positions, built for {}", self.dims);
         }
-        let (b, hd) = (x.dim(0)?, self.c.dim(0)?);
-        let xw = x.t()?.unsqueeze(2)?.broadcast_mul(&self.w.unsqueeze(1)?)?; // (D, B, H): x_j W_j
-        let sums = prefix_sum(&xw.reshape((1, d, b * hd))?)?.reshape((d, b, hd))?; // W_{.,<d} x_<d
-        let h = sigmoid(&sums.broadcast_add(&self.c)?)?; // (D, B, H): h_d = sigmoid(a_d)
-        self.outputs(&h)
+        let h = running_sigmoid(x, &self.w, &self.c)?; // (B, D, H): h_d = sigmoid(a_d)
+        self.outputs(&h.transpose(0, 1)?.contiguous()?) // (B, D, P)
     }
 
     fn seq_len(&self) -> usize {
