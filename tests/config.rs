@@ -109,7 +109,7 @@ fn config_toml_with_missing_or_mistyped_keys_is_an_error() {
         ("name = \"x\"\n", "name = 1\n", "name: expected a string"),
         ("lr = 0.001\n", "", "missing key train.lr"),
         ("lr = 0.001\n", "lr = \"high\"\n", "train.lr: invalid type"),
-        ("lr = 0.001\n", "lr = 0.001\nlr_decay = 1\n", "train.lr_decay: unknown field"),
+        ("lr = 0.001\n", "lr = 0.001\nlr_decai = 1\n", "train.lr_decai: unknown field"),
         ("[sample]\n", "[samples]\n", "missing key sample"),
         ("head = \"categorical\"\n", "", "missing key model.head"),
         ("ordering = \"raster\"\n", "ordering = \"spiral\"\n", "data.ordering: unknown variant `spiral`"),
