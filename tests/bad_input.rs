@@ -172,6 +172,17 @@ const KEYS: &[&str] = &[
     "\"\"",
     "\"a..b\"",
     "x.y",
+    "trials",
+    "dist",
+    "low",
+    "high",
+    "values",
+    "method",
+    "min_epochs",
+    "reduction_factor",
+    "enabled",
+    "\"model.made.num_masks\"",
+    "\"model.backend\"",
 ];
 const HEADERS: &[&str] = &[
     "[data]",
@@ -189,6 +200,11 @@ const HEADERS: &[&str] = &[
     "[zip]",
     "[train.lr]",
     "[model.backend]",
+    "[variants]",
+    "[search]",
+    "[search.params]",
+    "[search.prune]",
+    "[[search]]",
 ];
 
 fn random_value(rng: &mut ChaCha8Rng, depth: usize) -> String {

@@ -121,3 +121,64 @@ fn config_toml_with_missing_or_mistyped_keys_is_an_error() {
         assert!(err.contains(says), "{err:?} lacks {says:?}");
     }
 }
+
+/// `[variants]`: one axis of named key sets; runs are labelled `variant = NAME`, not with the
+/// keys a variant set, and the keys are applied like grid values (under `--set`).
+#[test]
+fn variants_are_one_labelled_axis_of_the_product() {
+    let text = format!(
+        "{BASE}\n[grid]\n\"train.lr\" = [1e-3, 3e-4]\n\n[variants]\n\
+         fvsbn = {{ \"model.backend\" = \"fvsbn\" }}\n\
+         made_2 = {{ \"model.backend\" = \"made\", \"model.made.hidden\" = [8], \"model.made.num_masks\" = 2 }}\n\
+         conv = {{}}\n"
+    );
+    let exp = load_str(&text, "t.toml", &[]).expect("loads");
+    // 3 variants x 2 learning rates x 3 seeds.
+    assert_eq!(exp.runs.len(), 18);
+    let names: std::collections::BTreeSet<String> = exp
+        .runs
+        .iter()
+        .map(|r| {
+            assert_eq!(r.grid[0].0, "variant", "{:?}", r.grid);
+            assert_eq!(r.grid.len(), 2, "{:?}", r.grid);
+            let name = r.grid[0].1.as_str().expect("name").to_string();
+            let backend = match name.as_str() {
+                "fvsbn" => "fvsbn",
+                "made_2" => "made",
+                _ => "causal_conv1d",
+            };
+            assert_eq!(r.model.backend, backend);
+            let id = r.run_id().expect("id");
+            assert!(id.starts_with(&format!("variant={name}_lr=")), "{id}");
+            assert!(!id.contains("backend"), "{id}");
+            name
+        })
+        .collect();
+    assert_eq!(names.into_iter().collect::<Vec<_>>(), ["conv", "fvsbn", "made_2"]);
+    let made = exp.runs.iter().find(|r| r.model.backend == "made").expect("made");
+    assert_eq!(made.model.plugin["num_masks"].as_integer(), Some(2));
+    // --set wins over a variant's keys.
+    let exp = load_str(&text, "t.toml", &["model.made.num_masks=3".to_string()]).expect("loads");
+    let made = exp.runs.iter().find(|r| r.model.backend == "made").expect("made");
+    assert_eq!(made.model.plugin["num_masks"].as_integer(), Some(3));
+}
+
+#[test]
+fn variant_errors_name_the_variant_key_and_line() {
+    let with = |v: &str| format!("{BASE}\n[variants]\nok = {{}}\n{v}\n");
+    let cases = [
+        ("m = { \"model.backend\" = \"made\", \"model.made.num_masks\" = 0 }", "t.toml:18:", "variants.m.\"model.made.num_masks\""),
+        ("m = { \"model.backend\" = \"made\", \"model.made.num_maskz\" = 2 }", "t.toml:18:", "variants.m.\"model.made.num_maskz\""),
+        ("m = { \"model.backend\" = \"madd\" }", "t.toml:18:", "unknown backend \"madd\""),
+        ("m = 3", "t.toml", "variants.m: expected an inline table"),
+        ("m = { \"grid.x\" = [1] }", "t.toml", "cannot set"),
+    ];
+    for (line, at, says) in cases {
+        let err = load_str(&with(line), "t.toml", &[]).map(|_| ()).expect_err(line).to_string();
+        assert!(err.starts_with(at) && err.contains(says), "{line}: {err}");
+    }
+    // A variant and a grid key that set the same key: one of them would silently win.
+    let text = format!("{BASE}\n[grid]\n\"train.lr\" = [1e-3]\n[variants]\nfast = {{ \"train.lr\" = 1e-2 }}\n");
+    let err = load_str(&text, "t.toml", &[]).map(|_| ()).expect_err("overlap").to_string();
+    assert!(err.contains("variants.fast.\"train.lr\"") && err.contains("[grid]"), "{err}");
+}

@@ -212,20 +212,15 @@ impl Origin<'_> {
         Some(self.text.get(..start)?.matches('\n').count() + 1)
     }
 
-    /// The line of a grid key: its entry in `[grid]` or in one of the `[[zip]]` groups.
-    fn grid_line(&self, grid_key: &str) -> Option<usize> {
-        let quoted = format!("\"{}\"", grid_key.replace('"', ""));
-        self.line_of(&format!("grid.{quoted}"))
-            .or_else(|| (0..64).find_map(|i| self.line_of(&format!("zip[{i}].{quoted}"))))
-    }
-
-    /// The error `e` (of the grid point `point`, whose values are `point_keys`) with the file,
-    /// and the line or the layer its key was set in.
-    pub(super) fn error(&self, point: Option<&str>, point_keys: &[(String, toml::Value)], e: KeyError) -> ConfigError {
+    /// The error `e` (of the grid point `point`, whose values are `settings`) with the file,
+    /// and the line or the layer its key was set in. An error at a key a variant or a search
+    /// parameter set is named by where it was set (`variants.made."model.made.hidden"`).
+    pub(super) fn error(&self, point: Option<&str>, settings: &[super::Setting], e: KeyError) -> ConfigError {
         let (mut line, mut from) = (None, None);
-        if let Some(key) = e.key.as_deref() {
+        let mut e = e;
+        if let Some(key) = e.key.clone() {
             // The error is at the overridden key, inside it, or at a table it put there.
-            let hits = |k: &str| within(key, k) || within(k, key);
+            let hits = |k: &str| within(&key, k) || within(k, &key);
             if let Some((k, v)) = self.sets.iter().rev().find(|(k, _)| hits(k)) {
                 from = Some(format!("--set {k}={v}"));
             } else if let Some(var) = std::env::vars_os()
@@ -233,10 +228,14 @@ impl Origin<'_> {
                 .find(|k| k.strip_prefix("RUNNER__").is_some_and(|rest| hits(&rest.to_lowercase().replace("__", "."))))
             {
                 from = Some(var);
-            } else if let Some((k, _)) = point_keys.iter().find(|(k, _)| hits(k)) {
-                line = self.grid_line(k);
+            } else if let Some(s) = settings.iter().rev().find(|s| hits(&s.key)) {
+                line = self.line_of(&s.source);
+                if s.rename {
+                    let inner = key.strip_prefix(s.key.as_str()).filter(|_| within(&key, &s.key)).unwrap_or("");
+                    e.key = Some(format!("{}{inner}", s.source));
+                }
             } else {
-                line = self.line_of(key);
+                line = self.line_of(&key);
             }
         }
         let point = point.map(str::to_string);

@@ -1,6 +1,7 @@
 //! Experiment files: figment layers (file <- grid point <- `RUNNER__*` env <- `--set`), grid
-//! expansion (cartesian product of `[grid]` lists, `[[zip]]` groups varying together, times
-//! `seeds`), validation of every run before the first one starts, and stable run ids.
+//! expansion (cartesian product of `[variants]`, `[grid]` lists, `[[zip]]` groups varying
+//! together, times `seeds`), validation of every run before the first one starts, and stable
+//! run ids.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -14,10 +15,12 @@ use arm_train::TrainConfig;
 
 mod errors;
 mod run_config;
+mod search;
 
 use errors::{figment_error, Origin};
 pub use errors::{toml_error, ConfigError, KeyError, Located};
 pub use run_config::{compact, from_value, read_run_config, RunConfig, RunConfigError};
+pub use search::{round4, Metric, Prune, Search};
 
 /// The experiment file as written (before grid expansion).
 #[derive(Debug, Clone, Deserialize)]
@@ -36,6 +39,12 @@ struct ExperimentFile {
     grid: BTreeMap<String, toml::Value>,
     #[serde(default)]
     zip: Vec<BTreeMap<String, toml::Value>>,
+    /// Named sets of dotted keys: `name = { "model.backend" = "made", ... }`.
+    #[serde(default)]
+    variants: BTreeMap<String, toml::Value>,
+    /// Random search (and successive halving) over distributions per key.
+    #[serde(default)]
+    search: Option<search::SearchSection>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -107,6 +116,8 @@ pub struct ModelConfig {
 pub struct Experiment {
     pub name: String,
     pub runs: Vec<RunConfig>,
+    /// The file's `[search]`, when it has one: its runs' labels hold `trial` and the drawn keys.
+    pub search: Option<Search>,
 }
 
 /// `key=value` from the command line; the value is read as TOML, else taken as a string.
@@ -123,21 +134,65 @@ pub fn parse_set(s: &str) -> Result<(String, toml::Value), ConfigError> {
     Ok((k.to_string(), value))
 }
 
-fn grid_points(file: &ExperimentFile) -> Result<Vec<Vec<(String, toml::Value)>>, KeyError> {
-    let mut axes: Vec<Vec<Vec<(String, toml::Value)>>> = Vec::new();
+/// A value one axis of the product sets: the dotted key, the value, and the key path it was
+/// written at (`grid."train.lr"`, `zip[0]."train.lr"`, `variants.made_8masks."model.backend"`),
+/// which errors name.
+#[derive(Debug, Clone)]
+pub(crate) struct Setting {
+    pub(crate) key: String,
+    pub(crate) value: toml::Value,
+    pub(crate) source: String,
+    /// Errors at this key are reported at `source` (variants, search parameters) rather than
+    /// at the key itself with the source's line (grid and zip entries).
+    pub(crate) rename: bool,
+}
+
+/// One point of an axis, or of the whole product: what it sets, how runs are labelled (grid key
+/// -> value: slugs, summary columns, report rows) and how errors describe it.
+#[derive(Debug, Clone, Default)]
+struct Point {
+    settings: Vec<Setting>,
+    label: Vec<(String, toml::Value)>,
+    desc: Vec<String>,
+}
+
+impl Point {
+    fn join(&self, other: &Point) -> Point {
+        let cat = |a: &[String], b: &[String]| a.iter().chain(b).cloned().collect();
+        Point {
+            settings: self.settings.iter().chain(&other.settings).cloned().collect(),
+            label: self.label.iter().chain(&other.label).cloned().collect(),
+            desc: cat(&self.desc, &other.desc),
+        }
+    }
+}
+
+/// A grid or zip entry: sets its key and labels the run with it (`seeds` sets, never labels).
+fn plain(key: &str, value: toml::Value, source: String) -> Point {
+    let label = if key == "seeds" { vec![] } else { vec![(key.to_string(), value.clone())] };
+    let desc = vec![format!("{key} = {value}")];
+    Point { settings: vec![Setting { key: key.to_string(), value, source, rename: false }], label, desc }
+}
+
+fn list_of<'a>(key: &str, v: &'a toml::Value) -> Result<&'a Vec<toml::Value>, KeyError> {
+    v.as_array().ok_or_else(|| KeyError::at(key, format!("expected a list of values, got {v}")))
+}
+
+fn grid_axes(file: &ExperimentFile) -> Result<Vec<Vec<Point>>, KeyError> {
+    let mut axes: Vec<Vec<Point>> = Vec::new();
     for (k, v) in &file.grid {
         let key = format!("grid.\"{k}\"");
-        let list = v.as_array().ok_or_else(|| KeyError::at(&key, format!("expected a list of values, got {v}")))?;
+        let list = list_of(&key, v)?;
         if list.is_empty() {
             return Err(KeyError::at(key, "the list is empty; give at least one value"));
         }
-        axes.push(list.iter().map(|x| vec![(k.clone(), x.clone())]).collect());
+        axes.push(list.iter().map(|x| plain(k, x.clone(), key.clone())).collect());
     }
     for (i, group) in file.zip.iter().enumerate() {
         let mut len = None;
         for (k, v) in group {
             let key = format!("zip[{i}].\"{k}\"");
-            let list = v.as_array().ok_or_else(|| KeyError::at(&key, format!("expected a list of values, got {v}")))?;
+            let list = list_of(&key, v)?;
             match len {
                 None => len = Some(list.len()),
                 Some(n) if n != list.len() => {
@@ -153,30 +208,118 @@ fn grid_points(file: &ExperimentFile) -> Result<Vec<Vec<(String, toml::Value)>>,
         if n == 0 {
             return Err(KeyError::at(format!("zip[{i}]"), "the group is empty; give lists of at least one value"));
         }
-        axes.push(
-            (0..n)
-                .map(|j| {
-                    group
-                        .iter()
-                        .map(|(k, v)| {
-                            (k.clone(), v.as_array().map(|a| a[j].clone()).unwrap_or(toml::Value::Boolean(false)))
-                        })
-                        .collect()
-                })
-                .collect(),
-        );
+        let point = |j: usize| {
+            let parts = group.iter().map(|(k, v)| {
+                let value = v.as_array().and_then(|a| a.get(j)).cloned().unwrap_or(toml::Value::Boolean(false));
+                plain(k, value, format!("zip[{i}].\"{k}\""))
+            });
+            parts.fold(Point::default(), |p, q| p.join(&q))
+        };
+        axes.push((0..n).map(point).collect());
     }
+    Ok(axes)
+}
+
+/// Sections a variant, a grid key or a search parameter must not set: they define the product.
+const AXIS_SECTIONS: [&str; 5] = ["grid", "zip", "variants", "search", "name"];
+
+fn axis_section(key: &str) -> bool {
+    AXIS_SECTIONS.iter().any(|s| key == *s || key.strip_prefix(s).is_some_and(|r| r.starts_with('.')))
+}
+
+/// `[variants]`: named sets of dotted keys, one axis whose runs are labelled `variant = NAME`.
+fn variant_axis(file: &ExperimentFile) -> Result<Option<Vec<Point>>, KeyError> {
+    if file.variants.is_empty() {
+        return Ok(None);
+    }
+    let mut axis = Vec::new();
+    for (name, v) in &file.variants {
+        let at = format!("variants.{}", quote_key(name));
+        let table = v.as_table().ok_or_else(|| {
+            KeyError::at(&at, format!("expected an inline table of dotted keys, e.g. {{ \"model.backend\" = \"made\" }}, got {v}"))
+        })?;
+        let mut settings = Vec::new();
+        for (k, value) in table {
+            let source = format!("{at}.\"{k}\"");
+            if axis_section(k) {
+                return Err(KeyError::at(source, "a variant cannot set the experiment's name, grid, zip, variants or search"));
+            }
+            let axis_keys = file.grid.keys().map(|g| ("[grid]", g)).chain(file.zip.iter().flat_map(|z| z.keys().map(|g| ("[[zip]]", g))));
+            if let Some((section, g)) = axis_keys.into_iter().find(|(_, g)| within_key(g, k) || within_key(k, g)) {
+                return Err(KeyError::at(source, format!("also set by the {section} key \"{g}\"; set it in one place")));
+            }
+            settings.push(Setting { key: k.clone(), value: value.clone(), source, rename: true });
+        }
+        let label = vec![("variant".to_string(), toml::Value::String(name.clone()))];
+        axis.push(Point { settings, label, desc: vec![format!("variant {name}")] });
+    }
+    Ok(Some(axis))
+}
+
+/// Whether dotted key `inner` is `outer` or lies inside it.
+fn within_key(inner: &str, outer: &str) -> bool {
+    inner == outer || inner.strip_prefix(outer).is_some_and(|r| r.starts_with('.'))
+}
+
+/// A table key as written in a key path: bare when it can be, quoted otherwise.
+fn quote_key(k: &str) -> String {
+    if !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        k.to_string()
+    } else {
+        format!("\"{}\"", k.replace('"', "\\\""))
+    }
+}
+
+/// `[search]`: the trials as one axis (each sets its drawn keys; labelled `trial = i` and the
+/// drawn values).
+fn trial_axis(file: &ExperimentFile) -> Result<Option<(Search, Vec<Point>)>, KeyError> {
+    let Some(section) = &file.search else { return Ok(None) };
+    let mut taken: Vec<(String, String)> = file.grid.keys().map(|k| ("the [grid] key".to_string(), k.clone())).collect();
+    taken.extend(file.zip.iter().flat_map(|z| z.keys().map(|k| ("the [[zip]] key".to_string(), k.clone()))));
+    for (name, v) in &file.variants {
+        let keys = v.as_table().into_iter().flat_map(|t| t.keys());
+        taken.extend(keys.map(|k| (format!("variant {name}'s key"), k.clone())));
+    }
+    let default_seed = file.seeds.as_ref().and_then(|s| s.first().copied()).unwrap_or(0);
+    let (search, trials) = section.resolve(default_seed, &taken)?;
+    let axis = trials
+        .into_iter()
+        .enumerate()
+        .map(|(i, drawn)| {
+            let settings = drawn
+                .iter()
+                .map(|(k, v)| Setting { key: k.clone(), value: v.clone(), source: format!("search.params.\"{k}\""), rename: true })
+                .collect();
+            let values: Vec<String> = drawn.iter().map(|(k, v)| format!("{k} = {v}")).collect();
+            let mut label = vec![("trial".to_string(), toml::Value::Integer(i as i64))];
+            label.extend(drawn);
+            Point { settings, label, desc: vec![format!("trial {i} ({})", values.join(", "))] }
+        })
+        .collect();
+    Ok(Some((search, axis)))
+}
+
+/// The cartesian product of the axes: variants, then `[grid]` keys, then `[[zip]]` groups, then
+/// the trials of `[search]`.
+fn grid_points(file: &ExperimentFile) -> Result<(Vec<Point>, Option<Search>), KeyError> {
+    let mut axes = Vec::new();
+    axes.extend(variant_axis(file)?);
+    axes.extend(grid_axes(file)?);
+    let search = match trial_axis(file)? {
+        Some((search, axis)) => {
+            axes.push(axis);
+            Some(search)
+        }
+        None => None,
+    };
     if axes.iter().try_fold(1usize, |n, a| n.checked_mul(a.len()).filter(|&n| n <= MAX_RUNS)).is_none() {
         return Err(KeyError::at("grid", format!("more than {MAX_RUNS} grid points")));
     }
-    let mut points: Vec<Vec<(String, toml::Value)>> = vec![vec![]];
+    let mut points = vec![Point::default()];
     for axis in axes {
-        points = points
-            .into_iter()
-            .flat_map(|p| axis.iter().map(move |vals| p.iter().cloned().chain(vals.iter().cloned()).collect()))
-            .collect();
+        points = points.iter().flat_map(|p| axis.iter().map(move |q| p.join(q))).collect();
     }
-    Ok(points)
+    Ok((points, search))
 }
 
 /// Reads, expands and validates an experiment file. Errors are one line naming the file (and
@@ -204,33 +347,37 @@ pub fn load_str(text: &str, file: &str, sets: &[String]) -> Result<Experiment, C
     let base: ExperimentFile =
         layered(text, &[], &sets).extract().map_err(|e| origin.error(None, &[], figment_error(e)))?;
     validate_name(&base.name).map_err(|e| origin.error(None, &[], KeyError::at("name", e)))?;
-    let points = grid_points(&base).map_err(|e| origin.error(None, &[], e))?;
+    let (points, search) = grid_points(&base).map_err(|e| origin.error(None, &[], e))?;
     let mut runs = Vec::new();
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     for (i, point) in points.iter().enumerate() {
-        let where_ = (points.len() > 1 || !point.is_empty()).then(|| {
-            let desc: Vec<String> = point.iter().map(|(k, v)| format!("{k} = {v}")).collect();
-            format!("grid point {} ({})", i + 1, desc.join(", "))
-        });
-        let fail = |e: KeyError| origin.error(where_.as_deref(), point, e);
-        let ef: ExperimentFile = layered(text, point, &sets).extract().map_err(|e| fail(figment_error(e)))?;
-        for run in point_runs(&base.name, &ef, point, runs.len()).map_err(fail)? {
+        let where_ = (points.len() > 1 || !point.desc.is_empty())
+            .then(|| format!("grid point {} ({})", i + 1, point.desc.join(", ")));
+        let fail = |e: KeyError| origin.error(where_.as_deref(), &point.settings, e);
+        let ef: ExperimentFile =
+            layered(text, &point.settings, &sets).extract().map_err(|e| fail(figment_error(e)))?;
+        for run in point_runs(&base.name, &ef, &point.label, runs.len()).map_err(fail)? {
             // Two grid points that resolve to the same config would be one run trained twice.
             if let Some(j) = seen.insert(run.hash().map_err(|e| fail(KeyError::general(e)))?, i) {
-                let msg = format!("the same run as grid point {} (the grid lists one configuration twice)", j + 1);
+                let msg = format!(
+                    "the same run as grid point {} ({}): two points of the product resolve to one configuration \
+                     (a key that does not apply to the point's backend is ignored)",
+                    j + 1,
+                    points[j].desc.join(", ")
+                );
                 return Err(fail(KeyError::at("grid", msg)));
             }
             runs.push(run);
         }
     }
-    Ok(Experiment { name: base.name, runs })
+    Ok(Experiment { name: base.name, runs, search })
 }
 
 /// The figment layers of one grid point: file <- grid values <- `RUNNER__*` <- `--set`.
-fn layered(text: &str, point: &[(String, toml::Value)], sets: &[(String, toml::Value)]) -> Figment {
+fn layered(text: &str, point: &[Setting], sets: &[(String, toml::Value)]) -> Figment {
     let mut f = Figment::from(Toml::string(text));
-    for (k, v) in point {
-        f = f.merge(Serialized::default(k, v));
+    for s in point {
+        f = f.merge(Serialized::default(&s.key, &s.value));
     }
     f = f.merge(Env::prefixed("RUNNER__").split("__"));
     for (k, v) in sets {
@@ -240,10 +387,11 @@ fn layered(text: &str, point: &[(String, toml::Value)], sets: &[(String, toml::V
 }
 
 /// The runs of one grid point (one per seed), checked; `before` runs came from earlier points.
+/// `label` names the point in slugs, summary columns and reports.
 fn point_runs(
     name: &str,
     ef: &ExperimentFile,
-    point: &[(String, toml::Value)],
+    label: &[(String, toml::Value)],
     before: usize,
 ) -> Result<Vec<RunConfig>, KeyError> {
     let (data, model, train, sample) = resolve_point(ef)?;
@@ -269,7 +417,7 @@ fn point_runs(
         train: train.clone(),
         sample: sample.clone(),
         // Labels name what differs between configs; the seed is in the run id already.
-        grid: point.iter().filter(|(k, _)| k != "seeds").cloned().collect(),
+        grid: label.to_vec(),
     };
     Ok(seeds.iter().map(|&s| run(s)).collect())
 }
