@@ -18,3 +18,7 @@ report *ARGS:
 
 bench *ARGS:
     cargo run --release -- bench {{ARGS}}
+
+# What a sweep is doing (add --watch to refresh): just status
+status *ARGS:
+    cargo run --release -- status {{ARGS}}

@@ -118,9 +118,10 @@ fn resumed_run_matches_an_uninterrupted_one() {
         let o = run(&a, &args);
         assert!(o.status.success(), "{}", text(&o.stderr));
 
-        // Stopped after epoch 2: interrupted, with a checkpoint and two metrics rows.
+        // Stopped after epoch 2: interrupted (exit status 130), with a checkpoint and two
+        // metrics rows.
         let o = cmd(&b, &args).env("RUNNER_STOP_AFTER_EPOCHS", "2").output().expect("run");
-        assert!(o.status.success(), "{}", text(&o.stderr));
+        assert_eq!(o.status.code(), Some(130), "{}", text(&o.stderr));
         let dir = &run_dirs(&b, "tiny1")[0];
         let st = status(dir);
         assert_eq!(st["status"].as_str(), Some("interrupted"), "{st:?}");
@@ -166,7 +167,7 @@ fn sweep_resume_continues_interrupted_runs_with_identical_results() {
 
     // Ctrl-C (simulated) at the end of epoch 2 of the first run: the sweep stops, non-zero.
     let o = cmd(&b, &args).env("RUNNER_STOP_AFTER_EPOCHS", "2").output().expect("run");
-    assert!(!o.status.success());
+    assert_eq!(o.status.code(), Some(130));
     assert!(text(&o.stdout).contains("1 interrupted"), "{}", text(&o.stdout));
     assert!(text(&o.stderr).contains("interrupted; rerun"), "{}", text(&o.stderr));
 
@@ -226,6 +227,7 @@ fn ctrl_c_marks_the_run_interrupted_and_resume_continues_its_history() {
     interrupt(&child);
     let o = child.wait_with_output().expect("wait");
     assert!(text(&o.stderr).contains("stopping after the current step"), "{}", text(&o.stderr));
+    assert_eq!(o.status.code(), Some(130), "an interrupted train exits as shells expect");
     let d = dir().expect("run dir");
     let st = status(&d);
     assert_eq!(st["status"].as_str(), Some("interrupted"), "{st:?}");
@@ -268,8 +270,10 @@ fn a_diverging_run_fails_with_the_epoch_and_the_sweep_carries_on() {
     let r = tmp.path().join("r");
     let file = diverging_grid(tmp.path(), "[1e30, 0.001]");
     let f = file.to_str().expect("utf8");
+    // The sweep trains every run, then exits non-zero for the failed one.
     let o = run(&r, &["sweep", f]);
-    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("1 run(s) failed"), "{}", text(&o.stderr));
     let out = text(&o.stdout);
     assert_eq!(count(&out, "trained"), 1, "{out}");
     assert!(out.contains("0 interrupted, 1 failed"), "{out}");

@@ -4,7 +4,7 @@
 //! `--shard` processes promoting the same trials as one process.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use runner::config::load_str;
 
@@ -151,8 +151,111 @@ fn bad_search_values_get_one_line_naming_the_key() {
 // ---------------------------------------------------------------------------------------------
 // Successive halving, end to end.
 
-fn write(dir: &Path, name: &str, body: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, body).expect("write");
-    p
+
+fn toml_of(p: &Path) -> toml::Table {
+    toml::from_str(&std::fs::read_to_string(p).expect("read")).expect("toml")
+}
+
+/// (status, epochs in metrics.parquet) of every run folder of `name`, by run id.
+fn states(results: &Path, name: &str) -> BTreeMap<String, (String, usize)> {
+    run_dirs(results, name)
+        .iter()
+        .map(|d| {
+            let st = toml_of(&d.join("status.toml"));
+            let n = read_parquet(&d.join("metrics.parquet")).height();
+            let id = d.file_name().and_then(|n| n.to_str()).expect("id").to_string();
+            (id, (st["status"].as_str().expect("status").to_string(), n))
+        })
+        .collect()
+}
+
+fn val_nll(results: &Path, name: &str, id: &str) -> Vec<f64> {
+    f64_col(&read_parquet(&results.join(name).join("runs").join(id).join("metrics.parquet")), "val_nll")
+}
+
+fn sweep(results: &Path, file: &Path, extra: &[&str]) -> std::process::Output {
+    let o = runner(results).arg("sweep").arg(file).args(extra).output().expect("run");
+    assert!(o.status.success(), "{}", stderr(&o));
+    o
+}
+
+#[test]
+fn successive_halving_prunes_by_rank_and_a_promoted_trial_matches_an_unpruned_run() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = common::fixture("tiny_search.toml");
+    let (pruned, full) = (tmp.path().join("pruned"), tmp.path().join("full"));
+    let o = sweep(&pruned, &file, &[]);
+    assert!(stdout(&o).contains("successive halving: 4 trials trained"), "{}", stdout(&o));
+
+    // Rungs at epochs 1 and 2 (factor 2): 4 trials -> 2 -> 1, which trains to epoch 4.
+    let st = states(&pruned, "tsearch");
+    assert_eq!(st.len(), 4);
+    let by_epochs = |n: usize, s: &str| st.values().filter(|(x, e)| x == s && *e == n).count();
+    assert_eq!((by_epochs(1, "pruned"), by_epochs(2, "pruned"), by_epochs(4, "finished")), (2, 1, 1), "{st:?}");
+
+    // The two promoted at rung 1 are the two best by validation NLL at epoch 1.
+    let first: Vec<(String, f64)> = st.keys().map(|id| (id.clone(), val_nll(&pruned, "tsearch", id)[0])).collect();
+    let mut ranked = first.clone();
+    ranked.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let promoted: BTreeSet<&String> = st.iter().filter(|(_, (_, e))| *e >= 2).map(|(id, _)| id).collect();
+    assert_eq!(promoted, ranked[..2].iter().map(|(id, _)| id).collect::<BTreeSet<_>>());
+    let dropped = run_dirs(&pruned, "tsearch").into_iter().find(|d| st[d.file_name().and_then(|n| n.to_str()).expect("id")].1 == 1).expect("one");
+    let reason = toml_of(&dropped.join("status.toml"))["reason"].as_str().expect("reason").to_string();
+    assert!(reason.contains("pruned at epoch 1 (rung 1 of 2)") && reason.contains("of 4"), "{reason}");
+    assert!(dropped.join("checkpoint.safetensors").is_file(), "a pruned trial keeps its checkpoint");
+
+    // The same trials without pruning: the same run ids, and the winner's metrics are those of
+    // its uninterrupted run, bit for bit.
+    sweep(&full, &file, &["--set", "search.prune.enabled=false"]);
+    let all = states(&full, "tsearch");
+    assert_eq!(all.keys().collect::<Vec<_>>(), st.keys().collect::<Vec<_>>());
+    assert!(all.values().all(|(s, e)| s == "finished" && *e == 4), "{all:?}");
+    let (winner, _) = st.iter().find(|(_, (s, _))| s == "finished").expect("winner");
+    assert_eq!(val_nll(&pruned, "tsearch", winner), val_nll(&full, "tsearch", winner));
+    let best_full = all.keys().map(|id| val_nll(&full, "tsearch", id).into_iter().fold(f64::INFINITY, f64::min));
+    eprintln!("pruned winner {winner}; best of the full search {:.3}", best_full.fold(f64::INFINITY, f64::min));
+
+    // The report lists the pruned trials with their reasons.
+    let o = runner(&pruned).arg("report").output().expect("report");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).lines().filter(|l| l.contains("pruned") && l.contains("ranked")).count(), 3, "{}", stdout(&o));
+}
+
+#[test]
+fn two_shards_promote_the_same_trials_as_one_process_and_train_each_once() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = common::fixture("tiny_search.toml");
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    sweep(&one, &file, &[]);
+    let spawn = |i: usize| {
+        runner(&two)
+            .arg("sweep")
+            .arg(&file)
+            .args(["--shard", &format!("{i}/2")])
+            .env("RUST_LOG", "info")
+            .output()
+            .expect("shard")
+    };
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| spawn(0));
+        let b = s.spawn(|| spawn(1));
+        (a.join().expect("a"), b.join().expect("b"))
+    });
+    assert!(a.status.success() && b.status.success(), "{}\n{}", stderr(&a), stderr(&b));
+    assert_eq!(states(&one, "tsearch"), states(&two, "tsearch"));
+    for id in states(&one, "tsearch").keys() {
+        assert_eq!(val_nll(&one, "tsearch", id), val_nll(&two, "tsearch", id), "{id}");
+    }
+    // Every training of a trial segment happened once: 4 + 2 + 1 segments between the shards.
+    let segments = |o: &std::process::Output| {
+        let out = stdout(o);
+        let after = |word: &str| -> usize {
+            out.split(word).nth(1).and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()).unwrap_or(0)
+        };
+        let before = |word: &str| -> usize {
+            out.split(word).next().filter(|t| t.len() < out.len()).and_then(|t| t.rsplit(' ').next()?.parse().ok()).unwrap_or(0)
+        };
+        after("tsearch: trained ") + before(" stopped at a rung")
+    };
+    assert_eq!(segments(&a) + segments(&b), 7, "{}\n{}", stdout(&a), stdout(&b));
 }

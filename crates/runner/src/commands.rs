@@ -76,14 +76,20 @@ impl std::io::Write for BarWriter {
     }
 }
 
+/// Ctrl-C, SIGTERM (what Slurm and `kill` send) and SIGHUP (a closed terminal) all stop the
+/// work after the current step: the run is checkpointed and marked interrupted.
 pub fn install_ctrlc() {
     let _ = ctrlc::set_handler(|| {
         if run::STOP.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            // A second Ctrl-C: leave now; files are written atomically, so nothing is torn.
+            // A second signal: leave now; files are written atomically, so nothing is torn.
             std::process::exit(130);
         }
-        eprintln!("stopping after the current step (Ctrl-C again to quit now)");
+        eprintln!("stopping after the current step (interrupt again to quit now)");
     });
+}
+
+pub fn interrupted(msg: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(crate::Interrupted(msg.into()))
 }
 
 /// Runs the command line's subcommand.
@@ -107,6 +113,10 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             crate::report::report(&results, &dirs, &device, &opts)
         }
         Command::Slurm { file, array, time, cpus, out, sets } => slurm(&results, &file, array, time, cpus, out, sets),
+        Command::Status { folder, watch, every } => {
+            let folder = folder.unwrap_or(results);
+            crate::status::status(&folder, &crate::status::Options { watch: watch.then_some(every) })
+        }
         Command::List => {
             list();
             Ok(())
@@ -166,7 +176,7 @@ fn train(results: &Path, device: &str, file: &Path, sets: &[String], seed: Optio
         None => {
             tracing::info!("training {} -> {}", exp.name, dir.display());
             let bar = ui.run_bar(&id);
-            let st = run::execute(&cfg, &dir, &device, &bar, !ui.tty, resume)?;
+            let st = run::execute(&cfg, &dir, &device, &bar, !ui.tty, resume, None)?;
             bar.finish_and_clear();
             st
         }
@@ -190,8 +200,12 @@ fn print_trained(cfg: &config::RunConfig, id: &str, dir: &Path, st: store::RunSt
         ),
         _ => {
             println!("{id}: {} ({})", st.status, st.reason.clone().unwrap_or_default());
-            if st.status == store::RunState::Failed {
-                anyhow::bail!("run {id} failed: {}", st.reason.unwrap_or_default());
+            match st.status {
+                store::RunState::Failed => anyhow::bail!("run {id} failed: {}", st.reason.unwrap_or_default()),
+                store::RunState::Interrupted => {
+                    return Err(interrupted(format!("run {id} interrupted; `runner train --resume` continues it")))
+                }
+                _ => {}
             }
         }
     }

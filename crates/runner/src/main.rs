@@ -1,17 +1,19 @@
 //! `runner`: train, sweep, report and compare autoregressive image models.
 //! A thin main: parse, dispatch, print the error chain on one line, exit non-zero
-//! (2 for bad input, 1 for failures while running).
+//! (2 for bad input, 1 for failures while running, 130 when a signal stopped the work).
 
 mod bench;
 mod bench_sampling;
 mod checkpoint;
 mod commands;
 mod eval;
+mod halving;
 mod plots;
 mod report;
 mod run;
 mod sample;
 mod slurm;
+mod status;
 mod store;
 mod summary;
 mod sweep;
@@ -82,6 +84,18 @@ impl std::error::Error for BadInput {}
 pub fn bad_input(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow::Error::new(BadInput(e.to_string()))
 }
+
+/// Work stopped by Ctrl-C, SIGTERM or SIGHUP after checkpointing: exit status 130, as shells
+/// expect of an interrupted command.
+#[derive(Debug)]
+pub struct Interrupted(pub String);
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for Interrupted {}
 
 #[derive(Parser)]
 #[command(name = "runner", version, about = "Train, sweep and compare autoregressive image models")]
@@ -160,6 +174,18 @@ enum Command {
         out: Option<PathBuf>,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
+    },
+    /// What a sweep is doing, from its results folder alone: runs by state, the epoch, validation
+    /// NLL and time left of the running ones, and the runs not started.
+    Status {
+        /// A results folder or one experiment folder (default: --results).
+        folder: Option<PathBuf>,
+        /// Refresh until interrupted.
+        #[arg(long)]
+        watch: bool,
+        /// Seconds between refreshes with --watch.
+        #[arg(long, default_value_t = 5.0)]
+        every: f64,
     },
     /// List every conditional plugin and head with its config keys and defaults.
     List,
@@ -268,6 +294,8 @@ fn main() -> ExitCode {
             eprintln!("error: {msg}");
             if e.downcast_ref::<BadInput>().is_some() {
                 ExitCode::from(2)
+            } else if e.downcast_ref::<Interrupted>().is_some() {
+                ExitCode::from(130)
             } else {
                 ExitCode::from(1)
             }

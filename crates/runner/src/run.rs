@@ -132,7 +132,8 @@ fn resume_state(dir: &Path, map: &VarMap, device: &Device, run_id: &str) -> Opti
 
 /// Trains `cfg` into `dir`. `bar` shows epochs; `log_epochs` adds a log line per epoch. After
 /// every epoch the checkpoint and metrics are written (atomically); with `resume`, training
-/// continues from the folder's checkpoint when it has one.
+/// continues from the folder's checkpoint when it has one. With `rung`, training pauses at the
+/// end of that epoch (successive halving): the run is marked pruned until a ranking promotes it.
 pub fn execute(
     cfg: &RunConfig,
     dir: &Path,
@@ -140,6 +141,7 @@ pub fn execute(
     bar: &ProgressBar,
     log_epochs: bool,
     resume: bool,
+    rung: Option<usize>,
 ) -> Result<RunStatus> {
     let t0 = Instant::now();
     let mut status = begin(cfg, dir)?;
@@ -159,6 +161,8 @@ pub fn execute(
         wall_before,
         best_so_far: start.as_ref().map_or(f64::INFINITY, |(st, _)| st.best_val_nll),
         stop_after: stop_after_epochs(),
+        rung,
+        at_rung: false,
         write_err: None,
     };
     let outcome = arm_train::train_from(&arm, &map, &data, &cfg.train, cfg.seed, start.map(|(st, _)| st), &mut |ev| {
@@ -172,6 +176,13 @@ pub fn execute(
     }
     write_history(cfg, dir, &run_id, &outcome, &mut status)?;
     record_outcome(cfg, dir, &arm, &map, &outcome, &mut status)?;
+    if progress.at_rung && status.status == RunState::Interrupted && !STOP.load(AtomicOrdering::SeqCst) {
+        status.status = RunState::Pruned;
+        status.reason = Some(format!(
+            "stopped at epoch {}, a rung of successive halving; resumes if the rung's ranking promotes it",
+            outcome.history.len()
+        ));
+    }
     status.wall_seconds = wall_before + t0.elapsed().as_secs_f64();
     status.write(dir)?;
     if status.is_finished() {
@@ -202,6 +213,9 @@ struct Progress<'a> {
     wall_before: f64,
     best_so_far: f64,
     stop_after: Option<usize>,
+    /// Pause at the end of this epoch (a rung of successive halving).
+    rung: Option<usize>,
+    at_rung: bool,
     write_err: Option<anyhow::Error>,
 }
 
@@ -233,6 +247,10 @@ impl Progress<'_> {
                     self.best_so_far = metrics.val_nll;
                 }
                 self.show(metrics, best);
+                if self.rung.is_some_and(|r| metrics.epoch >= r) {
+                    self.at_rung = true;
+                    return Control::Stop;
+                }
             }
         }
         if STOP.load(AtomicOrdering::SeqCst) {

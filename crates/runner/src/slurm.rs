@@ -1,6 +1,11 @@
 //! `runner slurm FILE --array N`: an sbatch array script whose task i runs
 //! `runner sweep FILE --shard i/N`; the shards write into one results folder (run claims keep
 //! them apart) and `runner report` merges them.
+//!
+//! Preemption and time limits: Slurm sends SIGTERM to the batch shell 120 s before the limit
+//! (`--signal=B:TERM@120`); the script passes it on to the runner, which checkpoints the run
+//! and marks it interrupted (exit status 130), then requeues its own array task
+//! (`--requeue`), whose next start runs the sweep with `--resume` and carries on from there.
 
 use std::path::{Path, PathBuf};
 
@@ -35,10 +40,22 @@ pub fn write_script(exp: &Experiment, file: &Path, results: &Path, opts: &Option
          #SBATCH --cpus-per-task={cpus}\n\
          #SBATCH --time={time}\n\
          #SBATCH --output={logs}/%A_%a.out\n\
-         set -euo pipefail\n\
+         #SBATCH --open-mode=append\n\
+         #SBATCH --signal=B:TERM@120\n\
+         #SBATCH --requeue\n\
+         set -uo pipefail\n\
          cd {cwd}\n\
          RUNNER=${{RUNNER:-{exe}}}\n\
-         \"$RUNNER\" --results {results} sweep {file} --shard \"${{SLURM_ARRAY_TASK_ID}}/{n}\"{sets}\n",
+         \"$RUNNER\" --results {results} sweep {file} --shard \"${{SLURM_ARRAY_TASK_ID}}/{n}\" --resume{sets} &\n\
+         pid=$!\n\
+         trap 'kill -TERM \"$pid\" 2>/dev/null' TERM HUP\n\
+         wait \"$pid\"; status=$?\n\
+         # A signal interrupts `wait` itself: wait again for the runner to checkpoint and leave.\n\
+         while kill -0 \"$pid\" 2>/dev/null; do wait \"$pid\"; status=$?; done\n\
+         if [ \"$status\" -eq 130 ]; then\n\
+         \x20 scontrol requeue \"${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}\"\n\
+         fi\n\
+         exit \"$status\"\n",
         runs = exp.runs.len(),
         name = exp.name,
         last = n - 1,

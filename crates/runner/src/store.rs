@@ -1,6 +1,6 @@
 //! The results layout and its files. Every file is written to a temporary name in the same
-//! folder and renamed into place, so a kill at any moment leaves the old file or the new one,
-//! never a torn one.
+//! folder, synced, renamed into place and the folder synced, so a kill or a power loss at any
+//! moment leaves the old file or the new one, never a torn one.
 //!
 //! results/<name>/runs/<run-id>/{config.toml, metrics.parquet, model.safetensors,
 //! nll_curve.png, samples.png, status.toml}; results/<name>/summary.parquet.
@@ -23,11 +23,31 @@ pub fn atomic_write_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
     let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let res = write(&tmp)
-        .and_then(|_| fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display())));
+        .and_then(|_| sync_file(&tmp))
+        .and_then(|_| fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display())))
+        .and_then(|_| sync_dir(dir));
     if res.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     res
+}
+
+/// The file's data on disk before it is renamed over the old one (else a power loss can leave
+/// the new name pointing at an empty file).
+fn sync_file(path: &Path) -> Result<()> {
+    fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("{}: cannot sync to disk", path.display()))
+}
+
+/// The rename itself on disk: the folder's entry is synced too.
+fn sync_dir(dir: &Path) -> Result<()> {
+    match fs::File::open(dir).and_then(|f| f.sync_all()) {
+        Ok(()) => Ok(()),
+        // Some file systems cannot sync a folder; the file itself is already on disk.
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput || e.raw_os_error() == Some(22) => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("{}: cannot sync the folder", dir.display())),
+    }
 }
 
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -98,6 +118,12 @@ pub enum RunState {
     Interrupted,
     /// A run folder without a status file (killed before writing one).
     Unfinished,
+    /// Stopped at a rung of successive halving (`[search.prune]`): its metrics and checkpoint
+    /// stay, and it resumes if a later ranking promotes it.
+    Pruned,
+    /// Never written: shown for a run whose file says running while no process holds its
+    /// claim (the process was killed); `--resume` continues it from its checkpoint.
+    Stale,
 }
 
 impl RunState {
@@ -108,6 +134,8 @@ impl RunState {
             RunState::Failed => "failed",
             RunState::Interrupted => "interrupted",
             RunState::Unfinished => "unfinished",
+            RunState::Pruned => "pruned",
+            RunState::Stale => "stale",
         }
     }
 }

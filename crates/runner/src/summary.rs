@@ -50,11 +50,31 @@ pub fn collect(exp_dir: &Path) -> Result<Vec<Row>> {
             continue;
         }
         let config = read_run_config(&dir).map_err(|e| bad_input(format!("{e:#}")))?;
-        let status = RunStatus::read(&dir)?.unwrap_or_else(|| RunStatus::new(RunState::Unfinished));
+        let status = live_status(&dir, RunStatus::read(&dir)?);
         let run_id = dir.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
         rows.push(Row { experiment: name.clone(), run_id, config, status });
     }
     Ok(rows)
+}
+
+/// What a run folder's status file says, corrected by its claim lock: a run "running" that no
+/// live process holds died (kill -9, power loss) and is shown as stale; a folder without a status
+/// file is running if its claim is held, else unfinished.
+pub fn live_status(dir: &Path, written: Option<RunStatus>) -> RunStatus {
+    let claimed = || crate::sweep::is_claimed(dir);
+    match written {
+        Some(st) if st.status == RunState::Running && !claimed() => RunStatus {
+            status: RunState::Stale,
+            reason: Some(format!(
+                "its process (pid {}) is gone and left the status file unchanged; `--resume` continues it from its checkpoint",
+                st.pid
+            )),
+            ..st
+        },
+        Some(st) => st,
+        None if claimed() => RunStatus::new(RunState::Running),
+        None => RunStatus::new(RunState::Unfinished),
+    }
 }
 
 /// A typed column for one grid key: integers, floats and booleans keep their type.

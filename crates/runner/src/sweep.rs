@@ -53,13 +53,14 @@ pub struct Options {
 }
 
 /// One run of the sweep: its config, id and folder.
-struct Job {
-    cfg: RunConfig,
-    id: String,
-    dir: PathBuf,
+#[derive(Clone)]
+pub(crate) struct Job {
+    pub cfg: RunConfig,
+    pub id: String,
+    pub dir: PathBuf,
 }
 
-fn selected(exp: &Experiment, shard: Option<Shard>, runs_dir: &Path) -> Result<Vec<Job>> {
+pub(crate) fn selected(exp: &Experiment, shard: Option<Shard>, runs_dir: &Path) -> Result<Vec<Job>> {
     let mut jobs = Vec::new();
     for (i, cfg) in exp.runs.iter().enumerate() {
         if shard.is_none_or(|s| i % s.count == s.index) {
@@ -76,14 +77,24 @@ fn is_finished(dir: &Path) -> Result<bool> {
 }
 
 #[derive(Default)]
-struct Tally {
+pub(crate) struct Tally {
     trained: usize,
     failed: Vec<String>,
     interrupted: usize,
     claimed_elsewhere: usize,
+    /// Trainings that stopped at a rung of successive halving.
+    pub at_rung: usize,
 }
 
 impl Tally {
+    pub fn merge(&mut self, o: Tally) {
+        self.trained += o.trained;
+        self.failed.extend(o.failed);
+        self.interrupted += o.interrupted;
+        self.claimed_elsewhere += o.claimed_elsewhere;
+        self.at_rung += o.at_rung;
+    }
+
     /// Counts how a run went; a failure stops the sweep with `fail_fast`.
     fn record(&mut self, job: &Job, res: Result<Claim>, fail_fast: bool) {
         let failed = match res {
@@ -93,6 +104,10 @@ impl Tally {
             }
             Ok(Claim::Trained(st)) if st.status == RunState::Interrupted => {
                 self.interrupted += 1;
+                None
+            }
+            Ok(Claim::Trained(st)) if st.status == RunState::Pruned => {
+                self.at_rung += 1;
                 None
             }
             Ok(Claim::Trained(st)) => Some(st.reason.unwrap_or_default()),
@@ -118,6 +133,8 @@ pub fn sweep(exp: &Experiment, results: &Path, device: &Device, opts: &Options) 
     }
     let ui = Ui::new();
     crate::commands::install_ctrlc();
+    let ids = exp.runs.iter().map(|c| c.run_id()).collect::<Result<Vec<_>, _>>()?;
+    crate::status::write_plan(&store::experiment_dir(results, &exp.name), ids)?;
     tracing::info!(
         "{}: {} finished runs skipped, {} to train with {} job(s)",
         exp.name,
@@ -125,13 +142,27 @@ pub fn sweep(exp: &Experiment, results: &Path, device: &Device, opts: &Options) 
         todo.len(),
         opts.jobs
     );
-    let tally = train_all(exp, todo, device, opts, &ui);
+    let tally = match exp.search.as_ref().and_then(|s| s.prune.as_ref()) {
+        Some(prune) => crate::halving::halving(exp, prune, results, device, opts, &ui)?,
+        None => train_all(exp, todo, device, opts, &ui, None),
+    };
     summarise(exp, results, done.len(), &tally)?;
+    outcome(&tally, opts)
+}
+
+/// The sweep's exit: an error when a run failed (after training all the others, unless
+/// `--fail-fast`), so `&&` chains and Slurm see it; interrupted (exit status 130) on a signal.
+fn outcome(tally: &Tally, opts: &Options) -> Result<()> {
     if !tally.failed.is_empty() && opts.fail_fast {
         return Err(anyhow!("stopped after a failed run (--fail-fast)"));
     }
     if run::STOP.load(AtomicOrdering::SeqCst) {
-        return Err(anyhow!("interrupted; rerun the same command to finish the missing runs"));
+        return Err(crate::commands::interrupted(
+            "interrupted; rerun the same command with --resume to continue the interrupted runs",
+        ));
+    }
+    if !tally.failed.is_empty() {
+        return Err(anyhow!("{} run(s) failed (listed above); the others trained", tally.failed.len()));
     }
     Ok(())
 }
@@ -171,8 +202,15 @@ fn print_plan(exp: &Experiment, done: &[Job], todo: &[Job]) -> Result<()> {
 }
 
 /// Trains `todo` with `opts.jobs` workers, each on its share of the cores, until the queue is
-/// empty or a stop is asked for.
-fn train_all(exp: &Experiment, todo: Vec<Job>, device: &Device, opts: &Options, ui: &Ui) -> Tally {
+/// empty or a stop is asked for; with `rung`, each pauses at the end of that epoch.
+pub(crate) fn train_all(
+    exp: &Experiment,
+    todo: Vec<Job>,
+    device: &Device,
+    opts: &Options,
+    ui: &Ui,
+    rung: Option<Rung>,
+) -> Tally {
     let overall = ui.multi.add(ProgressBar::new(todo.len() as u64));
     overall.set_style(
         ProgressStyle::with_template("{prefix:.bold} [{bar:30}] {pos}/{len} runs {elapsed} {msg}")
@@ -195,7 +233,7 @@ fn train_all(exp: &Experiment, todo: Vec<Job>, device: &Device, opts: &Options, 
                     }
                     let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
                     let Some(job) = next else { break };
-                    let work = || one_run(&job, device, ui, opts.resume);
+                    let work = || one_run(&job, device, ui, opts.resume, rung);
                     let res = match &pool {
                         Ok(p) => p.install(work),
                         Err(_) => work(),
@@ -215,8 +253,9 @@ fn summarise(exp: &Experiment, results: &Path, skipped: usize, t: &Tally) -> Res
     let exp_dir = store::experiment_dir(results, &exp.name);
     let rows = summary::rebuild(&exp_dir)?;
     let c = summary::counts(&rows);
+    let paused = if t.at_rung > 0 { format!(", {} stopped at a rung", t.at_rung) } else { String::new() };
     println!(
-        "{}: trained {}, skipped {skipped} finished, {} claimed by another sweep, {} interrupted, {} failed; summary: {} ({} runs: {})",
+        "{}: trained {}{paused}, skipped {skipped} finished, {} claimed by another sweep, {} interrupted, {} failed; summary: {} ({} runs: {})",
         exp.name,
         t.trained,
         t.claimed_elsewhere,
@@ -263,15 +302,36 @@ pub fn claim(dir: &Path) -> Result<Option<std::fs::File>> {
     Ok(Some(lock))
 }
 
-fn one_run(job: &Job, device: &Device, ui: &Ui, resume: bool) -> Result<Claim> {
+/// Whether a live process holds the claim on a run folder. Probing takes the lock for an
+/// instant when it is free, which a claimer racing with us sees as "claimed elsewhere" at worst.
+pub fn is_claimed(dir: &Path) -> bool {
+    let Ok(f) = OpenOptions::new().write(true).open(lock_path(dir)) else { return false };
+    matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock))
+}
+
+/// Successive halving's part in a training: the epoch to pause at (None: to the end), and
+/// whether a run folder has got there already (it is then not trained again).
+#[derive(Clone, Copy)]
+pub(crate) struct Rung {
+    pub epoch: Option<usize>,
+    pub reached: fn(&Path, Option<usize>) -> Result<bool>,
+}
+
+fn one_run(job: &Job, device: &Device, ui: &Ui, resume: bool, rung: Option<Rung>) -> Result<Claim> {
     let (cfg, dir) = (&job.cfg, job.dir.as_path());
     let Some(lock) = claim(dir)? else { return Ok(Claim::Elsewhere) };
-    // Another sweep may have finished it between our listing and the lock.
-    if is_finished(dir)? {
+    // Another sweep may have finished it (or taken it to the rung) between our listing and the lock.
+    let done = match rung {
+        Some(r) => (r.reached)(dir, r.epoch)?,
+        None => is_finished(dir)?,
+    };
+    if done {
         return Ok(Claim::Elsewhere);
     }
     let bar = ui.run_bar(&job.id);
-    let res = run::execute(cfg, dir, device, &bar, !ui.tty, resume);
+    // A pruned search always continues a run from its checkpoint: that is how a promotion works.
+    let resume = resume || rung.is_some();
+    let res = run::execute(cfg, dir, device, &bar, !ui.tty, resume, rung.and_then(|r| r.epoch));
     bar.finish_and_clear();
     ui.multi.remove(&bar);
     let st = match res {
