@@ -17,6 +17,9 @@ EXPERIMENTS=(
     backends    # "The plugins compared"
     heads       # "Likelihood heads and MNIST": the heads table
     mnist       # "Likelihood heads and MNIST": the binarised MNIST paragraph
+    classic     # "The classic ARMs": FVSBN, NADE, MADE, RNN, MLP on digits
+    classic_mnist  # "The classic ARMs": the same on mnist10k-binary (a 10-epoch budget)
+    search      # "Random search with successive halving" (the unpruned comparison: see its file)
 )
 
 # --quick: every experiment gets these overrides (later --set wins over the file, its grid
@@ -29,6 +32,9 @@ quick_sets_for() {
         # 28x28 images: one epoch of the full-size gated PixelCNN takes minutes on 2 cores.
         heads) echo 'model.gated_pixelcnn.channels=8' 'model.gated_pixelcnn.layers=2' ;;
         mnist) echo 'model.gated_pixelcnn.channels=8' 'model.gated_pixelcnn.layers=2' ;;
+        # 784-step recurrences and 500-unit layers: small ones for the smoke run.
+        classic_mnist) echo 'model.rnn.hidden=16' 'model.nade.hidden=16' 'model.made.hidden=[16]' ;;
+        search) echo 'search.trials=3' ;;
         *) ;;
     esac
 }
@@ -49,7 +55,7 @@ combined one in DIR (report.md, nll_curves*.png, samples/).
   --only NAME    run only this experiment (repeatable); NAME is experiments/NAME.toml
   -h, --help     this help
 
-Experiments: reference dilations backends heads mnist
+Experiments: reference dilations backends heads mnist classic classic_mnist search
 Exit status: 0 when every step succeeded and no run failed; 1 otherwise; 2 for a bad flag.
 EOF
 }
