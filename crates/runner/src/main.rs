@@ -7,6 +7,7 @@ mod bench_sampling;
 mod checkpoint;
 mod commands;
 mod eval;
+mod html;
 mod plots;
 mod report;
 mod run;
@@ -146,6 +147,9 @@ enum Command {
         /// Images per sample grid.
         #[arg(long, default_value_t = 16)]
         samples: usize,
+        /// Also write report.html: one self-contained page (sortable tables, plots, configs).
+        #[arg(long)]
+        html: bool,
     },
     /// Write an sbatch array script whose task i runs `sweep FILE --shard i/N`.
     Slurm {
