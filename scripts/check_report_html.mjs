@@ -41,9 +41,11 @@ function parseArgs(argv) {
   return args;
 }
 
+// $CHROMIUM when set (a path that does not exist means no browser), else the system one.
 function findChromium() {
-  const candidates = [process.env.CHROMIUM, "/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"];
-  return candidates.find((p) => p && existsSync(p)) ?? null;
+  if (process.env.CHROMIUM) return existsSync(process.env.CHROMIUM) ? process.env.CHROMIUM : null;
+  const candidates = ["/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"];
+  return candidates.find((p) => existsSync(p)) ?? null;
 }
 
 async function loadPlaywright() {
