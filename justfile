@@ -16,6 +16,11 @@ sweep FILE *ARGS:
 report *ARGS:
     cargo run --release -- report {{ARGS}}
 
+# report.html for an experiment folder, checked in headless Chromium: just report-html results/quickstart
+report-html DIR:
+    cargo run --release -- report --html {{DIR}}
+    scripts/check_report_html.sh {{DIR}}
+
 bench *ARGS:
     cargo run --release -- bench {{ARGS}}
 

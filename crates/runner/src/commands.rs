@@ -106,10 +106,10 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             let opts = crate::sweep::Options { jobs, shard, dry_run, fail_fast, resume };
             crate::sweep::sweep(&exp, &results, &device, &opts)
         }
-        Command::Report { dirs, format, out, samples } => {
+        Command::Report { dirs, format, out, samples, html } => {
             let device = parse_device(&device)?;
             let _ui = Ui::new();
-            let opts = crate::report::Options { format, out, samples: samples.max(1) };
+            let opts = crate::report::Options { format, out, samples: samples.max(1), html };
             crate::report::report(&results, &dirs, &device, &opts)
         }
         Command::Slurm { file, array, time, cpus, out, sets } => slurm(&results, &file, array, time, cpus, out, sets),

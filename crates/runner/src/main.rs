@@ -8,6 +8,7 @@ mod checkpoint;
 mod commands;
 mod eval;
 mod halving;
+mod html;
 mod plots;
 mod report;
 mod run;
@@ -160,6 +161,9 @@ enum Command {
         /// Images per sample grid.
         #[arg(long, default_value_t = 16)]
         samples: usize,
+        /// Also write report.html: one self-contained page (sortable tables, plots, configs).
+        #[arg(long)]
+        html: bool,
     },
     /// Write an sbatch array script whose task i runs `sweep FILE --shard i/N`.
     Slurm {

@@ -52,10 +52,10 @@ pub fn stats(v: &[f64]) -> (f64, f64, f64) {
     (mean, std, t975(v.len() - 1) * std / n.sqrt())
 }
 
-struct Group {
-    experiment: String,
-    label: String,
-    runs: Vec<Row>,
+pub(crate) struct Group {
+    pub(crate) experiment: String,
+    pub(crate) label: String,
+    pub(crate) runs: Vec<Row>,
 }
 
 impl Group {
@@ -114,9 +114,9 @@ fn fmt_pm(v: &[f64], prec: usize) -> (String, String) {
     (pm, ci)
 }
 
-struct Table {
-    header: Vec<String>,
-    rows: Vec<Vec<String>>,
+pub(crate) struct Table {
+    pub(crate) header: Vec<String>,
+    pub(crate) rows: Vec<Vec<String>>,
 }
 
 impl Table {
@@ -172,6 +172,8 @@ pub struct Options {
     pub format: Format,
     pub out: Option<PathBuf>,
     pub samples: usize,
+    /// Also write the self-contained `report.html` (see html.rs).
+    pub html: bool,
 }
 
 pub fn report(results: &Path, dirs: &[PathBuf], device: &Device, opts: &Options) -> Result<()> {
@@ -194,13 +196,26 @@ pub fn report(results: &Path, dirs: &[PathBuf], device: &Device, opts: &Options)
     print_table(&table, &problems, opts.format);
 
     std::fs::create_dir_all(&out_dir)?;
-    let mut written = write_curves(&out_dir, &curve_series(&groups, &exp_dirs, multi))?;
+    let curves = write_curves(&out_dir, &curve_series(&groups, &exp_dirs, multi))?;
+    let mut written = curves.clone();
     let sample_dir = out_dir.join("samples");
     let sample_files = write_sample_grids(&groups, &exp_dirs, &sample_dir, device, opts.samples)?;
     let md = markdown(&exp_dirs, &out_dir, &table, &problems, &written, &sample_files);
     let md_path = out_dir.join("report.md");
     store::atomic_write(&md_path, md.as_bytes())?;
     written.push(md_path);
+    if opts.html {
+        let input = crate::html::Input {
+            exp_dirs: &exp_dirs,
+            out_dir: &out_dir,
+            groups: &groups,
+            table: &table,
+            curves: &curves,
+            samples: &sample_files,
+            n_real: opts.samples,
+        };
+        written.push(crate::html::write(&input)?);
+    }
     eprintln!(
         "wrote {} and {} sample grid(s) in {}",
         written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
@@ -278,7 +293,7 @@ fn problem_lines(groups: &[Group]) -> Vec<String> {
         .collect()
 }
 
-const FOOTNOTE: &str = "± is the sample std over seeds; CI is the 95% t-interval of the mean.";
+pub(crate) const FOOTNOTE: &str = "± is the sample std over seeds; CI is the 95% t-interval of the mean.";
 
 fn print_table(table: &Table, problems: &[String], format: Format) {
     print!("{}", table.render(format));
@@ -419,7 +434,7 @@ fn markdown(
 }
 
 /// A file-name-safe name of a run's data set: the embedded set's name or the user file's stem.
-fn data_key(d: &crate::config::DataConfig) -> String {
+pub(crate) fn data_key(d: &crate::config::DataConfig) -> String {
     let name = match (&d.path, d.name.is_empty()) {
         (Some(p), true) => Path::new(p).file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default(),
         _ => d.name.clone(),
@@ -427,7 +442,7 @@ fn data_key(d: &crate::config::DataConfig) -> String {
     name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
 }
 
-fn results_run_dir(exp_dirs: &[PathBuf], r: &Row) -> PathBuf {
+pub(crate) fn results_run_dir(exp_dirs: &[PathBuf], r: &Row) -> PathBuf {
     exp_dirs
         .iter()
         .find(|d| d.file_name().is_some_and(|n| n.to_string_lossy() == r.experiment))
