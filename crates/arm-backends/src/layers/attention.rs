@@ -97,6 +97,11 @@ impl CausalSelfAttention {
         self.width / self.heads
     }
 
+    /// 1 / sqrt(d_k).
+    fn scale(&self) -> f64 {
+        1.0 / (self.head_dim() as f64).sqrt()
+    }
+
     /// (B, T, 3C) -> q, k, v as (B, H, T, d_k) each.
     fn split(&self, qkv: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = qkv.dims3()?;
@@ -115,8 +120,9 @@ impl CausalSelfAttention {
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let t = x.dim(1)?;
         let (q, k, v) = self.split(&self.qkv.forward(x)?)?; // (B, H, T, d_k) each
-        let scale = 1.0 / (self.head_dim() as f64).sqrt();
-        let att = (q.matmul(&k.t()?)? * scale)?; // (B, H, T, T)
+        // Scaling q rather than the scores keeps one (B, H, T, T) tensor fewer.
+        let q = (q * self.scale())?;
+        let att = q.matmul(&k.t()?)?; // (B, H, T, T)
         let att = if self.causal {
             // Masked fill: -inf above the diagonal, so exp gives exactly 0 there (the diagonal
             // is never masked, so no row is all -inf).
@@ -138,8 +144,7 @@ impl CausalSelfAttention {
         let b = x.dim(0)?;
         let (q, k, v) = self.split(&self.qkv.forward(&x.unsqueeze(1)?)?)?; // (B, H, 1, d_k) each
         let (k, v) = cache.append(k, v)?; // (B, H, t, d_k)
-        let scale = 1.0 / (self.head_dim() as f64).sqrt();
-        let att = (q.matmul(&k.t()?)? * scale)?; // (B, H, 1, t): no mask, the cache holds the past
+        let att = (q * self.scale())?.matmul(&k.t()?)?; // (B, H, 1, t): no mask, the cache holds the past
         let att = softmax(&att, false)?;
         let y = att.matmul(&v)?; // (B, H, 1, d_k)
         self.proj.forward(&self.merge(&y)?.reshape((b, self.width))?) // (B, C)

@@ -72,7 +72,10 @@ impl PluginConfig for TransformerConfig {
         if self.width == 0 {
             return Err(invalid("width", "must be at least 1, got 0"));
         }
-        if self.heads == 0 || self.width % self.heads != 0 {
+        if self.heads == 0 {
+            return Err(invalid("heads", "must be at least 1, got 0"));
+        }
+        if self.width % self.heads != 0 {
             return Err(invalid("heads", format!("must divide width = {}, got {}", self.width, self.heads)));
         }
         if self.depth == 0 {
