@@ -5,6 +5,7 @@
 //! - [`time_conv`]: causal Conv1d on time-major activations, gemms on shifted views;
 //! - [`Unfold`] / [`Fold`]: im2col over a tap list and its adjoint;
 //! - [`gate`]: tanh(a) * sigmoid(b), the gated PixelCNN's unit;
+//! - [`gelu`]: the Transformer MLP's activation (tanh form);
 //! - [`exclusive_cumsum`], [`running_sigmoid`]: prefix sums along a sequence, and NADE's hidden
 //!   units sigmoid(c + sum_{j<d} x_j w_j) as one op;
 //! - gemm on strided views, element-wise loops per SIMD level, vectorisable exp / tanh /
@@ -17,6 +18,7 @@ mod cumsum;
 mod dense;
 mod fastmath;
 mod gate;
+mod gelu;
 mod gemm;
 pub mod profile;
 mod running;
@@ -27,6 +29,7 @@ mod unfold;
 pub use cumsum::exclusive_cumsum;
 pub use dense::{dense, dense_gated, dense_pair};
 pub use gate::gate;
+pub use gelu::gelu;
 pub use running::running_sigmoid;
 pub use timeconv::{time_conv, TimeConv};
 pub use unfold::{Fold, Unfold};

@@ -20,6 +20,9 @@ use arm_core::Result;
 
 use super::{linear, Linear};
 
+/// Score values per block of query rows in evaluation mode (32 MiB of f32).
+pub const EVAL_SCORES: usize = 1 << 23;
+
 #[derive(Debug, Clone)]
 pub struct CausalSelfAttention {
     qkv: Linear,  // (C, 3C): the three projections in one product
@@ -116,25 +119,52 @@ impl CausalSelfAttention {
         y.transpose(1, 2)?.reshape((b, t, self.width))
     }
 
+    /// softmax(q k^T + M) v for the query rows row0..row0 + r, q (B, H, r, d_k) already
+    /// scaled, k and v (B, H, T, d_k): (B, H, r, d_k). With the mask, only the keys up to the
+    /// last row take part.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, row0: usize, train: bool) -> Result<Tensor> {
+        let r = q.dim(2)?;
+        if !self.causal {
+            return softmax(&q.matmul(&k.t()?)?, train)?.matmul(v);
+        }
+        let keys = row0 + r;
+        let (k, v) = (k.narrow(2, 0, keys)?, v.narrow(2, 0, keys)?); // (B, H, keys, d_k)
+        let att = q.matmul(&k.t()?)?; // (B, H, r, keys)
+        // Masked fill: -inf where key j comes after query row0 + i, so exp gives exactly 0
+        // there (the diagonal is never masked, so no row is all -inf).
+        let allowed: Vec<u8> = (0..r).flat_map(|i| (0..keys).map(move |j| u8::from(j <= row0 + i))).collect();
+        let allowed = Tensor::from_vec(allowed, (r, keys), q.device())?.broadcast_as(att.shape())?;
+        let ninf = Tensor::new(f32::NEG_INFINITY, q.device())?.to_dtype(att.dtype())?.broadcast_as(att.shape())?;
+        let att = allowed.where_cond(&att, &ninf)?;
+        softmax(&att, train)?.matmul(&v) // (B, H, r, d_k)
+    }
+
+    /// [`Self::attend`] over blocks of `rows` query rows (at least 1), concatenated.
+    fn attend_blocks(&self, q: &Tensor, k: &Tensor, v: &Tensor, rows: usize) -> Result<Tensor> {
+        let t = q.dim(2)?;
+        let rows = rows.clamp(1, t.max(1));
+        let blocks = (0..t)
+            .step_by(rows)
+            .map(|r0| self.attend(&q.narrow(2, r0, rows.min(t - r0))?, k, v, r0, false))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&blocks, 2) // (B, H, T, d_k)
+    }
+
     /// x (B, T, C) -> (B, T, C); output row i depends on input rows <= i.
+    ///
+    /// Evaluation (`train = false`) builds no gradient through the scores: with q, k and v
+    /// detached, each block of query rows frees its scores once done, so at most about
+    /// [`EVAL_SCORES`] of them exist at once (a 28x28 image's (B, H, D, D) scores need not fit).
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let t = x.dim(1)?;
         let (q, k, v) = self.split(&self.qkv.forward(x)?)?; // (B, H, T, d_k) each
         // Scaling q rather than the scores keeps one (B, H, T, T) tensor fewer.
         let q = (q * self.scale())?;
-        let att = q.matmul(&k.t()?)?; // (B, H, T, T)
-        let att = if self.causal {
-            // Masked fill: -inf above the diagonal, so exp gives exactly 0 there (the diagonal
-            // is never masked, so no row is all -inf).
-            let allowed: Vec<u8> = (0..t).flat_map(|i| (0..t).map(move |j| u8::from(j <= i))).collect();
-            let allowed = Tensor::from_vec(allowed, (t, t), x.device())?.broadcast_as(att.shape())?; // (B, H, T, T)
-            let ninf = Tensor::new(f32::NEG_INFINITY, x.device())?.to_dtype(att.dtype())?.broadcast_as(att.shape())?;
-            allowed.where_cond(&att, &ninf)?
+        let y = if train {
+            self.attend(&q, &k, &v, 0, true)? // (B, H, T, d_k)
         } else {
-            att
+            let (b, h, t, _) = q.dims4()?;
+            self.attend_blocks(&q.detach(), &k.detach(), &v.detach(), EVAL_SCORES / (b * h * t).max(1))?
         };
-        let att = softmax(&att, train)?; // (B, H, T, T)
-        let y = att.matmul(&v)?; // (B, H, T, d_k)
         self.proj.forward(&self.merge(&y)?) // (B, T, C)
     }
 
@@ -143,16 +173,17 @@ impl CausalSelfAttention {
     pub fn step(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let b = x.dim(0)?;
         let (q, k, v) = self.split(&self.qkv.forward(&x.unsqueeze(1)?)?)?; // (B, H, 1, d_k) each
-        let (k, v) = cache.append(k, v)?; // (B, H, t, d_k)
-        let att = (q * self.scale())?.matmul(&k.t()?)?; // (B, H, 1, t): no mask, the cache holds the past
+        // Detached: sampling needs no gradient, and the cache must not keep every step's graph.
+        let (k, v) = cache.append(k.detach(), v.detach())?; // (B, H, t, d_k)
+        let att = (q.detach() * self.scale())?.matmul(&k.t()?)?; // (B, H, 1, t): no mask, the cache holds the past
         let att = softmax(&att, false)?;
         let y = att.matmul(&v)?; // (B, H, 1, d_k)
         self.proj.forward(&self.merge(&y)?.reshape((b, self.width))?) // (B, C)
     }
 
-    /// Matrix-product FLOPs of `forward` over T positions: the projections (2 T C 4C) and the
-    /// score and weighted-sum products over all T x T pairs (2 x 2 T^2 C; the composed ops
-    /// compute the masked half too).
+    /// Matrix-product FLOPs of a training `forward` over T positions: the projections
+    /// (2 T C 4C) and the score and weighted-sum products over all T x T pairs (2 x 2 T^2 C;
+    /// the composed ops compute the masked half too).
     pub fn flops(&self, t: usize) -> f64 {
         let (t, c) = (t as f64, self.width as f64);
         2.0 * t * c * 4.0 * c + 4.0 * t * t * c
@@ -183,6 +214,12 @@ mod tests {
             assert!(diff < 1e-5, "position {t}: {diff}");
         }
         assert_eq!(cache.len(), 5);
+        // Blocks of 2 query rows (the evaluation path on large inputs) give the same rows.
+        let (q, k, v) = attn.split(&attn.qkv.forward(&x)?)?;
+        let q = (q * attn.scale())?;
+        let whole = attn.attend(&q, &k, &v, 0, false)?;
+        let diff = (attn.attend_blocks(&q, &k, &v, 2)? - whole)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "blocked attention differs by {diff}");
         // Training (composed softmax) gives the same rows.
         let diff = (attn.forward(&x, true)? - &full)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "train vs eval softmax: {diff}");

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use arm_core::{Conditional, Stepper};
 
-use crate::layers::{causal_self_attention, layer_norm, linear, CausalSelfAttention, Dropout, KvCache, LayerNorm, Linear};
+use crate::layers::{causal_self_attention, gelu, layer_norm, linear, CausalSelfAttention, Dropout, KvCache, LayerNorm, Linear};
 use crate::registry::{invalid, BuildCtx, PluginConfig, PluginError};
 
 type Result<T, E = candle_core::Error> = std::result::Result<T, E>;
@@ -168,7 +168,7 @@ fn block(width: usize, heads: usize, ratio: usize, vb: VarBuilder) -> Result<Blo
 impl Block {
     /// W2 GELU(W1 h + b1) + b2, (..., C) -> (..., C).
     fn mlp(&self, h: &Tensor) -> Result<Tensor> {
-        self.proj.forward(&self.fc.forward(h)?.gelu_erf()?)
+        self.proj.forward(&gelu(&self.fc.forward(h)?)?)
     }
 }
 
