@@ -66,7 +66,7 @@ impl KvCache {
 
 /// H heads over `width` features (width divisible by heads).
 pub fn causal_self_attention(width: usize, heads: usize, vb: VarBuilder) -> Result<CausalSelfAttention> {
-    if heads == 0 || width % heads != 0 {
+    if heads == 0 || !width.is_multiple_of(heads) {
         candle_core::bail!("attention: {heads} heads do not divide width {width}");
     }
     Ok(CausalSelfAttention {
@@ -130,6 +130,7 @@ impl CausalSelfAttention {
         let keys = row0 + r;
         let (k, v) = (k.narrow(2, 0, keys)?, v.narrow(2, 0, keys)?); // (B, H, keys, d_k)
         let att = q.matmul(&k.t()?)?; // (B, H, r, keys)
+
         // Masked fill: -inf where key j comes after query row0 + i, so exp gives exactly 0
         // there (the diagonal is never masked, so no row is all -inf).
         let allowed: Vec<u8> = (0..r).flat_map(|i| (0..keys).map(move |j| u8::from(j <= row0 + i))).collect();
@@ -157,6 +158,7 @@ impl CausalSelfAttention {
     /// [`EVAL_SCORES`] of them exist at once (a 28x28 image's (B, H, D, D) scores need not fit).
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let (q, k, v) = self.split(&self.qkv.forward(x)?)?; // (B, H, T, d_k) each
+
         // Scaling q rather than the scores keeps one (B, H, T, T) tensor fewer.
         let q = (q * self.scale())?;
         let y = if train {
@@ -173,6 +175,7 @@ impl CausalSelfAttention {
     pub fn step(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let b = x.dim(0)?;
         let (q, k, v) = self.split(&self.qkv.forward(&x.unsqueeze(1)?)?)?; // (B, H, 1, d_k) each
+
         // Detached: sampling needs no gradient, and the cache must not keep every step's graph.
         let (k, v) = cache.append(k.detach(), v.detach())?; // (B, H, t, d_k)
         let att = (q.detach() * self.scale())?.matmul(&k.t()?)?; // (B, H, 1, t): no mask, the cache holds the past

@@ -26,7 +26,9 @@ use serde::{Deserialize, Serialize};
 
 use arm_core::{Conditional, Stepper};
 
-use crate::layers::{causal_self_attention, gelu, layer_norm, linear, CausalSelfAttention, Dropout, KvCache, LayerNorm, Linear};
+use crate::layers::{
+    causal_self_attention, gelu, layer_norm, linear, CausalSelfAttention, Dropout, KvCache, LayerNorm, Linear,
+};
 use crate::registry::{invalid, BuildCtx, PluginConfig, PluginError};
 
 type Result<T, E = candle_core::Error> = std::result::Result<T, E>;
@@ -75,7 +77,7 @@ impl PluginConfig for TransformerConfig {
         if self.heads == 0 {
             return Err(invalid("heads", "must be at least 1, got 0"));
         }
-        if self.width % self.heads != 0 {
+        if !self.width.is_multiple_of(self.heads) {
             return Err(invalid("heads", format!("must divide width = {}, got {}", self.width, self.heads)));
         }
         if self.depth == 0 {
@@ -95,12 +97,15 @@ impl PluginConfig for TransformerConfig {
     }
 
     fn test_configs() -> Vec<Self> {
-        let c = |width, heads, depth, mlp_ratio, positions| Self { width, heads, depth, mlp_ratio, dropout: 0.0, positions };
-        vec![
-            c(4, 2, 1, 2, Positions::Learned),
-            c(6, 3, 2, 1, Positions::RowCol),
-            c(4, 1, 2, 2, Positions::Learned),
-        ]
+        let c = |width, heads, depth, mlp_ratio, positions| Self {
+            width,
+            heads,
+            depth,
+            mlp_ratio,
+            dropout: 0.0,
+            positions,
+        };
+        vec![c(4, 2, 1, 2, Positions::Learned), c(6, 3, 2, 1, Positions::RowCol), c(4, 1, 2, 2, Positions::Learned)]
     }
 
     fn key_docs() -> &'static [(&'static str, &'static str)] {
@@ -120,7 +125,7 @@ const EMBED_INIT: Init = Init::Randn { mean: 0.0, stdev: 0.02 };
 
 /// Position embeddings: P_d for every d, or for one.
 enum PositionTable {
-    Learned(Tensor),                          // (D, C)
+    Learned(Tensor),                               // (D, C)
     RowCol { row: Tensor, col: Tensor, w: usize }, // (H, C), (W, C)
 }
 
@@ -132,7 +137,8 @@ impl PositionTable {
             PositionTable::RowCol { row, col, w } => {
                 let h = d / w;
                 let rows = row.unsqueeze(1)?.broadcast_as((h, *w, row.dim(1)?))?; // (H, W, C)
-                rows.broadcast_add(&col.unsqueeze(0)?)?.reshape((d, row.dim(1)?)) // (D, C)
+                rows.broadcast_add(&col.unsqueeze(0)?)?.reshape((d, row.dim(1)?))
+                // (D, C)
             }
         }
     }
@@ -338,7 +344,12 @@ mod tests {
     use arm_core::{seeded_var_builder, Arm, Categorical, Ordering};
     use candle_nn::VarMap;
 
-    fn net(cfg: &TransformerConfig, (h, w): (usize, usize), (p, k): (usize, usize), causal: bool) -> Result<Transformer> {
+    fn net(
+        cfg: &TransformerConfig,
+        (h, w): (usize, usize),
+        (p, k): (usize, usize),
+        causal: bool,
+    ) -> Result<Transformer> {
         let map = VarMap::new();
         let ctx = BuildCtx {
             vb: seeded_var_builder(&map, 3, &Device::Cpu),
