@@ -2,10 +2,11 @@
 //!
 //!   y = (x - mean(x)) / sqrt(var(x) + eps) * gamma + beta,
 //!
-//! with the biased variance, as PyTorch's `LayerNorm`. Composed from candle ops, because
-//! candle-nn's own `LayerNorm` runs a fused op without a backward on contiguous inputs.
+//! with the biased variance, as PyTorch's `LayerNorm`: one op of `arm-kernels` with its
+//! backward (candle-nn's own `LayerNorm` runs a fused op without a backward on contiguous
+//! inputs, and composed from candle ops its backward cost four times the forward).
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use candle_nn::{Init, VarBuilder};
 
 use arm_core::Result;
@@ -30,11 +31,7 @@ pub fn layer_norm(size: usize, vb: VarBuilder) -> Result<LayerNorm> {
 impl LayerNorm {
     /// x (..., C) -> (..., C).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let c = x.dim(D::Minus1)? as f64;
-        let centred = x.broadcast_sub(&(x.sum_keepdim(D::Minus1)? / c)?)?; // (..., C)
-        let var = (centred.sqr()?.sum_keepdim(D::Minus1)? / c)?; // (..., 1)
-        let normed = centred.broadcast_div(&(var + EPS)?.sqrt()?)?; // (..., C)
-        normed.broadcast_mul(&self.gamma)?.broadcast_add(&self.beta)
+        arm_kernels::layer_norm(x, &self.gamma, &self.beta, EPS)
     }
 }
 
