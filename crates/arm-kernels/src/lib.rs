@@ -7,6 +7,7 @@
 //! - [`gate`]: tanh(a) * sigmoid(b), the gated PixelCNN's unit;
 //! - [`gelu`]: the Transformer MLP's activation (tanh form);
 //! - [`layer_norm`]: layer normalisation over the last dimension;
+//! - [`softmax_last_dim`]: softmax over the last dimension (exact zeros for -inf);
 //! - [`exclusive_cumsum`], [`running_sigmoid`]: prefix sums along a sequence, and NADE's hidden
 //!   units sigmoid(c + sum_{j<d} x_j w_j) as one op;
 //! - gemm on strided views, element-wise loops per SIMD level, vectorisable exp / tanh /
@@ -25,6 +26,7 @@ mod gemm;
 pub mod profile;
 mod running;
 mod simd;
+mod softmax;
 mod timeconv;
 mod unfold;
 
@@ -34,6 +36,7 @@ pub use gate::gate;
 pub use gelu::gelu;
 pub use layernorm::layer_norm;
 pub use running::running_sigmoid;
+pub use softmax::softmax_last_dim;
 pub use timeconv::{time_conv, TimeConv};
 pub use unfold::{Fold, Unfold};
 

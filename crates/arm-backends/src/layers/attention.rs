@@ -9,11 +9,13 @@
 //! and v for that position only, appends k and v to a [`KvCache`] and attends over the cache,
 //! O(t) for the t-th position instead of a full pass.
 //!
-//! Composed candle ops (matmul, masked fill through `where_cond`, softmax); a fused kernel
-//! would replace the score, mask, softmax and weighted-sum chain. Left out: attention dropout
-//! (the plugins drop the layer's output instead) and relative position terms.
+//! Composed ops (candle's matmuls, masked fill through `where_cond`, and the softmax op of
+//! `arm-kernels`); a fused kernel would replace the score, mask, softmax and weighted-sum
+//! chain. Left out: attention dropout (the plugins drop the layer's output instead) and
+//! relative position terms.
 
-use candle_core::{Tensor, D};
+use arm_kernels::softmax_last_dim;
+use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use arm_core::Result;
@@ -78,16 +80,6 @@ pub fn causal_self_attention(width: usize, heads: usize, vb: VarBuilder) -> Resu
     })
 }
 
-/// softmax over the last dimension. The fused candle op has no backward, so training takes the
-/// composed one (max-subtracted, like the fused op).
-fn softmax(att: &Tensor, train: bool) -> Result<Tensor> {
-    if train {
-        candle_nn::ops::softmax(att, D::Minus1)
-    } else {
-        candle_nn::ops::softmax_last_dim(att)
-    }
-}
-
 impl CausalSelfAttention {
     /// The same layer without its causal mask: every position attends to every position.
     /// Only for tests that show the conformance checks catch it.
@@ -122,10 +114,10 @@ impl CausalSelfAttention {
     /// softmax(q k^T + M) v for the query rows row0..row0 + r, q (B, H, r, d_k) already
     /// scaled, k and v (B, H, T, d_k): (B, H, r, d_k). With the mask, only the keys up to the
     /// last row take part.
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, row0: usize, train: bool) -> Result<Tensor> {
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, row0: usize) -> Result<Tensor> {
         let r = q.dim(2)?;
         if !self.causal {
-            return softmax(&q.matmul(&k.t()?)?, train)?.matmul(v);
+            return softmax_last_dim(&q.matmul(&k.t()?)?)?.matmul(v);
         }
         let keys = row0 + r;
         let (k, v) = (k.narrow(2, 0, keys)?, v.narrow(2, 0, keys)?); // (B, H, keys, d_k)
@@ -137,7 +129,7 @@ impl CausalSelfAttention {
         let allowed = Tensor::from_vec(allowed, (r, keys), q.device())?.broadcast_as(att.shape())?;
         let ninf = Tensor::new(f32::NEG_INFINITY, q.device())?.to_dtype(att.dtype())?.broadcast_as(att.shape())?;
         let att = allowed.where_cond(&att, &ninf)?;
-        softmax(&att, train)?.matmul(&v) // (B, H, r, d_k)
+        softmax_last_dim(&att)?.matmul(&v) // (B, H, r, d_k)
     }
 
     /// [`Self::attend`] over blocks of `rows` query rows (at least 1), concatenated.
@@ -146,7 +138,7 @@ impl CausalSelfAttention {
         let rows = rows.clamp(1, t.max(1));
         let blocks = (0..t)
             .step_by(rows)
-            .map(|r0| self.attend(&q.narrow(2, r0, rows.min(t - r0))?, k, v, r0, false))
+            .map(|r0| self.attend(&q.narrow(2, r0, rows.min(t - r0))?, k, v, r0))
             .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&blocks, 2) // (B, H, T, d_k)
     }
@@ -162,7 +154,7 @@ impl CausalSelfAttention {
         // Scaling q rather than the scores keeps one (B, H, T, T) tensor fewer.
         let q = (q * self.scale())?;
         let y = if train {
-            self.attend(&q, &k, &v, 0, true)? // (B, H, T, d_k)
+            self.attend(&q, &k, &v, 0)? // (B, H, T, d_k)
         } else {
             let (b, h, t, _) = q.dims4()?;
             self.attend_blocks(&q.detach(), &k.detach(), &v.detach(), EVAL_SCORES / (b * h * t).max(1))?
@@ -179,7 +171,7 @@ impl CausalSelfAttention {
         // Detached: sampling needs no gradient, and the cache must not keep every step's graph.
         let (k, v) = cache.append(k.detach(), v.detach())?; // (B, H, t, d_k)
         let att = (q.detach() * self.scale())?.matmul(&k.t()?)?; // (B, H, 1, t): no mask, the cache holds the past
-        let att = softmax(&att, false)?;
+        let att = softmax_last_dim(&att)?;
         let y = att.matmul(&v)?; // (B, H, 1, d_k)
         self.proj.forward(&self.merge(&y)?.reshape((b, self.width))?) // (B, C)
     }
@@ -220,12 +212,12 @@ mod tests {
         // Blocks of 2 query rows (the evaluation path on large inputs) give the same rows.
         let (q, k, v) = attn.split(&attn.qkv.forward(&x)?)?;
         let q = (q * attn.scale())?;
-        let whole = attn.attend(&q, &k, &v, 0, false)?;
+        let whole = attn.attend(&q, &k, &v, 0)?;
         let diff = (attn.attend_blocks(&q, &k, &v, 2)? - whole)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-6, "blocked attention differs by {diff}");
-        // Training (composed softmax) gives the same rows.
+        // Training (whole, with gradients) gives the same rows.
         let diff = (attn.forward(&x, true)? - &full)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(diff < 1e-5, "train vs eval softmax: {diff}");
+        assert!(diff < 1e-5, "train vs eval: {diff}");
         // Change the last position: rows 0..4 stay with the mask, move without it.
         let x2 = Tensor::cat(&[x.narrow(1, 0, 4)?, (x.narrow(1, 4, 1)? + 1.0)?], 1)?;
         let first = |a: &CausalSelfAttention, x: &Tensor| a.forward(x, false)?.narrow(1, 0, 4);
