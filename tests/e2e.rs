@@ -82,8 +82,8 @@ fn bad_input_gets_one_line_naming_file_and_key_exit_2_and_no_results() {
         (&GOOD.replace("max_epochs = 1", "max_epochs = \"ten\""), &["bad.toml", "train.max_epochs"]),
         (&GOOD.replace("channels = 4", "channels = \"wide\""), &["bad.toml", "model.causal_conv1d.channels"]),
         (
-            &GOOD.replace("backend = \"causal_conv1d\"", "backend = \"transformer\""),
-            &["bad.toml", "model.backend", "transformer", "causal_conv1d"],
+            &GOOD.replace("backend = \"causal_conv1d\"", "backend = \"no_such_plugin\""),
+            &["bad.toml", "model.backend", "no_such_plugin", "causal_conv1d"],
         ),
         (
             &GOOD.replace("channels = 4", "channels = 4\nkernel_size = 0"),

@@ -27,6 +27,14 @@ fn bad_values_name_their_key() {
         ("gated_pixelcnn", "kernel = 1", "kernel"),
         ("gated_pixelcnn", "layers = 0", "layers"),
         ("gated_pixelcnn", "channels = \"many\"", "channels"),
+        ("transformer", "width = 12\nheads = 5", "heads"),
+        ("transformer", "heads = 0", "heads"),
+        ("transformer", "depth = 0", "depth"),
+        ("transformer", "width = 0", "width"),
+        ("transformer", "mlp_ratio = 0", "mlp_ratio"),
+        ("transformer", "dropout = -0.1", "dropout"),
+        ("transformer", "dropout = 1.0", "dropout"),
+        ("transformer", "positions = \"sinusoidal\"", "positions"),
     ];
     for (name, src, key) in cases {
         let e = err(name, src);

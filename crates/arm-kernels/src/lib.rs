@@ -5,6 +5,9 @@
 //! - [`time_conv`]: causal Conv1d on time-major activations, gemms on shifted views;
 //! - [`Unfold`] / [`Fold`]: im2col over a tap list and its adjoint;
 //! - [`gate`]: tanh(a) * sigmoid(b), the gated PixelCNN's unit;
+//! - [`gelu`]: the Transformer MLP's activation (tanh form);
+//! - [`layer_norm`]: layer normalisation over the last dimension;
+//! - [`softmax_last_dim`]: softmax over the last dimension (exact zeros for -inf);
 //! - [`exclusive_cumsum`], [`running_sigmoid`]: prefix sums along a sequence, and NADE's hidden
 //!   units sigmoid(c + sum_{j<d} x_j w_j) as one op;
 //! - gemm on strided views, element-wise loops per SIMD level, vectorisable exp / tanh /
@@ -17,17 +20,23 @@ mod cumsum;
 mod dense;
 mod fastmath;
 mod gate;
+mod gelu;
+mod layernorm;
 mod gemm;
 pub mod profile;
 mod running;
 mod simd;
+mod softmax;
 mod timeconv;
 mod unfold;
 
 pub use cumsum::exclusive_cumsum;
 pub use dense::{dense, dense_gated, dense_pair};
 pub use gate::gate;
+pub use gelu::gelu;
+pub use layernorm::layer_norm;
 pub use running::running_sigmoid;
+pub use softmax::softmax_last_dim;
 pub use timeconv::{time_conv, TimeConv};
 pub use unfold::{Fold, Unfold};
 

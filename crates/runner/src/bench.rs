@@ -130,6 +130,12 @@ pub fn default_cases() -> Vec<Case> {
         case("fvsbn 28x28 binary", "mnist10k-binary", "fvsbn", &[]),
         case("nade 500 hidden 28x28 binary", "mnist10k-binary", "nade", &[]),
         case("made 500 hidden 28x28 binary", "mnist10k-binary", "made", &[]),
+        case("transformer 128w x4 4h", "digits", "transformer", &[]),
+        case("transformer 64w x2 2h 28x28 binary", "mnist10k-binary", "transformer", &[
+            ("width", toml::Value::Integer(64)),
+            ("depth", toml::Value::Integer(2)),
+            ("heads", toml::Value::Integer(2)),
+        ]),
     ]
 }
 

@@ -4,21 +4,25 @@
 //! (or `forward_at`) for one position. Layers call the fused ops of `arm-kernels`; plugins
 //! never do.
 
+pub mod attention;
 pub mod conv1d;
 pub mod conv2d;
 mod dropout;
 pub mod gated;
 mod linear;
 mod masked;
+mod norm;
 pub mod recurrent;
 mod window;
 
-pub use arm_kernels::{leaky_relu, running_sigmoid};
+pub use arm_kernels::{gelu, leaky_relu, running_sigmoid};
+pub use attention::{causal_self_attention, CausalSelfAttention, KvCache};
 pub use conv1d::{causal_conv1d, causal_conv_stack, CausalConv1d, CausalConvStack, CausalMode, ConvCache};
 pub use conv2d::{masked_conv2d, tap_conv2d, Mask, TapConv2d};
 pub use dropout::Dropout;
 pub use gated::{gated_block, GatedBlock, Vertical};
 pub use linear::{linear, output_mlp, Linear, OutputMlp};
 pub use masked::{masked_linear, MaskedLinear};
+pub use norm::{layer_norm, LayerNorm};
 pub use recurrent::{cell, Cell, CellKind, State};
 pub use window::{window, Window};

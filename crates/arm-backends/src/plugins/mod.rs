@@ -9,3 +9,4 @@ pub mod mlp;
 pub mod nade;
 pub mod pixelcnn;
 pub mod rnn;
+pub mod transformer;

@@ -1,0 +1,231 @@
+//! Causal multi-head self-attention (Vaswani et al. 2017, "Attention Is All You Need", §3.2,
+//! eq. 1, with the decoder's mask of §3.2.3):
+//!
+//!   [Q, K, V] = x W_qkv + b_qkv,   head_i = softmax(Q_i K_i^T / sqrt(d_k) + M) V_i,
+//!   y = [head_1, ..., head_H] W_o + b_o,   M_ij = -inf where j > i, else 0,
+//!
+//! so position i attends to positions <= i. The whole-sequence `forward` computes all heads
+//! in batched matmuls; `step` is the cached evaluation of one new position: it computes q, k
+//! and v for that position only, appends k and v to a [`KvCache`] and attends over the cache,
+//! O(t) for the t-th position instead of a full pass.
+//!
+//! Composed ops (candle's matmuls, masked fill through `where_cond`, and the softmax op of
+//! `arm-kernels`); a fused kernel would replace the score, mask, softmax and weighted-sum
+//! chain. Left out: attention dropout (the plugins drop the layer's output instead) and
+//! relative position terms.
+
+use arm_kernels::softmax_last_dim;
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+
+use arm_core::Result;
+
+use super::{linear, Linear};
+
+/// Score values per block of query rows in evaluation mode (32 MiB of f32).
+pub const EVAL_SCORES: usize = 1 << 23;
+
+#[derive(Debug, Clone)]
+pub struct CausalSelfAttention {
+    qkv: Linear,  // (C, 3C): the three projections in one product
+    proj: Linear, // (C, C): W_o
+    heads: usize,
+    width: usize,
+    /// Whether the causal mask is applied; false only in tests that show the conformance
+    /// checks catch a network that looks ahead.
+    causal: bool,
+}
+
+/// Keys and values of the positions evaluated so far, one per layer: (B, H, t, d_k) each.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+}
+
+impl KvCache {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.k.as_ref().and_then(|k| k.dim(2).ok()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends one position's keys and values (B, H, 1, d_k) and returns the whole cache.
+    fn append(&mut self, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let cat = |old: &Option<Tensor>, new: Tensor| match old {
+            Some(o) => Tensor::cat(&[o, &new], 2),
+            None => Ok(new),
+        };
+        let (k, v) = (cat(&self.k, k)?, cat(&self.v, v)?);
+        self.k = Some(k.clone());
+        self.v = Some(v.clone());
+        Ok((k, v))
+    }
+}
+
+/// H heads over `width` features (width divisible by heads).
+pub fn causal_self_attention(width: usize, heads: usize, vb: VarBuilder) -> Result<CausalSelfAttention> {
+    if heads == 0 || !width.is_multiple_of(heads) {
+        candle_core::bail!("attention: {heads} heads do not divide width {width}");
+    }
+    Ok(CausalSelfAttention {
+        qkv: linear(width, 3 * width, vb.pp("qkv"))?,
+        proj: linear(width, width, vb.pp("proj"))?,
+        heads,
+        width,
+        causal: true,
+    })
+}
+
+impl CausalSelfAttention {
+    /// The same layer without its causal mask: every position attends to every position.
+    /// Only for tests that show the conformance checks catch it.
+    pub fn without_causal_mask(mut self) -> Self {
+        self.causal = false;
+        self
+    }
+
+    fn head_dim(&self) -> usize {
+        self.width / self.heads
+    }
+
+    /// 1 / sqrt(d_k).
+    fn scale(&self) -> f64 {
+        1.0 / (self.head_dim() as f64).sqrt()
+    }
+
+    /// (B, T, 3C) -> q, k, v as (B, H, T, d_k) each.
+    fn split(&self, qkv: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, _) = qkv.dims3()?;
+        let (c, h, dk) = (self.width, self.heads, self.head_dim());
+        let part = |i: usize| qkv.narrow(2, i * c, c)?.reshape((b, t, h, dk))?.transpose(1, 2)?.contiguous();
+        Ok((part(0)?, part(1)?, part(2)?))
+    }
+
+    /// (B, H, T, d_k) -> (B, T, C), heads side by side.
+    fn merge(&self, y: &Tensor) -> Result<Tensor> {
+        let (b, _, t, _) = y.dims4()?;
+        y.transpose(1, 2)?.reshape((b, t, self.width))
+    }
+
+    /// softmax(q k^T + M) v for the query rows row0..row0 + r, q (B, H, r, d_k) already
+    /// scaled, k and v (B, H, T, d_k): (B, H, r, d_k). With the mask, only the keys up to the
+    /// last row take part.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, row0: usize) -> Result<Tensor> {
+        let r = q.dim(2)?;
+        if !self.causal {
+            return softmax_last_dim(&q.matmul(&k.t()?)?)?.matmul(v);
+        }
+        let keys = row0 + r;
+        let (k, v) = (k.narrow(2, 0, keys)?, v.narrow(2, 0, keys)?); // (B, H, keys, d_k)
+        let att = q.matmul(&k.t()?)?; // (B, H, r, keys)
+
+        // Masked fill: -inf where key j comes after query row0 + i, so exp gives exactly 0
+        // there (the diagonal is never masked, so no row is all -inf).
+        let allowed: Vec<u8> = (0..r).flat_map(|i| (0..keys).map(move |j| u8::from(j <= row0 + i))).collect();
+        let allowed = Tensor::from_vec(allowed, (r, keys), q.device())?.broadcast_as(att.shape())?;
+        let ninf = Tensor::new(f32::NEG_INFINITY, q.device())?.to_dtype(att.dtype())?.broadcast_as(att.shape())?;
+        let att = allowed.where_cond(&att, &ninf)?;
+        softmax_last_dim(&att)?.matmul(&v) // (B, H, r, d_k)
+    }
+
+    /// [`Self::attend`] over blocks of `rows` query rows (at least 1), concatenated.
+    fn attend_blocks(&self, q: &Tensor, k: &Tensor, v: &Tensor, rows: usize) -> Result<Tensor> {
+        let t = q.dim(2)?;
+        let rows = rows.clamp(1, t.max(1));
+        let blocks = (0..t)
+            .step_by(rows)
+            .map(|r0| self.attend(&q.narrow(2, r0, rows.min(t - r0))?, k, v, r0))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&blocks, 2) // (B, H, T, d_k)
+    }
+
+    /// x (B, T, C) -> (B, T, C); output row i depends on input rows <= i.
+    ///
+    /// Evaluation (`train = false`) builds no gradient through the scores: with q, k and v
+    /// detached, each block of query rows frees its scores once done, so at most about
+    /// [`EVAL_SCORES`] of them exist at once (a 28x28 image's (B, H, D, D) scores need not fit).
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (q, k, v) = self.split(&self.qkv.forward(x)?)?; // (B, H, T, d_k) each
+
+        // Scaling q rather than the scores keeps one (B, H, T, T) tensor fewer.
+        let q = (q * self.scale())?;
+        let y = if train {
+            self.attend(&q, &k, &v, 0)? // (B, H, T, d_k)
+        } else {
+            let (b, h, t, _) = q.dims4()?;
+            self.attend_blocks(&q.detach(), &k.detach(), &v.detach(), EVAL_SCORES / (b * h * t).max(1))?
+        };
+        self.proj.forward(&self.merge(&y)?) // (B, T, C)
+    }
+
+    /// One new position: x (B, C) -> (B, C), attending over the cache and itself; appends the
+    /// position's keys and values to `cache`.
+    pub fn step(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        let (q, k, v) = self.split(&self.qkv.forward(&x.unsqueeze(1)?)?)?; // (B, H, 1, d_k) each
+
+        // Detached: sampling needs no gradient, and the cache must not keep every step's graph.
+        let (k, v) = cache.append(k.detach(), v.detach())?; // (B, H, t, d_k)
+        let att = (q.detach() * self.scale())?.matmul(&k.t()?)?; // (B, H, 1, t): no mask, the cache holds the past
+        let att = softmax_last_dim(&att)?;
+        let y = att.matmul(&v)?; // (B, H, 1, d_k)
+        self.proj.forward(&self.merge(&y)?.reshape((b, self.width))?) // (B, C)
+    }
+
+    /// Matrix-product FLOPs of a training `forward` over T positions: the projections
+    /// (2 T C 4C) and the score and weighted-sum products over all T x T pairs (2 x 2 T^2 C;
+    /// the composed ops compute the masked half too).
+    pub fn flops(&self, t: usize) -> f64 {
+        let (t, c) = (t as f64, self.width as f64);
+        2.0 * t * c * 4.0 * c + 4.0 * t * t * c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arm_core::seeded_var_builder;
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    /// The cached step reproduces the whole-sequence rows, and a row does not move when later
+    /// rows change (with the mask) but does without it.
+    #[test]
+    fn step_matches_forward_and_the_mask_hides_the_future() -> Result<()> {
+        let dev = Device::Cpu;
+        let map = VarMap::new();
+        let attn = causal_self_attention(6, 3, seeded_var_builder(&map, 1, &dev))?;
+        let x = Tensor::randn(0f32, 1.0, (2, 5, 6), &dev)?;
+        let full = attn.forward(&x, false)?; // (2, 5, 6)
+        let mut cache = KvCache::default();
+        for t in 0..5 {
+            let row = attn.step(&x.narrow(1, t, 1)?.squeeze(1)?, &mut cache)?;
+            let want = full.narrow(1, t, 1)?.squeeze(1)?;
+            let diff = (row - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "position {t}: {diff}");
+        }
+        assert_eq!(cache.len(), 5);
+        // Blocks of 2 query rows (the evaluation path on large inputs) give the same rows.
+        let (q, k, v) = attn.split(&attn.qkv.forward(&x)?)?;
+        let q = (q * attn.scale())?;
+        let whole = attn.attend(&q, &k, &v, 0)?;
+        let diff = (attn.attend_blocks(&q, &k, &v, 2)? - whole)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "blocked attention differs by {diff}");
+        // Training (whole, with gradients) gives the same rows.
+        let diff = (attn.forward(&x, true)? - &full)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "train vs eval: {diff}");
+        // Change the last position: rows 0..4 stay with the mask, move without it.
+        let x2 = Tensor::cat(&[x.narrow(1, 0, 4)?, (x.narrow(1, 4, 1)? + 1.0)?], 1)?;
+        let first = |a: &CausalSelfAttention, x: &Tensor| a.forward(x, false)?.narrow(1, 0, 4);
+        let moved = |a: &CausalSelfAttention| -> Result<f32> {
+            (first(a, &x2)? - first(a, &x)?)?.abs()?.max_all()?.to_scalar::<f32>()
+        };
+        assert_eq!(moved(&attn)?, 0.0);
+        assert!(moved(&attn.clone().without_causal_mask())? > 0.0);
+        Ok(())
+    }
+}
