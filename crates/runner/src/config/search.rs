@@ -353,7 +353,7 @@ mod tests {
     fn rounding_keeps_four_significant_digits() {
         assert_eq!(round4(0.000123456), 0.0001235);
         assert_eq!(round4(123456.0), 123500.0);
-        assert_eq!(round4(-2.71828), -2.718);
+        assert_eq!(round4(-5.43216), -5.432);
         assert_eq!(round4(0.0), 0.0);
     }
 
