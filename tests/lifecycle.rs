@@ -8,10 +8,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod common;
-use common::{f64_col, fixture, read_parquet, run_dirs, runner, stderr, stdout};
+use common::{f64_col, fixture, read_parquet, run_dirs, runner, stderr, stdout, wait_for};
 
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_runner"))
@@ -32,14 +32,6 @@ fn spawn(results: &Path, args: &[&str]) -> Child {
 fn signal(pid: u32, sig: &str) {
     let ok = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().expect("kill").success();
     assert!(ok, "kill -{sig} failed");
-}
-
-fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !cond() {
-        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn epochs(dir: &Path) -> usize {

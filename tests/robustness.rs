@@ -15,6 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::wait_for;
+
 use polars::prelude::{DataFrame, DataType, ParquetReader, SerReader};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -193,14 +196,6 @@ fn interrupt(child: &Child) {
     let ok =
         std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().expect("kill").success();
     assert!(ok, "kill -INT failed");
-}
-
-fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !cond() {
-        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn metrics_rows(dir: &Path) -> usize {

@@ -43,3 +43,12 @@ pub fn run_dirs(results: &Path, name: &str) -> Vec<PathBuf> {
     v.sort();
     v
 }
+
+/// Polls `cond` every 20 ms; fails the test after `limit`.
+pub fn wait_for(what: &str, limit: std::time::Duration, mut cond: impl FnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

@@ -43,7 +43,7 @@ pub fn halving(
     let mut alive: Vec<usize> = (0..all.len()).collect();
     let mut tally = Tally::default();
     for (k, epoch) in rungs.iter().copied().map(Some).chain([None]).enumerate() {
-        let rung = Rung { epoch, reached };
+        let rung = Rung { epoch };
         let mine: Vec<Job> = alive
             .iter()
             .filter(|&&i| opts.shard.is_none_or(|s| i % s.count == s.index))

@@ -309,12 +309,10 @@ pub fn is_claimed(dir: &Path) -> bool {
     matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock))
 }
 
-/// Successive halving's part in a training: the epoch to pause at (None: to the end), and
-/// whether a run folder has got there already (it is then not trained again).
+/// Successive halving's part in a training: the epoch to pause at (None: to the end).
 #[derive(Clone, Copy)]
 pub(crate) struct Rung {
     pub epoch: Option<usize>,
-    pub reached: fn(&Path, Option<usize>) -> Result<bool>,
 }
 
 fn one_run(job: &Job, device: &Device, ui: &Ui, resume: bool, rung: Option<Rung>) -> Result<Claim> {
@@ -322,7 +320,7 @@ fn one_run(job: &Job, device: &Device, ui: &Ui, resume: bool, rung: Option<Rung>
     let Some(lock) = claim(dir)? else { return Ok(Claim::Elsewhere) };
     // Another sweep may have finished it (or taken it to the rung) between our listing and the lock.
     let done = match rung {
-        Some(r) => (r.reached)(dir, r.epoch)?,
+        Some(r) => crate::halving::reached(dir, r.epoch)?,
         None => is_finished(dir)?,
     };
     if done {
