@@ -146,6 +146,7 @@ pub fn registry() -> Vec<Plugin> {
         Plugin::of::<crate::plugins::rnn::RnnConfig>(),
         Plugin::of::<crate::plugins::pixelcnn::PixelCnnConfig>(),
         Plugin::of::<crate::plugins::gated_pixelcnn::GatedPixelCnnConfig>(),
+        Plugin::of::<crate::plugins::pixelcnnpp::PixelCnnPpConfig>(),
         Plugin::of::<crate::plugins::fvsbn::FvsbnConfig>(),
         Plugin::of::<crate::plugins::nade::NadeConfig>(),
         Plugin::of::<crate::plugins::made::MadeConfig>(),

@@ -9,6 +9,7 @@ pub mod conv1d;
 pub mod conv2d;
 mod dropout;
 pub mod gated;
+pub mod grid;
 mod linear;
 mod masked;
 mod norm;

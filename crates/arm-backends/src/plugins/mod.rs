@@ -8,5 +8,6 @@ pub mod markov;
 pub mod mlp;
 pub mod nade;
 pub mod pixelcnn;
+pub mod pixelcnnpp;
 pub mod rnn;
 pub mod transformer;

@@ -1,0 +1,549 @@
+//! Networks over image grids of several resolutions, written as a list of nodes and evaluated
+//! two ways from the same list: whole grids at once (training, evaluation), and one cell at a
+//! time, each cell as soon as every pixel it depends on has been sampled (the cached stepper).
+//! PixelCNN++ (Salimans et al. 2017, §2.3-2.4, Fig. 2) is such a network: two streams of
+//! shifted convolutions that go down in resolution with stride-2 convolutions and back up with
+//! stride-2 transposed convolutions, with skip connections between the passes.
+//!
+//! Grids are channels-last (B, h*w, C) at their own resolution. A convolution is a tap list, as
+//! in [`super::conv2d`], plus a resampling that says which input cell tap (dy, dx) of output
+//! cell (r, c) reads:
+//! - `Same`: (r + dy, c + dx);
+//! - `Down2` (stride 2): (2r + dy, 2c + dx) of the finer grid; the coarse grid is ceil(h/2) x
+//!   ceil(w/2), so any size works;
+//! - `Up2` (stride-2 transposed convolution): the transposed convolution equals a convolution
+//!   over the coarse grid spread onto the fine one with zeros between (coarse cell (i, j) at
+//!   fine (2i, 2j)), so tap (dy, dx) reads coarse cell ((r + dy) / 2, (c + dx) / 2) when both
+//!   are even, and zero otherwise.
+//!
+//! Every tap exists only where it reads a cell, so the stepper can tell when a cell is final:
+//! its "ready" count (how many pixels must be known) is the largest over the cells it reads,
+//! and a pixel p makes p + 1 of them known.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarBuilder;
+
+use arm_core::{Result, Stepper};
+use arm_kernels::Unfold;
+
+use super::linear::torch_uniform;
+use super::{linear, Dropout, Linear};
+
+pub type NodeId = usize;
+
+/// How a convolution's output grid relates to its input grid (module header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resample {
+    Same,
+    Down2,
+    /// To the given finer grid (h, w), which must halve (rounding up) to the input grid.
+    Up2((usize, usize)),
+}
+
+/// A convolution between grids over a tap list: (B, n_in, C_in) -> (B, n_out, C_out).
+pub struct GridConv {
+    w: Tensor, // (taps * C_in, C_out), tap-major rows
+    b: Tensor, // (C_out,)
+    taps: Vec<(isize, isize)>,
+    resample: Resample,
+    from: (usize, usize),
+    to: (usize, usize),
+    /// Same resolution: the fused im2col of the kernels crate.
+    unfold: Option<Unfold>,
+    /// Resampled: for every (output cell, tap), the input cell read, or n_in for a zero.
+    index: Option<Tensor>,
+}
+
+fn inside((h, w): (usize, usize), r: isize, c: isize) -> Option<usize> {
+    (r >= 0 && c >= 0 && (r as usize) < h && (c as usize) < w).then(|| r as usize * w + c as usize)
+}
+
+impl GridConv {
+    fn new(
+        cin: usize,
+        cout: usize,
+        taps: Vec<(isize, isize)>,
+        resample: Resample,
+        from: (usize, usize),
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        if taps.is_empty() {
+            candle_core::bail!("grid conv: no taps");
+        }
+        let to = match resample {
+            Resample::Same => from,
+            Resample::Down2 => (from.0.div_ceil(2), from.1.div_ceil(2)),
+            Resample::Up2(to) => {
+                if (to.0.div_ceil(2), to.1.div_ceil(2)) != from {
+                    candle_core::bail!("grid conv: {to:?} does not halve to {from:?}");
+                }
+                to
+            }
+        };
+        let init = torch_uniform(taps.len() * cin);
+        let w = vb.get_with_hints((taps.len() * cin, cout), "weight", init)?;
+        let b = vb.get_with_hints(cout, "bias", init)?;
+        let mut conv = GridConv { w, b, taps, resample, from, to, unfold: None, index: None };
+        if resample == Resample::Same {
+            conv.unfold = Some(Unfold { height: from.0, width: from.1, taps: conv.taps.clone() });
+        } else {
+            let n_in = from.0 * from.1;
+            let index: Vec<u32> = (0..to.0 * to.1)
+                .flat_map(|pos| conv.taps.iter().map(move |&tap| (pos, tap)))
+                .map(|(pos, tap)| conv.source(pos, tap).unwrap_or(n_in) as u32)
+                .collect();
+            conv.index = Some(Tensor::new(index, vb.device())?);
+        }
+        Ok(conv)
+    }
+
+    /// Input cell read by `tap` of output cell `pos`; None for a zero.
+    pub fn source(&self, pos: usize, (dy, dx): (isize, isize)) -> Option<usize> {
+        let (r0, c0) = ((pos / self.to.1) as isize, (pos % self.to.1) as isize);
+        let (r, c) = (r0 + dy, c0 + dx);
+        match self.resample {
+            Resample::Same => inside(self.from, r, c),
+            Resample::Down2 => inside(self.from, 2 * r0 + dy, 2 * c0 + dx),
+            Resample::Up2(_) if r % 2 == 0 && c % 2 == 0 => inside(self.from, r / 2, c / 2),
+            Resample::Up2(_) => None,
+        }
+    }
+
+    /// Whole grids: (B, n_in, C_in) -> (B, n_out, C_out).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(u) = &self.unfold {
+            return arm_kernels::dense(x, &self.w, &self.b, Some(u), None);
+        }
+        let index = self.index.as_ref().ok_or_else(|| candle_core::Error::Msg("grid conv: no index".into()))?;
+        let (b, _, c) = x.dims3()?;
+        let padded = Tensor::cat(&[x, &Tensor::zeros((b, 1, c), x.dtype(), x.device())?], 1)?;
+        let cols = padded.index_select(index, 1)?; // (B, n_out * taps, C_in)
+        let cols = cols.reshape((b, self.to.0 * self.to.1, self.taps.len() * c))?;
+        arm_kernels::dense(&cols, &self.w, &self.b, None, None) // (B, n_out, C_out)
+    }
+
+    /// One output cell from the input cells computed so far, (B, C_out).
+    fn forward_cell(&self, pos: usize, cells: &[Option<Tensor>], zero: &Tensor) -> Result<Tensor> {
+        let cols = self
+            .taps
+            .iter()
+            .map(|&tap| match self.source(pos, tap) {
+                None => Ok(zero.clone()),
+                Some(src) => cells[src].clone().ok_or_else(|| {
+                    candle_core::Error::Msg(format!("tap {tap:?} of cell {pos} reads uncomputed cell {src}"))
+                }),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        arm_kernels::dense(&Tensor::cat(&cols, 1)?, &self.w, &self.b, None, None)
+    }
+
+    fn cin(&self) -> usize {
+        self.w.dim(0).unwrap_or(0) / self.taps.len()
+    }
+
+    fn flops(&self) -> f64 {
+        let (k, n) = (self.w.elem_count() as f64, (self.to.0 * self.to.1) as f64);
+        2.0 * k * n
+    }
+}
+
+enum Op {
+    /// The image, one cell per pixel: (2x - 1, 1), the constant channel telling the
+    /// convolutions where the image ends (PixelCNN++ pads its input with ones the same way).
+    Input,
+    Conv(NodeId, GridConv),
+    Nin(NodeId, Linear),
+    ConcatElu(NodeId),
+    Elu(NodeId),
+    /// a * sigmoid(b) over the two halves of the channels.
+    Glu(NodeId),
+    Add(NodeId, NodeId),
+    Concat(NodeId, NodeId),
+    Dropout(NodeId),
+}
+
+struct Node {
+    op: Op,
+    grid: (usize, usize),
+    channels: usize,
+}
+
+/// The node list; nodes only read earlier nodes, the last one is the output.
+pub struct GridNet {
+    nodes: Vec<Node>,
+    dropout: Dropout,
+    image: (usize, usize),
+}
+
+/// concat_elu(x) = elu([x, -x]) over the last dimension (PixelCNN++, §2.5 of the code release:
+/// keeps both signs of the pre-activation).
+pub fn concat_elu(x: &Tensor) -> Result<Tensor> {
+    Tensor::cat(&[x, &x.neg()?], D::Minus1)?.elu(1.0)
+}
+
+/// a * sigmoid(b) with a, b the two halves of the last dimension (PixelCNN++'s gate).
+pub fn glu(x: &Tensor) -> Result<Tensor> {
+    let c = x.dim(D::Minus1)? / 2;
+    let (a, b) = (x.narrow(D::Minus1, 0, c)?, x.narrow(D::Minus1, c, c)?);
+    a * candle_nn::ops::sigmoid(&b)?
+}
+
+impl GridNet {
+    /// A network for (h, w) images; node 0 is the input. `dropout` acts at every `dropout` node.
+    pub fn new(image: (usize, usize), dropout: Dropout) -> Self {
+        GridNet { nodes: vec![Node { op: Op::Input, grid: image, channels: 2 }], dropout, image }
+    }
+
+    pub const INPUT: NodeId = 0;
+
+    fn push(&mut self, op: Op, grid: (usize, usize), channels: usize) -> NodeId {
+        self.nodes.push(Node { op, grid, channels });
+        self.nodes.len() - 1
+    }
+
+    pub fn grid(&self, x: NodeId) -> (usize, usize) {
+        self.nodes[x].grid
+    }
+
+    pub fn conv(&mut self, x: NodeId, taps: &[(isize, isize)], resample: Resample, cout: usize, vb: VarBuilder) -> Result<NodeId> {
+        let conv = GridConv::new(self.nodes[x].channels, cout, taps.to_vec(), resample, self.nodes[x].grid, vb)?;
+        let grid = conv.to;
+        Ok(self.push(Op::Conv(x, conv), grid, cout))
+    }
+
+    /// 1x1 convolution ("network in network").
+    pub fn nin(&mut self, x: NodeId, cout: usize, vb: VarBuilder) -> Result<NodeId> {
+        let lin = linear(self.nodes[x].channels, cout, vb)?;
+        Ok(self.push(Op::Nin(x, lin), self.nodes[x].grid, cout))
+    }
+
+    pub fn concat_elu(&mut self, x: NodeId) -> NodeId {
+        self.push(Op::ConcatElu(x), self.nodes[x].grid, 2 * self.nodes[x].channels)
+    }
+
+    pub fn elu(&mut self, x: NodeId) -> NodeId {
+        self.push(Op::Elu(x), self.nodes[x].grid, self.nodes[x].channels)
+    }
+
+    pub fn glu(&mut self, x: NodeId) -> NodeId {
+        self.push(Op::Glu(x), self.nodes[x].grid, self.nodes[x].channels / 2)
+    }
+
+    pub fn dropout(&mut self, x: NodeId) -> NodeId {
+        self.push(Op::Dropout(x), self.nodes[x].grid, self.nodes[x].channels)
+    }
+
+    fn same_grid(&self, a: NodeId, b: NodeId) -> Result<()> {
+        if self.nodes[a].grid != self.nodes[b].grid {
+            candle_core::bail!("grid net: nodes {a} and {b} are on {:?} and {:?}", self.nodes[a].grid, self.nodes[b].grid);
+        }
+        Ok(())
+    }
+
+    pub fn add(&mut self, a: NodeId, b: NodeId) -> Result<NodeId> {
+        self.same_grid(a, b)?;
+        if self.nodes[a].channels != self.nodes[b].channels {
+            candle_core::bail!("grid net: adding {} to {} channels", self.nodes[b].channels, self.nodes[a].channels);
+        }
+        Ok(self.push(Op::Add(a, b), self.nodes[a].grid, self.nodes[a].channels))
+    }
+
+    pub fn concat(&mut self, a: NodeId, b: NodeId) -> Result<NodeId> {
+        self.same_grid(a, b)?;
+        Ok(self.push(Op::Concat(a, b), self.nodes[a].grid, self.nodes[a].channels + self.nodes[b].channels))
+    }
+
+    pub fn begin_epoch(&self, epoch: usize) {
+        self.dropout.begin_epoch(epoch);
+    }
+
+    /// x: (B, h*w) pixels in [0, 1] -> the last node, (B, h*w, C).
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut vals: Vec<Tensor> = Vec::with_capacity(self.nodes.len());
+        for node in &self.nodes {
+            let v = match &node.op {
+                Op::Input => input_cells(&x.unsqueeze(2)?)?,
+                Op::Conv(a, conv) => conv.forward(&vals[*a])?,
+                Op::Nin(a, lin) => lin.forward(&vals[*a])?,
+                Op::ConcatElu(a) => concat_elu(&vals[*a])?,
+                Op::Elu(a) => vals[*a].elu(1.0)?,
+                Op::Glu(a) => glu(&vals[*a])?,
+                Op::Add(a, b) => (&vals[*a] + &vals[*b])?,
+                Op::Concat(a, b) => Tensor::cat(&[&vals[*a], &vals[*b]], D::Minus1)?,
+                Op::Dropout(a) => self.dropout.forward_t(&vals[*a], train)?,
+            };
+            vals.push(v);
+        }
+        vals.pop().ok_or_else(|| candle_core::Error::Msg("grid net: no nodes".into()))
+    }
+
+    /// Matrix-product FLOPs of one forward pass per image.
+    pub fn flops_per_image(&self) -> f64 {
+        let n = |id: NodeId| (self.nodes[id].grid.0 * self.nodes[id].grid.1) as f64;
+        self.nodes
+            .iter()
+            .enumerate()
+            .map(|(id, node)| match &node.op {
+                Op::Conv(_, conv) => conv.flops(),
+                Op::Nin(_, lin) => 2.0 * lin.w.elem_count() as f64 * n(id),
+                _ => 0.0,
+            })
+            .sum()
+    }
+
+    /// For every node and cell, how many pixels (in raster order) must be known to compute it.
+    pub fn ready(&self) -> Vec<Vec<usize>> {
+        let mut ready: Vec<Vec<usize>> = Vec::with_capacity(self.nodes.len());
+        for node in &self.nodes {
+            let cells = node.grid.0 * node.grid.1;
+            let r = match &node.op {
+                Op::Input => (1..=cells).collect(),
+                Op::Conv(a, conv) => (0..cells)
+                    .map(|pos| conv.taps.iter().filter_map(|&t| conv.source(pos, t)).map(|s| ready[*a][s]).max().unwrap_or(0))
+                    .collect(),
+                Op::Add(a, b) | Op::Concat(a, b) => ready[*a].iter().zip(&ready[*b]).map(|(x, y)| *x.max(y)).collect(),
+                Op::Nin(a, _) | Op::ConcatElu(a) | Op::Elu(a) | Op::Glu(a) | Op::Dropout(a) => ready[*a].clone(),
+            };
+            ready.push(r);
+        }
+        ready
+    }
+
+    /// The cached stepper (module header): every cell of every node is computed once.
+    pub fn stepper(&self, batch: usize, device: &Device) -> Result<Box<dyn Stepper + '_>> {
+        let ready = self.ready();
+        let d = self.image.0 * self.image.1;
+        let out = ready.last().ok_or_else(|| candle_core::Error::Msg("grid net: no nodes".into()))?;
+        if let Some(p) = (0..d).find(|&p| out[p] > p) {
+            candle_core::bail!("grid net: output cell {p} needs {} pixels (not causal)", out[p]);
+        }
+        let order = ready
+            .iter()
+            .map(|r| {
+                let mut cells: Vec<usize> = (0..r.len()).collect();
+                cells.sort_by_key(|&c| r[c]);
+                cells
+            })
+            .collect();
+        Ok(Box::new(GridStepper {
+            net: self,
+            batch,
+            device: device.clone(),
+            pos: 0,
+            pixels: Vec::with_capacity(d),
+            cells: self.nodes.iter().map(|n| vec![None; n.grid.0 * n.grid.1]).collect(),
+            next: vec![0; self.nodes.len()],
+            ready,
+            order,
+            zeros: HashMap::new(),
+            out: None,
+        }))
+    }
+}
+
+/// (B, N, 1) pixels in [0, 1] -> (B, N, 2) cells (2x - 1, 1).
+fn input_cells(x: &Tensor) -> Result<Tensor> {
+    Tensor::cat(&[&x.affine(2.0, -1.0)?, &x.ones_like()?], D::Minus1)
+}
+
+struct GridStepper<'a> {
+    net: &'a GridNet,
+    batch: usize,
+    device: Device,
+    pos: usize,
+    pixels: Vec<Tensor>, // (B, 1) each
+    /// cells[node][cell]: (B, C) once computed.
+    cells: Vec<Vec<Option<Tensor>>>,
+    /// next[node]: how many cells of `order[node]` are computed.
+    next: Vec<usize>,
+    ready: Vec<Vec<usize>>,
+    order: Vec<Vec<usize>>,
+    zeros: HashMap<usize, Tensor>,
+    out: Option<Tensor>,
+}
+
+impl GridStepper<'_> {
+    fn zero(&mut self, channels: usize) -> Result<Tensor> {
+        if let Some(z) = self.zeros.get(&channels) {
+            return Ok(z.clone());
+        }
+        let z = Tensor::zeros((self.batch, channels), DType::F32, &self.device)?;
+        self.zeros.insert(channels, z.clone());
+        Ok(z)
+    }
+
+    fn cell(&self, node: NodeId, q: usize) -> Result<&Tensor> {
+        self.cells[node][q]
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg(format!("stepper: cell {q} of node {node} not computed yet")))
+    }
+
+    fn compute(&mut self, id: NodeId, q: usize) -> Result<Tensor> {
+        let net = self.net;
+        match &net.nodes[id].op {
+            Op::Input => input_cells(&self.pixels[q].unsqueeze(1)?)?.squeeze(1),
+            Op::Conv(a, conv) => {
+                let zero = self.zero(conv.cin())?;
+                conv.forward_cell(q, &self.cells[*a], &zero)
+            }
+            Op::Nin(a, lin) => lin.forward(self.cell(*a, q)?),
+            Op::ConcatElu(a) => concat_elu(self.cell(*a, q)?),
+            Op::Elu(a) => self.cell(*a, q)?.elu(1.0),
+            Op::Glu(a) => glu(self.cell(*a, q)?),
+            Op::Add(a, b) => self.cell(*a, q)? + self.cell(*b, q)?,
+            Op::Concat(a, b) => Tensor::cat(&[self.cell(*a, q)?, self.cell(*b, q)?], 1),
+            Op::Dropout(a) => Ok(self.cell(*a, q)?.clone()), // evaluation mode
+        }
+    }
+}
+
+impl Stepper for GridStepper<'_> {
+    fn params(&mut self) -> Result<Tensor> {
+        if let Some(o) = &self.out {
+            return Ok(o.clone());
+        }
+        let d = self.net.image.0 * self.net.image.1;
+        if self.pos >= d {
+            candle_core::bail!("stepper: all {d} positions are already filled");
+        }
+        for id in 0..self.net.nodes.len() {
+            while let Some(&q) = self.order[id].get(self.next[id]) {
+                if self.ready[id][q] > self.pos {
+                    break;
+                }
+                let v = self.compute(id, q)?;
+                self.cells[id][q] = Some(v);
+                self.next[id] += 1;
+            }
+        }
+        let last = self.net.nodes.len() - 1;
+        let o = self.cell(last, self.pos)?.clone();
+        self.out = Some(o.clone());
+        Ok(o)
+    }
+
+    fn push(&mut self, x_d: &Tensor) -> Result<()> {
+        if self.out.is_none() {
+            self.params()?;
+        }
+        self.pixels.push(x_d.to_dtype(DType::F32)?.reshape((self.batch, 1))?);
+        self.out = None;
+        self.pos += 1;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arm_core::seeded_var_builder;
+    use candle_nn::VarMap;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn rand_t(shape: &[usize], seed: u64) -> Result<Tensor> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let n = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu)
+    }
+
+    /// The grid conv's kernel as a (C_out, C_in, kh, kw) tensor, tap (dy, dx) at (ky, kx) =
+    /// (dy - dy0, dx - dx0) for taps listed over a full kh x kw window starting at (dy0, dx0).
+    fn kernel(conv: &GridConv, cin: usize, (kh, kw): (usize, usize), at: impl Fn(isize, isize) -> (usize, usize)) -> Result<Tensor> {
+        let w = conv.w.to_vec2::<f32>()?;
+        let cout = w[0].len();
+        let mut k = vec![0f32; cout * cin * kh * kw];
+        for (t, &(dy, dx)) in conv.taps.iter().enumerate() {
+            let (ky, kx) = at(dy, dx);
+            for o in 0..cout {
+                for ci in 0..cin {
+                    k[((o * cin + ci) * kh + ky) * kw + kx] = w[t * cin + ci][o];
+                }
+            }
+        }
+        Tensor::from_vec(k, (cout, cin, kh, kw), &Device::Cpu)
+    }
+
+    fn nchw(x: &Tensor, (h, w): (usize, usize)) -> Result<Tensor> {
+        let (b, _, c) = x.dims3()?;
+        x.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()
+    }
+
+    fn channels_last(y: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = y.dims4()?;
+        y.permute((0, 2, 3, 1))?.reshape((b, h * w, c))
+    }
+
+    const DOWN: [(isize, isize); 6] = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 0), (0, 1)];
+
+    /// Stride 2 is PixelCNN++'s down-shifted convolution: pad one row on top and one column
+    /// each side, then a 2x3 convolution with stride 2 (candle's conv2d as the reference).
+    #[test]
+    fn down2_equals_a_padded_strided_convolution() -> Result<()> {
+        for (h, w) in [(4, 6), (5, 3), (8, 8)] {
+            let (cin, cout) = (3, 2);
+            let map = VarMap::new();
+            let conv = GridConv::new(cin, cout, DOWN.to_vec(), Resample::Down2, (h, w), seeded_var_builder(&map, 1, &Device::Cpu))?;
+            let x = rand_t(&[2, h * w, cin], 2)?;
+            let k = kernel(&conv, cin, (2, 3), |dy, dx| ((dy + 1) as usize, (dx + 1) as usize))?;
+            let padded = nchw(&x, (h, w))?.pad_with_zeros(2, 1, 0)?.pad_with_zeros(3, 1, 1)?;
+            let want = channels_last(&padded.conv2d(&k, 0, 2, 1, 1)?)?.broadcast_add(&conv.b)?;
+            let got = conv.forward(&x)?;
+            assert_eq!(got.dims(), want.dims(), "{h}x{w}");
+            let diff = (&got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "{h}x{w}: {diff}");
+        }
+        Ok(())
+    }
+
+    /// Up2 is PixelCNN++'s down-shifted transposed convolution: a 2x3 transposed convolution with
+    /// stride 2, cropped to rows [0, 2h) and columns [1, 2w + 1) (candle's conv_transpose2d as the
+    /// reference); tap (dy, dx) is kernel cell (-dy, 1 - dx).
+    #[test]
+    fn up2_equals_a_cropped_transposed_convolution() -> Result<()> {
+        for (h, w) in [(2, 3), (4, 4)] {
+            let (cin, cout) = (2, 3);
+            let map = VarMap::new();
+            let to = (2 * h, 2 * w);
+            let conv = GridConv::new(cin, cout, DOWN.to_vec(), Resample::Up2(to), (h, w), seeded_var_builder(&map, 4, &Device::Cpu))?;
+            let x = rand_t(&[2, h * w, cin], 5)?;
+            // conv_transpose2d wants (C_in, C_out, kh, kw).
+            let k = kernel(&conv, cin, (2, 3), |dy, dx| ((-dy) as usize, (1 - dx) as usize))?;
+            let k = k.permute((1, 0, 2, 3))?.contiguous()?;
+            let full = nchw(&x, (h, w))?.conv_transpose2d(&k, 0, 0, 2, 1)?; // (B, C_out, 2h, 2w + 1)
+            let want = channels_last(&full.narrow(2, 0, 2 * h)?.narrow(3, 1, 2 * w)?)?.broadcast_add(&conv.b)?;
+            let got = conv.forward(&x)?;
+            let diff = (&got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "{h}x{w}: {diff}");
+        }
+        Ok(())
+    }
+
+    /// Gradients of the gathered (resampled) convolution match central differences.
+    #[test]
+    fn resampled_convolutions_have_the_right_input_gradient() -> Result<()> {
+        for resample in [Resample::Down2, Resample::Up2((6, 4))] {
+            let from = if resample == Resample::Down2 { (5, 4) } else { (3, 2) };
+            let map = VarMap::new();
+            let conv = GridConv::new(2, 2, DOWN.to_vec(), resample, from, seeded_var_builder(&map, 6, &Device::Cpu))?;
+            let x = candle_core::Var::from_tensor(&rand_t(&[1, from.0 * from.1, 2], 7)?)?;
+            let loss = |t: &Tensor| -> Result<f64> { conv.forward(t)?.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>() };
+            let g = conv.forward(x.as_tensor())?.sqr()?.sum_all()?.backward()?;
+            let g = g.get(&x).expect("gradient").flatten_all()?.to_vec1::<f32>()?;
+            let xv = x.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            for i in 0..xv.len() {
+                let shifted = |e: f32| -> Result<f64> {
+                    let mut v = xv.clone();
+                    v[i] += e;
+                    loss(&Tensor::from_vec(v, x.shape(), &Device::Cpu)?)
+                };
+                let num = (shifted(1e-2)? - shifted(-1e-2)?) / 2e-2;
+                assert!((num - g[i] as f64).abs() < 1e-2 * (1.0 + num.abs()), "{resample:?} input {i}: {num} vs {}", g[i]);
+            }
+        }
+        Ok(())
+    }
+}
