@@ -17,6 +17,7 @@
 //! call layers. Off the CPU (or for other dtypes) every op composes candle's own ops.
 
 mod cumsum;
+mod celu;
 mod dense;
 mod fastmath;
 mod gate;
@@ -30,6 +31,7 @@ mod softmax;
 mod timeconv;
 mod unfold;
 
+pub use celu::{concat_elu, glu, glu_residual};
 pub use cumsum::exclusive_cumsum;
 pub use dense::{dense, dense_gated, dense_pair};
 pub use gate::gate;

@@ -26,7 +26,7 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 
 use arm_core::{Result, Stepper};
-use arm_kernels::Unfold;
+use arm_kernels::{concat_elu, glu, glu_residual, Unfold};
 
 use super::linear::torch_uniform;
 use super::{linear, Dropout, Linear};
@@ -124,6 +124,14 @@ impl GridConv {
         arm_kernels::dense(&cols, &self.w, &self.b, None, None) // (B, n_out, C_out)
     }
 
+    /// forward(x) + lin(a) as one product, a: (B, n_out, C_a); same resolution only.
+    fn forward_with(&self, x: &Tensor, a: &Tensor, lin: &Linear) -> Result<Tensor> {
+        match &self.unfold {
+            Some(u) => arm_kernels::dense_pair(x, u, &self.w, &self.b, a, &lin.w, &lin.b),
+            None => self.forward(x)? + lin.forward(a)?,
+        }
+    }
+
     /// One output cell from the input cells computed so far, (B, C_out).
     fn forward_cell(&self, pos: usize, cells: &[Option<Tensor>], zero: &Tensor) -> Result<Tensor> {
         let cols = self
@@ -154,11 +162,15 @@ enum Op {
     /// convolutions where the image ends (PixelCNN++ pads its input with ones the same way).
     Input,
     Conv(NodeId, GridConv),
+    /// conv(x) + nin(a) as one product (same resolution).
+    ConvNin(NodeId, GridConv, NodeId, Linear),
     Nin(NodeId, Linear),
     ConcatElu(NodeId),
     Elu(NodeId),
     /// a * sigmoid(b) over the two halves of the channels.
     Glu(NodeId),
+    /// x + glu(a).
+    GluResidual(NodeId, NodeId),
     Add(NodeId, NodeId),
     Concat(NodeId, NodeId),
     Dropout(NodeId),
@@ -175,19 +187,6 @@ pub struct GridNet {
     nodes: Vec<Node>,
     dropout: Dropout,
     image: (usize, usize),
-}
-
-/// concat_elu(x) = elu([x, -x]) over the last dimension (PixelCNN++, §2.5 of the code release:
-/// keeps both signs of the pre-activation).
-pub fn concat_elu(x: &Tensor) -> Result<Tensor> {
-    Tensor::cat(&[x, &x.neg()?], D::Minus1)?.elu(1.0)
-}
-
-/// a * sigmoid(b) with a, b the two halves of the last dimension (PixelCNN++'s gate).
-pub fn glu(x: &Tensor) -> Result<Tensor> {
-    let c = x.dim(D::Minus1)? / 2;
-    let (a, b) = (x.narrow(D::Minus1, 0, c)?, x.narrow(D::Minus1, c, c)?);
-    a * candle_nn::ops::sigmoid(&b)?
 }
 
 impl GridNet {
@@ -211,6 +210,23 @@ impl GridNet {
         let conv = GridConv::new(self.nodes[x].channels, cout, taps.to_vec(), resample, self.nodes[x].grid, vb)?;
         let grid = conv.to;
         Ok(self.push(Op::Conv(x, conv), grid, cout))
+    }
+
+    /// conv(x) + nin(a) at x's resolution, one product.
+    pub fn conv_nin(&mut self, x: NodeId, taps: &[(isize, isize)], cout: usize, a: NodeId, vb: VarBuilder) -> Result<NodeId> {
+        self.same_grid(x, a)?;
+        let conv = GridConv::new(self.nodes[x].channels, cout, taps.to_vec(), Resample::Same, self.nodes[x].grid, vb.pp("conv"))?;
+        let lin = linear(self.nodes[a].channels, cout, vb.pp("nin"))?;
+        Ok(self.push(Op::ConvNin(x, conv, a, lin), self.nodes[x].grid, cout))
+    }
+
+    /// x + glu(a), a with twice x's channels.
+    pub fn glu_residual(&mut self, x: NodeId, a: NodeId) -> Result<NodeId> {
+        self.same_grid(x, a)?;
+        if 2 * self.nodes[x].channels != self.nodes[a].channels {
+            candle_core::bail!("grid net: gating {} channels into {}", self.nodes[a].channels, self.nodes[x].channels);
+        }
+        Ok(self.push(Op::GluResidual(x, a), self.nodes[x].grid, self.nodes[x].channels))
     }
 
     /// 1x1 convolution ("network in network").
@@ -266,10 +282,12 @@ impl GridNet {
             let v = match &node.op {
                 Op::Input => input_cells(&x.unsqueeze(2)?)?,
                 Op::Conv(a, conv) => conv.forward(&vals[*a])?,
+                Op::ConvNin(x, conv, a, lin) => conv.forward_with(&vals[*x], &vals[*a], lin)?,
                 Op::Nin(a, lin) => lin.forward(&vals[*a])?,
                 Op::ConcatElu(a) => concat_elu(&vals[*a])?,
                 Op::Elu(a) => vals[*a].elu(1.0)?,
                 Op::Glu(a) => glu(&vals[*a])?,
+                Op::GluResidual(x, a) => glu_residual(&vals[*x], &vals[*a])?,
                 Op::Add(a, b) => (&vals[*a] + &vals[*b])?,
                 Op::Concat(a, b) => Tensor::cat(&[&vals[*a], &vals[*b]], D::Minus1)?,
                 Op::Dropout(a) => self.dropout.forward_t(&vals[*a], train)?,
@@ -287,6 +305,7 @@ impl GridNet {
             .enumerate()
             .map(|(id, node)| match &node.op {
                 Op::Conv(_, conv) => conv.flops(),
+                Op::ConvNin(_, conv, _, lin) => conv.flops() + 2.0 * lin.w.elem_count() as f64 * n(id),
                 Op::Nin(_, lin) => 2.0 * lin.w.elem_count() as f64 * n(id),
                 _ => 0.0,
             })
@@ -303,7 +322,13 @@ impl GridNet {
                 Op::Conv(a, conv) => (0..cells)
                     .map(|pos| conv.taps.iter().filter_map(|&t| conv.source(pos, t)).map(|s| ready[*a][s]).max().unwrap_or(0))
                     .collect(),
-                Op::Add(a, b) | Op::Concat(a, b) => ready[*a].iter().zip(&ready[*b]).map(|(x, y)| *x.max(y)).collect(),
+                Op::ConvNin(x, conv, a, _) => (0..cells)
+                    .map(|pos| {
+                        let from_x = conv.taps.iter().filter_map(|&t| conv.source(pos, t)).map(|s| ready[*x][s]).max();
+                        from_x.unwrap_or(0).max(ready[*a][pos])
+                    })
+                    .collect(),
+                Op::Add(a, b) | Op::Concat(a, b) | Op::GluResidual(a, b) => ready[*a].iter().zip(&ready[*b]).map(|(x, y)| *x.max(y)).collect(),
                 Op::Nin(a, _) | Op::ConcatElu(a) | Op::Elu(a) | Op::Glu(a) | Op::Dropout(a) => ready[*a].clone(),
             };
             ready.push(r);
@@ -388,10 +413,15 @@ impl GridStepper<'_> {
                 let zero = self.zero(conv.cin())?;
                 conv.forward_cell(q, &self.cells[*a], &zero)
             }
+            Op::ConvNin(x, conv, a, lin) => {
+                let zero = self.zero(conv.cin())?;
+                conv.forward_cell(q, &self.cells[*x], &zero)? + lin.forward(self.cell(*a, q)?)?
+            }
             Op::Nin(a, lin) => lin.forward(self.cell(*a, q)?),
             Op::ConcatElu(a) => concat_elu(self.cell(*a, q)?),
             Op::Elu(a) => self.cell(*a, q)?.elu(1.0),
             Op::Glu(a) => glu(self.cell(*a, q)?),
+            Op::GluResidual(x, a) => glu_residual(self.cell(*x, q)?, self.cell(*a, q)?),
             Op::Add(a, b) => self.cell(*a, q)? + self.cell(*b, q)?,
             Op::Concat(a, b) => Tensor::cat(&[self.cell(*a, q)?, self.cell(*b, q)?], 1),
             Op::Dropout(a) => Ok(self.cell(*a, q)?.clone()), // evaluation mode

@@ -150,17 +150,18 @@ impl<'a> Builder<'a> {
     fn gated_resnet(&mut self, v: NodeId, a: Option<NodeId>, taps: &[(isize, isize)]) -> Result<NodeId> {
         let f = self.filters;
         let cv = self.g.concat_elu(v);
-        let mut c1 = self.conv(cv, taps, Resample::Same, f)?;
-        if let Some(a) = a {
-            let ca = self.g.concat_elu(a);
-            let from_a = self.nin(ca, f)?;
-            c1 = self.g.add(c1, from_a)?;
-        }
+        let c1 = match a {
+            None => self.conv(cv, taps, Resample::Same, f)?,
+            Some(a) => {
+                let ca = self.g.concat_elu(a);
+                let vb = self.name("conv_nin");
+                self.g.conv_nin(cv, taps, f, ca, vb)?
+            }
+        };
         let c1 = self.g.concat_elu(c1);
         let c1 = self.g.dropout(c1);
         let c2 = self.conv(c1, taps, Resample::Same, 2 * f)?;
-        let gated = self.g.glu(c2);
-        self.g.add(v, gated)
+        self.g.glu_residual(v, c2)
     }
 }
 
