@@ -6,6 +6,7 @@
 //!   glu([a, b]) = a sigmoid(b)                 (..., 2C) -> (..., C)
 //!     d/da = g s,  d/db = g a s (1 - s),  s = sigmoid(b)
 //!   glu_residual(x, [a, b]) = x + glu([a, b])  (the block's residual sum in the same pass)
+//!   concat_elu_masked(x, m) = concat_elu(x) m  (dropout's mask applied in the same pass)
 //!
 //! Composed from candle ops, concat_elu is a negation, a concatenation and an ELU (whose
 //! backward builds five more nodes), and the gate two narrows, a sigmoid and a product whose
@@ -31,6 +32,10 @@ struct Glu;
 
 #[derive(Debug, Clone, Copy)]
 struct GluGrad;
+
+/// concat_elu(x) * mask: dropout on the unit's output in the same pass.
+#[derive(Debug, Clone, Copy)]
+struct ConcatEluMasked;
 
 /// x + glu(a): the gated ResNet's residual sum inside the gate's pass.
 #[derive(Debug, Clone, Copy)]
@@ -232,6 +237,31 @@ impl CustomOp2 for GluGrad {
     }
 }
 
+impl CustomOp2 for ConcatEluMasked {
+    fn name(&self) -> &'static str {
+        "concat_elu_masked"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, c) = rows(l1.shape());
+        let out_shape = with_last(l1.shape(), 2 * c);
+        if l2.shape() != &out_shape {
+            bail!("concat_elu_masked: mask {:?} for input {:?}", l2.shape(), l1.shape());
+        }
+        let (x, m) = (f32s(s1, l1, "concat_elu_masked input")?, f32s(s2, l2, "concat_elu_masked mask")?);
+        let out = map_rows2(x, m, (n, c), (2 * c, 2 * c), |o, xi, mi| {
+            concat_elu_rows(o, xi, c);
+            o.iter_mut().zip(mi).for_each(|(y, &m)| *y *= m);
+        });
+        Ok((CpuStorage::F32(out), out_shape))
+    }
+
+    fn bwd(&self, x: &Tensor, mask: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = (grad * mask)?;
+        Ok((Some(x.contiguous()?.apply_op2_no_bwd(&g.contiguous()?, &ConcatEluGrad)?), None))
+    }
+}
+
 impl CustomOp2 for GluResidual {
     fn name(&self) -> &'static str {
         "glu_residual"
@@ -278,6 +308,14 @@ pub fn glu(x: &Tensor) -> Result<Tensor> {
     x.narrow(D::Minus1, 0, c)? * candle_nn::ops::sigmoid(&x.narrow(D::Minus1, c, c)?)?
 }
 
+/// concat_elu(x) * mask, the mask (..., 2C) holding 0 or 1 / (1 - p): dropout after the unit.
+pub fn concat_elu_masked(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    if fused(x) && fused(mask) {
+        return x.contiguous()?.apply_op2(&mask.contiguous()?, ConcatEluMasked);
+    }
+    concat_elu(x)? * mask
+}
+
 /// x + glu(a), x: (..., C), a: (..., 2C): the gated ResNet's output in one pass.
 pub fn glu_residual(x: &Tensor, a: &Tensor) -> Result<Tensor> {
     if fused(x) && fused(a) {
@@ -310,7 +348,19 @@ mod tests {
             let half = xt.narrow(2, c, c)?;
             let slow_res = (&half + &slow_glu)?;
             let fast_res = glu_residual(&half, xt)?;
-            for (fast, slow) in [(concat_elu(xt)?, slow_celu), (glu(xt)?, slow_glu), (fast_res, slow_res)] {
+            let mask = Tensor::from_vec(
+                (0..b * n * 4 * c).map(|i| if i % 3 == 0 { 0f32 } else { 1.5 }).collect(),
+                (b, n, 4 * c),
+                &dev,
+            )?;
+            let slow_masked = (&slow_celu * &mask)?;
+            let fast_masked = concat_elu_masked(xt, &mask)?;
+            for (fast, slow) in [
+                (concat_elu(xt)?, slow_celu),
+                (glu(xt)?, slow_glu),
+                (fast_res, slow_res),
+                (fast_masked, slow_masked),
+            ] {
                 assert_eq!(fast.dims(), slow.dims());
                 assert!(diff(&fast, &slow)? < 1e-6, "values differ by {}", diff(&fast, &slow)?);
                 let probe = Tensor::randn(0f32, 1.0, fast.shape(), &dev)?;

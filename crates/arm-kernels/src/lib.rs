@@ -31,7 +31,7 @@ mod softmax;
 mod timeconv;
 mod unfold;
 
-pub use celu::{concat_elu, glu, glu_residual};
+pub use celu::{concat_elu, concat_elu_masked, glu, glu_residual};
 pub use cumsum::exclusive_cumsum;
 pub use dense::{dense, dense_gated, dense_pair};
 pub use gate::gate;

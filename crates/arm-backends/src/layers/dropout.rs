@@ -40,13 +40,17 @@ impl Dropout {
         if !self.active(train) {
             return Ok(x.clone());
         }
+        x.mul(&self.mask(x.shape(), x.device())?.to_dtype(x.dtype())?)
+    }
+
+    /// The next mask of `shape`: 1 / (1 - p) where a unit is kept, 0 where it is dropped.
+    pub fn mask(&self, shape: &candle_core::Shape, device: &candle_core::Device) -> Result<Tensor> {
         let keep = 1.0 - self.p;
-        let n = x.elem_count();
+        let n = shape.elem_count();
         let mask: Vec<f32> = {
             let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
             (0..n).map(|_| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect()
         };
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        x.mul(&mask)
+        Tensor::from_vec(mask, shape, device)
     }
 }

@@ -26,7 +26,7 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 
 use arm_core::{Result, Stepper};
-use arm_kernels::{concat_elu, glu, glu_residual, Unfold};
+use arm_kernels::{concat_elu, concat_elu_masked, glu, glu_residual, Unfold};
 
 use super::linear::torch_uniform;
 use super::{linear, Dropout, Linear};
@@ -166,6 +166,8 @@ enum Op {
     ConvNin(NodeId, GridConv, NodeId, Linear),
     Nin(NodeId, Linear),
     ConcatElu(NodeId),
+    /// dropout(concat_elu(x)), one op in training.
+    ConcatEluDropout(NodeId),
     Elu(NodeId),
     /// a * sigmoid(b) over the two halves of the channels.
     Glu(NodeId),
@@ -239,6 +241,10 @@ impl GridNet {
         self.push(Op::ConcatElu(x), self.nodes[x].grid, 2 * self.nodes[x].channels)
     }
 
+    pub fn concat_elu_dropout(&mut self, x: NodeId) -> NodeId {
+        self.push(Op::ConcatEluDropout(x), self.nodes[x].grid, 2 * self.nodes[x].channels)
+    }
+
     pub fn elu(&mut self, x: NodeId) -> NodeId {
         self.push(Op::Elu(x), self.nodes[x].grid, self.nodes[x].channels)
     }
@@ -285,6 +291,12 @@ impl GridNet {
                 Op::ConvNin(x, conv, a, lin) => conv.forward_with(&vals[*x], &vals[*a], lin)?,
                 Op::Nin(a, lin) => lin.forward(&vals[*a])?,
                 Op::ConcatElu(a) => concat_elu(&vals[*a])?,
+                Op::ConcatEluDropout(a) if self.dropout.active(train) => {
+                    let x = &vals[*a];
+                    let (b, n, c) = x.dims3()?;
+                    concat_elu_masked(x, &self.dropout.mask(&(b, n, 2 * c).into(), x.device())?)?
+                }
+                Op::ConcatEluDropout(a) => concat_elu(&vals[*a])?,
                 Op::Elu(a) => vals[*a].elu(1.0)?,
                 Op::Glu(a) => glu(&vals[*a])?,
                 Op::GluResidual(x, a) => glu_residual(&vals[*x], &vals[*a])?,
@@ -329,7 +341,7 @@ impl GridNet {
                     })
                     .collect(),
                 Op::Add(a, b) | Op::Concat(a, b) | Op::GluResidual(a, b) => ready[*a].iter().zip(&ready[*b]).map(|(x, y)| *x.max(y)).collect(),
-                Op::Nin(a, _) | Op::ConcatElu(a) | Op::Elu(a) | Op::Glu(a) | Op::Dropout(a) => ready[*a].clone(),
+                Op::Nin(a, _) | Op::ConcatElu(a) | Op::ConcatEluDropout(a) | Op::Elu(a) | Op::Glu(a) | Op::Dropout(a) => ready[*a].clone(),
             };
             ready.push(r);
         }
@@ -418,7 +430,7 @@ impl GridStepper<'_> {
                 conv.forward_cell(q, &self.cells[*x], &zero)? + lin.forward(self.cell(*a, q)?)?
             }
             Op::Nin(a, lin) => lin.forward(self.cell(*a, q)?),
-            Op::ConcatElu(a) => concat_elu(self.cell(*a, q)?),
+            Op::ConcatElu(a) | Op::ConcatEluDropout(a) => concat_elu(self.cell(*a, q)?), // evaluation mode
             Op::Elu(a) => self.cell(*a, q)?.elu(1.0),
             Op::Glu(a) => glu(self.cell(*a, q)?),
             Op::GluResidual(x, a) => glu_residual(self.cell(*x, q)?, self.cell(*a, q)?),

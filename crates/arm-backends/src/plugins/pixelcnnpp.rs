@@ -158,8 +158,7 @@ impl<'a> Builder<'a> {
                 self.g.conv_nin(cv, taps, f, ca, vb)?
             }
         };
-        let c1 = self.g.concat_elu(c1);
-        let c1 = self.g.dropout(c1);
+        let c1 = self.g.concat_elu_dropout(c1);
         let c2 = self.conv(c1, taps, Resample::Same, 2 * f)?;
         self.g.glu_residual(v, c2)
     }
