@@ -151,6 +151,7 @@ pub fn registry() -> Vec<Plugin> {
         Plugin::of::<crate::plugins::nade::NadeConfig>(),
         Plugin::of::<crate::plugins::made::MadeConfig>(),
         Plugin::of::<crate::plugins::transformer::TransformerConfig>(),
+        Plugin::of::<crate::plugins::pixelsnail::PixelSnailConfig>(),
         Plugin::of::<crate::plugins::markov::MarkovConfig>(),
     ]
 }

@@ -126,6 +126,7 @@ pub fn default_cases() -> Vec<Case> {
         case("gated_pixelcnn 128ch x5 k3", "digits", "gated_pixelcnn", &[("channels", toml::Value::Integer(128))]),
         case("pixelcnnpp 64f x2 2 levels", "digits", "pixelcnnpp", &[]),
         case("pixelcnnpp 128f x2 2 levels", "digits", "pixelcnnpp", &[("nr_filters", toml::Value::Integer(128))]),
+        case("pixelsnail 64f 2 blocks 2 heads", "digits", "pixelsnail", &[]),
         case("fvsbn", "digits", "fvsbn", &[]),
         case("nade 500 hidden", "digits", "nade", &[]),
         case("made 500 hidden", "digits", "made", &[]),

@@ -185,6 +185,46 @@ impl CausalSelfAttention {
     }
 }
 
+/// Multi-head attention in which position i attends to positions j < i only (PixelSNAIL,
+/// Chen et al. 2018, §2.2: its keys and values are computed from the input pixel too, so a
+/// query must not see its own position). q, k: (B, N, H d_k), v: (B, N, H d_v) ->
+/// (B, N, H d_v); row 0 has no keys and is zero. `strict = false` (tests only) lets i see i.
+pub fn strict_causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, strict: bool) -> Result<Tensor> {
+    let (b, n, ck) = q.dims3()?;
+    let cv = v.dim(2)?;
+    let (dk, dv) = (ck / heads, cv / heads);
+    let split = |t: &Tensor, d: usize| t.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous();
+    let q = (split(q, dk)? * (1.0 / (dk as f64).sqrt()))?;
+    let (k, v) = (split(k, dk)?, split(v, dv)?);
+    let att = q.matmul(&k.t()?)?; // (B, H, N, N)
+    // Row 0 keeps every key so that its softmax is finite; its output is zeroed below.
+    let allowed: Vec<u8> =
+        (0..n).flat_map(|i| (0..n).map(move |j| u8::from(j < i || (j == i && !strict) || (i == 0 && strict)))).collect();
+    let allowed = Tensor::from_vec(allowed, (n, n), q.device())?.broadcast_as(att.shape())?;
+    let ninf = Tensor::new(f32::NEG_INFINITY, q.device())?.to_dtype(att.dtype())?.broadcast_as(att.shape())?;
+    let y = softmax_last_dim(&allowed.where_cond(&att, &ninf)?)?.matmul(&v)?; // (B, H, N, d_v)
+    let y = y.transpose(1, 2)?.reshape((b, n, cv))?;
+    let first = if strict { 0f32 } else { 1.0 };
+    let rows: Vec<f32> = (0..n).map(|i| if i == 0 { first } else { 1.0 }).collect();
+    y.broadcast_mul(&Tensor::from_vec(rows, (1, n, 1), q.device())?.to_dtype(y.dtype())?)
+}
+
+/// One query of [`strict_causal_attention`]: q (B, H d_k) against the earlier positions' keys
+/// and values, (B, H d_k) and (B, H d_v) each; zeros when there are none.
+pub fn strict_causal_attention_step(q: &Tensor, keys: &[Tensor], values: &[Tensor], heads: usize) -> Result<Tensor> {
+    let (b, ck) = q.dims2()?;
+    let cv = values.first().map(|v| v.dim(1)).transpose()?.unwrap_or(0);
+    if keys.is_empty() {
+        candle_core::bail!("attention step: no keys (the first position has no attention output)");
+    }
+    let (t, dk, dv) = (keys.len(), ck / heads, cv / heads);
+    let k = Tensor::stack(keys, 1)?.reshape((b, t, heads, dk))?.transpose(1, 2)?.contiguous()?; // (B, H, t, d_k)
+    let v = Tensor::stack(values, 1)?.reshape((b, t, heads, dv))?.transpose(1, 2)?.contiguous()?;
+    let q = (q.reshape((b, heads, 1, dk))? * (1.0 / (dk as f64).sqrt()))?;
+    let y = softmax_last_dim(&q.matmul(&k.t()?)?)?.matmul(&v)?; // (B, H, 1, d_v)
+    y.reshape((b, cv))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,6 +266,28 @@ mod tests {
         };
         assert_eq!(moved(&attn)?, 0.0);
         assert!(moved(&attn.clone().without_causal_mask())? > 0.0);
+        Ok(())
+    }
+
+    /// Strict attention by hand on one head: row 1 sees key 0 only (its value), row 2 the
+    /// softmax of its two scores over values 0 and 1; row 0 is zero. The step gives the same.
+    #[test]
+    fn strict_attention_by_hand_and_step() -> Result<()> {
+        let dev = Device::Cpu;
+        let q = Tensor::new(&[[[1f32], [2.0], [1.0]]], &dev)?; // (1, 3, 1)
+        let k = Tensor::new(&[[[0f32], [1.0], [5.0]]], &dev)?;
+        let v = Tensor::new(&[[[10f32, 1.0], [20.0, 2.0], [30.0, 3.0]]], &dev)?;
+        let y = strict_causal_attention(&q, &k, &v, 1, true)?.to_vec3::<f32>()?;
+        // Row 2: scores (0, 1), weights (1, e) / (1 + e).
+        let e = 1f32.exp();
+        let want = [[0.0, 0.0], [10.0, 1.0], [(10.0 + 20.0 * e) / (1.0 + e), (1.0 + 2.0 * e) / (1.0 + e)]];
+        for (row, w) in y[0].iter().zip(want) {
+            assert!((row[0] - w[0]).abs() < 1e-5 && (row[1] - w[1]).abs() < 1e-5, "{y:?}");
+        }
+        let cell = |t: &Tensor, i: usize| t.narrow(1, i, 1).and_then(|c| c.squeeze(1));
+        let (keys, values) = ((0..2).map(|i| cell(&k, i)).collect::<Result<Vec<_>>>()?, (0..2).map(|i| cell(&v, i)).collect::<Result<Vec<_>>>()?);
+        let step = strict_causal_attention_step(&cell(&q, 2)?, &keys, &values, 1)?.to_vec2::<f32>()?;
+        assert!((step[0][0] - want[2][0]).abs() < 1e-5 && (step[0][1] - want[2][1]).abs() < 1e-5);
         Ok(())
     }
 }

@@ -176,6 +176,10 @@ enum Op {
     Add(NodeId, NodeId),
     Concat(NodeId, NodeId),
     Dropout(NodeId),
+    /// Fixed coordinates per cell: ((r - h/2) / h, (c - w/2) / w) (PixelSNAIL's background).
+    Background,
+    /// Multi-head attention of query cell p over key / value cells j < p (raster order).
+    Attention { q: NodeId, k: NodeId, v: NodeId, heads: usize, strict: bool },
 }
 
 struct Node {
@@ -206,6 +210,10 @@ impl GridNet {
 
     pub fn grid(&self, x: NodeId) -> (usize, usize) {
         self.nodes[x].grid
+    }
+
+    pub fn channels(&self, x: NodeId) -> usize {
+        self.nodes[x].channels
     }
 
     pub fn conv(&mut self, x: NodeId, taps: &[(isize, isize)], resample: Resample, cout: usize, vb: VarBuilder) -> Result<NodeId> {
@@ -277,6 +285,31 @@ impl GridNet {
         Ok(self.push(Op::Concat(a, b), self.nodes[a].grid, self.nodes[a].channels + self.nodes[b].channels))
     }
 
+    /// PixelSNAIL's background channels at the input's resolution.
+    pub fn background(&mut self) -> NodeId {
+        self.push(Op::Background, self.image, 2)
+    }
+
+    /// Strictly causal multi-head attention (`layers::strict_causal_attention`); `strict =
+    /// false` lets a cell see its own key (for tests that show the checks catch it).
+    pub fn attention(&mut self, q: NodeId, k: NodeId, v: NodeId, heads: usize, strict: bool) -> Result<NodeId> {
+        self.same_grid(q, k)?;
+        self.same_grid(q, v)?;
+        let (ck, cv) = (self.nodes[k].channels, self.nodes[v].channels);
+        if heads == 0 || self.nodes[q].channels != ck || ck % heads != 0 || cv % heads != 0 {
+            candle_core::bail!("grid net: attention with {heads} heads over {ck} key and {cv} value channels");
+        }
+        Ok(self.push(Op::Attention { q, k, v, heads, strict }, self.nodes[q].grid, cv))
+    }
+
+    fn background_cells(&self, device: &Device) -> Result<Tensor> {
+        let (h, w) = self.image;
+        let v: Vec<f32> = (0..h * w)
+            .flat_map(|p| [((p / w) as f32 - h as f32 / 2.0) / h as f32, ((p % w) as f32 - w as f32 / 2.0) / w as f32])
+            .collect();
+        Tensor::from_vec(v, (1, h * w, 2), device)
+    }
+
     pub fn begin_epoch(&self, epoch: usize) {
         self.dropout.begin_epoch(epoch);
     }
@@ -303,6 +336,10 @@ impl GridNet {
                 Op::Add(a, b) => (&vals[*a] + &vals[*b])?,
                 Op::Concat(a, b) => Tensor::cat(&[&vals[*a], &vals[*b]], D::Minus1)?,
                 Op::Dropout(a) => self.dropout.forward_t(&vals[*a], train)?,
+                Op::Background => self.background_cells(x.device())?.broadcast_as((x.dim(0)?, x.dim(1)?, 2))?.contiguous()?,
+                Op::Attention { q, k, v, heads, strict } => {
+                    super::strict_causal_attention(&vals[*q], &vals[*k], &vals[*v], *heads, *strict)?
+                }
             };
             vals.push(v);
         }
@@ -319,6 +356,10 @@ impl GridNet {
                 Op::Conv(_, conv) => conv.flops(),
                 Op::ConvNin(_, conv, _, lin) => conv.flops() + 2.0 * lin.w.elem_count() as f64 * n(id),
                 Op::Nin(_, lin) => 2.0 * lin.w.elem_count() as f64 * n(id),
+                // Scores and weighted sums over all N x N pairs (the masked half is computed too).
+                Op::Attention { k, v, .. } => {
+                    2.0 * n(id) * n(id) * (self.nodes[*k].channels + self.nodes[*v].channels) as f64
+                }
                 _ => 0.0,
             })
             .sum()
@@ -340,6 +381,18 @@ impl GridNet {
                         from_x.unwrap_or(0).max(ready[*a][pos])
                     })
                     .collect(),
+                Op::Background => vec![0; cells],
+                Op::Attention { q, k, v, strict, .. } => {
+                    let mut seen = 0; // pixels needed by the keys and values before cell p
+                    (0..cells)
+                        .map(|p| {
+                            let own = if *strict { 0 } else { ready[*k][p].max(ready[*v][p]) };
+                            let r = ready[*q][p].max(seen).max(own);
+                            seen = seen.max(ready[*k][p]).max(ready[*v][p]);
+                            r
+                        })
+                        .collect()
+                }
                 Op::Add(a, b) | Op::Concat(a, b) | Op::GluResidual(a, b) => ready[*a].iter().zip(&ready[*b]).map(|(x, y)| *x.max(y)).collect(),
                 Op::Nin(a, _) | Op::ConcatElu(a) | Op::ConcatEluDropout(a) | Op::Elu(a) | Op::Glu(a) | Op::Dropout(a) => ready[*a].clone(),
             };
@@ -377,6 +430,59 @@ impl GridNet {
             zeros: HashMap::new(),
             out: None,
         }))
+    }
+}
+
+/// Builds a [`GridNet`] from named layers: weights are named `conv.N`, `nin.N`, `conv_nin.N` in
+/// the order the layers are added, so a network's checkpoints depend only on its structure.
+pub struct GridBuilder<'a> {
+    pub g: GridNet,
+    vb: VarBuilder<'a>,
+    n: usize,
+}
+
+impl<'a> GridBuilder<'a> {
+    pub fn new(g: GridNet, vb: VarBuilder<'a>) -> Self {
+        GridBuilder { g, vb, n: 0 }
+    }
+
+    pub fn finish(self) -> GridNet {
+        self.g
+    }
+
+    fn name(&mut self, what: &str) -> VarBuilder<'a> {
+        self.n += 1;
+        self.vb.pp(format!("{what}.{}", self.n))
+    }
+
+    pub fn conv(&mut self, x: NodeId, taps: &[(isize, isize)], resample: Resample, cout: usize) -> Result<NodeId> {
+        let vb = self.name("conv");
+        self.g.conv(x, taps, resample, cout, vb)
+    }
+
+    pub fn nin(&mut self, x: NodeId, cout: usize) -> Result<NodeId> {
+        let vb = self.name("nin");
+        self.g.nin(x, cout, vb)
+    }
+
+    /// PixelCNN++'s gated ResNet block over `taps` (Salimans et al. 2017, §2.5 of the code
+    /// release), with as many channels as v:
+    ///   v + glu(conv(dropout(celu(conv(celu(v)) + nin(celu(a))))))
+    /// with celu = concat_elu and glu([p, q]) = p sigmoid(q); `a` is an optional auxiliary input.
+    pub fn gated_resnet(&mut self, v: NodeId, a: Option<NodeId>, taps: &[(isize, isize)]) -> Result<NodeId> {
+        let f = self.g.channels(v);
+        let cv = self.g.concat_elu(v);
+        let c1 = match a {
+            None => self.conv(cv, taps, Resample::Same, f)?,
+            Some(a) => {
+                let ca = self.g.concat_elu(a);
+                let vb = self.name("conv_nin");
+                self.g.conv_nin(cv, taps, f, ca, vb)?
+            }
+        };
+        let c1 = self.g.concat_elu_dropout(c1);
+        let c2 = self.conv(c1, taps, Resample::Same, 2 * f)?;
+        self.g.glu_residual(v, c2)
     }
 }
 
@@ -437,6 +543,18 @@ impl GridStepper<'_> {
             Op::Add(a, b) => self.cell(*a, q)? + self.cell(*b, q)?,
             Op::Concat(a, b) => Tensor::cat(&[self.cell(*a, q)?, self.cell(*b, q)?], 1),
             Op::Dropout(a) => Ok(self.cell(*a, q)?.clone()), // evaluation mode
+            Op::Background => {
+                let cell = net.background_cells(&self.device)?.narrow(1, q, 1)?.squeeze(1)?; // (1, 2)
+                cell.broadcast_as((self.batch, 2))?.contiguous()
+            }
+            Op::Attention { q: qn, k, v, heads, strict } => {
+                let keys = if *strict { q } else { q + 1 };
+                if keys == 0 {
+                    return self.zero(net.nodes[*v].channels);
+                }
+                let cells = |node: NodeId| (0..keys).map(|j| self.cell(node, j).cloned()).collect::<Result<Vec<_>>>();
+                super::strict_causal_attention_step(self.cell(*qn, q)?, &cells(*k)?, &cells(*v)?, *heads)
+            }
         }
     }
 }

@@ -9,5 +9,6 @@ pub mod mlp;
 pub mod nade;
 pub mod pixelcnn;
 pub mod pixelcnnpp;
+pub mod pixelsnail;
 pub mod rnn;
 pub mod transformer;

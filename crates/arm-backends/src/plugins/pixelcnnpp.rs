@@ -27,12 +27,11 @@
 //! on is sampled (`GridNet::stepper`), so sampling costs one forward pass in total.
 
 use candle_core::{Device, Tensor};
-use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use arm_core::{Conditional, Stepper};
 
-use crate::layers::grid::{GridNet, NodeId, Resample};
+use crate::layers::grid::{GridBuilder, GridNet, NodeId, Resample};
 use crate::layers::Dropout;
 use crate::registry::{invalid, BuildCtx, PluginConfig, PluginError};
 
@@ -122,54 +121,12 @@ pub struct PixelCnnPp {
     device: Device,
 }
 
-/// Builds the node list; `vb` names follow the paper's streams and passes.
-struct Builder<'a> {
-    g: GridNet,
-    vb: VarBuilder<'a>,
-    filters: usize,
-    n: usize,
-}
-
-impl<'a> Builder<'a> {
-    fn name(&mut self, what: &str) -> VarBuilder<'a> {
-        self.n += 1;
-        self.vb.pp(format!("{what}.{}", self.n))
-    }
-
-    fn conv(&mut self, x: NodeId, taps: &[(isize, isize)], resample: Resample, cout: usize) -> Result<NodeId> {
-        let vb = self.name("conv");
-        self.g.conv(x, taps, resample, cout, vb)
-    }
-
-    fn nin(&mut self, x: NodeId, cout: usize) -> Result<NodeId> {
-        let vb = self.name("nin");
-        self.g.nin(x, cout, vb)
-    }
-
-    /// v + glu(conv(dropout(celu(conv(celu(v)) + nin(celu(a)))))) (§2.5 of the paper's code).
-    fn gated_resnet(&mut self, v: NodeId, a: Option<NodeId>, taps: &[(isize, isize)]) -> Result<NodeId> {
-        let f = self.filters;
-        let cv = self.g.concat_elu(v);
-        let c1 = match a {
-            None => self.conv(cv, taps, Resample::Same, f)?,
-            Some(a) => {
-                let ca = self.g.concat_elu(a);
-                let vb = self.name("conv_nin");
-                self.g.conv_nin(cv, taps, f, ca, vb)?
-            }
-        };
-        let c1 = self.g.concat_elu_dropout(c1);
-        let c2 = self.conv(c1, taps, Resample::Same, 2 * f)?;
-        self.g.glu_residual(v, c2)
-    }
-}
-
 impl PixelCnnPp {
     fn new(cfg: &PixelCnnPpConfig, ctx: &BuildCtx, shifts: Shifts) -> Result<Self> {
         let (r, f) = (cfg.nr_resnet, cfg.nr_filters);
         let image = (ctx.height, ctx.width);
         let g = GridNet::new(image, Dropout::new(cfg.dropout, ctx.seed));
-        let mut b = Builder { g, vb: ctx.vb.clone(), filters: f, n: 0 };
+        let mut b = GridBuilder::new(g, ctx.vb.clone());
         let x = GridNet::INPUT;
         let ul_first: &[(isize, isize)] = match shifts {
             Shifts::Paper => &UL_FIRST,
@@ -217,7 +174,7 @@ impl PixelCnnPp {
         }
         let out = b.g.elu(ul);
         b.nin(out, ctx.num_params)?;
-        Ok(PixelCnnPp { net: b.g, dims: ctx.dims(), device: ctx.device.clone() })
+        Ok(PixelCnnPp { net: b.finish(), dims: ctx.dims(), device: ctx.device.clone() })
     }
 }
 
