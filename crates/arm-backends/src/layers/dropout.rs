@@ -44,13 +44,43 @@ impl Dropout {
     }
 
     /// The next mask of `shape`: 1 / (1 - p) where a unit is kept, 0 where it is dropped.
+    /// Unit i is kept when the i-th uniform draw u_i = (w_i >> 11) 2^-53 of the stream's 64-bit
+    /// words w_i is below 1 - p (rand's f64 draw); the words are generated a block at a time.
     pub fn mask(&self, shape: &candle_core::Shape, device: &candle_core::Device) -> Result<Tensor> {
         let keep = 1.0 - self.p;
-        let n = shape.elem_count();
-        let mask: Vec<f32> = {
-            let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
-            (0..n).map(|_| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect()
-        };
+        let (scale, unit) = ((1.0 / keep) as f32, 1.0 / (1u64 << 53) as f64);
+        let mut words = vec![0u64; shape.elem_count()];
+        self.rng.lock().unwrap_or_else(|e| e.into_inner()).fill(&mut words[..]);
+        let mask: Vec<f32> = words.iter().map(|&w| if ((w >> 11) as f64) * unit < keep { scale } else { 0.0 }).collect();
         Tensor::from_vec(mask, shape, device)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The block-drawn masks equal masks drawn one `random::<f64>()` at a time from the same
+    /// stream (so runs made before this change keep their masks), across consecutive masks of
+    /// odd sizes and after re-seeding.
+    #[test]
+    fn masks_equal_one_draw_per_unit() -> Result<()> {
+        let d = Dropout::new(0.3, 11);
+        let mut reference = ChaCha8Rng::seed_from_u64(11 ^ 0xD80F_0u64);
+        for (epoch, sizes) in [(None, vec![1usize, 7, 1000, 33]), (Some(4usize), vec![5, 64])] {
+            if let Some(e) = epoch {
+                d.begin_epoch(e);
+                reference = ChaCha8Rng::seed_from_u64(11 ^ 0xD80F_0u64);
+                reference.set_stream(e as u64);
+            }
+            for n in sizes {
+                let got = d.mask(&n.into(), &Device::Cpu)?.to_vec1::<f32>()?;
+                let want: Vec<f32> =
+                    (0..n).map(|_| if reference.random::<f64>() < 0.7 { (1.0 / 0.7f64) as f32 } else { 0.0 }).collect();
+                assert_eq!(got, want, "mask of {n} units");
+            }
+        }
+        Ok(())
     }
 }
