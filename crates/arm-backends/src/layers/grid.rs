@@ -401,35 +401,93 @@ impl GridNet {
         ready
     }
 
-    /// The cached stepper (module header): every cell of every node is computed once.
+    /// The cells (node, cell) that cell q of node m reads.
+    fn reads(&self, m: NodeId, q: usize) -> Vec<(NodeId, usize)> {
+        let taps = |x: NodeId, conv: &GridConv| -> Vec<(NodeId, usize)> {
+            conv.taps.iter().filter_map(|&t| conv.source(q, t)).map(|s| (x, s)).collect()
+        };
+        match &self.nodes[m].op {
+            Op::Input | Op::Background => vec![],
+            Op::Conv(x, conv) => taps(*x, conv),
+            Op::ConvNin(x, conv, a, _) => {
+                let mut r = taps(*x, conv);
+                r.push((*a, q));
+                r
+            }
+            Op::Nin(a, _) | Op::ConcatElu(a) | Op::ConcatEluDropout(a) | Op::Elu(a) | Op::Glu(a) | Op::Dropout(a) => {
+                vec![(*a, q)]
+            }
+            Op::Add(a, b) | Op::Concat(a, b) | Op::GluResidual(a, b) => vec![(*a, q), (*b, q)],
+            Op::Attention { q: qn, k, v, strict, .. } => {
+                let keys = if *strict { q } else { q + 1 };
+                let mut r = vec![(*qn, q)];
+                r.extend((0..keys).flat_map(|j| [(*k, j), (*v, j)]));
+                r
+            }
+        }
+    }
+
+    /// For every node and cell, the last step at which the stepper reads it (a cell with ready
+    /// count r is computed at step r; the output's cell p is read at step p); usize::MAX for
+    /// cells never read.
+    fn last_read(&self, ready: &[Vec<usize>]) -> Vec<Vec<usize>> {
+        let mut last: Vec<Vec<Option<usize>>> = ready.iter().map(|r| vec![None; r.len()]).collect();
+        for (m, rm) in ready.iter().enumerate() {
+            for (q, &step) in rm.iter().enumerate() {
+                for (n, c) in self.reads(m, q) {
+                    let slot = &mut last[n][c];
+                    *slot = Some(slot.map_or(step, |s| s.max(step)));
+                }
+            }
+        }
+        if let Some(out) = last.last_mut() {
+            for (p, slot) in out.iter_mut().enumerate() {
+                *slot = Some(slot.map_or(p, |s| s.max(p)));
+            }
+        }
+        last.into_iter().map(|l| l.into_iter().map(|s| s.unwrap_or(usize::MAX)).collect()).collect()
+    }
+
+    /// The cached stepper (module header): every cell of every node is computed once, and
+    /// dropped after the last step that reads it, so the cache holds a band of rows per layer
+    /// (all of them for attention keys and values).
     pub fn stepper(&self, batch: usize, device: &Device) -> Result<Box<dyn Stepper + '_>> {
-        let ready = self.ready();
-        let d = self.image.0 * self.image.1;
+        Ok(Box::new(GridStepper::new(self, batch, device)?))
+    }
+}
+
+impl<'a> GridStepper<'a> {
+    fn new(net: &'a GridNet, batch: usize, device: &Device) -> Result<Self> {
+        let ready = net.ready();
+        let d = net.image.0 * net.image.1;
         let out = ready.last().ok_or_else(|| candle_core::Error::Msg("grid net: no nodes".into()))?;
         if let Some(p) = (0..d).find(|&p| out[p] > p) {
             candle_core::bail!("grid net: output cell {p} needs {} pixels (not causal)", out[p]);
         }
-        let order = ready
-            .iter()
-            .map(|r| {
-                let mut cells: Vec<usize> = (0..r.len()).collect();
-                cells.sort_by_key(|&c| r[c]);
-                cells
-            })
-            .collect();
-        Ok(Box::new(GridStepper {
-            net: self,
+        let sorted = |r: &Vec<usize>| {
+            let mut cells: Vec<usize> = (0..r.len()).collect();
+            cells.sort_by_key(|&c| r[c]);
+            cells
+        };
+        let order = ready.iter().map(sorted).collect();
+        let last_read = net.last_read(&ready);
+        let drop_order = last_read.iter().map(sorted).collect();
+        Ok(GridStepper {
+            net,
             batch,
             device: device.clone(),
             pos: 0,
             pixels: Vec::with_capacity(d),
-            cells: self.nodes.iter().map(|n| vec![None; n.grid.0 * n.grid.1]).collect(),
-            next: vec![0; self.nodes.len()],
+            cells: net.nodes.iter().map(|n| vec![None; n.grid.0 * n.grid.1]).collect(),
+            next: vec![0; net.nodes.len()],
+            dropped: vec![0; net.nodes.len()],
             ready,
             order,
+            last_read,
+            drop_order,
             zeros: HashMap::new(),
             out: None,
-        }))
+        })
     }
 }
 
@@ -503,6 +561,11 @@ struct GridStepper<'a> {
     next: Vec<usize>,
     ready: Vec<Vec<usize>>,
     order: Vec<Vec<usize>>,
+    /// last_read[node][cell]: the last step that reads the cell; drop_order sorts cells by it
+    /// and dropped[node] counts those released.
+    last_read: Vec<Vec<usize>>,
+    drop_order: Vec<Vec<usize>>,
+    dropped: Vec<usize>,
     zeros: HashMap<usize, Tensor>,
     out: Option<Tensor>,
 }
@@ -580,6 +643,15 @@ impl Stepper for GridStepper<'_> {
         }
         let last = self.net.nodes.len() - 1;
         let o = self.cell(last, self.pos)?.clone();
+        for id in 0..self.net.nodes.len() {
+            while let Some(&q) = self.drop_order[id].get(self.dropped[id]) {
+                if self.last_read[id][q] > self.pos {
+                    break;
+                }
+                self.cells[id][q] = None;
+                self.dropped[id] += 1;
+            }
+        }
         self.out = Some(o.clone());
         Ok(o)
     }
@@ -679,6 +751,38 @@ mod tests {
             let diff = (&got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-5, "{h}x{w}: {diff}");
         }
+        Ok(())
+    }
+
+    /// The stepper of a small two-level network reproduces its forward rows, and holds only a
+    /// band of rows per layer: at most 3 rows of 8 cells (24 of 64) of any full-resolution node
+    /// at any step, instead of every cell it ever computed.
+    #[test]
+    fn stepper_matches_forward_and_drops_cells_it_no_longer_needs() -> Result<()> {
+        const ABOVE: [(isize, isize); 3] = [(-1, -1), (-1, 0), (-1, 1)];
+        let map = VarMap::new();
+        let vb = seeded_var_builder(&map, 2, &Device::Cpu);
+        let mut g = GridNet::new((8, 8), Dropout::new(0.0, 0));
+        let a = g.conv(GridNet::INPUT, &ABOVE, Resample::Same, 3, vb.pp("a"))?; // rows above only
+        let a = g.concat_elu(a);
+        let down = g.conv(a, &DOWN, Resample::Down2, 4, vb.pp("down"))?;
+        let up = g.conv(down, &DOWN, Resample::Up2((8, 8)), 6, vb.pp("up"))?;
+        let b = g.conv(a, &DOWN, Resample::Same, 3, vb.pp("b"))?;
+        let b = g.glu_residual(b, up)?;
+        g.nin(b, 2, vb.pp("out"))?;
+        let x = rand_t(&[2, 64], 3)?.affine(0.5, 0.5)?;
+        let full = g.forward_t(&x, false)?;
+        let mut st = GridStepper::new(&g, 2, &Device::Cpu)?;
+        let mut most = 0;
+        for p in 0..64 {
+            let got = st.params()?;
+            let diff = (got - full.narrow(1, p, 1)?.squeeze(1)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "position {p}: {diff}");
+            st.push(&x.narrow(1, p, 1)?.squeeze(1)?)?;
+            let live = st.cells.iter().filter(|c| c.len() == 64).map(|c| c.iter().filter(|x| x.is_some()).count()).max();
+            most = most.max(live.unwrap_or(0));
+        }
+        assert!(most <= 24, "{most} cells held at once");
         Ok(())
     }
 
