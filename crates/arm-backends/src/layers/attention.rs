@@ -210,16 +210,16 @@ pub fn strict_causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize,
 }
 
 /// One query of [`strict_causal_attention`]: q (B, H d_k) against the earlier positions' keys
-/// and values, (B, H d_k) and (B, H d_v) each; zeros when there are none.
-pub fn strict_causal_attention_step(q: &Tensor, keys: &[Tensor], values: &[Tensor], heads: usize) -> Result<Tensor> {
+/// k (B, t, H d_k) and values v (B, t, H d_v), t >= 1: (B, H d_v).
+pub fn strict_causal_attention_step(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, ck) = q.dims2()?;
-    let cv = values.first().map(|v| v.dim(1)).transpose()?.unwrap_or(0);
-    if keys.is_empty() {
+    let (_, t, cv) = v.dims3()?;
+    if t == 0 {
         candle_core::bail!("attention step: no keys (the first position has no attention output)");
     }
-    let (t, dk, dv) = (keys.len(), ck / heads, cv / heads);
-    let k = Tensor::stack(keys, 1)?.reshape((b, t, heads, dk))?.transpose(1, 2)?.contiguous()?; // (B, H, t, d_k)
-    let v = Tensor::stack(values, 1)?.reshape((b, t, heads, dv))?.transpose(1, 2)?.contiguous()?;
+    let (dk, dv) = (ck / heads, cv / heads);
+    let k = k.reshape((b, t, heads, dk))?.transpose(1, 2)?.contiguous()?; // (B, H, t, d_k)
+    let v = v.reshape((b, t, heads, dv))?.transpose(1, 2)?.contiguous()?;
     let q = (q.reshape((b, heads, 1, dk))? * (1.0 / (dk as f64).sqrt()))?;
     let y = softmax_last_dim(&q.matmul(&k.t()?)?)?.matmul(&v)?; // (B, H, 1, d_v)
     y.reshape((b, cv))
@@ -284,9 +284,8 @@ mod tests {
         for (row, w) in y[0].iter().zip(want) {
             assert!((row[0] - w[0]).abs() < 1e-5 && (row[1] - w[1]).abs() < 1e-5, "{y:?}");
         }
-        let cell = |t: &Tensor, i: usize| t.narrow(1, i, 1).and_then(|c| c.squeeze(1));
-        let (keys, values) = ((0..2).map(|i| cell(&k, i)).collect::<Result<Vec<_>>>()?, (0..2).map(|i| cell(&v, i)).collect::<Result<Vec<_>>>()?);
-        let step = strict_causal_attention_step(&cell(&q, 2)?, &keys, &values, 1)?.to_vec2::<f32>()?;
+        let q2 = q.narrow(1, 2, 1)?.squeeze(1)?;
+        let step = strict_causal_attention_step(&q2, &k.narrow(1, 0, 2)?, &v.narrow(1, 0, 2)?, 1)?.to_vec2::<f32>()?;
         assert!((step[0][0] - want[2][0]).abs() < 1e-5 && (step[0][1] - want[2][1]).abs() < 1e-5);
         Ok(())
     }

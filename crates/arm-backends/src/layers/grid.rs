@@ -486,6 +486,7 @@ impl<'a> GridStepper<'a> {
             last_read,
             drop_order,
             zeros: HashMap::new(),
+            kv: HashMap::new(),
             out: None,
         })
     }
@@ -567,10 +568,33 @@ struct GridStepper<'a> {
     drop_order: Vec<Vec<usize>>,
     dropped: Vec<usize>,
     zeros: HashMap<usize, Tensor>,
+    /// Per attention node: its keys and values so far, (B, t, C) each.
+    kv: HashMap<NodeId, (Tensor, Tensor)>,
     out: Option<Tensor>,
 }
 
 impl GridStepper<'_> {
+    /// Keys and values of cells 0..n of an attention node's inputs as (B, n, C) tensors, grown
+    /// by the cells added since the last call (one concatenation per step, not one per key).
+    fn kv_cache(&mut self, id: NodeId, (k, v): (NodeId, NodeId), n: usize) -> Result<(Tensor, Tensor)> {
+        let have = self.kv.get(&id).map_or(Ok(0), |(kc, _)| kc.dim(1))?;
+        let grow = |node: NodeId, old: Option<&Tensor>| -> Result<Tensor> {
+            let new = (have..n).map(|j| self.cell(node, j).cloned()).collect::<Result<Vec<_>>>()?;
+            let new = Tensor::stack(&new, 1)?; // (B, n - have, C)
+            match old {
+                Some(o) if have > 0 => Tensor::cat(&[o, &new], 1),
+                _ => Ok(new),
+            }
+        };
+        if have < n {
+            let old = self.kv.get(&id);
+            let (kc, vc) = (grow(k, old.map(|o| &o.0))?, grow(v, old.map(|o| &o.1))?);
+            self.kv.insert(id, (kc, vc));
+        }
+        let (kc, vc) = self.kv.get(&id).ok_or_else(|| candle_core::Error::Msg("stepper: no attention cache".into()))?;
+        Ok((kc.narrow(1, 0, n)?, vc.narrow(1, 0, n)?)) // a cell computed out of order reads fewer
+    }
+
     fn zero(&mut self, channels: usize) -> Result<Tensor> {
         if let Some(z) = self.zeros.get(&channels) {
             return Ok(z.clone());
@@ -615,8 +639,8 @@ impl GridStepper<'_> {
                 if keys == 0 {
                     return self.zero(net.nodes[*v].channels);
                 }
-                let cells = |node: NodeId| (0..keys).map(|j| self.cell(node, j).cloned()).collect::<Result<Vec<_>>>();
-                super::strict_causal_attention_step(self.cell(*qn, q)?, &cells(*k)?, &cells(*v)?, *heads)
+                let (kc, vc) = self.kv_cache(id, (*k, *v), keys)?;
+                super::strict_causal_attention_step(self.cell(*qn, q)?, &kc, &vc, *heads)
             }
         }
     }
