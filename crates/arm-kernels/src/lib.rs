@@ -17,6 +17,7 @@
 //! call layers. Off the CPU (or for other dtypes) every op composes candle's own ops.
 
 mod cumsum;
+mod attention;
 mod celu;
 mod dense;
 mod fastmath;
@@ -31,6 +32,7 @@ mod softmax;
 mod timeconv;
 mod unfold;
 
+pub use attention::{attention, attention_composed, AttnMask};
 pub use celu::{concat_elu, concat_elu_masked, glu, glu_residual};
 pub use cumsum::exclusive_cumsum;
 pub use dense::{dense, dense_gated, dense_pair};

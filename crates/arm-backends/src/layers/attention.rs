@@ -9,21 +9,17 @@
 //! and v for that position only, appends k and v to a [`KvCache`] and attends over the cache,
 //! O(t) for the t-th position instead of a full pass.
 //!
-//! Composed ops (candle's matmuls, masked fill through `where_cond`, and the softmax op of
-//! `arm-kernels`); a fused kernel would replace the score, mask, softmax and weighted-sum
-//! chain. Left out: attention dropout (the plugins drop the layer's output instead) and
-//! relative position terms.
+//! The scores, mask, softmax and weighted sum are one fused op of `arm-kernels` with its
+//! backward ([`arm_kernels::attention`]). Left out: attention dropout (the plugins drop the
+//! layer's output instead) and relative position terms.
 
-use arm_kernels::softmax_last_dim;
+use arm_kernels::{attention, softmax_last_dim, AttnMask};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use arm_core::Result;
 
 use super::{linear, Linear};
-
-/// Score values per block of query rows in evaluation mode (32 MiB of f32).
-pub const EVAL_SCORES: usize = 1 << 23;
 
 #[derive(Debug, Clone)]
 pub struct CausalSelfAttention {
@@ -111,54 +107,13 @@ impl CausalSelfAttention {
         y.transpose(1, 2)?.reshape((b, t, self.width))
     }
 
-    /// softmax(q k^T + M) v for the query rows row0..row0 + r, q (B, H, r, d_k) already
-    /// scaled, k and v (B, H, T, d_k): (B, H, r, d_k). With the mask, only the keys up to the
-    /// last row take part.
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, row0: usize) -> Result<Tensor> {
-        let r = q.dim(2)?;
-        if !self.causal {
-            return softmax_last_dim(&q.matmul(&k.t()?)?)?.matmul(v);
-        }
-        let keys = row0 + r;
-        let (k, v) = (k.narrow(2, 0, keys)?, v.narrow(2, 0, keys)?); // (B, H, keys, d_k)
-        let att = q.matmul(&k.t()?)?; // (B, H, r, keys)
-
-        // Masked fill: -inf where key j comes after query row0 + i, so exp gives exactly 0
-        // there (the diagonal is never masked, so no row is all -inf).
-        let allowed: Vec<u8> = (0..r).flat_map(|i| (0..keys).map(move |j| u8::from(j <= row0 + i))).collect();
-        let allowed = Tensor::from_vec(allowed, (r, keys), q.device())?.broadcast_as(att.shape())?;
-        let ninf = Tensor::new(f32::NEG_INFINITY, q.device())?.to_dtype(att.dtype())?.broadcast_as(att.shape())?;
-        let att = allowed.where_cond(&att, &ninf)?;
-        softmax_last_dim(&att)?.matmul(&v) // (B, H, r, d_k)
-    }
-
-    /// [`Self::attend`] over blocks of `rows` query rows (at least 1), concatenated.
-    fn attend_blocks(&self, q: &Tensor, k: &Tensor, v: &Tensor, rows: usize) -> Result<Tensor> {
-        let t = q.dim(2)?;
-        let rows = rows.clamp(1, t.max(1));
-        let blocks = (0..t)
-            .step_by(rows)
-            .map(|r0| self.attend(&q.narrow(2, r0, rows.min(t - r0))?, k, v, r0))
-            .collect::<Result<Vec<_>>>()?;
-        Tensor::cat(&blocks, 2) // (B, H, T, d_k)
-    }
-
-    /// x (B, T, C) -> (B, T, C); output row i depends on input rows <= i.
-    ///
-    /// Evaluation (`train = false`) builds no gradient through the scores: with q, k and v
-    /// detached, each block of query rows frees its scores once done, so at most about
-    /// [`EVAL_SCORES`] of them exist at once (a 28x28 image's (B, H, D, D) scores need not fit).
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// x (B, T, C) -> (B, T, C); output row i depends on input rows <= i. The attention is
+    /// the fused op of `arm-kernels` (blocks of query rows, so the (B, H, T, T) scores never
+    /// exist whole, in training or evaluation).
+    pub fn forward(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
         let (q, k, v) = self.split(&self.qkv.forward(x)?)?; // (B, H, T, d_k) each
-
-        // Scaling q rather than the scores keeps one (B, H, T, T) tensor fewer.
-        let q = (q * self.scale())?;
-        let y = if train {
-            self.attend(&q, &k, &v, 0)? // (B, H, T, d_k)
-        } else {
-            let (b, h, t, _) = q.dims4()?;
-            self.attend_blocks(&q.detach(), &k.detach(), &v.detach(), EVAL_SCORES / (b * h * t).max(1))?
-        };
+        let mask = if self.causal { AttnMask::Causal } else { AttnMask::None };
+        let y = attention(&q, &k, &v, self.scale(), mask)?; // (B, H, T, d_k)
         self.proj.forward(&self.merge(&y)?) // (B, T, C)
     }
 
@@ -194,19 +149,9 @@ pub fn strict_causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize,
     let cv = v.dim(2)?;
     let (dk, dv) = (ck / heads, cv / heads);
     let split = |t: &Tensor, d: usize| t.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous();
-    let q = (split(q, dk)? * (1.0 / (dk as f64).sqrt()))?;
-    let (k, v) = (split(k, dk)?, split(v, dv)?);
-    let att = q.matmul(&k.t()?)?; // (B, H, N, N)
-    // Row 0 keeps every key so that its softmax is finite; its output is zeroed below.
-    let allowed: Vec<u8> =
-        (0..n).flat_map(|i| (0..n).map(move |j| u8::from(j < i || (j == i && !strict) || (i == 0 && strict)))).collect();
-    let allowed = Tensor::from_vec(allowed, (n, n), q.device())?.broadcast_as(att.shape())?;
-    let ninf = Tensor::new(f32::NEG_INFINITY, q.device())?.to_dtype(att.dtype())?.broadcast_as(att.shape())?;
-    let y = softmax_last_dim(&allowed.where_cond(&att, &ninf)?)?.matmul(&v)?; // (B, H, N, d_v)
-    let y = y.transpose(1, 2)?.reshape((b, n, cv))?;
-    let first = if strict { 0f32 } else { 1.0 };
-    let rows: Vec<f32> = (0..n).map(|i| if i == 0 { first } else { 1.0 }).collect();
-    y.broadcast_mul(&Tensor::from_vec(rows, (1, n, 1), q.device())?.to_dtype(y.dtype())?)
+    let mask = if strict { AttnMask::Strict } else { AttnMask::Causal };
+    let y = attention(&split(q, dk)?, &split(k, dk)?, &split(v, dv)?, 1.0 / (dk as f64).sqrt(), mask)?; // (B, H, N, d_v)
+    y.transpose(1, 2)?.reshape((b, n, cv))
 }
 
 /// One query of [`strict_causal_attention`]: q (B, H d_k) against the earlier positions' keys
@@ -249,12 +194,6 @@ mod tests {
             assert!(diff < 1e-5, "position {t}: {diff}");
         }
         assert_eq!(cache.len(), 5);
-        // Blocks of 2 query rows (the evaluation path on large inputs) give the same rows.
-        let (q, k, v) = attn.split(&attn.qkv.forward(&x)?)?;
-        let q = (q * attn.scale())?;
-        let whole = attn.attend(&q, &k, &v, 0)?;
-        let diff = (attn.attend_blocks(&q, &k, &v, 2)? - whole)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(diff < 1e-6, "blocked attention differs by {diff}");
         // Training (whole, with gradients) gives the same rows.
         let diff = (attn.forward(&x, true)? - &full)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "train vs eval: {diff}");
