@@ -74,19 +74,29 @@ fn probabilities(p: &mut [f32], q: &[f32], k: &[f32], (r0, r, n): (usize, usize,
         let lim = a.mask.limit(r0 + ii, d.t).min(n);
         let (seen, hidden) = row.split_at_mut(lim);
         hidden.fill(0.0);
-        if seen.is_empty() {
-            continue;
-        }
-        let max = seen.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * a.scale;
-        let mut sum = 0f32;
-        for v in seen.iter_mut() {
-            *v = exp32(*v * a.scale - max);
-            sum += *v;
-        }
-        let inv = 1.0 / sum;
-        seen.iter_mut().for_each(|v| *v *= inv);
+        softmax_scaled(seen, a.scale);
     }
     Ok(())
+}
+
+/// row <- softmax(s row) in place (nothing for an empty row).
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma+bmi1+bmi2+lzcnt+popcnt",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.1"
+))]
+fn softmax_scaled(row: &mut [f32], s: f32) {
+    if row.is_empty() {
+        return;
+    }
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * s;
+    let mut sum = 0f32;
+    for v in row.iter_mut() {
+        *v = exp32(*v * s - max);
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|v| *v *= inv);
 }
 
 /// Keys any row of the block r0..r0+r can see.
