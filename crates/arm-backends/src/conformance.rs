@@ -23,6 +23,20 @@ fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
+/// A CPU build context for a plugin's own tests: weights from `map`, seeded with `seed`, for
+/// (h, w) images, p head parameters and k levels.
+pub fn test_ctx(map: &candle_nn::VarMap, seed: u64, (h, w): (usize, usize), (p, k): (usize, usize)) -> crate::BuildCtx<'static> {
+    crate::BuildCtx {
+        vb: arm_core::seeded_var_builder(map, seed, &Device::Cpu),
+        device: Device::Cpu,
+        height: h,
+        width: w,
+        num_params: p,
+        levels: k,
+        seed,
+    }
+}
+
 /// (B, D) random levels 0..k, seeded.
 pub fn random_levels(b: usize, d: usize, k: usize, seed: u64, dev: &Device) -> candle_core::Result<Tensor> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);

@@ -10,6 +10,9 @@ use rand_chacha::ChaCha8Rng;
 
 use arm_core::Result;
 
+/// Mixed into the seed so that dropout's stream differs from the weights' (0xD80F0).
+const SALT: u64 = 0x000D_80F0;
+
 #[derive(Debug)]
 pub struct Dropout {
     p: f64,
@@ -19,7 +22,7 @@ pub struct Dropout {
 
 impl Dropout {
     pub fn new(p: f64, seed: u64) -> Self {
-        let seed = seed ^ 0xD80F_0u64;
+        let seed = seed ^ SALT;
         Self { p, seed, rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed)) }
     }
 
@@ -67,11 +70,11 @@ mod tests {
     #[test]
     fn masks_equal_one_draw_per_unit() -> Result<()> {
         let d = Dropout::new(0.3, 11);
-        let mut reference = ChaCha8Rng::seed_from_u64(11 ^ 0xD80F_0u64);
+        let mut reference = ChaCha8Rng::seed_from_u64(11 ^ SALT);
         for (epoch, sizes) in [(None, vec![1usize, 7, 1000, 33]), (Some(4usize), vec![5, 64])] {
             if let Some(e) = epoch {
                 d.begin_epoch(e);
-                reference = ChaCha8Rng::seed_from_u64(11 ^ 0xD80F_0u64);
+                reference = ChaCha8Rng::seed_from_u64(11 ^ SALT);
                 reference.set_stream(e as u64);
             }
             for n in sizes {

@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 
-use arm_core::{Result, Stepper};
+use arm_core::{Conditional, Result, Stepper};
 use arm_kernels::{concat_elu, concat_elu_masked, glu, glu_residual, Unfold};
 
 use super::linear::torch_uniform;
@@ -489,6 +489,50 @@ impl<'a> GridStepper<'a> {
             kv: HashMap::new(),
             out: None,
         })
+    }
+}
+
+/// A [`GridNet`] as a `Conditional` over (B, h*w) images in raster order, with its cached
+/// stepper.
+pub struct GridConditional {
+    net: GridNet,
+    name: &'static str,
+    device: Device,
+}
+
+impl GridConditional {
+    pub fn new(name: &'static str, net: GridNet, device: Device) -> Self {
+        GridConditional { net, name, device }
+    }
+}
+
+impl Conditional for GridConditional {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (_, d) = x.dims2()?;
+        if d != self.seq_len() {
+            candle_core::bail!("{}: input has {d} pixels, built for {}", self.name, self.seq_len());
+        }
+        self.net.forward_t(x, train) // (B, D, P)
+    }
+
+    fn seq_len(&self) -> usize {
+        self.net.image.0 * self.net.image.1
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn begin_epoch(&self, epoch: usize) {
+        self.net.begin_epoch(epoch);
+    }
+
+    fn stepper(&self, batch: usize) -> Result<Box<dyn Stepper + '_>> {
+        self.net.stepper(batch, &self.device)
+    }
+
+    fn flops_per_image(&self) -> Option<f64> {
+        Some(self.net.flops_per_image())
     }
 }
 

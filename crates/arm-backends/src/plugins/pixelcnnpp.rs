@@ -26,12 +26,11 @@
 //! The cached stepper computes every cell of every layer once, when the last pixel it depends
 //! on is sampled (`GridNet::stepper`), so sampling costs one forward pass in total.
 
-use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use arm_core::{Conditional, Stepper};
+use arm_core::Conditional;
 
-use crate::layers::grid::{GridBuilder, GridNet, NodeId, Resample};
+use crate::layers::grid::{GridBuilder, GridConditional, GridNet, NodeId, Resample};
 use crate::layers::Dropout;
 use crate::registry::{invalid, BuildCtx, PluginConfig, PluginError};
 
@@ -80,7 +79,10 @@ impl PluginConfig for PixelCnnPpConfig {
         // Below 1x1 halving changes nothing; a level more than the image allows is a mistake.
         let most = 1 + (h.max(w) as f64).log2().ceil() as usize;
         if self.resolutions == 0 || self.resolutions > most {
-            return Err(invalid("resolutions", format!("must be in 1..={most} for {h}x{w} images, got {}", self.resolutions)));
+            return Err(invalid(
+                "resolutions",
+                format!("must be in 1..={most} for {h}x{w} images, got {}", self.resolutions),
+            ));
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(invalid("dropout", format!("must be in [0, 1), got {}", self.dropout)));
@@ -89,7 +91,7 @@ impl PluginConfig for PixelCnnPpConfig {
     }
 
     fn build(&self, ctx: BuildCtx) -> Result<Box<dyn Conditional>, PluginError> {
-        Ok(Box::new(PixelCnnPp::new(self, &ctx, Shifts::Paper)?))
+        Ok(Box::new(network(self, &ctx, Shifts::Paper)?))
     }
 
     fn test_configs() -> Vec<Self> {
@@ -115,67 +117,59 @@ enum Shifts {
     Leaky,
 }
 
-pub struct PixelCnnPp {
-    net: GridNet,
-    dims: usize,
-    device: Device,
-}
+fn network(cfg: &PixelCnnPpConfig, ctx: &BuildCtx, shifts: Shifts) -> Result<GridConditional> {
+    let (r, f) = (cfg.nr_resnet, cfg.nr_filters);
+    let image = (ctx.height, ctx.width);
+    let g = GridNet::new(image, Dropout::new(cfg.dropout, ctx.seed));
+    let mut b = GridBuilder::new(g, ctx.vb.clone());
+    let x = GridNet::INPUT;
+    let ul_first: &[(isize, isize)] = match shifts {
+        Shifts::Paper => &UL_FIRST,
+        #[cfg(test)]
+        Shifts::Leaky => &[(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 0)],
+    };
 
-impl PixelCnnPp {
-    fn new(cfg: &PixelCnnPpConfig, ctx: &BuildCtx, shifts: Shifts) -> Result<Self> {
-        let (r, f) = (cfg.nr_resnet, cfg.nr_filters);
-        let image = (ctx.height, ctx.width);
-        let g = GridNet::new(image, Dropout::new(cfg.dropout, ctx.seed));
-        let mut b = GridBuilder::new(g, ctx.vb.clone());
-        let x = GridNet::INPUT;
-        let ul_first: &[(isize, isize)] = match shifts {
-            Shifts::Paper => &UL_FIRST,
-            #[cfg(test)]
-            Shifts::Leaky => &[(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 0)],
-        };
-
-        // Up pass.
-        let mut u_list = vec![b.conv(x, &U_FIRST, Resample::Same, f)?];
-        let mut ul_list = vec![b.conv(x, ul_first, Resample::Same, f)?];
-        let mut grids = vec![image];
-        for level in 0..cfg.resolutions {
-            if level > 0 {
-                let (u, ul) = (last(&u_list)?, last(&ul_list)?);
-                u_list.push(b.conv(u, &DOWN, Resample::Down2, f)?);
-                ul_list.push(b.conv(ul, &DOWN_RIGHT, Resample::Down2, f)?);
-                grids.push(b.g.grid(last(&u_list)?));
-            }
-            for _ in 0..r {
-                let u = b.gated_resnet(last(&u_list)?, None, &DOWN)?;
-                u_list.push(u);
-                let ul = b.gated_resnet(last(&ul_list)?, Some(u), &DOWN_RIGHT)?;
-                ul_list.push(ul);
-            }
+    // Up pass.
+    let mut u_list = vec![b.conv(x, &U_FIRST, Resample::Same, f)?];
+    let mut ul_list = vec![b.conv(x, ul_first, Resample::Same, f)?];
+    let mut grids = vec![image];
+    for level in 0..cfg.resolutions {
+        if level > 0 {
+            let (u, ul) = (last(&u_list)?, last(&ul_list)?);
+            u_list.push(b.conv(u, &DOWN, Resample::Down2, f)?);
+            ul_list.push(b.conv(ul, &DOWN_RIGHT, Resample::Down2, f)?);
+            grids.push(b.g.grid(last(&u_list)?));
         }
-
-        // Down pass.
-        let (mut u, mut ul) = (pop(&mut u_list)?, pop(&mut ul_list)?);
-        for level in (0..cfg.resolutions).rev() {
-            let blocks = if level + 1 == cfg.resolutions { r } else { r + 1 };
-            for _ in 0..blocks {
-                let u_skip = pop(&mut u_list)?;
-                u = b.gated_resnet(u, Some(u_skip), &DOWN)?;
-                let ul_skip = pop(&mut ul_list)?;
-                let aux = b.g.concat(u, ul_skip)?;
-                ul = b.gated_resnet(ul, Some(aux), &DOWN_RIGHT)?;
-            }
-            if level > 0 {
-                u = b.conv(u, &DOWN, Resample::Up2(grids[level - 1]), f)?;
-                ul = b.conv(ul, &DOWN_RIGHT, Resample::Up2(grids[level - 1]), f)?;
-            }
+        for _ in 0..r {
+            let u = b.gated_resnet(last(&u_list)?, None, &DOWN)?;
+            u_list.push(u);
+            let ul = b.gated_resnet(last(&ul_list)?, Some(u), &DOWN_RIGHT)?;
+            ul_list.push(ul);
         }
-        if !u_list.is_empty() || !ul_list.is_empty() {
-            candle_core::bail!("pixelcnnpp: {} skip connections left unused", u_list.len() + ul_list.len());
-        }
-        let out = b.g.elu(ul);
-        b.nin(out, ctx.num_params)?;
-        Ok(PixelCnnPp { net: b.finish(), dims: ctx.dims(), device: ctx.device.clone() })
     }
+
+    // Down pass.
+    let (mut u, mut ul) = (pop(&mut u_list)?, pop(&mut ul_list)?);
+    for level in (0..cfg.resolutions).rev() {
+        let blocks = if level + 1 == cfg.resolutions { r } else { r + 1 };
+        for _ in 0..blocks {
+            let u_skip = pop(&mut u_list)?;
+            u = b.gated_resnet(u, Some(u_skip), &DOWN)?;
+            let ul_skip = pop(&mut ul_list)?;
+            let aux = b.g.concat(u, ul_skip)?;
+            ul = b.gated_resnet(ul, Some(aux), &DOWN_RIGHT)?;
+        }
+        if level > 0 {
+            u = b.conv(u, &DOWN, Resample::Up2(grids[level - 1]), f)?;
+            ul = b.conv(ul, &DOWN_RIGHT, Resample::Up2(grids[level - 1]), f)?;
+        }
+    }
+    if !u_list.is_empty() || !ul_list.is_empty() {
+        candle_core::bail!("pixelcnnpp: {} skip connections left unused", u_list.len() + ul_list.len());
+    }
+    let out = b.g.elu(ul);
+    b.nin(out, ctx.num_params)?;
+    Ok(GridConditional::new("pixelcnnpp", b.finish(), ctx.device.clone()))
 }
 
 fn last(list: &[NodeId]) -> Result<NodeId> {
@@ -186,55 +180,21 @@ fn pop(list: &mut Vec<NodeId>) -> Result<NodeId> {
     list.pop().ok_or_else(|| candle_core::Error::Msg("pixelcnnpp: skip connections run out".into()))
 }
 
-impl Conditional for PixelCnnPp {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let (_, d) = x.dims2()?;
-        if d != self.dims {
-            candle_core::bail!("pixelcnnpp: input has {d} pixels, built for {}", self.dims);
-        }
-        self.net.forward_t(x, train) // (B, D, P)
-    }
-
-    fn seq_len(&self) -> usize {
-        self.dims
-    }
-
-    fn device(&self) -> &Device {
-        &self.device
-    }
-
-    fn begin_epoch(&self, epoch: usize) {
-        self.net.begin_epoch(epoch);
-    }
-
-    fn stepper(&self, batch: usize) -> Result<Box<dyn Stepper + '_>> {
-        self.net.stepper(batch, &self.device)
-    }
-
-    fn flops_per_image(&self) -> Option<f64> {
-        Some(self.net.flops_per_image())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::conformance;
-    use arm_core::{seeded_var_builder, Arm, Categorical, Ordering};
+    use arm_core::{Arm, Categorical, Ordering};
     use candle_nn::VarMap;
 
-    fn net(cfg: &PixelCnnPpConfig, (h, w): (usize, usize), (p, k): (usize, usize), shifts: Shifts) -> Result<PixelCnnPp> {
-        let map = VarMap::new();
-        let ctx = BuildCtx {
-            vb: seeded_var_builder(&map, 3, &Device::Cpu),
-            device: Device::Cpu,
-            height: h,
-            width: w,
-            num_params: p,
-            levels: k,
-            seed: 3,
-        };
-        PixelCnnPp::new(cfg, &ctx, shifts)
+    fn net(
+        cfg: &PixelCnnPpConfig,
+        (h, w): (usize, usize),
+        (p, k): (usize, usize),
+        shifts: Shifts,
+    ) -> Result<GridConditional> {
+        let ctx = conformance::test_ctx(&VarMap::new(), 3, (h, w), (p, k));
+        network(cfg, &ctx, shifts)
     }
 
     fn small(resolutions: usize) -> PixelCnnPpConfig {

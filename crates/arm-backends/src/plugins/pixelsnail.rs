@@ -20,12 +20,11 @@
 //! The cached stepper computes each cell of every layer once, when the pixels it depends on
 //! are known; the attention of pixel i reads the cached keys and values of pixels < i.
 
-use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use arm_core::{Conditional, Stepper};
+use arm_core::Conditional;
 
-use crate::layers::grid::{GridBuilder, GridNet, Resample};
+use crate::layers::grid::{GridBuilder, GridConditional, GridNet, Resample};
 use crate::layers::Dropout;
 use crate::registry::{invalid, BuildCtx, PluginConfig, PluginError};
 
@@ -65,7 +64,8 @@ impl Default for PixelSnailConfig {
 
 impl PluginConfig for PixelSnailConfig {
     const NAME: &'static str = "pixelsnail";
-    const SUMMARY: &'static str = "PixelSNAIL: gated causal convolutions and strictly causal attention over all earlier pixels";
+    const SUMMARY: &'static str =
+        "PixelSNAIL: gated causal convolutions and strictly causal attention over all earlier pixels";
     const IS_2D: bool = true;
 
     fn validate(&self, _h: usize, _w: usize) -> Result<(), PluginError> {
@@ -88,7 +88,7 @@ impl PluginConfig for PixelSnailConfig {
     }
 
     fn build(&self, ctx: BuildCtx) -> Result<Box<dyn Conditional>, PluginError> {
-        Ok(Box::new(PixelSnail::new(self, &ctx, true)?))
+        Ok(Box::new(network(self, &ctx, true)?))
     }
 
     fn test_configs() -> Vec<Self> {
@@ -117,96 +117,64 @@ impl PluginConfig for PixelSnailConfig {
     }
 }
 
-pub struct PixelSnail {
-    net: GridNet,
-    dims: usize,
-    device: Device,
-}
-
-impl PixelSnail {
-    /// `strict = false` (tests only) lets each pixel attend to its own key, which reads it.
-    fn new(cfg: &PixelSnailConfig, ctx: &BuildCtx, strict: bool) -> Result<Self> {
-        let f = cfg.nr_filters;
-        let (hk, hv) = (cfg.heads * cfg.key_size, cfg.heads * cfg.value_size);
-        let mut b = GridBuilder::new(GridNet::new((ctx.height, ctx.width), Dropout::new(cfg.dropout, ctx.seed)), ctx.vb.clone());
-        let x = GridNet::INPUT;
-        let bg = b.g.background();
-        let mut ul = b.conv(x, &FIRST, Resample::Same, f)?;
-        for _ in 0..cfg.nr_blocks {
-            for _ in 0..cfg.nr_resnet {
-                ul = b.gated_resnet(ul, None, &DOWN_RIGHT)?;
-            }
-            let x_ul = b.g.concat(x, ul)?;
-            let kv_in = b.g.concat(x_ul, bg)?;
-            let q_in = b.g.concat(ul, bg)?;
-            let k = b.gated_resnet(kv_in, None, &NIN)?;
-            let k = b.nin(k, hk)?;
-            let v = b.gated_resnet(kv_in, None, &NIN)?;
-            let v = b.nin(v, hv)?;
-            let q = b.gated_resnet(q_in, None, &NIN)?;
-            let q = b.nin(q, hk)?;
-            let a = b.g.attention(q, k, v, cfg.heads, strict)?;
-            ul = b.gated_resnet(ul, Some(a), &NIN)?;
+/// `strict = false` (tests only) lets each pixel attend to its own key, which reads it.
+fn network(cfg: &PixelSnailConfig, ctx: &BuildCtx, strict: bool) -> Result<GridConditional> {
+    let f = cfg.nr_filters;
+    let (hk, hv) = (cfg.heads * cfg.key_size, cfg.heads * cfg.value_size);
+    let mut b =
+        GridBuilder::new(GridNet::new((ctx.height, ctx.width), Dropout::new(cfg.dropout, ctx.seed)), ctx.vb.clone());
+    let x = GridNet::INPUT;
+    let bg = b.g.background();
+    let mut ul = b.conv(x, &FIRST, Resample::Same, f)?;
+    for _ in 0..cfg.nr_blocks {
+        for _ in 0..cfg.nr_resnet {
+            ul = b.gated_resnet(ul, None, &DOWN_RIGHT)?;
         }
-        let out = b.g.elu(ul);
-        b.nin(out, ctx.num_params)?;
-        Ok(PixelSnail { net: b.finish(), dims: ctx.dims(), device: ctx.device.clone() })
+        let x_ul = b.g.concat(x, ul)?;
+        let kv_in = b.g.concat(x_ul, bg)?;
+        let q_in = b.g.concat(ul, bg)?;
+        let k = b.gated_resnet(kv_in, None, &NIN)?;
+        let k = b.nin(k, hk)?;
+        let v = b.gated_resnet(kv_in, None, &NIN)?;
+        let v = b.nin(v, hv)?;
+        let q = b.gated_resnet(q_in, None, &NIN)?;
+        let q = b.nin(q, hk)?;
+        let a = b.g.attention(q, k, v, cfg.heads, strict)?;
+        ul = b.gated_resnet(ul, Some(a), &NIN)?;
     }
-}
-
-impl Conditional for PixelSnail {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let (_, d) = x.dims2()?;
-        if d != self.dims {
-            candle_core::bail!("pixelsnail: input has {d} pixels, built for {}", self.dims);
-        }
-        self.net.forward_t(x, train) // (B, D, P)
-    }
-
-    fn seq_len(&self) -> usize {
-        self.dims
-    }
-
-    fn device(&self) -> &Device {
-        &self.device
-    }
-
-    fn begin_epoch(&self, epoch: usize) {
-        self.net.begin_epoch(epoch);
-    }
-
-    fn stepper(&self, batch: usize) -> Result<Box<dyn Stepper + '_>> {
-        self.net.stepper(batch, &self.device)
-    }
-
-    fn flops_per_image(&self) -> Option<f64> {
-        Some(self.net.flops_per_image())
-    }
+    let out = b.g.elu(ul);
+    b.nin(out, ctx.num_params)?;
+    Ok(GridConditional::new("pixelsnail", b.finish(), ctx.device.clone()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::conformance;
-    use arm_core::{seeded_var_builder, Arm, Categorical, Ordering};
+    use arm_core::{Arm, Categorical, Ordering};
+    use candle_core::{Device, Tensor};
     use candle_nn::VarMap;
 
-    fn net(cfg: &PixelSnailConfig, (h, w): (usize, usize), (p, k): (usize, usize), strict: bool) -> Result<PixelSnail> {
-        let map = VarMap::new();
-        let ctx = BuildCtx {
-            vb: seeded_var_builder(&map, 5, &Device::Cpu),
-            device: Device::Cpu,
-            height: h,
-            width: w,
-            num_params: p,
-            levels: k,
-            seed: 5,
-        };
-        PixelSnail::new(cfg, &ctx, strict)
+    fn net(
+        cfg: &PixelSnailConfig,
+        (h, w): (usize, usize),
+        (p, k): (usize, usize),
+        strict: bool,
+    ) -> Result<GridConditional> {
+        let ctx = conformance::test_ctx(&VarMap::new(), 5, (h, w), (p, k));
+        network(cfg, &ctx, strict)
     }
 
     fn small() -> PixelSnailConfig {
-        PixelSnailConfig { nr_blocks: 2, nr_resnet: 1, nr_filters: 4, heads: 2, key_size: 2, value_size: 2, dropout: 0.0 }
+        PixelSnailConfig {
+            nr_blocks: 2,
+            nr_resnet: 1,
+            nr_filters: 4,
+            heads: 2,
+            key_size: 2,
+            value_size: 2,
+            dropout: 0.0,
+        }
     }
 
     /// Attention that lets a pixel see its own key (which reads the pixel) fails causality and
@@ -246,7 +214,11 @@ mod tests {
         let mut v = vec![0f32; 64];
         v[0] = 1.0;
         let x2 = Tensor::from_vec(v, (1, 64), &Device::Cpu)?;
-        let diff = (n.forward_t(&x2, false)? - n.forward_t(&x, false)?)?.narrow(1, 63, 1)?.abs()?.sum_all()?.to_scalar::<f32>()?;
+        let diff = (n.forward_t(&x2, false)? - n.forward_t(&x, false)?)?
+            .narrow(1, 63, 1)?
+            .abs()?
+            .sum_all()?
+            .to_scalar::<f32>()?;
         assert!(diff > 0.0, "the last pixel does not see the first");
         Ok(())
     }

@@ -341,7 +341,7 @@ impl Stepper for TransformerStepper<'_> {
 mod tests {
     use super::*;
     use crate::conformance;
-    use arm_core::{seeded_var_builder, Arm, Categorical, Ordering};
+    use arm_core::{Arm, Categorical, Ordering};
     use candle_nn::VarMap;
 
     fn net(
@@ -350,16 +350,7 @@ mod tests {
         (p, k): (usize, usize),
         causal: bool,
     ) -> Result<Transformer> {
-        let map = VarMap::new();
-        let ctx = BuildCtx {
-            vb: seeded_var_builder(&map, 3, &Device::Cpu),
-            device: Device::Cpu,
-            height: h,
-            width: w,
-            num_params: p,
-            levels: k,
-            seed: 3,
-        };
+        let ctx = conformance::test_ctx(&VarMap::new(), 3, (h, w), (p, k));
         Transformer::new(cfg, &ctx, causal)
     }
 
