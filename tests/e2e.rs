@@ -433,6 +433,39 @@ fn bench_train_counts_the_reference_flops_and_its_ratios_agree() {
 }
 
 #[test]
+fn bench_sampling_counts_flops_per_image_and_rows_per_batch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let args = ["bench", "sampling", "--plugin", "causal_conv1d", "--batch", "1", "--batch", "2", "--max-seconds", "0.5"];
+    let o = runner(dir.path()).args(args).output().expect("run");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let peak: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("matmul peak (1024^3): "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no peak in {out}"));
+    let rows: Vec<Vec<&str>> =
+        out.lines().filter(|l| l.starts_with("causal_conv1d")).map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(rows.len(), 4, "{out}");
+    // The reference network's weights are used once per pixel, 2 FLOPs each: 7x1x256 +
+    // 2 x 7x256x256 + 7x256xK (K = 17 levels on 8x8, 2 on 28x28).
+    let hand = |k: f64, d: f64| 2.0 * d * (7.0 * 256.0 + 2.0 * 7.0 * 256.0 * 256.0 + 7.0 * 256.0 * k) / 1e9;
+    for (row, (image, batch, gflop)) in
+        rows.iter().zip([("8x8", 1.0, hand(17.0, 64.0)), ("8x8", 2.0, hand(17.0, 64.0)), ("28x28", 1.0, hand(2.0, 784.0)), ("28x28", 2.0, hand(2.0, 784.0))])
+    {
+        let num = |i: usize| -> f64 { row[i].trim_end_matches(['%', 'x']).parse().unwrap_or_else(|_| panic!("{row:?}")) };
+        assert_eq!((row[1], num(2)), (image, batch), "{row:?}");
+        // Columns: plugin image batch naive fwd cached jacobi (it) cached-x jacobi-x ms/px GFLOP/im GF/s % same.
+        assert!((num(11) - gflop).abs() < 1e-4, "{row:?}: {gflop} GFLOP per image by hand");
+        let (cached_s, gfs) = (num(5), num(12));
+        assert!((gfs - gflop * batch / cached_s).abs() <= 0.02 * gfs + 0.01, "{row:?}");
+        assert!((num(13) - 100.0 * gfs / peak).abs() <= 0.02 * num(13) + 0.01, "{row:?} with peak {peak}");
+        assert_eq!(row[14], "yes", "{row:?}");
+    }
+}
+
+#[test]
 fn report_over_two_data_sets_plots_one_curve_file_each() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let r = tmp.path().join("results");

@@ -81,7 +81,7 @@ fn peak_rss_mib() -> f64 {
 /// weight matrix (every variable of rank >= 2) applied once at every pixel, as in the
 /// convolutional plugins: 2 D sum(weights). Element-wise work (biases, activations, gates) is
 /// not counted.
-fn forward_flops_per_image(arm: &arm_core::Arm, map: &candle_nn::VarMap) -> f64 {
+pub fn forward_flops_per_image(arm: &arm_core::Arm, map: &candle_nn::VarMap) -> f64 {
     if let Some(f) = arm.conditional().flops_per_image() {
         return f;
     }

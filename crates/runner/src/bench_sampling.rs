@@ -8,6 +8,13 @@
 //! The naive sampler does one full forward pass per pixel (quadratic in D). When D passes
 //! would exceed `--max-seconds`, it is run for a prefix of the pixels only and its time is
 //! extrapolated linearly (every naive step is the same full pass), marked `~` in the table.
+//!
+//! FLOPs: with F the matrix-product FLOPs of one forward pass per image (as `bench train`
+//! counts them), the naive sampler does D F per image, Jacobi (iterations) F, and the cached
+//! steppers F: each computes every layer's output once per position. (A cached attention layer
+//! scores each pixel against the earlier ones only, half of the forward's T x T count, so for
+//! the attention plugins F overstates it.) GFLOP/s and % of the matmul peak (a 1024^3 product
+//! timed before the table; it is timed again after, to show drift) are the cached sampler's.
 
 use std::time::Instant;
 
@@ -21,7 +28,8 @@ use crate::config::{DataConfig, ModelConfig, RunConfig, SampleConfig};
 pub struct Options {
     /// Limit for one naive measurement before it is cut short and extrapolated.
     pub max_seconds: f64,
-    pub batch: usize,
+    /// One row per batch size.
+    pub batches: Vec<usize>,
     pub seed: u64,
     /// Only these plugins (default: every registered plugin).
     pub plugins: Vec<String>,
@@ -101,6 +109,7 @@ fn same(a: &Tensor, b: &Tensor) -> Result<bool> {
 struct Row {
     plugin: String,
     image: String,
+    batch: usize,
     cells: std::result::Result<Cells, String>,
 }
 
@@ -112,12 +121,14 @@ struct Cells {
     jacobi: f64,
     iterations: usize,
     dims: usize,
+    /// F: forward matrix-product FLOPs per image.
+    flops_image: f64,
     identical: String,
 }
 
-fn measure(cfg: &RunConfig, dev: &Device, opts: &Options) -> Result<Cells> {
-    let (arm, _map, _data) = crate::run::build(cfg, dev)?;
-    let (b, d) = (opts.batch, arm.dims());
+fn measure(cfg: &RunConfig, dev: &Device, opts: &Options, b: usize) -> Result<Cells> {
+    let (arm, map, _data) = crate::run::build(cfg, dev)?;
+    let d = arm.dims();
     let noise = crate::run::sample_noise(&arm, b, opts.seed)?; // (B, D, Q)
                                                                // One full parallel pass: what each naive step and each Jacobi iteration costs. An untimed
                                                                // first call warms up the allocator (the largest buffers of the whole benchmark).
@@ -156,6 +167,7 @@ fn measure(cfg: &RunConfig, dev: &Device, opts: &Options) -> Result<Cells> {
         jacobi,
         iterations: j.iterations,
         dims: d,
+        flops_image: crate::bench::forward_flops_per_image(&arm, &map),
         identical,
     })
 }
@@ -170,63 +182,83 @@ pub fn bench_sampling(dev: &Device, opts: &Options) -> Result<()> {
             )));
         }
     }
-    if opts.batch == 0 {
+    if opts.batches.contains(&0) {
         return Err(crate::bad_input("--batch: must be at least 1, got 0"));
     }
     if !(opts.max_seconds.is_finite() && opts.max_seconds > 0.0) {
         return Err(crate::bad_input(format!("--max-seconds: must be a positive number, got {}", opts.max_seconds)));
     }
+    let peak_before = crate::bench::matmul_gflops(1024, 1024, 1024, 10, dev)?;
     println!(
-        "sampling {} images per batch, default plugin configs, seeded random weights (seed {}), categorical head; naive limited to {} s",
-        opts.batch, opts.seed, opts.max_seconds
+        "sampling with default plugin configs, seeded random weights (seed {}), categorical head; naive limited to {} s",
+        opts.seed, opts.max_seconds
     );
     let mut rows = Vec::new();
     for plugin in registry.iter().filter(|p| opts.plugins.is_empty() || opts.plugins.iter().any(|n| n == p.name)) {
         for (label, data) in SHAPES {
-            let (h, w, _) = arm_data::shape_of(data).unwrap_or((0, 0, 0));
-            let cells = plugin
-                .resolve(&plugin.defaults(), h, w)
-                .map_err(|e| format!("default config invalid for {label}: {e}"))
-                .and_then(|resolved| {
-                    measure(&case_config(plugin.name, resolved, data, opts.seed), dev, opts)
-                        .map_err(|e| format!("{e:#}"))
-                });
-            let row = Row { plugin: plugin.name.to_string(), image: label.to_string(), cells };
-            print_row(&row, rows.is_empty());
-            rows.push(row);
+            for &batch in &opts.batches {
+                let (h, w, _) = arm_data::shape_of(data).unwrap_or((0, 0, 0));
+                let cells = plugin
+                    .resolve(&plugin.defaults(), h, w)
+                    .map_err(|e| format!("default config invalid for {label}: {e}"))
+                    .and_then(|resolved| {
+                        measure(&case_config(plugin.name, resolved, data, opts.seed), dev, opts, batch)
+                            .map_err(|e| format!("{e:#}"))
+                    });
+                let row = Row { plugin: plugin.name.to_string(), image: label.to_string(), batch, cells };
+                print_row(&row, rows.is_empty(), peak_before);
+                rows.push(row);
+            }
         }
     }
+    let peak_after = crate::bench::matmul_gflops(1024, 1024, 1024, 10, dev)?;
+    println!("\nmatmul peak (1024^3): {peak_before:.1} GFLOP/s before the table (% peak), {peak_after:.1} after");
     println!("\n~ extrapolated: the naive sampler ran for the first N of D pixels within --max-seconds, and its");
     println!("  time is scaled by D/N (each naive step is the same full forward pass). fwd s: one parallel pass.");
     println!(
         "  Jacobi iterations (it) depend on the weights: random weights settle in few; trained ones can take more."
     );
-    if let Some(Row { cells: Ok(c), .. }) = rows.iter().find(|r| r.plugin == "causal_conv1d" && r.image == "8x8") {
+    let reference = |r: &&Row| r.plugin == "causal_conv1d" && r.image == "8x8";
+    let row = rows.iter().filter(reference).find(|r| r.batch == 16).or_else(|| rows.iter().find(reference));
+    if let Some(Row { cells: Ok(c), batch, .. }) = row {
         let x = c.naive / c.cached;
         println!(
-            "target: cached sampling of the reference causal Conv1d network, {} images of 8x8, at least 20x faster than naive: {x:.1}x, {}",
-            opts.batch,
+            "target: cached sampling of the reference causal Conv1d network, {batch} images of 8x8, at least 20x faster than naive: {x:.1}x, {}",
             if x >= 20.0 { "met" } else { "NOT met" }
         );
     }
     Ok(())
 }
 
-fn print_row(r: &Row, header: bool) {
+fn print_row(r: &Row, header: bool, peak: f64) {
     if header {
         println!(
-            "\n{:<16} {:>6} {:>10} {:>9} {:>9} {:>15} {:>9} {:>9} {:>12}  same images",
-            "plugin", "image", "naive s", "fwd s", "cached s", "jacobi s (it)", "cached x", "jacobi x", "cached ms/px",
+            "\n{:<16} {:>6} {:>5} {:>10} {:>9} {:>9} {:>15} {:>9} {:>9} {:>12} {:>9} {:>10} {:>7}  same images",
+            "plugin",
+            "image",
+            "batch",
+            "naive s",
+            "fwd s",
+            "cached s",
+            "jacobi s (it)",
+            "cached x",
+            "jacobi x",
+            "cached ms/px",
+            "GFLOP/im",
+            "cached GF/s",
+            "% peak",
         );
     }
     match &r.cells {
-        Err(e) => println!("{:<16} {:>6} skipped: {e}", r.plugin, r.image),
+        Err(e) => println!("{:<16} {:>6} {:>5} skipped: {e}", r.plugin, r.image, r.batch),
         Ok(c) => {
             let naive = if c.naive_steps == c.dims { format!("{:.3}", c.naive) } else { format!("~{:.1}", c.naive) };
+            let gflops = c.flops_image * r.batch as f64 / c.cached / 1e9;
             println!(
-                "{:<16} {:>6} {:>10} {:>9.4} {:>9.4} {:>15} {:>8.1}x {:>8.1}x {:>12.4}  {}",
+                "{:<16} {:>6} {:>5} {:>10} {:>9.4} {:>9.4} {:>15} {:>8.1}x {:>8.1}x {:>12.4} {:>9.4} {:>10.2} {:>6.2}%  {}",
                 r.plugin,
                 r.image,
+                r.batch,
                 naive,
                 c.fwd,
                 c.cached,
@@ -234,6 +266,9 @@ fn print_row(r: &Row, header: bool) {
                 c.naive / c.cached,
                 c.naive / c.jacobi,
                 1e3 * c.cached / c.dims as f64,
+                c.flops_image / 1e9,
+                gflops,
+                100.0 * gflops / peak,
                 c.identical
             );
         }

@@ -132,9 +132,9 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Bench { what: crate::BenchWhat::Train { steps, model, profile } } => {
             bench_train(&device, steps, model.as_deref(), profile)
         }
-        Command::Bench { what: crate::BenchWhat::Sampling { max_seconds, batch, seed, plugins } } => {
+        Command::Bench { what: crate::BenchWhat::Sampling { max_seconds, batches, seed, plugins } } => {
             let device = parse_device(&device)?;
-            let opts = crate::bench_sampling::Options { max_seconds, batch, seed, plugins };
+            let opts = crate::bench_sampling::Options { max_seconds, batches, seed, plugins };
             crate::bench_sampling::bench_sampling(&device, &opts)
         }
     }

@@ -254,9 +254,9 @@ enum BenchWhat {
         /// Limit per naive measurement; beyond it the naive time is extrapolated from a prefix.
         #[arg(long, default_value_t = 20.0)]
         max_seconds: f64,
-        /// Images per batch.
-        #[arg(long, default_value_t = 16)]
-        batch: usize,
+        /// Images per batch (repeatable: one row per batch size, e.g. --batch 1 --batch 16 --batch 256).
+        #[arg(long = "batch", default_values_t = [16])]
+        batches: Vec<usize>,
         /// Seed of the weights and the sampling noise.
         #[arg(long, default_value_t = 0)]
         seed: u64,
