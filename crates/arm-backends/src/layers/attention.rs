@@ -155,19 +155,16 @@ pub fn strict_causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize,
 }
 
 /// One query of [`strict_causal_attention`]: q (B, H d_k) against the earlier positions' keys
-/// k (B, t, H d_k) and values v (B, t, H d_v), t >= 1: (B, H d_v).
-pub fn strict_causal_attention_step(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
-    let (b, ck) = q.dims2()?;
-    let (_, t, cv) = v.dims3()?;
+/// k (B, H, t, d_k) and values v (B, H, t, d_v), t >= 1: (B, H d_v).
+pub fn strict_causal_attention_step(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (b, heads, t, dk) = k.dims4()?;
+    let dv = v.dim(3)?;
     if t == 0 {
         candle_core::bail!("attention step: no keys (the first position has no attention output)");
     }
-    let (dk, dv) = (ck / heads, cv / heads);
-    let k = k.reshape((b, t, heads, dk))?.transpose(1, 2)?.contiguous()?; // (B, H, t, d_k)
-    let v = v.reshape((b, t, heads, dv))?.transpose(1, 2)?.contiguous()?;
     let q = (q.reshape((b, heads, 1, dk))? * (1.0 / (dk as f64).sqrt()))?;
-    let y = softmax_last_dim(&q.matmul(&k.t()?)?)?.matmul(&v)?; // (B, H, 1, d_v)
-    y.reshape((b, cv))
+    let y = softmax_last_dim(&q.matmul(&k.t()?)?)?.matmul(v)?; // (B, H, 1, d_v)
+    y.reshape((b, heads * dv))
 }
 
 #[cfg(test)]
@@ -224,7 +221,8 @@ mod tests {
             assert!((row[0] - w[0]).abs() < 1e-5 && (row[1] - w[1]).abs() < 1e-5, "{y:?}");
         }
         let q2 = q.narrow(1, 2, 1)?.squeeze(1)?;
-        let step = strict_causal_attention_step(&q2, &k.narrow(1, 0, 2)?, &v.narrow(1, 0, 2)?, 1)?.to_vec2::<f32>()?;
+        let heads = |t: &Tensor| t.narrow(1, 0, 2)?.unsqueeze(1); // (1, 1, 2, d)
+        let step = strict_causal_attention_step(&q2, &heads(&k)?, &heads(&v)?)?.to_vec2::<f32>()?;
         assert!((step[0][0] - want[2][0]).abs() < 1e-5 && (step[0][1] - want[2][1]).abs() < 1e-5);
         Ok(())
     }

@@ -612,31 +612,35 @@ struct GridStepper<'a> {
     drop_order: Vec<Vec<usize>>,
     dropped: Vec<usize>,
     zeros: HashMap<usize, Tensor>,
-    /// Per attention node: its keys and values so far, (B, t, C) each.
-    kv: HashMap<NodeId, (Tensor, Tensor)>,
+    /// Per attention node: key and value buffers (B, H, h*w, d) and how many cells they hold.
+    kv: HashMap<NodeId, (Tensor, Tensor, usize)>,
     out: Option<Tensor>,
 }
 
 impl GridStepper<'_> {
-    /// Keys and values of cells 0..n of an attention node's inputs as (B, n, C) tensors, grown
-    /// by the cells added since the last call (one concatenation per step, not one per key).
-    fn kv_cache(&mut self, id: NodeId, (k, v): (NodeId, NodeId), n: usize) -> Result<(Tensor, Tensor)> {
-        let have = self.kv.get(&id).map_or(Ok(0), |(kc, _)| kc.dim(1))?;
-        let grow = |node: NodeId, old: Option<&Tensor>| -> Result<Tensor> {
-            let new = (have..n).map(|j| self.cell(node, j).cloned()).collect::<Result<Vec<_>>>()?;
-            let new = Tensor::stack(&new, 1)?; // (B, n - have, C)
-            match old {
-                Some(o) if have > 0 => Tensor::cat(&[o, &new], 1),
-                _ => Ok(new),
-            }
-        };
-        if have < n {
-            let old = self.kv.get(&id);
-            let (kc, vc) = (grow(k, old.map(|o| &o.0))?, grow(v, old.map(|o| &o.1))?);
-            self.kv.insert(id, (kc, vc));
+    /// Keys and values of cells 0..n of an attention node's inputs, (B, H, n, d) each: views
+    /// of buffers sized for every pixel, filled in place as cells arrive (no copy of the past).
+    fn kv_cache(&mut self, id: NodeId, (k, v): (NodeId, NodeId), heads: usize, n: usize) -> Result<(Tensor, Tensor)> {
+        if !self.kv.contains_key(&id) {
+            let cells = self.net.image.0 * self.net.image.1;
+            let buffer = |node: NodeId| {
+                let c = self.net.nodes[node].channels;
+                Tensor::zeros((self.batch, heads, cells, c / heads), DType::F32, &self.device)
+            };
+            self.kv.insert(id, (buffer(k)?, buffer(v)?, 0));
         }
-        let (kc, vc) = self.kv.get(&id).ok_or_else(|| candle_core::Error::Msg("stepper: no attention cache".into()))?;
-        Ok((kc.narrow(1, 0, n)?, vc.narrow(1, 0, n)?)) // a cell computed out of order reads fewer
+        let have = self.kv.get(&id).map_or(0, |e| e.2);
+        for j in have..n {
+            let (kj, vj) = (self.cell(k, j)?.clone(), self.cell(v, j)?.clone());
+            let entry = self.kv.get_mut(&id).ok_or_else(|| candle_core::Error::Msg("stepper: no attention cache".into()))?;
+            for (buf, cell) in [(&entry.0, kj), (&entry.1, vj)] {
+                let d = buf.dim(3)?;
+                buf.slice_set(&cell.reshape((self.batch, heads, 1, d))?, 2, j)?;
+            }
+            entry.2 = j + 1;
+        }
+        let (kc, vc, _) = self.kv.get(&id).ok_or_else(|| candle_core::Error::Msg("stepper: no attention cache".into()))?;
+        Ok((kc.narrow(2, 0, n)?, vc.narrow(2, 0, n)?)) // a cell computed out of order reads fewer
     }
 
     fn zero(&mut self, channels: usize) -> Result<Tensor> {
@@ -683,8 +687,8 @@ impl GridStepper<'_> {
                 if keys == 0 {
                     return self.zero(net.nodes[*v].channels);
                 }
-                let (kc, vc) = self.kv_cache(id, (*k, *v), keys)?;
-                super::strict_causal_attention_step(self.cell(*qn, q)?, &kc, &vc, *heads)
+                let (kc, vc) = self.kv_cache(id, (*k, *v), *heads, keys)?;
+                super::strict_causal_attention_step(self.cell(*qn, q)?, &kc, &vc)
             }
         }
     }
