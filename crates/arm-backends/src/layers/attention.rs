@@ -33,24 +33,52 @@ pub struct CausalSelfAttention {
 }
 
 /// Keys and values of the positions evaluated so far, one per layer: (B, H, t, d_k) each.
+/// With a capacity they are written in place into buffers of that many positions (no copy of
+/// the past per step); without, each append concatenates.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     k: Option<Tensor>,
     v: Option<Tensor>,
+    len: usize,
+    capacity: usize,
 }
 
 impl KvCache {
+    /// A cache that holds up to `positions` positions in preallocated buffers.
+    pub fn with_capacity(positions: usize) -> Self {
+        KvCache { capacity: positions, ..Default::default() }
+    }
+
     /// Positions held.
     pub fn len(&self) -> usize {
-        self.k.as_ref().and_then(|k| k.dim(2).ok()).unwrap_or(0)
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
     }
 
     /// Appends one position's keys and values (B, H, 1, d_k) and returns the whole cache.
     fn append(&mut self, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        if self.len < self.capacity {
+            let buffer = |new: &Tensor| -> Result<Tensor> {
+                let (b, h, _, d) = new.dims4()?;
+                Tensor::zeros((b, h, self.capacity, d), new.dtype(), new.device())
+            };
+            if self.k.is_none() {
+                self.k = Some(buffer(&k)?);
+                self.v = Some(buffer(&v)?);
+            }
+            let (kb, vb) = (self.k.as_ref(), self.v.as_ref());
+            let (kb, vb) = kb.zip(vb).ok_or_else(|| candle_core::Error::Msg("kv cache: no buffers".into()))?;
+            kb.slice_set(&k, 2, self.len)?;
+            vb.slice_set(&v, 2, self.len)?;
+            self.len += 1;
+            return Ok((kb.narrow(2, 0, self.len)?, vb.narrow(2, 0, self.len)?));
+        }
+        if self.capacity > 0 {
+            candle_core::bail!("kv cache: full ({} positions)", self.capacity);
+        }
         let cat = |old: &Option<Tensor>, new: Tensor| match old {
             Some(o) => Tensor::cat(&[o, &new], 2),
             None => Ok(new),
@@ -58,6 +86,7 @@ impl KvCache {
         let (k, v) = (cat(&self.k, k)?, cat(&self.v, v)?);
         self.k = Some(k.clone());
         self.v = Some(v.clone());
+        self.len += 1;
         Ok((k, v))
     }
 }
@@ -183,14 +212,15 @@ mod tests {
         let attn = causal_self_attention(6, 3, seeded_var_builder(&map, 1, &dev))?;
         let x = Tensor::randn(0f32, 1.0, (2, 5, 6), &dev)?;
         let full = attn.forward(&x, false)?; // (2, 5, 6)
-        let mut cache = KvCache::default();
-        for t in 0..5 {
-            let row = attn.step(&x.narrow(1, t, 1)?.squeeze(1)?, &mut cache)?;
-            let want = full.narrow(1, t, 1)?.squeeze(1)?;
-            let diff = (row - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(diff < 1e-5, "position {t}: {diff}");
+        for mut cache in [KvCache::default(), KvCache::with_capacity(5)] {
+            for t in 0..5 {
+                let row = attn.step(&x.narrow(1, t, 1)?.squeeze(1)?, &mut cache)?;
+                let want = full.narrow(1, t, 1)?.squeeze(1)?;
+                let diff = (row - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(diff < 1e-5, "position {t}: {diff}");
+            }
+            assert_eq!(cache.len(), 5);
         }
-        assert_eq!(cache.len(), 5);
         // Training (whole, with gradients) gives the same rows.
         let diff = (attn.forward(&x, true)? - &full)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "train vs eval: {diff}");

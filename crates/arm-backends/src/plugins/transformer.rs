@@ -290,7 +290,7 @@ impl Conditional for Transformer {
             net: self,
             pos: 0,
             ids: Tensor::full(self.levels as u32, batch, &self.device)?,
-            caches: vec![KvCache::default(); self.blocks.len()],
+            caches: vec![KvCache::with_capacity(self.dims); self.blocks.len()],
             next: None,
         }))
     }
