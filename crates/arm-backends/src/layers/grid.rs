@@ -26,7 +26,7 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 
 use arm_core::{Conditional, Result, Stepper};
-use arm_kernels::{concat_elu, concat_elu_masked, glu, glu_residual, Unfold};
+use arm_kernels::{concat_elu, concat_elu_masked, glu_residual, Unfold};
 
 use super::linear::torch_uniform;
 use super::{linear, Dropout, Linear};
@@ -169,13 +169,9 @@ enum Op {
     /// dropout(concat_elu(x)), one op in training.
     ConcatEluDropout(NodeId),
     Elu(NodeId),
-    /// a * sigmoid(b) over the two halves of the channels.
-    Glu(NodeId),
     /// x + glu(a).
     GluResidual(NodeId, NodeId),
-    Add(NodeId, NodeId),
     Concat(NodeId, NodeId),
-    Dropout(NodeId),
     /// Fixed coordinates per cell: ((r - h/2) / h, (c - w/2) / w) (PixelSNAIL's background).
     Background,
     /// Multi-head attention of query cell p over key / value cells j < p (raster order).
@@ -196,7 +192,7 @@ pub struct GridNet {
 }
 
 impl GridNet {
-    /// A network for (h, w) images; node 0 is the input. `dropout` acts at every `dropout` node.
+    /// A network for (h, w) images; node 0 is the input. `dropout` acts inside every `concat_elu_dropout` node.
     pub fn new(image: (usize, usize), dropout: Dropout) -> Self {
         GridNet { nodes: vec![Node { op: Op::Input, grid: image, channels: 2 }], dropout, image }
     }
@@ -257,27 +253,11 @@ impl GridNet {
         self.push(Op::Elu(x), self.nodes[x].grid, self.nodes[x].channels)
     }
 
-    pub fn glu(&mut self, x: NodeId) -> NodeId {
-        self.push(Op::Glu(x), self.nodes[x].grid, self.nodes[x].channels / 2)
-    }
-
-    pub fn dropout(&mut self, x: NodeId) -> NodeId {
-        self.push(Op::Dropout(x), self.nodes[x].grid, self.nodes[x].channels)
-    }
-
     fn same_grid(&self, a: NodeId, b: NodeId) -> Result<()> {
         if self.nodes[a].grid != self.nodes[b].grid {
             candle_core::bail!("grid net: nodes {a} and {b} are on {:?} and {:?}", self.nodes[a].grid, self.nodes[b].grid);
         }
         Ok(())
-    }
-
-    pub fn add(&mut self, a: NodeId, b: NodeId) -> Result<NodeId> {
-        self.same_grid(a, b)?;
-        if self.nodes[a].channels != self.nodes[b].channels {
-            candle_core::bail!("grid net: adding {} to {} channels", self.nodes[b].channels, self.nodes[a].channels);
-        }
-        Ok(self.push(Op::Add(a, b), self.nodes[a].grid, self.nodes[a].channels))
     }
 
     pub fn concat(&mut self, a: NodeId, b: NodeId) -> Result<NodeId> {
@@ -331,11 +311,8 @@ impl GridNet {
                 }
                 Op::ConcatEluDropout(a) => concat_elu(&vals[*a])?,
                 Op::Elu(a) => vals[*a].elu(1.0)?,
-                Op::Glu(a) => glu(&vals[*a])?,
                 Op::GluResidual(x, a) => glu_residual(&vals[*x], &vals[*a])?,
-                Op::Add(a, b) => (&vals[*a] + &vals[*b])?,
                 Op::Concat(a, b) => Tensor::cat(&[&vals[*a], &vals[*b]], D::Minus1)?,
-                Op::Dropout(a) => self.dropout.forward_t(&vals[*a], train)?,
                 Op::Background => self.background_cells(x.device())?.broadcast_as((x.dim(0)?, x.dim(1)?, 2))?.contiguous()?,
                 Op::Attention { q, k, v, heads, strict } => {
                     super::strict_causal_attention(&vals[*q], &vals[*k], &vals[*v], *heads, *strict)?
@@ -393,8 +370,8 @@ impl GridNet {
                         })
                         .collect()
                 }
-                Op::Add(a, b) | Op::Concat(a, b) | Op::GluResidual(a, b) => ready[*a].iter().zip(&ready[*b]).map(|(x, y)| *x.max(y)).collect(),
-                Op::Nin(a, _) | Op::ConcatElu(a) | Op::ConcatEluDropout(a) | Op::Elu(a) | Op::Glu(a) | Op::Dropout(a) => ready[*a].clone(),
+                Op::Concat(a, b) | Op::GluResidual(a, b) => ready[*a].iter().zip(&ready[*b]).map(|(x, y)| *x.max(y)).collect(),
+                Op::Nin(a, _) | Op::ConcatElu(a) | Op::ConcatEluDropout(a) | Op::Elu(a) => ready[*a].clone(),
             };
             ready.push(r);
         }
@@ -414,10 +391,10 @@ impl GridNet {
                 r.push((*a, q));
                 r
             }
-            Op::Nin(a, _) | Op::ConcatElu(a) | Op::ConcatEluDropout(a) | Op::Elu(a) | Op::Glu(a) | Op::Dropout(a) => {
+            Op::Nin(a, _) | Op::ConcatElu(a) | Op::ConcatEluDropout(a) | Op::Elu(a) => {
                 vec![(*a, q)]
             }
-            Op::Add(a, b) | Op::Concat(a, b) | Op::GluResidual(a, b) => vec![(*a, q), (*b, q)],
+            Op::Concat(a, b) | Op::GluResidual(a, b) => vec![(*a, q), (*b, q)],
             Op::Attention { q: qn, k, v, strict, .. } => {
                 let keys = if *strict { q } else { q + 1 };
                 let mut r = vec![(*qn, q)];
@@ -673,11 +650,8 @@ impl GridStepper<'_> {
             Op::Nin(a, lin) => lin.forward(self.cell(*a, q)?),
             Op::ConcatElu(a) | Op::ConcatEluDropout(a) => concat_elu(self.cell(*a, q)?), // evaluation mode
             Op::Elu(a) => self.cell(*a, q)?.elu(1.0),
-            Op::Glu(a) => glu(self.cell(*a, q)?),
             Op::GluResidual(x, a) => glu_residual(self.cell(*x, q)?, self.cell(*a, q)?),
-            Op::Add(a, b) => self.cell(*a, q)? + self.cell(*b, q)?,
             Op::Concat(a, b) => Tensor::cat(&[self.cell(*a, q)?, self.cell(*b, q)?], 1),
-            Op::Dropout(a) => Ok(self.cell(*a, q)?.clone()), // evaluation mode
             Op::Background => {
                 let cell = net.background_cells(&self.device)?.narrow(1, q, 1)?.squeeze(1)?; // (1, 2)
                 cell.broadcast_as((self.batch, 2))?.contiguous()
