@@ -34,6 +34,7 @@ pub fn test_ctx(map: &candle_nn::VarMap, seed: u64, (h, w): (usize, usize), (p, 
         num_params: p,
         levels: k,
         seed,
+        order: None,
     }
 }
 

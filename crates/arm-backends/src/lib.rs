@@ -4,6 +4,7 @@
 
 pub mod conformance;
 pub mod layers;
+pub mod ordered;
 pub mod plugins;
 mod registry;
 

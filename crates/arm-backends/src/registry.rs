@@ -4,11 +4,13 @@
 //! one line to [`registry`]. Registering enrols the plugin in `runner list`, in experiment-file
 //! validation and in the conformance suite (`tests/conformance.rs`).
 
+use std::sync::Arc;
+
 use candle_core::Device;
 use candle_nn::VarBuilder;
 use serde::{de::DeserializeOwned, Serialize};
 
-use arm_core::Conditional;
+use arm_core::{Conditional, Ordering};
 
 /// What a plugin constructor gets besides its own config.
 pub struct BuildCtx<'a> {
@@ -23,11 +25,29 @@ pub struct BuildCtx<'a> {
     pub levels: usize,
     /// Seed for anything random inside the model at training time (dropout masks).
     pub seed: u64,
+    /// For 2D plugins with [`PluginConfig::LOCAL_MASKS`]: the rank of every image pixel
+    /// (row-major) in the ordering the network must be autoregressive in, built as locally
+    /// masked convolutions over the image layout. None: the raster-order network.
+    pub order: Option<Arc<[usize]>>,
 }
 
-impl BuildCtx<'_> {
+impl<'a> BuildCtx<'a> {
     pub fn dims(&self) -> usize {
         self.height * self.width
+    }
+
+    /// The same context (same variables) for the locally masked network of `rank`.
+    pub fn with_order(&self, rank: Option<Arc<[usize]>>) -> BuildCtx<'a> {
+        BuildCtx {
+            vb: self.vb.clone(),
+            device: self.device.clone(),
+            height: self.height,
+            width: self.width,
+            num_params: self.num_params,
+            levels: self.levels,
+            seed: self.seed,
+            order: rank,
+        }
     }
 }
 
@@ -50,8 +70,11 @@ pub fn invalid(key: &str, msg: impl Into<String>) -> PluginError {
 pub trait PluginConfig: Serialize + DeserializeOwned + Default + 'static {
     const NAME: &'static str;
     const SUMMARY: &'static str;
-    /// 2D plugins read the image as (H, W) and accept only raster order.
+    /// 2D plugins read the image as (H, W): raster order, or any order with `LOCAL_MASKS`.
     const IS_2D: bool = false;
+    /// A 2D plugin that builds locally masked convolutions when `BuildCtx::order` is set
+    /// (Jain et al. 2020), so it takes every ordering.
+    const LOCAL_MASKS: bool = false;
     /// Whether every output row depends on the input just before it (the conformance suite's
     /// liveness check); false for networks whose connectivity is sparse by design (MADE's
     /// random degrees leave some pairs unconnected).
@@ -59,6 +82,11 @@ pub trait PluginConfig: Serialize + DeserializeOwned + Default + 'static {
     /// Checks values against each other and the image shape; errors name the key.
     fn validate(&self, height: usize, width: usize) -> Result<(), PluginError>;
     fn build(&self, ctx: BuildCtx) -> Result<Box<dyn Conditional>, PluginError>;
+    /// Checks the values that a locally masked network (another order than raster) cannot
+    /// take; errors name the key.
+    fn validate_local(&self) -> Result<(), PluginError> {
+        Ok(())
+    }
     /// Small configs for the conformance suite (a few variants that cover its options).
     fn test_configs() -> Vec<Self>;
     /// One-line help per key for `runner list`.
@@ -70,11 +98,14 @@ pub struct Plugin {
     pub name: &'static str,
     pub summary: &'static str,
     pub is_2d: bool,
+    /// Takes every ordering (1D plugins, and 2D plugins with locally masked convolutions).
+    pub any_order: bool,
     pub sees_predecessor: bool,
     pub key_docs: &'static [(&'static str, &'static str)],
     defaults: fn() -> toml::Table,
     resolve: fn(&toml::Table, usize, usize) -> Result<toml::Table, PluginError>,
     build: fn(&toml::Table, BuildCtx) -> Result<Box<dyn Conditional>, PluginError>,
+    validate_local: fn(&toml::Table) -> Result<(), PluginError>,
     test_configs: fn() -> Vec<toml::Table>,
 }
 
@@ -109,11 +140,13 @@ impl Plugin {
             name: C::NAME,
             summary: C::SUMMARY,
             is_2d: C::IS_2D,
+            any_order: !C::IS_2D || C::LOCAL_MASKS,
             sees_predecessor: C::SEES_PREDECESSOR,
             key_docs: C::key_docs(),
             defaults: || to_table(&C::default()),
             resolve: resolve_with::<C>,
             build: build_with::<C>,
+            validate_local: |t| parse::<C>(t)?.validate_local(),
             test_configs: || C::test_configs().iter().map(to_table).collect(),
         }
     }
@@ -131,6 +164,42 @@ impl Plugin {
 
     pub fn build(&self, t: &toml::Table, ctx: BuildCtx) -> Result<Box<dyn Conditional>, PluginError> {
         (self.build)(t, ctx)
+    }
+
+    /// Checks that the plugin, with table `t`, can be autoregressive in `orderings` (the first
+    /// is the sampling order; more than one: order-agnostic training). Errors name the key.
+    pub fn check_orderings(&self, t: &toml::Table, orderings: &[Ordering]) -> Result<(), PluginError> {
+        if crate::ordered::needs_wrapper(self.is_2d, orderings) {
+            if !self.any_order {
+                let names: Vec<String> = orderings.iter().map(|o| o.name()).collect();
+                return Err(invalid(
+                    "",
+                    format!("a 2D plugin without locally masked convolutions takes only raster order, got [{}]", names.join(", ")),
+                ));
+            }
+            if self.is_2d {
+                (self.validate_local)(t)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds the network for `orderings` (see [`crate::ordered`]): the plain network for one
+    /// ordering of a 1D plugin (the `Arm` permutes) or raster order of a 2D one; otherwise the
+    /// members that share its weights, one per ordering. `eval_orders` members are averaged at
+    /// evaluation.
+    pub fn build_ordered(
+        &self,
+        t: &toml::Table,
+        ctx: BuildCtx,
+        orderings: &[Ordering],
+        eval_orders: usize,
+    ) -> Result<Box<dyn Conditional>, PluginError> {
+        self.check_orderings(t, orderings)?;
+        if !crate::ordered::needs_wrapper(self.is_2d, orderings) {
+            return self.build(t, ctx);
+        }
+        crate::ordered::build(self, t, ctx, orderings, eval_orders)
     }
 
     pub fn test_configs(&self) -> Vec<toml::Table> {

@@ -33,6 +33,7 @@ fn dependencies(name: &str, cfg: &str) -> R<Vec<Vec<bool>>> {
         num_params: 2,
         levels: 2,
         seed: 3,
+        order: None,
     };
     let net = p.build(&cfg, ctx)?;
     let b = 16;

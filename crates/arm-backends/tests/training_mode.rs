@@ -26,6 +26,7 @@ fn build_arm(p: &Plugin, cfg: &toml::Table, seed: u64) -> R<(Arm, VarMap)> {
         num_params: LEVELS,
         levels: LEVELS,
         seed,
+        order: None,
     };
     let net = p.build(cfg, ctx)?;
     Ok((Arm::new(net, Box::new(Categorical::new(LEVELS)), LEVELS, SHAPE, Ordering::Raster)?, map))

@@ -69,7 +69,8 @@ impl Dense {
     /// The op for an input with `cin` channels. Fewer output than input channels with an
     /// unfold: multiply first, shift the k narrower results.
     fn new(unfold: Option<&Unfold>, cin: usize, cout: usize, leaky: Option<f64>) -> Self {
-        let out_side = unfold.is_some() && cout < cin;
+        // A cell mask belongs to the reading cell, so the reversed fold cannot carry it.
+        let out_side = unfold.is_some_and(|u| u.mask.is_none()) && cout < cin;
         Dense { unfold: unfold.cloned(), out_side, slope: leaky.map(|s| s as f32) }
     }
 
@@ -531,9 +532,16 @@ mod tests {
         let dev = Device::Cpu;
         let unfolds = [
             None,
-            Some(Unfold { height: 1, width: 9, taps: vec![(0, 0), (0, -1), (0, -2)] }),
-            Some(Unfold { height: 1, width: 11, taps: vec![(0, -1), (0, -3), (0, -5), (0, -7)] }),
-            Some(Unfold { height: 3, width: 4, taps: vec![(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 0)] }),
+            Some(Unfold { height: 1, width: 9, taps: vec![(0, 0), (0, -1), (0, -2)], mask: None }),
+            Some(Unfold { height: 1, width: 11, taps: vec![(0, -1), (0, -3), (0, -5), (0, -7)], mask: None }),
+            Some(Unfold { height: 3, width: 4, taps: vec![(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 0)], mask: None }),
+            // Locally masked (LMConv): each cell its own subset of a 3x3 window.
+            Some(Unfold {
+                height: 3,
+                width: 4,
+                taps: (-1..=1).flat_map(|dy| (-1..=1).map(move |dx| (dy, dx))).collect(),
+                mask: Some((0..12 * 9).map(|i| (i * 5 + i / 9) % 4 != 0).collect()),
+            }),
         ];
         for u in &unfolds {
             for leaky in [None, Some(0.0), Some(0.01), Some(1.0)] {
@@ -579,7 +587,7 @@ mod tests {
     #[test]
     fn pair_equals_two_products_and_their_sum() -> Result<()> {
         let dev = Device::Cpu;
-        let u = Unfold { height: 3, width: 4, taps: vec![(0, -1), (0, 0), (-1, 1)] };
+        let u = Unfold { height: 3, width: 4, taps: vec![(0, -1), (0, 0), (-1, 1)], mask: None };
         let (bsz, n, c1, c2, cout) = (2, 12, 3, 5, 4);
         let var = |len: usize, seed: usize, shape: &[usize]| -> Result<Var> {
             Var::from_tensor(&Tensor::from_vec(vals(len, seed), shape, &dev)?)
@@ -613,7 +621,7 @@ mod tests {
     #[test]
     fn gated_equals_gate_then_dense() -> Result<()> {
         let dev = Device::Cpu;
-        let unfolds = [None, Some(Unfold { height: 3, width: 4, taps: vec![(-1, -1), (-1, 0), (0, -1)] })];
+        let unfolds = [None, Some(Unfold { height: 3, width: 4, taps: vec![(-1, -1), (-1, 0), (0, -1)], mask: None })];
         for u in &unfolds {
             for (c, cout) in [(3, 4), (5, 2)] {
                 let (bsz, n) = (2, 12);

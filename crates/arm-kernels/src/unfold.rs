@@ -4,10 +4,17 @@
 //! by one matmul, which runs at candle's gemm speed. Its backward is the adjoint (col2im: a
 //! scatter-add of row slices), so no autograd graph of narrows and concatenations is built.
 //!
+//! A per-cell mask (`mask[pos * taps + t]`) turns it into the locally masked convolution of
+//! Jain, Abbeel & Pathak 2020 ("Locally Masked Convolution for Autoregressive Models", §3,
+//! eq. 2): im2col, zero the masked (cell, tap) slices, then the shared matmul; the fold skips the
+//! same slices, so the backward is still the exact adjoint.
+//!
 //! Written as contiguous row copies (memcpy of C floats), parallel over the batch. On devices
 //! without a kernel here, callers fall back to the narrow + cat formulation.
 
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use std::sync::Arc;
+
 use rayon::prelude::*;
 
 use crate::Result;
@@ -20,6 +27,9 @@ pub struct Unfold {
     pub height: usize,
     pub width: usize,
     pub taps: Vec<(isize, isize)>,
+    /// Per-cell tap mask, `mask[pos * taps + t]`: false reads zero (a locally masked
+    /// convolution); None keeps every tap of every cell.
+    pub mask: Option<Arc<[bool]>>,
 }
 
 /// Adjoint of [`Unfold`]: (B, H*W, taps*C) -> (B, H*W, C), summing each slice into its source.
@@ -28,8 +38,19 @@ pub struct Fold(pub Unfold);
 
 impl Unfold {
     /// Source cell of tap `t` for cell `pos`, if inside the grid.
+    /// Source cell of tap `t` (index) for cell `pos`, if inside the grid and not masked.
     #[inline]
-    fn source(&self, pos: usize, (dy, dx): (isize, isize)) -> Option<usize> {
+    pub fn source_of(&self, pos: usize, t: usize) -> Option<usize> {
+        if let Some(m) = &self.mask {
+            if !m[pos * self.taps.len() + t] {
+                return None;
+            }
+        }
+        self.source_unmasked(pos, self.taps[t])
+    }
+
+    #[inline]
+    fn source_unmasked(&self, pos: usize, (dy, dx): (isize, isize)) -> Option<usize> {
         let (r, c) = ((pos / self.width) as isize, (pos % self.width) as isize);
         let (rr, cc) = (r + dy, c + dx);
         if rr >= 0 && cc >= 0 && (rr as usize) < self.height && (cc as usize) < self.width {
@@ -44,6 +65,9 @@ impl Unfold {
         if n != self.height * self.width {
             bail!("unfold: {n} cells, expected {}x{}", self.height, self.width);
         }
+        if self.mask.as_ref().is_some_and(|m| m.len() != n * self.taps.len()) {
+            bail!("unfold: mask is not {n} cells x {} taps", self.taps.len());
+        }
         if c % chan_mult != 0 {
             bail!("fold: {c} columns is not a multiple of {chan_mult} taps");
         }
@@ -57,8 +81,8 @@ impl Unfold {
         out.par_chunks_mut(n * k * c).enumerate().for_each(|(bi, ob)| {
             let xb = &x[bi * n * c..(bi + 1) * n * c];
             for pos in 0..n {
-                for (t, &tap) in self.taps.iter().enumerate() {
-                    if let Some(src) = self.source(pos, tap) {
+                for t in 0..k {
+                    if let Some(src) = self.source_of(pos, t) {
                         let dst = (pos * k + t) * c;
                         ob[dst..dst + c].copy_from_slice(&xb[src * c..(src + 1) * c]);
                     }
@@ -75,8 +99,8 @@ impl Unfold {
         out.par_chunks_mut(n * c).enumerate().for_each(|(bi, ob)| {
             let gb = &g[bi * n * k * c..(bi + 1) * n * k * c];
             for pos in 0..n {
-                for (t, &tap) in self.taps.iter().enumerate() {
-                    if let Some(src) = self.source(pos, tap) {
+                for t in 0..k {
+                    if let Some(src) = self.source_of(pos, t) {
                         let from = &gb[(pos * k + t) * c..(pos * k + t + 1) * c];
                         crate::simd::add_assign(&mut ob[src * c..(src + 1) * c], from);
                     }
@@ -87,8 +111,10 @@ impl Unfold {
     }
 
     /// The same taps pointing the other way: tap t of cell p reads cell p - offset_t.
+    /// Only for unmasked unfolds: a cell mask does not reverse.
     pub(crate) fn reversed(&self) -> Unfold {
-        Unfold { height: self.height, width: self.width, taps: self.taps.iter().map(|&(dy, dx)| (-dy, -dx)).collect() }
+        debug_assert!(self.mask.is_none());
+        Unfold { height: self.height, width: self.width, taps: self.taps.iter().map(|&(dy, dx)| (-dy, -dx)).collect(), mask: None }
     }
 
     /// Applies the op with autograd on CPU; elsewhere the equivalent narrow + cat graph.
@@ -123,7 +149,16 @@ impl Unfold {
                     .reshape((b, n, c))
             })
             .collect::<Result<Vec<_>>>()?;
-        Tensor::cat(&cols, 2) // (B, N, taps*C)
+        let cols = Tensor::cat(&cols, 2)?; // (B, N, taps*C)
+        match &self.mask {
+            None => Ok(cols),
+            Some(m) => {
+                let k = self.taps.len();
+                let m: Vec<f32> = m.iter().map(|&a| if a { 1.0 } else { 0.0 }).collect();
+                let m = Tensor::from_vec(m, (1, n, k, 1), x.device())?.to_dtype(x.dtype())?;
+                cols.reshape((b, n, k, c))?.broadcast_mul(&m)?.reshape((b, n, k * c))
+            }
+        }
     }
 }
 
@@ -176,10 +211,17 @@ mod tests {
     #[test]
     fn custom_op_equals_pad_and_narrow_in_values_and_gradients() -> Result<()> {
         let cases = [
-            Unfold { height: 1, width: 9, taps: vec![(0, 0), (0, -1), (0, -2)] },
-            Unfold { height: 1, width: 9, taps: vec![(0, -1), (0, -3), (0, -5), (0, -7)] },
-            Unfold { height: 3, width: 4, taps: vec![(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 0)] },
-            Unfold { height: 4, width: 3, taps: vec![(-2, 2), (1, 0), (0, -3)] },
+            Unfold { height: 1, width: 9, taps: vec![(0, 0), (0, -1), (0, -2)], mask: None },
+            Unfold { height: 1, width: 9, taps: vec![(0, -1), (0, -3), (0, -5), (0, -7)], mask: None },
+            Unfold { height: 3, width: 4, taps: vec![(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 0)], mask: None },
+            Unfold { height: 4, width: 3, taps: vec![(-2, 2), (1, 0), (0, -3)], mask: None },
+            // A locally masked 3x3 window: every cell keeps its own subset of taps.
+            Unfold {
+                height: 3,
+                width: 4,
+                taps: (-1..=1).flat_map(|dy| (-1..=1).map(move |dx| (dy, dx))).collect(),
+                mask: Some((0..12 * 9).map(|i| (i * 7 + i / 9) % 3 != 0).collect()),
+            },
         ];
         for u in cases {
             let x = Var::from_tensor(&rand_t((2, u.height * u.width, 3), 1)?)?;

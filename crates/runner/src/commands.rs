@@ -117,7 +117,16 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             let folder = folder.unwrap_or(results);
             crate::status::status(&folder, &crate::status::Options { watch: watch.then_some(every) })
         }
-        Command::List => {
+        Command::List { masks, orderings } if masks || orderings => {
+            if masks {
+                print_masks();
+            }
+            if orderings {
+                print_orderings(8, 8);
+            }
+            Ok(())
+        }
+        Command::List { .. } => {
             list();
             Ok(())
         }
@@ -260,7 +269,12 @@ fn type_of(v: &toml::Value) -> &'static str {
 fn list() {
     println!("Conditional plugins ([model] backend = NAME; keys go in [model.NAME]):\n");
     for p in arm_backends::registry() {
-        println!("{}{}  {}", p.name, if p.is_2d { " (2D, raster only)" } else { "" }, p.summary);
+        let kind = match (p.is_2d, p.any_order) {
+            (true, true) => " (2D, any order through local masks)",
+            (true, false) => " (2D, raster only)",
+            _ => "",
+        };
+        println!("{}{kind}  {}", p.name, p.summary);
         let defaults = p.defaults();
         for (k, doc) in p.key_docs {
             let v = defaults.get(*k);
@@ -280,4 +294,44 @@ fn list() {
         }
     }
     println!("\nData sets ([data] name = NAME): {}", arm_data::DATASET_NAMES.join(", "));
+    println!("\nOrderings ([data] ordering = NAME, or orderings = [NAME, ...] drawn per batch):\n");
+    for o in arm_core::Ordering::EXAMPLES {
+        let name = match o {
+            arm_core::Ordering::Random(_) => "random(SEED)".to_string(),
+            o => o.name(),
+        };
+        println!("{name:<14} {}", o.summary());
+    }
+    println!("\n`runner list --orderings` draws them; `runner list --masks` prints the PixelCNN masks.");
+}
+
+/// The masks of a k x k masked convolution (van den Oord et al. 2016, §3.4; the chapter's Fig.
+/// 2.5), from the tap lists the plugins use: 1 where a weight exists.
+fn print_masks() {
+    use arm_backends::layers::conv2d::{masked_taps, Mask};
+    for k in [3, 5] {
+        for (name, mask) in [("A", Mask::A), ("B", Mask::B)] {
+            let taps = masked_taps(k, mask);
+            println!("mask {name}, {k}x{k}:");
+            let h = (k / 2) as isize;
+            for dy in -h..=h {
+                let row: Vec<&str> = (-h..=h).map(|dx| if taps.contains(&(dy, dx)) { "1" } else { "0" }).collect();
+                println!("  {}", row.join(" "));
+            }
+            println!();
+        }
+    }
+}
+
+/// Every ordering of an h x w image: the rank of each pixel, row by row.
+fn print_orderings(h: usize, w: usize) {
+    for o in arm_core::Ordering::EXAMPLES {
+        println!("{o} ({h}x{w}): rank of each pixel");
+        let rank = o.rank(h, w);
+        for r in 0..h {
+            let row: Vec<String> = (0..w).map(|c| format!("{:>2}", rank[r * w + c])).collect();
+            println!("  {}", row.join(" "));
+        }
+        println!();
+    }
 }

@@ -191,8 +191,16 @@ enum Command {
         #[arg(long, default_value_t = 5.0)]
         every: f64,
     },
-    /// List every conditional plugin and head with its config keys and defaults.
-    List,
+    /// List every conditional plugin and head with its config keys and defaults, and the
+    /// pixel orderings.
+    List {
+        /// Print the masks A and B of a k x k masked convolution (the chapter's Fig. 2.5).
+        #[arg(long)]
+        masks: bool,
+        /// Print each ordering of an 8 x 8 image as a grid of pixel ranks.
+        #[arg(long)]
+        orderings: bool,
+    },
     /// Draw images from a trained run with a chosen sampler and write a PNG grid.
     Sample {
         /// Run folder (results/<name>/runs/<run-id>).
@@ -223,9 +231,10 @@ enum Command {
         /// FILE.parquet or FILE.csv (default: RUN_DIR/eval_<split>.parquet).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Average the probabilities of this many ensemble members (MADE's masks; default:
-        /// the run's own `eval_masks`). 1 evaluates the first mask alone.
-        #[arg(long)]
+        /// Average the probabilities of this many ensemble members (MADE's masks, or the
+        /// orderings of a run trained with `data.orderings`; default: the run's own
+        /// `eval_masks` / `data.eval_orders`). 1 evaluates the first alone.
+        #[arg(long, visible_alias = "orders")]
         members: Option<usize>,
     },
     /// Benchmarks: `runner bench train`, `runner bench sampling`.

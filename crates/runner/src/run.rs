@@ -43,9 +43,14 @@ pub fn build(cfg: &RunConfig, device: &Device) -> Result<(Arm, VarMap, Dataset)>
         num_params: head.num_params(),
         levels: data.levels,
         seed: cfg.seed,
+        order: None,
     };
-    let cond = plugin.build(&cfg.model.plugin, ctx).map_err(|e| anyhow!("model.{}: {e}", cfg.model.backend))?;
-    let arm = Arm::new(cond, head, data.levels, (data.height, data.width), cfg.data.ordering)?;
+    let orderings = crate::config::orderings(&cfg.data);
+    let eval_orders = cfg.data.eval_orders.unwrap_or(1);
+    let cond = plugin
+        .build_ordered(&cfg.model.plugin, ctx, &orderings, eval_orders)
+        .map_err(|e| anyhow!("model.{}: {e}", cfg.model.backend))?;
+    let arm = Arm::new(cond, head, data.levels, (data.height, data.width), orderings[0])?;
     Ok((arm, map, data))
 }
 

@@ -67,7 +67,7 @@ impl CausalConv1d {
     /// The taps as an unfold: tap t reads position d - back(t) (zeros before the start).
     fn unfold(&self, d: usize) -> Unfold {
         let taps = (0..self.kernel).map(|t| (0isize, -(self.back(t) as isize))).collect();
-        Unfold { height: 1, width: d, taps }
+        Unfold { height: 1, width: d, taps, mask: None }
     }
 
     /// (B, D, C_in) -> (B, D, C_out).

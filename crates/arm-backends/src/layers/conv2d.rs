@@ -12,6 +12,8 @@
 //! Grids are (B, H*W, C): cell index r * W + c is the raster position, so (B, D) inputs only
 //! need an `unsqueeze(2)`. Left out: colour-channel masks (the data are greyscale).
 
+use std::sync::Arc;
+
 use candle_core::{DType, Tensor};
 use candle_nn::{Init, VarBuilder};
 
@@ -58,6 +60,53 @@ pub fn horizontal_taps(k: usize, first: bool) -> Vec<(isize, isize)> {
     (-h..=right).map(|dx| (0, dx)).collect()
 }
 
+/// Every tap of a k x k window (k odd), row by row.
+pub fn window_taps(k: usize) -> Vec<(isize, isize)> {
+    let h = (k / 2) as isize;
+    (-h..=h).flat_map(|dy| (-h..=h).map(move |dx| (dy, dx))).collect()
+}
+
+/// The cell masks of a locally masked convolution (Jain, Abbeel & Pathak 2020, §3): tap t of
+/// cell p is kept where it reads a pixel q inside the image that comes before p in the
+/// ordering, rank[q] < rank[p], or (`strict` false, layers after the first, whose cell p holds
+/// features of earlier pixels only) rank[q] <= rank[p]. Laid out as `Unfold::mask`.
+pub fn local_mask(rank: &[usize], (height, width): (usize, usize), taps: &[(isize, isize)], strict: bool) -> Arc<[bool]> {
+    let mut mask = Vec::with_capacity(height * width * taps.len());
+    for p in 0..height * width {
+        let (r, c) = ((p / width) as isize, (p % width) as isize);
+        for &(dy, dx) in taps {
+            let (rr, cc) = (r + dy, c + dx);
+            let inside = rr >= 0 && cc >= 0 && (rr as usize) < height && (cc as usize) < width;
+            let keep = inside && {
+                let q = rr as usize * width + cc as usize;
+                if strict {
+                    rank[q] < rank[p]
+                } else {
+                    rank[q] <= rank[p]
+                }
+            };
+            mask.push(keep);
+        }
+    }
+    mask.into()
+}
+
+/// A locally masked convolution over `taps` for the ordering of `rank` (see [`local_mask`]).
+pub fn local_conv2d(
+    cin: usize,
+    cout: usize,
+    taps: Vec<(isize, isize)>,
+    rank: &[usize],
+    strict: bool,
+    shape: (usize, usize),
+    vb: VarBuilder,
+) -> Result<TapConv2d> {
+    let mask = local_mask(rank, shape, &taps, strict);
+    let mut conv = tap_conv2d(cin, cout, taps, shape, vb)?;
+    conv.unfold.mask = Some(mask);
+    Ok(conv)
+}
+
 /// Channels-last convolution over a fixed tap list: (B, H*W, C_in) -> (B, H*W, C_out).
 #[derive(Debug, Clone)]
 pub struct TapConv2d {
@@ -83,7 +132,7 @@ pub fn tap_conv2d(
     Ok(TapConv2d {
         w: vb.get_with_hints((taps.len() * cin, cout), "weight", init)?,
         b: vb.get_with_hints(cout, "bias", init)?,
-        unfold: Unfold { height, width, taps },
+        unfold: Unfold { height, width, taps, mask: None },
     })
 }
 

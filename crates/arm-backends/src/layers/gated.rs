@@ -19,7 +19,7 @@ use candle_nn::VarBuilder;
 use arm_core::Result;
 use arm_kernels::gate;
 
-use super::conv2d::{horizontal_taps, tap_conv2d, vertical_taps, TapConv2d};
+use super::conv2d::{horizontal_taps, local_conv2d, tap_conv2d, vertical_taps, window_taps, TapConv2d};
 use super::{linear, Dropout, Linear};
 
 /// What the vertical stack hands to the next layer.
@@ -42,11 +42,37 @@ pub struct GatedBlock {
 }
 
 /// Layer `first` reads 1 channel, later ones `channels`; kernel width k (odd, >= 3).
-pub fn gated_block(channels: usize, k: usize, first: bool, shape: (usize, usize), vb: VarBuilder) -> Result<GatedBlock> {
+/// With `rank` (another ordering than raster) both stacks are locally masked (Jain et al.
+/// 2020): the vertical stack over a k x k window, the horizontal one over the 1 x k row, each
+/// tap kept where it reads an earlier pixel of the ordering (and, after the first layer, the
+/// location itself), so the vertical output at a location is still safe for the horizontal
+/// stack there.
+pub fn gated_block(
+    channels: usize,
+    k: usize,
+    first: bool,
+    shape: (usize, usize),
+    rank: Option<&[usize]>,
+    vb: VarBuilder,
+) -> Result<GatedBlock> {
     let (c, cin) = (channels, if first { 1 } else { channels });
+    let (vertical, horizontal) = match rank {
+        None => (
+            tap_conv2d(cin, 2 * c, vertical_taps(k, first), shape, vb.pp("vertical"))?,
+            tap_conv2d(cin, 2 * c, horizontal_taps(k, first), shape, vb.pp("horizontal"))?,
+        ),
+        Some(rank) => {
+            let h = (k / 2) as isize;
+            let row = (-h..=h).map(|dx| (0, dx)).collect();
+            (
+                local_conv2d(cin, 2 * c, window_taps(k), rank, first, shape, vb.pp("vertical"))?,
+                local_conv2d(cin, 2 * c, row, rank, first, shape, vb.pp("horizontal"))?,
+            )
+        }
+    };
     Ok(GatedBlock {
-        vertical: tap_conv2d(cin, 2 * c, vertical_taps(k, first), shape, vb.pp("vertical"))?,
-        horizontal: tap_conv2d(cin, 2 * c, horizontal_taps(k, first), shape, vb.pp("horizontal"))?,
+        vertical,
+        horizontal,
         v_to_h: linear(2 * c, 2 * c, vb.pp("v_to_h"))?,
         out: linear(c, c, vb.pp("out"))?,
         residual: !first,

@@ -21,6 +21,7 @@
 //! and a pixel p makes p + 1 of them known.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
@@ -29,6 +30,7 @@ use arm_core::{Conditional, Result, Stepper};
 use arm_kernels::{concat_elu, concat_elu_masked, glu_residual, Unfold};
 
 use super::linear::torch_uniform;
+use super::conv2d::local_mask;
 use super::{linear, Dropout, Linear};
 
 pub type NodeId = usize;
@@ -87,7 +89,7 @@ impl GridConv {
         let b = vb.get_with_hints(cout, "bias", init)?;
         let mut conv = GridConv { w, b, taps, resample, from, to, unfold: None, index: None };
         if resample == Resample::Same {
-            conv.unfold = Some(Unfold { height: from.0, width: from.1, taps: conv.taps.clone() });
+            conv.unfold = Some(Unfold { height: from.0, width: from.1, taps: conv.taps.clone(), mask: None });
         } else {
             let n_in = from.0 * from.1;
             let index: Vec<u32> = (0..to.0 * to.1)
@@ -189,12 +191,33 @@ pub struct GridNet {
     nodes: Vec<Node>,
     dropout: Dropout,
     image: (usize, usize),
+    /// Rank of every pixel when the convolutions are locally masked (another order than
+    /// raster, Jain et al. 2020); None for the shifted raster-order kernels.
+    local: Option<Arc<[usize]>>,
 }
 
 impl GridNet {
     /// A network for (h, w) images; node 0 is the input. `dropout` acts inside every `concat_elu_dropout` node.
     pub fn new(image: (usize, usize), dropout: Dropout) -> Self {
-        GridNet { nodes: vec![Node { op: Op::Input, grid: image, channels: 2 }], dropout, image }
+        GridNet { nodes: vec![Node { op: Op::Input, grid: image, channels: 2 }], dropout, image, local: None }
+    }
+
+    /// Every later convolution locally masked for the ordering of `rank` (None: as given):
+    /// each tap kept where it reads an earlier pixel, or (except on the input) the location
+    /// itself. Only same-resolution convolutions can be masked this way.
+    pub fn locally_masked(mut self, rank: Option<Arc<[usize]>>) -> Self {
+        self.local = rank;
+        self
+    }
+
+    /// Masks a new same-resolution convolution reading node `x`, when locally masked.
+    fn mask(&self, x: NodeId, conv: &mut GridConv) -> Result<()> {
+        let Some(rank) = &self.local else { return Ok(()) };
+        let Some(u) = conv.unfold.as_mut() else {
+            candle_core::bail!("a locally masked network has no down- or up-sampling");
+        };
+        u.mask = Some(local_mask(rank, self.image, &u.taps, x == Self::INPUT));
+        Ok(())
     }
 
     pub const INPUT: NodeId = 0;
@@ -213,7 +236,8 @@ impl GridNet {
     }
 
     pub fn conv(&mut self, x: NodeId, taps: &[(isize, isize)], resample: Resample, cout: usize, vb: VarBuilder) -> Result<NodeId> {
-        let conv = GridConv::new(self.nodes[x].channels, cout, taps.to_vec(), resample, self.nodes[x].grid, vb)?;
+        let mut conv = GridConv::new(self.nodes[x].channels, cout, taps.to_vec(), resample, self.nodes[x].grid, vb)?;
+        self.mask(x, &mut conv)?;
         let grid = conv.to;
         Ok(self.push(Op::Conv(x, conv), grid, cout))
     }
@@ -221,7 +245,8 @@ impl GridNet {
     /// conv(x) + nin(a) at x's resolution, one product.
     pub fn conv_nin(&mut self, x: NodeId, taps: &[(isize, isize)], cout: usize, a: NodeId, vb: VarBuilder) -> Result<NodeId> {
         self.same_grid(x, a)?;
-        let conv = GridConv::new(self.nodes[x].channels, cout, taps.to_vec(), Resample::Same, self.nodes[x].grid, vb.pp("conv"))?;
+        let mut conv = GridConv::new(self.nodes[x].channels, cout, taps.to_vec(), Resample::Same, self.nodes[x].grid, vb.pp("conv"))?;
+        self.mask(x, &mut conv)?;
         let lin = linear(self.nodes[a].channels, cout, vb.pp("nin"))?;
         Ok(self.push(Op::ConvNin(x, conv, a, lin), self.nodes[x].grid, cout))
     }
@@ -505,6 +530,9 @@ impl Conditional for GridConditional {
     }
 
     fn stepper(&self, batch: usize) -> Result<Box<dyn Stepper + '_>> {
+        if self.net.local.is_some() {
+            return Ok(Box::new(arm_core::NaiveStepper::new(self, batch)?));
+        }
         self.net.stepper(batch, &self.device)
     }
 

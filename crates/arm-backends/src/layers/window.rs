@@ -15,7 +15,7 @@ pub struct Window {
 /// The window of `memory` values over sequences of length `len`.
 pub fn window(memory: usize, len: usize) -> Window {
     let taps = (0..memory).map(|t| (0isize, -(t as isize) - 1)).collect();
-    Window { unfold: Unfold { height: 1, width: len, taps } }
+    Window { unfold: Unfold { height: 1, width: len, taps, mask: None } }
 }
 
 impl Window {

@@ -128,6 +128,7 @@ mod tests {
             num_params: 3,
             levels: 5,
             seed: 1,
+            order: None,
         };
         let (d, p) = (4, 3);
         let mut net = Fvsbn {

@@ -11,7 +11,8 @@
 //! residual connection, from the second layer on) and summed into skip connections. The
 //! residual and skip paths share the 1x1 map and the first layer has no residual, so after
 //! layer l both sums are o_0 + ... + o_l: the skip sum is h_L itself. The head is ReLU, 1x1,
-//! ReLU, 1x1 to the head's P parameters. Raster order only; (B, D) is read as (B, H*W, 1).
+//! ReLU, 1x1 to the head's P parameters. (B, D) is read as (B, H*W, 1). Other orderings than
+//! raster use locally masked stacks (`layers/gated.rs`, Jain, Abbeel & Pathak 2020).
 //!
 //! The cached stepper computes the vertical stack one image row at a time (at the first pixel
 //! of the row: it depends on rows above only, and later layers read cells to the right) and
@@ -21,7 +22,7 @@
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use arm_core::{Conditional, Stepper};
+use arm_core::{Conditional, NaiveStepper, Stepper};
 type Result<T, E = candle_core::Error> = std::result::Result<T, E>;
 
 use crate::layers::{gated_block, output_mlp, Dropout, GatedBlock, OutputMlp, Vertical};
@@ -48,8 +49,9 @@ impl Default for GatedPixelCnnConfig {
 
 impl PluginConfig for GatedPixelCnnConfig {
     const NAME: &'static str = "gated_pixelcnn";
-    const SUMMARY: &'static str = "gated PixelCNN: vertical + horizontal stacks, no blind spot (raster order only)";
+    const SUMMARY: &'static str = "gated PixelCNN: vertical + horizontal stacks, no blind spot (any order: local masks)";
     const IS_2D: bool = true;
+    const LOCAL_MASKS: bool = true;
 
     fn validate(&self, _h: usize, _w: usize) -> Result<(), PluginError> {
         if self.channels == 0 {
@@ -71,7 +73,7 @@ impl PluginConfig for GatedPixelCnnConfig {
     fn build(&self, ctx: BuildCtx) -> Result<Box<dyn Conditional>, PluginError> {
         let (hw, c, k) = ((ctx.height, ctx.width), self.channels, self.kernel);
         let layers = (0..self.layers)
-            .map(|l| gated_block(c, k, l == 0, hw, ctx.vb.pp(format!("layers.{l}"))))
+            .map(|l| gated_block(c, k, l == 0, hw, ctx.order.as_deref(), ctx.vb.pp(format!("layers.{l}"))))
             .collect::<Result<Vec<_>>>()?;
         let head = output_mlp(c, ctx.num_params, ctx.vb.pp("head"))?;
         Ok(Box::new(GatedPixelCnnNet {
@@ -81,6 +83,7 @@ impl PluginConfig for GatedPixelCnnConfig {
             width: ctx.width,
             dropout: Dropout::new(self.dropout, ctx.seed),
             dims: ctx.dims(),
+            local: ctx.order.is_some(),
             device: ctx.device,
         }))
     }
@@ -107,6 +110,8 @@ pub struct GatedPixelCnnNet {
     width: usize,
     dropout: Dropout,
     dims: usize,
+    /// Locally masked (another order than raster): the raster stepper does not apply.
+    local: bool,
     device: Device,
 }
 
@@ -140,6 +145,9 @@ impl Conditional for GatedPixelCnnNet {
     }
 
     fn stepper(&self, batch: usize) -> Result<Box<dyn Stepper + '_>> {
+        if self.local {
+            return Ok(Box::new(NaiveStepper::new(self, batch)?));
+        }
         let n = self.layers.len();
         Ok(Box::new(GatedStepper {
             net: self,

@@ -318,6 +318,7 @@ mod tests {
             num_params: p,
             levels: 5,
             seed: 3,
+            order: None,
         };
         Ok((Made::new(cfg, &ctx)?, map))
     }

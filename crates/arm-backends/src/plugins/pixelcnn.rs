@@ -9,7 +9,9 @@
 //!   h_0 = conv_A(x),  h_l = h_{l-1} + conv_B,l(ReLU(h_{l-1})),  params = out(h_L)
 //!
 //! Masked convolutions list only the taps the mask allows (`layers/conv2d.rs`), so masks are
-//! exact.
+//! exact. For another ordering than raster every convolution is locally masked (Jain, Abbeel
+//! & Pathak 2020, §3): a full k x k window whose taps at each location keep the pixels earlier
+//! in the ordering (mask A: strictly earlier; mask B: the location too).
 //! The stack has the known blind spot (van den Oord et al. 2016, "Conditional Image Generation
 //! with PixelCNN Decoders", §2.2, Fig. 1): the field of view reaches right only as far as the
 //! rows above are reached by kernels leaning right, so a wedge of earlier pixels above-right
@@ -22,10 +24,10 @@
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use arm_core::{Conditional, Stepper};
+use arm_core::{Conditional, NaiveStepper, Stepper};
 type Result<T, E = candle_core::Error> = std::result::Result<T, E>;
 
-use crate::layers::{masked_conv2d, output_mlp, Dropout, Mask, OutputMlp, TapConv2d};
+use crate::layers::{local_conv2d, masked_conv2d, output_mlp, window_taps, Dropout, Mask, OutputMlp, TapConv2d};
 use crate::registry::{invalid, BuildCtx, PluginConfig, PluginError};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -59,8 +61,9 @@ fn check_odd(key: &str, k: usize, min: usize) -> Result<(), PluginError> {
 
 impl PluginConfig for PixelCnnConfig {
     const NAME: &'static str = "pixelcnn";
-    const SUMMARY: &'static str = "PixelCNN: mask-A conv, residual mask-B conv blocks (raster order only)";
+    const SUMMARY: &'static str = "PixelCNN: mask-A conv, residual mask-B conv blocks (any order: local masks)";
     const IS_2D: bool = true;
+    const LOCAL_MASKS: bool = true;
 
     fn validate(&self, _h: usize, _w: usize) -> Result<(), PluginError> {
         if self.channels == 0 {
@@ -76,21 +79,7 @@ impl PluginConfig for PixelCnnConfig {
     }
 
     fn build(&self, ctx: BuildCtx) -> Result<Box<dyn Conditional>, PluginError> {
-        let (hw, c) = ((ctx.height, ctx.width), self.channels);
-        let first = masked_conv2d(1, c, self.first_kernel, Mask::A, hw, ctx.vb.pp("first"))?;
-        let blocks = (0..self.layers)
-            .map(|i| masked_conv2d(c, c, self.kernel, Mask::B, hw, ctx.vb.pp(format!("blocks.{i}"))))
-            .collect::<Result<Vec<_>>>()?;
-        let head = output_mlp(c, ctx.num_params, ctx.vb.pp("head"))?;
-        Ok(Box::new(PixelCnnNet {
-            first,
-            blocks,
-            head,
-            channels: c,
-            dropout: Dropout::new(self.dropout, ctx.seed),
-            dims: ctx.dims(),
-            device: ctx.device,
-        }))
+        Ok(Box::new(self.network(ctx)?))
     }
 
     fn test_configs() -> Vec<Self> {
@@ -99,13 +88,40 @@ impl PluginConfig for PixelCnnConfig {
     }
 
     fn key_docs() -> &'static [(&'static str, &'static str)] {
-        &[
-            ("channels", "feature maps of every hidden layer"),
-            ("layers", "residual mask-B blocks after the mask-A layer"),
-            ("first_kernel", "side of the first layer's mask-A kernel (odd, >= 3)"),
-            ("kernel", "side of the mask-B kernels (odd)"),
-            ("dropout", "dropout on each residual branch"),
-        ]
+        KEY_DOCS
+    }
+}
+
+const KEY_DOCS: &[(&str, &str)] = &[
+    ("channels", "feature maps of every hidden layer"),
+    ("layers", "residual mask-B blocks after the mask-A layer"),
+    ("first_kernel", "side of the first layer's mask-A kernel (odd, >= 3)"),
+    ("kernel", "side of the mask-B kernels (odd)"),
+    ("dropout", "dropout on each residual branch"),
+];
+
+impl PixelCnnConfig {
+    fn network(&self, ctx: BuildCtx) -> Result<PixelCnnNet> {
+        let (hw, c) = ((ctx.height, ctx.width), self.channels);
+        let conv = |cin, k, mask, vb| match &ctx.order {
+            None => masked_conv2d(cin, c, k, mask, hw, vb),
+            Some(rank) => local_conv2d(cin, c, window_taps(k), rank, mask == Mask::A, hw, vb),
+        };
+        let first = conv(1, self.first_kernel, Mask::A, ctx.vb.pp("first"))?;
+        let blocks = (0..self.layers)
+            .map(|i| conv(c, self.kernel, Mask::B, ctx.vb.pp(format!("blocks.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let head = output_mlp(c, ctx.num_params, ctx.vb.pp("head"))?;
+        Ok(PixelCnnNet {
+            first,
+            blocks,
+            head,
+            channels: c,
+            dropout: Dropout::new(self.dropout, ctx.seed),
+            dims: ctx.dims(),
+            local: ctx.order.is_some(),
+            device: ctx.device,
+        })
     }
 }
 
@@ -116,6 +132,8 @@ pub struct PixelCnnNet {
     channels: usize,
     dropout: Dropout,
     dims: usize,
+    /// Locally masked (another order than raster): the raster stepper does not apply.
+    local: bool,
     device: Device,
 }
 
@@ -146,6 +164,9 @@ impl Conditional for PixelCnnNet {
     }
 
     fn stepper(&self, batch: usize) -> Result<Box<dyn Stepper + '_>> {
+        if self.local {
+            return Ok(Box::new(NaiveStepper::new(self, batch)?));
+        }
         Ok(Box::new(PixelCnnStepper {
             net: self,
             batch,
@@ -197,6 +218,67 @@ impl Stepper for PixelCnnStepper<'_> {
         self.pixels.push(x_d.to_dtype(DType::F32)?.reshape((self.batch, 1))?);
         self.out = None;
         self.pos += 1;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conformance;
+    use arm_core::Ordering;
+
+    /// A network over the image layout that is autoregressive in `order` (image positions).
+    struct InOrder {
+        net: PixelCnnNet,
+        order: Vec<usize>,
+    }
+
+    impl Conditional for InOrder {
+        fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+            self.net.forward_t(x, train)
+        }
+        fn seq_len(&self) -> usize {
+            self.net.seq_len()
+        }
+        fn device(&self) -> &Device {
+            self.net.device()
+        }
+        fn member_order(&self, _m: usize) -> Option<Vec<usize>> {
+            Some(self.order.clone())
+        }
+    }
+
+    /// Opening one entry of one local mask (a tap that reads a later pixel of the ordering)
+    /// makes the conformance suite's causality check fail; intact, it passes.
+    #[test]
+    fn a_broken_local_mask_fails_causality() -> Result<()> {
+        let (h, w) = (3, 4);
+        let cfg = PixelCnnConfig { channels: 8, layers: 1, first_kernel: 3, kernel: 3, dropout: 0.0 };
+        for o in [Ordering::Zigzag, Ordering::Random(4)] {
+            let rank = o.rank(h, w);
+            let map = candle_nn::VarMap::new();
+            let mut ctx = conformance::test_ctx(&map, 1, (h, w), (3, conformance::LEVELS));
+            ctx.order = Some(rank.clone().into());
+            let mut intact = InOrder { net: cfg.network(ctx)?, order: o.permutation(h, w) };
+            conformance::causality(&intact, w, true, false).map_err(candle_core::Error::msg)?;
+            // The first later pixel any tap of the first layer reaches.
+            let u = &intact.net.first.unfold;
+            let k = u.taps.len();
+            let (p, t) = (0..h * w)
+                .flat_map(|p| (0..k).map(move |t| (p, t)))
+                .find(|&(p, t)| {
+                    let (r, c) = ((p / w) as isize + u.taps[t].0, (p % w) as isize + u.taps[t].1);
+                    r >= 0 && c >= 0 && (r as usize) < h && (c as usize) < w && rank[r as usize * w + c as usize] > rank[p]
+                })
+                .expect("a masked tap");
+            let mut mask = u.mask.as_deref().expect("a local mask").to_vec();
+            assert!(!mask[p * k + t], "{o}: the tap reading a later pixel must be masked");
+            mask[p * k + t] = true;
+            intact.net.first.unfold.mask = Some(mask.into());
+            let e = conformance::causality(&intact, w, true, false).expect_err("a broken local mask passed");
+            assert!(e.contains("changed when"), "{o}: {e}");
+        }
         Ok(())
     }
 }

@@ -23,6 +23,10 @@
 //! PyTorch's uniform default), colour channels, and the paper's 3 resolutions for 32x32 (the
 //! number of levels is a key; each halves the grid, rounding up).
 //!
+//! Other orderings than raster (one resolution only): every kernel is a 3x3 window, locally
+//! masked at each location to the pixels earlier in the ordering (Jain, Abbeel & Pathak 2020,
+//! §3; their network is PixelCNN++ with these convolutions).
+//!
 //! The cached stepper computes every cell of every layer once, when the last pixel it depends
 //! on is sampled (`GridNet::stepper`), so sampling costs one forward pass in total.
 
@@ -68,6 +72,15 @@ impl PluginConfig for PixelCnnPpConfig {
     const NAME: &'static str = "pixelcnnpp";
     const SUMMARY: &'static str = "PixelCNN++: down / down-right shifted gated ResNet streams over several resolutions";
     const IS_2D: bool = true;
+    const LOCAL_MASKS: bool = true;
+
+    fn validate_local(&self) -> Result<(), PluginError> {
+        if self.resolutions != 1 {
+            let msg = format!("must be 1 for another ordering than raster (a down-sampled cell mixes pixels of different ranks), got {}", self.resolutions);
+            return Err(invalid("resolutions", msg));
+        }
+        Ok(())
+    }
 
     fn validate(&self, h: usize, w: usize) -> Result<(), PluginError> {
         if self.nr_resnet == 0 {
@@ -120,7 +133,7 @@ enum Shifts {
 fn network(cfg: &PixelCnnPpConfig, ctx: &BuildCtx, shifts: Shifts) -> Result<GridConditional> {
     let (r, f) = (cfg.nr_resnet, cfg.nr_filters);
     let image = (ctx.height, ctx.width);
-    let g = GridNet::new(image, Dropout::new(cfg.dropout, ctx.seed));
+    let g = GridNet::new(image, Dropout::new(cfg.dropout, ctx.seed)).locally_masked(ctx.order.clone());
     let mut b = GridBuilder::new(g, ctx.vb.clone());
     let x = GridNet::INPUT;
     let ul_first: &[(isize, isize)] = match shifts {
@@ -128,22 +141,29 @@ fn network(cfg: &PixelCnnPpConfig, ctx: &BuildCtx, shifts: Shifts) -> Result<Gri
         #[cfg(test)]
         Shifts::Leaky => &[(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 0)],
     };
+    // Another ordering: every kernel is the 3x3 window, locally masked by the grid.
+    let window = crate::layers::window_taps(3);
+    type Taps<'t> = &'t [(isize, isize)];
+    let (u_first, ul_first, down, down_right): (Taps, Taps, Taps, Taps) = match ctx.order {
+        Some(_) => (&window, &window, &window, &window),
+        None => (&U_FIRST, ul_first, &DOWN, &DOWN_RIGHT),
+    };
 
     // Up pass.
-    let mut u_list = vec![b.conv(x, &U_FIRST, Resample::Same, f)?];
+    let mut u_list = vec![b.conv(x, u_first, Resample::Same, f)?];
     let mut ul_list = vec![b.conv(x, ul_first, Resample::Same, f)?];
     let mut grids = vec![image];
     for level in 0..cfg.resolutions {
         if level > 0 {
             let (u, ul) = (last(&u_list)?, last(&ul_list)?);
-            u_list.push(b.conv(u, &DOWN, Resample::Down2, f)?);
-            ul_list.push(b.conv(ul, &DOWN_RIGHT, Resample::Down2, f)?);
+            u_list.push(b.conv(u, down, Resample::Down2, f)?);
+            ul_list.push(b.conv(ul, down_right, Resample::Down2, f)?);
             grids.push(b.g.grid(last(&u_list)?));
         }
         for _ in 0..r {
-            let u = b.gated_resnet(last(&u_list)?, None, &DOWN)?;
+            let u = b.gated_resnet(last(&u_list)?, None, down)?;
             u_list.push(u);
-            let ul = b.gated_resnet(last(&ul_list)?, Some(u), &DOWN_RIGHT)?;
+            let ul = b.gated_resnet(last(&ul_list)?, Some(u), down_right)?;
             ul_list.push(ul);
         }
     }
@@ -154,14 +174,14 @@ fn network(cfg: &PixelCnnPpConfig, ctx: &BuildCtx, shifts: Shifts) -> Result<Gri
         let blocks = if level + 1 == cfg.resolutions { r } else { r + 1 };
         for _ in 0..blocks {
             let u_skip = pop(&mut u_list)?;
-            u = b.gated_resnet(u, Some(u_skip), &DOWN)?;
+            u = b.gated_resnet(u, Some(u_skip), down)?;
             let ul_skip = pop(&mut ul_list)?;
             let aux = b.g.concat(u, ul_skip)?;
-            ul = b.gated_resnet(ul, Some(aux), &DOWN_RIGHT)?;
+            ul = b.gated_resnet(ul, Some(aux), down_right)?;
         }
         if level > 0 {
-            u = b.conv(u, &DOWN, Resample::Up2(grids[level - 1]), f)?;
-            ul = b.conv(ul, &DOWN_RIGHT, Resample::Up2(grids[level - 1]), f)?;
+            u = b.conv(u, down, Resample::Up2(grids[level - 1]), f)?;
+            ul = b.conv(ul, down_right, Resample::Up2(grids[level - 1]), f)?;
         }
     }
     if !u_list.is_empty() || !ul_list.is_empty() {

@@ -55,6 +55,14 @@ pub struct DataConfig {
     pub name: String,
     #[serde(default)]
     pub ordering: Ordering,
+    /// Order-agnostic training: one ordering drawn per batch from this list (the first is the
+    /// sampling order). Empty: `ordering` alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub orderings: Vec<Ordering>,
+    /// Orderings averaged at evaluation (an order ensemble: the first N of `orderings`,
+    /// log-mean-exp of p); default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_orders: Option<usize>,
     /// A user file (.csv, .npy, .parquet), one image per row, integer levels.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
@@ -437,11 +445,7 @@ fn validate_name(name: &str) -> Result<(), String> {
 fn resolve_point(ef: &ExperimentFile) -> Result<(DataConfig, ModelConfig, TrainConfig, SampleConfig), KeyError> {
     let (h, w, levels) = check_data(&ef.data)?;
     let plugin = arm_backends::plugin(&ef.model.backend).map_err(|e| KeyError::at("model.backend", e))?;
-    if plugin.is_2d && ef.data.ordering != Ordering::Raster {
-        let msg =
-            format!("{:?} is a 2D plugin and accepts only \"raster\", got {:?}", plugin.name, ef.data.ordering.name());
-        return Err(KeyError::at("data.ordering", msg));
-    }
+    let orderings = check_orderings(&ef.data)?;
     let head_table = resolve_head(&ef.model, levels)?;
     for (k, v) in &ef.model.tables {
         let known = arm_backends::plugin_names().contains(&k.as_str()) || arm_core::head_names().contains(&k.as_str());
@@ -460,6 +464,16 @@ fn resolve_point(ef: &ExperimentFile) -> Result<(DataConfig, ModelConfig, TrainC
         Some(toml::Value::Table(t)) => t.clone(),
         _ => toml::Table::new(),
     };
+    let key = if ef.data.orderings.is_empty() { "data.ordering" } else { "data.orderings" };
+    plugin.check_orderings(&table, &orderings).map_err(|e| match e {
+        arm_backends::PluginError::Invalid { key: k, msg } if k.is_empty() => {
+            KeyError::at(key, format!("{:?}: {msg}", plugin.name))
+        }
+        arm_backends::PluginError::Invalid { key: k, msg } => {
+            KeyError::at(format!("model.{}.{k}", plugin.name), format!("{msg} ({key} = {})", names(&orderings)))
+        }
+        other => KeyError::at(key, other),
+    })?;
     let resolved = plugin.resolve(&table, h, w).map_err(|e| match e {
         arm_backends::PluginError::Invalid { key, msg } if key.is_empty() => {
             KeyError::at(format!("model.{}", plugin.name), msg)
@@ -477,6 +491,39 @@ fn resolve_point(ef: &ExperimentFile) -> Result<(DataConfig, ModelConfig, TrainC
         ef.train.clone(),
         ef.sample.clone(),
     ))
+}
+
+fn names(orderings: &[Ordering]) -> String {
+    format!("[{}]", orderings.iter().map(|o| format!("{:?}", o.name())).collect::<Vec<_>>().join(", "))
+}
+
+/// The orderings a run trains with: `data.orderings`, or `data.ordering` alone.
+pub fn orderings(data: &DataConfig) -> Vec<Ordering> {
+    if data.orderings.is_empty() {
+        vec![data.ordering]
+    } else {
+        data.orderings.clone()
+    }
+}
+
+/// Checks `data.ordering`, `data.orderings` and `data.eval_orders` against each other.
+fn check_orderings(data: &DataConfig) -> Result<Vec<Ordering>, KeyError> {
+    let list = orderings(data);
+    if !data.orderings.is_empty() && data.ordering != Ordering::Raster && data.ordering != list[0] {
+        let msg = format!("{:?} differs from the first of data.orderings ({:?}), the sampling order", data.ordering.name(), list[0].name());
+        return Err(KeyError::at("data.ordering", msg));
+    }
+    for (i, o) in list.iter().enumerate() {
+        if list[..i].contains(o) {
+            return Err(KeyError::at(format!("data.orderings[{i}]"), format!("{:?} is listed twice", o.name())));
+        }
+    }
+    if let Some(n) = data.eval_orders {
+        if n == 0 || n > list.len() {
+            return Err(KeyError::at("data.eval_orders", format!("must be in 1..={} (the orderings listed), got {n}", list.len())));
+        }
+    }
+    Ok(list)
 }
 
 /// Checks `[data]` and returns the data's (height, width, levels).
