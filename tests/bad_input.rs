@@ -144,6 +144,8 @@ const KEYS: &[&str] = &[
     "backend",
     "head",
     "ordering",
+    "orderings",
+    "eval_orders",
     "path",
     "height",
     "width",

@@ -112,7 +112,7 @@ fn config_toml_with_missing_or_mistyped_keys_is_an_error() {
         ("lr = 0.001\n", "lr = 0.001\nlr_decai = 1\n", "train.lr_decai: unknown field"),
         ("[sample]\n", "[samples]\n", "missing key sample"),
         ("head = \"categorical\"\n", "", "missing key model.head"),
-        ("ordering = \"raster\"\n", "ordering = \"spiral\"\n", "data.ordering: unknown variant `spiral`"),
+        ("ordering = \"raster\"\n", "ordering = \"spiral\"\n", "data.ordering: unknown ordering \"spiral\": expected one of raster, snake, zigzag"),
     ];
     for (from, to, says) in cases {
         assert!(good.contains(from), "{from:?} not in\n{good}");

@@ -20,7 +20,7 @@ fn train_writes_every_output_and_is_deterministic() {
     let (da, db) = (run_dirs(&a, "tiny1"), run_dirs(&b, "tiny1"));
     assert_eq!(da.len(), 1);
     let dir = &da[0];
-    for f in ["config.toml", "metrics.parquet", "model.safetensors", "nll_curve.png", "samples.png", "status.toml"] {
+    for f in ["config.toml", "metrics.parquet", "model.safetensors", "nll_curve.png", "samples.png", "data_and_samples.png", "status.toml"] {
         assert!(dir.join(f).is_file(), "missing {f}");
     }
     // One row per epoch with the documented columns.

@@ -108,18 +108,39 @@ pub fn curves(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[
 }
 
 /// A grid of grey-level images (levels 0..levels, 0 = black), each `h` x `w`, with a title.
-pub fn sample_grid(path: &Path, title: &str, images: &[Vec<u8>], (h, w): (usize, usize), levels: usize) -> Result<()> {
+pub fn sample_grid(path: &Path, title: &str, images: &[Vec<u8>], shape: (usize, usize), levels: usize) -> Result<()> {
+    panels(path, title, &[("", images)], shape, levels)
+}
+
+/// Real images beside samples (the chapter's Fig. 2.4 a and b): two labelled grids.
+pub fn real_and_samples(
+    path: &Path,
+    title: &str,
+    real: &[Vec<u8>],
+    samples: &[Vec<u8>],
+    shape: (usize, usize),
+    levels: usize,
+) -> Result<()> {
+    panels(path, title, &[("test images", real), ("samples", samples)], shape, levels)
+}
+
+/// Grids of images side by side, each under its label (none when every label is empty).
+fn panels(path: &Path, title: &str, grids: &[(&str, &[Vec<u8>])], (h, w): (usize, usize), levels: usize) -> Result<()> {
     register_font();
-    if images.is_empty() {
+    if grids.iter().any(|(_, g)| g.is_empty()) {
         return Err(anyhow!("plot {}: no images", path.display()));
     }
-    let cols = (images.len() as f64).sqrt().ceil() as usize;
-    let rows = images.len().div_ceil(cols);
+    let n = grids.iter().map(|(_, g)| g.len()).max().unwrap_or(1);
+    let cols = (n as f64).sqrt().ceil() as usize;
+    let rows = n.div_ceil(cols);
     let cell = (256 / h.max(w)).clamp(4, 16) as u32; // screen pixels per image pixel
     let gap = 2u32;
     let title_h = 34u32;
-    let width = cols as u32 * (w as u32 * cell + gap) + gap;
-    let height = rows as u32 * (h as u32 * cell + gap) + gap + title_h;
+    let label_h = if grids.iter().any(|(l, _)| !l.is_empty()) { 22u32 } else { 0 };
+    let panel_w = cols as u32 * (w as u32 * cell + gap) + gap;
+    let panel_gap = 12u32;
+    let width = grids.len() as u32 * (panel_w + panel_gap) - panel_gap;
+    let height = rows as u32 * (h as u32 * cell + gap) + gap + title_h + label_h;
     atomic_write_with(path, |tmp| {
         let tmp_png = tmp.with_extension("png");
         {
@@ -127,20 +148,27 @@ pub fn sample_grid(path: &Path, title: &str, images: &[Vec<u8>], (h, w): (usize,
             root.fill(&RGBColor(200, 200, 200)).map_err(err)?;
             root.draw(&Text::new(title.to_string(), (gap as i32 + 4, 8), (FAMILY, 18).into_font())).map_err(err)?;
             let scale = 255.0 / (levels.max(2) - 1) as f64;
-            for (n, img) in images.iter().enumerate() {
-                let (r, c) = (n / cols, n % cols);
-                let ox = (gap + c as u32 * (w as u32 * cell + gap)) as i32;
-                let oy = (title_h + gap + r as u32 * (h as u32 * cell + gap)) as i32;
-                for (i, &v) in img.iter().enumerate() {
-                    let g = (v as f64 * scale).round().clamp(0.0, 255.0) as u8;
-                    let (py, px) = ((i / w) as i32, (i % w) as i32);
-                    let x = ox + px * cell as i32;
-                    let y = oy + py * cell as i32;
-                    root.draw(&Rectangle::new(
-                        [(x, y), (x + cell as i32, y + cell as i32)],
-                        RGBColor(g, g, g).filled(),
-                    ))
-                    .map_err(err)?;
+            for (k, (label, images)) in grids.iter().enumerate() {
+                let px0 = k as u32 * (panel_w + panel_gap);
+                if !label.is_empty() {
+                    let at = ((px0 + gap + 4) as i32, (title_h + 2) as i32);
+                    root.draw(&Text::new(label.to_string(), at, (FAMILY, 15).into_font())).map_err(err)?;
+                }
+                for (n, img) in images.iter().enumerate() {
+                    let (r, c) = (n / cols, n % cols);
+                    let ox = (px0 + gap + c as u32 * (w as u32 * cell + gap)) as i32;
+                    let oy = (title_h + label_h + gap + r as u32 * (h as u32 * cell + gap)) as i32;
+                    for (i, &v) in img.iter().enumerate() {
+                        let g = (v as f64 * scale).round().clamp(0.0, 255.0) as u8;
+                        let (py, px) = ((i / w) as i32, (i % w) as i32);
+                        let x = ox + px * cell as i32;
+                        let y = oy + py * cell as i32;
+                        root.draw(&Rectangle::new(
+                            [(x, y), (x + cell as i32, y + cell as i32)],
+                            RGBColor(g, g, g).filled(),
+                        ))
+                        .map_err(err)?;
+                    }
                 }
             }
             root.present().map_err(err)?;

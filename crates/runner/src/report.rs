@@ -389,7 +389,7 @@ fn write_sample_grids(
             Ok(grid) => {
                 let p = sample_dir.join(format!("{}.png", g.slug()));
                 let title = format!("{} {} (seed {})", g.experiment, g.label, best_run.config.seed);
-                plots::sample_grid(&p, &title, &grid.images, grid.shape, grid.levels)?;
+                plots::real_and_samples(&p, &title, &grid.real, &grid.images, grid.shape, grid.levels)?;
                 files.push(p);
             }
             Err(e) => tracing::warn!("samples for {}: {e:#}", g.label),
@@ -449,9 +449,11 @@ pub(crate) fn results_run_dir(exp_dirs: &[PathBuf], r: &Row) -> PathBuf {
         .map_or_else(|| PathBuf::from(&r.experiment), |d| d.join("runs").join(&r.run_id))
 }
 
-/// Images drawn from a run, with the image shape and number of levels.
+/// Images drawn from a run beside as many of its test images, with the image shape and number
+/// of levels.
 pub struct SampleGrid {
     pub images: Vec<Vec<u8>>,
+    pub real: Vec<Vec<u8>>,
     pub shape: (usize, usize),
     pub levels: usize,
 }
@@ -460,5 +462,6 @@ pub struct SampleGrid {
 pub fn sample_config(dir: &Path, run: &Row, device: &Device, n: usize) -> Result<SampleGrid> {
     let t = crate::trained::build_with_weights(dir, run.config.clone(), Some(run.status.clone()), device)?;
     let (images, _) = crate::run::draw_samples(&t.arm, n, run.config.sample.seed, Sampler::Cached)?;
-    Ok(SampleGrid { images, shape: t.arm.shape(), levels: t.arm.levels() })
+    let real = crate::run::first_images(&t.data.test, n);
+    Ok(SampleGrid { images, real, shape: t.arm.shape(), levels: t.arm.levels() })
 }

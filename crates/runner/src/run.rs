@@ -180,7 +180,7 @@ pub fn execute(
         return Err(e);
     }
     write_history(cfg, dir, &run_id, &outcome, &mut status)?;
-    record_outcome(cfg, dir, &arm, &map, &outcome, &mut status)?;
+    record_outcome(cfg, dir, (&arm, &data), &map, &outcome, &mut status)?;
     if progress.at_rung && status.status == RunState::Interrupted && !STOP.load(AtomicOrdering::SeqCst) {
         status.status = RunState::Pruned;
         status.reason = Some(format!(
@@ -307,11 +307,16 @@ fn write_history(
     Ok(())
 }
 
+/// The first `n` images of a split (fewer if it has fewer), one Vec of levels each.
+pub fn first_images(split: &arm_data::Split, n: usize) -> Vec<Vec<u8>> {
+    split.pixels.chunks(split.dims).take(n).map(<[u8]>::to_vec).collect()
+}
+
 /// How training ended, into `status`; a finished run also gets its best weights and samples.
 fn record_outcome(
     cfg: &RunConfig,
     dir: &Path,
-    arm: &Arm,
+    (arm, data): (&Arm, &Dataset),
     map: &VarMap,
     outcome: &arm_train::Outcome,
     status: &mut RunStatus,
@@ -322,6 +327,9 @@ fn record_outcome(
             let (imgs, _) = draw_samples(arm, cfg.sample.n, cfg.sample.seed, Sampler::Cached)?;
             let title = format!("{} samples", cfg.model.backend);
             plots::sample_grid(&dir.join("samples.png"), &title, &imgs, arm.shape(), arm.levels())?;
+            let real = first_images(&data.test, cfg.sample.n);
+            let title = format!("{}: {} test images and samples", cfg.model.backend, data.name);
+            plots::real_and_samples(&dir.join("data_and_samples.png"), &title, &real, &imgs, arm.shape(), arm.levels())?;
             status.status = RunState::Finished;
             status.test_nll = outcome.test_nll;
             status.test_bpd = outcome.test_bpd;

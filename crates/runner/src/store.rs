@@ -3,7 +3,7 @@
 //! moment leaves the old file or the new one, never a torn one.
 //!
 //! results/<name>/runs/<run-id>/{config.toml, metrics.parquet, model.safetensors,
-//! nll_curve.png, samples.png, status.toml}; results/<name>/summary.parquet.
+//! nll_curve.png, samples.png, data_and_samples.png, status.toml}; results/<name>/summary.parquet.
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -229,6 +229,97 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
+    /// A 3x3 mask-B convolution of a 7x7 input (the setup of the chapter's Fig. 2.6), with
+    /// every weight 1 and no bias, on an all-ones image: each output counts the taps mask B
+    /// keeps inside the image. Written out by hand: the first cell sees itself only, the rest
+    /// of the first row itself and its left neighbour, the first column the two cells above
+    /// and itself, the last column two above, the left one and itself, the inside all five.
+    #[test]
+    fn mask_b_on_a_7x7_image_by_hand() -> Result<()> {
+        let taps = masked_taps(3, Mask::B);
+        assert_eq!(taps, vec![(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 0)]);
+        let unfold = Unfold { height: 7, width: 7, taps, mask: None };
+        let conv = TapConv2d {
+            w: Tensor::ones((5, 1), DType::F32, &Device::Cpu)?,
+            b: Tensor::zeros(1, DType::F32, &Device::Cpu)?,
+            unfold,
+        };
+        let y = conv.forward(&Tensor::ones((1, 49, 1), DType::F32, &Device::Cpu)?)?.flatten_all()?.to_vec1::<f32>()?;
+        #[rustfmt::skip]
+        let want = [
+            1., 2., 2., 2., 2., 2., 2.,
+            3., 5., 5., 5., 5., 5., 4.,
+            3., 5., 5., 5., 5., 5., 4.,
+            3., 5., 5., 5., 5., 5., 4.,
+            3., 5., 5., 5., 5., 5., 4.,
+            3., 5., 5., 5., 5., 5., 4.,
+            3., 5., 5., 5., 5., 5., 4.,
+        ];
+        assert_eq!(y, want);
+        // A digit-like input and kernel weights 1..9 over the full 3x3 window, masked by the
+        // 0/1 kernel of mask B; against a direct double loop over the zero-padded image.
+        let x: Vec<f32> = (0..49).map(|i| ((i * 3 + i / 7) % 4) as f32).collect();
+        let kernel: [[f32; 3]; 3] = [[1., 2., 3.], [4., 5., 6.], [7., 8., 9.]];
+        let keep = [[1., 1., 1.], [1., 1., 0.], [0., 0., 0.]]; // mask B
+        let mut direct = vec![0f32; 49];
+        for r in 0..7i32 {
+            for c in 0..7i32 {
+                for (i, dy) in (-1..=1).enumerate() {
+                    for (j, dx) in (-1..=1).enumerate() {
+                        let (rr, cc) = (r + dy, c + dx);
+                        if (0..7).contains(&rr) && (0..7).contains(&cc) {
+                            direct[(r * 7 + c) as usize] += keep[i][j] * kernel[i][j] * x[(rr * 7 + cc) as usize];
+                        }
+                    }
+                }
+            }
+        }
+        let w: Vec<f32> = masked_taps(3, Mask::B).iter().map(|&(dy, dx)| kernel[(dy + 1) as usize][(dx + 1) as usize]).collect();
+        let conv = TapConv2d {
+            w: Tensor::from_vec(w, (5, 1), &Device::Cpu)?,
+            b: Tensor::zeros(1, DType::F32, &Device::Cpu)?,
+            unfold: Unfold { height: 7, width: 7, taps: masked_taps(3, Mask::B), mask: None },
+        };
+        let y = conv.forward(&Tensor::from_vec(x, (1, 49, 1), &Device::Cpu)?)?.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(y, direct);
+        Ok(())
+    }
+
+    /// In raster order a locally masked k x k window is the PixelCNN's mask A / B: the same
+    /// outputs as the tap list of the mask with the same weights, whatever the weights of the
+    /// taps the local mask drops (Jain et al. 2020 generalise the masked convolution).
+    #[test]
+    fn local_masks_in_raster_order_are_masks_a_and_b() -> Result<()> {
+        let (h, w, cin, cout) = (4, 5, 3, 2);
+        let rank: Vec<usize> = (0..h * w).collect();
+        for k in [3, 5] {
+            for mask in [Mask::A, Mask::B] {
+                let full = window_taps(k);
+                let map = VarMap::new();
+                let vb = arm_core::seeded_var_builder(&map, 4, &Device::Cpu);
+                let local = local_conv2d(cin, cout, full.clone(), &rank, mask == Mask::A, (h, w), vb)?;
+                // The tap list's weights: the rows of the full window's weight for its taps.
+                let kept = masked_taps(k, mask);
+                let rows: Vec<Tensor> = kept
+                    .iter()
+                    .map(|t| {
+                        let i = full.iter().position(|f| f == t).expect("tap in the window");
+                        local.w.narrow(0, i * cin, cin)
+                    })
+                    .collect::<Result<_>>()?;
+                let listed = TapConv2d {
+                    w: Tensor::cat(&rows, 0)?,
+                    b: local.b.clone(),
+                    unfold: Unfold { height: h, width: w, taps: kept, mask: None },
+                };
+                let x = rand_input(2, h * w, cin, 9)?;
+                let d = (local.forward(&x)? - listed.forward(&x)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                assert!(d < 1e-5, "k {k} {mask:?}: {d}");
+            }
+        }
+        Ok(())
+    }
+
     fn rand_input(b: usize, n: usize, c: usize, seed: u64) -> Result<Tensor> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let v: Vec<f32> = (0..b * n * c).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
