@@ -117,12 +117,23 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             let folder = folder.unwrap_or(results);
             crate::status::status(&folder, &crate::status::Options { watch: watch.then_some(every) })
         }
-        Command::List { masks, orderings } if masks || orderings => {
+        Command::List { masks, orderings, plot } if masks || orderings => {
             if masks {
                 print_masks();
             }
             if orderings {
                 print_orderings(8, 8);
+            }
+            if let Some(path) = plot {
+                for (h, w) in [(8, 8), (28, 28)] {
+                    let maps: Vec<(String, Vec<usize>)> =
+                        arm_core::Ordering::EXAMPLES.iter().map(|o| (o.name(), o.rank(h, w))).collect();
+                    let file = if h == 8 { path.clone() } else { path.with_extension("28x28.png") };
+                    let title = format!("pixel orderings, {h}x{w}: rank of each pixel (dark first, yellow last)");
+                    crate::plots::ordering_maps(&file, &title, &maps, (h, w))
+                        .map_err(|e| bad_input(format!("--plot {}: {e:#}", file.display())))?;
+                    println!("wrote {}", file.display());
+                }
             }
             Ok(())
         }

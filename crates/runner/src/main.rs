@@ -200,6 +200,10 @@ enum Command {
         /// Print each ordering of an 8 x 8 image as a grid of pixel ranks.
         #[arg(long)]
         orderings: bool,
+        /// With --orderings: also draw them as heat maps of the rank into this PNG (8x8 and
+        /// 28x28 panels).
+        #[arg(long, requires = "orderings")]
+        plot: Option<PathBuf>,
     },
     /// Draw images from a trained run with a chosen sampler and write a PNG grid.
     Sample {

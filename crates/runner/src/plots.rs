@@ -109,7 +109,7 @@ pub fn curves(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[
 
 /// A grid of grey-level images (levels 0..levels, 0 = black), each `h` x `w`, with a title.
 pub fn sample_grid(path: &Path, title: &str, images: &[Vec<u8>], shape: (usize, usize), levels: usize) -> Result<()> {
-    panels(path, title, &[("", images)], shape, levels)
+    panels(path, title, &[("", grey(images, levels))], shape)
 }
 
 /// Real images beside samples (the chapter's Fig. 2.4 a and b): two labelled grids.
@@ -121,13 +121,35 @@ pub fn real_and_samples(
     shape: (usize, usize),
     levels: usize,
 ) -> Result<()> {
-    panels(path, title, &[("test images", real), ("samples", samples)], shape, levels)
+    panels(path, title, &[("test images", grey(real, levels)), ("samples", grey(samples, levels))], shape)
 }
 
-/// Grids of images side by side, each under its label (none when every label is empty).
-fn panels(path: &Path, title: &str, grids: &[(&str, &[Vec<u8>])], (h, w): (usize, usize), levels: usize) -> Result<()> {
+/// Pixel orderings as heat maps of each pixel's rank (viridis: dark first, yellow last), one
+/// labelled panel each.
+pub fn ordering_maps(path: &Path, title: &str, orderings: &[(String, Vec<usize>)], shape: (usize, usize)) -> Result<()> {
+    use plotters::style::colors::colormaps::{ColorMap, ViridisRGB};
+    let last = (shape.0 * shape.1).saturating_sub(1).max(1) as f64;
+    let maps: Vec<(&str, Vec<Vec<RGBColor>>)> = orderings
+        .iter()
+        .map(|(name, rank)| (name.as_str(), vec![rank.iter().map(|&r| ViridisRGB.get_color(r as f64 / last)).collect()]))
+        .collect();
+    panels(path, title, &maps, shape)
+}
+
+fn grey(images: &[Vec<u8>], levels: usize) -> Vec<Vec<RGBColor>> {
+    let scale = 255.0 / (levels.max(2) - 1) as f64;
+    let g = |v: u8| {
+        let g = (v as f64 * scale).round().clamp(0.0, 255.0) as u8;
+        RGBColor(g, g, g)
+    };
+    images.iter().map(|img| img.iter().map(|&v| g(v)).collect()).collect()
+}
+
+/// Grids of images (a colour per pixel) side by side, each under its label (no label row when
+/// every label is empty).
+fn panels(path: &Path, title: &str, grids: &[(&str, Vec<Vec<RGBColor>>)], (h, w): (usize, usize)) -> Result<()> {
     register_font();
-    if grids.iter().any(|(_, g)| g.is_empty()) {
+    if grids.is_empty() || grids.iter().any(|(_, g)| g.is_empty()) {
         return Err(anyhow!("plot {}: no images", path.display()));
     }
     let n = grids.iter().map(|(_, g)| g.len()).max().unwrap_or(1);
@@ -137,7 +159,7 @@ fn panels(path: &Path, title: &str, grids: &[(&str, &[Vec<u8>])], (h, w): (usize
     let gap = 2u32;
     let title_h = 34u32;
     let label_h = if grids.iter().any(|(l, _)| !l.is_empty()) { 22u32 } else { 0 };
-    let panel_w = cols as u32 * (w as u32 * cell + gap) + gap;
+    let panel_w = (cols as u32 * (w as u32 * cell + gap) + gap).max(if label_h > 0 { 90 } else { 0 });
     let panel_gap = 12u32;
     let width = grids.len() as u32 * (panel_w + panel_gap) - panel_gap;
     let height = rows as u32 * (h as u32 * cell + gap) + gap + title_h + label_h;
@@ -147,7 +169,6 @@ fn panels(path: &Path, title: &str, grids: &[(&str, &[Vec<u8>])], (h, w): (usize
             let root = BitMapBackend::new(&tmp_png, (width.max(240), height)).into_drawing_area();
             root.fill(&RGBColor(200, 200, 200)).map_err(err)?;
             root.draw(&Text::new(title.to_string(), (gap as i32 + 4, 8), (FAMILY, 18).into_font())).map_err(err)?;
-            let scale = 255.0 / (levels.max(2) - 1) as f64;
             for (k, (label, images)) in grids.iter().enumerate() {
                 let px0 = k as u32 * (panel_w + panel_gap);
                 if !label.is_empty() {
@@ -158,16 +179,11 @@ fn panels(path: &Path, title: &str, grids: &[(&str, &[Vec<u8>])], (h, w): (usize
                     let (r, c) = (n / cols, n % cols);
                     let ox = (px0 + gap + c as u32 * (w as u32 * cell + gap)) as i32;
                     let oy = (title_h + label_h + gap + r as u32 * (h as u32 * cell + gap)) as i32;
-                    for (i, &v) in img.iter().enumerate() {
-                        let g = (v as f64 * scale).round().clamp(0.0, 255.0) as u8;
+                    for (i, &colour) in img.iter().enumerate() {
                         let (py, px) = ((i / w) as i32, (i % w) as i32);
-                        let x = ox + px * cell as i32;
-                        let y = oy + py * cell as i32;
-                        root.draw(&Rectangle::new(
-                            [(x, y), (x + cell as i32, y + cell as i32)],
-                            RGBColor(g, g, g).filled(),
-                        ))
-                        .map_err(err)?;
+                        let (x, y) = (ox + px * cell as i32, oy + py * cell as i32);
+                        root.draw(&Rectangle::new([(x, y), (x + cell as i32, y + cell as i32)], colour.filled()))
+                            .map_err(err)?;
                     }
                 }
             }
