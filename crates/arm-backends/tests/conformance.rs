@@ -263,7 +263,7 @@ fn every_plugin_in_every_ordering() -> R<()> {
             }
         }
     }
-    for name in ["pixelcnn", "gated_pixelcnn", "pixelcnnpp", "causal_conv1d", "transformer"] {
+    for name in ["pixelcnn", "gated_pixelcnn", "pixelcnnpp", "pixelsnail", "causal_conv1d", "transformer"] {
         assert!(covered.contains(&name), "{name} is not checked in every ordering");
     }
     Ok(())

@@ -339,9 +339,22 @@ impl GridNet {
                 Op::GluResidual(x, a) => glu_residual(&vals[*x], &vals[*a])?,
                 Op::Concat(a, b) => Tensor::cat(&[&vals[*a], &vals[*b]], D::Minus1)?,
                 Op::Background => self.background_cells(x.device())?.broadcast_as((x.dim(0)?, x.dim(1)?, 2))?.contiguous()?,
-                Op::Attention { q, k, v, heads, strict } => {
-                    super::strict_causal_attention(&vals[*q], &vals[*k], &vals[*v], *heads, *strict)?
-                }
+                Op::Attention { q, k, v, heads, strict } => match &self.local {
+                    None => super::strict_causal_attention(&vals[*q], &vals[*k], &vals[*v], *heads, *strict)?,
+                    // Another ordering: the cells in that order, causal attention, back. The
+                    // mask is then rank[key] < rank[query], the ordering's own.
+                    Some(rank) => {
+                        let dev = x.device();
+                        let mut perm = vec![0u32; rank.len()];
+                        for (cell, &r) in rank.iter().enumerate() {
+                            perm[r] = cell as u32;
+                        }
+                        let perm = Tensor::new(perm, dev)?;
+                        let rank = Tensor::new(rank.iter().map(|&r| r as u32).collect::<Vec<_>>(), dev)?;
+                        let [q, k, v] = [q, k, v].map(|n| vals[*n].index_select(&perm, 1));
+                        super::strict_causal_attention(&q?, &k?, &v?, *heads, *strict)?.index_select(&rank, 1)?
+                    }
+                },
             };
             vals.push(v);
         }

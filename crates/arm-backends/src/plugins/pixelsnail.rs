@@ -17,6 +17,10 @@
 //! attention must be strict (j < i; pixel 0 attends to nothing and gets zeros).
 //! Left out: colour channels and the paper's per-block skip of the raw input features.
 //!
+//! Other orderings than raster: the 2x2 and first kernels become 3x3 windows, locally masked
+//! to the pixels earlier in the ordering (Jain, Abbeel & Pathak 2020, §3), and the attention
+//! runs over the cells permuted into the ordering, so its causal mask is the ordering's.
+//!
 //! The cached stepper computes each cell of every layer once, when the pixels it depends on
 //! are known; the attention of pixel i reads the cached keys and values of pixels < i.
 
@@ -67,6 +71,7 @@ impl PluginConfig for PixelSnailConfig {
     const SUMMARY: &'static str =
         "PixelSNAIL: gated causal convolutions and strictly causal attention over all earlier pixels";
     const IS_2D: bool = true;
+    const LOCAL_MASKS: bool = true;
 
     fn validate(&self, _h: usize, _w: usize) -> Result<(), PluginError> {
         for (key, v) in [
@@ -121,14 +126,20 @@ impl PluginConfig for PixelSnailConfig {
 fn network(cfg: &PixelSnailConfig, ctx: &BuildCtx, strict: bool) -> Result<GridConditional> {
     let f = cfg.nr_filters;
     let (hk, hv) = (cfg.heads * cfg.key_size, cfg.heads * cfg.value_size);
-    let mut b =
-        GridBuilder::new(GridNet::new((ctx.height, ctx.width), Dropout::new(cfg.dropout, ctx.seed)), ctx.vb.clone());
+    let g = GridNet::new((ctx.height, ctx.width), Dropout::new(cfg.dropout, ctx.seed)).locally_masked(ctx.order.clone());
+    let mut b = GridBuilder::new(g, ctx.vb.clone());
+    // Another ordering: 3x3 windows, locally masked by the grid (the 1x1 maps stay).
+    let window = crate::layers::window_taps(3);
+    let (first, down_right): (&[(isize, isize)], &[(isize, isize)]) = match ctx.order {
+        Some(_) => (&window, &window),
+        None => (&FIRST, &DOWN_RIGHT),
+    };
     let x = GridNet::INPUT;
     let bg = b.g.background();
-    let mut ul = b.conv(x, &FIRST, Resample::Same, f)?;
+    let mut ul = b.conv(x, first, Resample::Same, f)?;
     for _ in 0..cfg.nr_blocks {
         for _ in 0..cfg.nr_resnet {
-            ul = b.gated_resnet(ul, None, &DOWN_RIGHT)?;
+            ul = b.gated_resnet(ul, None, down_right)?;
         }
         let x_ul = b.g.concat(x, ul)?;
         let kv_in = b.g.concat(x_ul, bg)?;
@@ -220,6 +231,30 @@ mod tests {
             .sum_all()?
             .to_scalar::<f32>()?;
         assert!(diff > 0.0, "the last pixel does not see the first");
+        Ok(())
+    }
+
+    /// In another ordering the attention follows it: in zig-zag order on 8x8, the last pixel
+    /// (7, 7) sees the first (0, 0) through the attention (the convolutions reach 3 cells), and
+    /// in the reversed direction nothing leaks: pixel (0, 0), first in the order, changes with
+    /// no other pixel (causality of the attention's permuted mask).
+    #[test]
+    fn attention_follows_another_ordering() -> Result<()> {
+        let cfg = PixelSnailConfig { nr_blocks: 1, nr_resnet: 1, ..small() };
+        let mut ctx = conformance::test_ctx(&VarMap::new(), 5, (8, 8), (3, conformance::LEVELS));
+        ctx.order = Some(Ordering::Zigzag.rank(8, 8).into());
+        let n = network(&cfg, &ctx, true)?;
+        let base = n.forward_t(&Tensor::zeros((1, 64), candle_core::DType::F32, &Device::Cpu)?, false)?;
+        let change = |pixel: usize| -> Result<Vec<f32>> {
+            let mut v = vec![0f32; 64];
+            v[pixel] = 1.0;
+            let out = n.forward_t(&Tensor::from_vec(v, (1, 64), &Device::Cpu)?, false)?;
+            (out - &base)?.abs()?.sum(2)?.squeeze(0)?.to_vec1::<f32>()
+        };
+        assert!(change(0)?[63] > 0.0, "the last pixel does not see the first");
+        for pixel in 1..64 {
+            assert_eq!(change(pixel)?[0], 0.0, "pixel 0, first in zig-zag order, sees pixel {pixel}");
+        }
         Ok(())
     }
 }
