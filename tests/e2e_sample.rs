@@ -147,3 +147,30 @@ fn bad_input_gets_one_line_and_exit_2() {
     }
     assert!(!tmp.path().join("x.txt").exists());
 }
+
+/// A run trained on several orderings: its test NLL is the ensemble of `data.eval_orders`
+/// orderings, `runner eval` reproduces it, `--orders 1` (the first ordering alone) and
+/// `--orders 3` give other figures, and more orderings than trained is one line and exit 2.
+#[test]
+fn eval_orders_reproduces_the_order_ensemble_and_evaluates_fewer_or_more() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let results = tmp.path().join("results");
+    let o = runner(&results).arg("train").arg(fixture("tiny_orders.toml")).output().expect("run");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let run = std::fs::read_dir(results.join("tiny_orders/runs")).expect("runs").filter_map(|e| e.ok()).next().expect("run").path();
+    assert!(run.join("data_and_samples.png").is_file());
+    let eval = |n: &str| {
+        let o = runner(tmp.path()).arg("eval").arg(&run).args(["--orders", n, "--out"]).arg(tmp.path().join(format!("e{n}.csv"))).output().expect("run");
+        assert!(o.status.success(), "{}", stderr(&o));
+        printed_mean(&stdout(&o))
+    };
+    let (one, two, three) = (eval("1"), eval("2"), eval("3"));
+    let test_nll = status_value(&run, "test_nll");
+    assert!(rel(two, test_nll) < 1e-6, "eval --orders 2 {two} vs status.toml {test_nll}");
+    assert!(rel(one, two) > 1e-6 && rel(three, two) > 1e-6, "{one} {two} {three}");
+    let o = runner(tmp.path()).arg("eval").arg(&run).args(["--orders", "4"]).output().expect("run");
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("--orders 4") && err.contains("1..=3"), "{err}");
+}

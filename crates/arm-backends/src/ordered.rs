@@ -184,3 +184,64 @@ impl Conditional for Ordered {
         self.nets[0].flops_per_image()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conformance;
+
+    fn net(seed: u64) -> Result<(Box<dyn Conditional>, candle_nn::VarMap)> {
+        let map = candle_nn::VarMap::new();
+        let ctx = conformance::test_ctx(&map, seed, (3, 3), (3, conformance::LEVELS));
+        let p = crate::plugin("pixelcnn").map_err(candle_core::Error::msg)?;
+        let mut t = toml::Table::new();
+        t.insert("channels".into(), toml::Value::Integer(6));
+        t.insert("layers".into(), toml::Value::Integer(1));
+        let o = [Ordering::Raster, Ordering::Zigzag, Ordering::Columns];
+        Ok((p.build_ordered(&t, ctx, &o, 2).map_err(candle_core::Error::msg)?, map))
+    }
+
+    /// Which member each of `n` training passes used (outputs equal to that member's).
+    fn draws(net: &dyn Conditional, epoch: usize, n: usize) -> Result<Vec<usize>> {
+        let x = conformance::random_levels(2, 9, conformance::LEVELS, 1, &Device::Cpu)?.affine(0.25, 0.0)?;
+        let members: Vec<Vec<f32>> =
+            (0..3).map(|m| net.forward_member(&x, m)?.flatten_all()?.to_vec1::<f32>()).collect::<Result<_>>()?;
+        net.begin_epoch(epoch);
+        (0..n)
+            .map(|_| {
+                let y = net.forward_t(&x, true)?.flatten_all()?.to_vec1::<f32>()?;
+                members.iter().position(|m| *m == y).ok_or_else(|| candle_core::Error::Msg("no member matches".into()))
+            })
+            .collect()
+    }
+
+    /// The members share one set of weights; each training pass uses one member drawn from a
+    /// stream re-seeded per epoch (a resumed run draws the same), and all of them get drawn.
+    #[test]
+    fn members_share_weights_and_draws_repeat_per_epoch() -> Result<()> {
+        let (a, map) = net(3)?;
+        let n_vars = map.all_vars().len();
+        let (single, map1) = {
+            let map = candle_nn::VarMap::new();
+            let ctx = conformance::test_ctx(&map, 3, (3, 3), (3, conformance::LEVELS));
+            let mut t = toml::Table::new();
+            t.insert("channels".into(), toml::Value::Integer(6));
+            t.insert("layers".into(), toml::Value::Integer(1));
+            let p = crate::plugin("pixelcnn").map_err(candle_core::Error::msg)?;
+            (p.build_ordered(&t, ctx, &[Ordering::Zigzag], 1).map_err(candle_core::Error::msg)?, map)
+        };
+        assert_eq!(n_vars, map1.all_vars().len(), "three orderings, more variables than one");
+        assert_eq!(single.members(), (1, 1));
+        assert_eq!(a.members(), (2, 3));
+        let d1 = draws(a.as_ref(), 4, 24)?;
+        let (b, _) = net(3)?;
+        assert_eq!(d1, draws(b.as_ref(), 4, 24)?, "same seed and epoch, other draws");
+        assert_ne!(d1, draws(a.as_ref(), 5, 24)?, "another epoch, the same draws");
+        assert!((0..3).all(|m| d1.contains(&m)), "{d1:?}");
+        // Evaluation is member 0, the sampling order.
+        let x = conformance::random_levels(1, 9, conformance::LEVELS, 2, &Device::Cpu)?.affine(0.25, 0.0)?;
+        let diff = (a.forward_t(&x, false)? - a.forward_member(&x, 0)?)?.abs()?.sum_all()?.to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0);
+        Ok(())
+    }
+}

@@ -64,7 +64,7 @@ pub fn eval(run_dir: &Path, device: &Device, opts: &Options) -> Result<()> {
     let members = opts.members.unwrap_or(default_members);
     if members == 0 || members > available {
         return Err(bad_input(format!(
-            "--members {members}: the model in {} has {available} ensemble member(s)",
+            "--members / --orders {members}: expected 1..={available}, the members (mask sets or orderings) of the model in {}",
             run_dir.display()
         )));
     }
