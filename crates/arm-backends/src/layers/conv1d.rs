@@ -9,6 +9,8 @@
 //! The stack's `step` computes one position from cached layer inputs (Paine et al. 2016, "Fast
 //! WaveNet generation"): one k-tap product per layer instead of a full pass.
 
+use std::collections::VecDeque;
+
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
@@ -182,7 +184,11 @@ impl CausalConvStack {
 
     /// An empty cache for generating `batch` sequences one position at a time.
     pub fn cache(&self, batch: usize) -> ConvCache {
-        ConvCache { batch, pos: 0, inputs: vec![Vec::new(); self.layers.len()] }
+        // Each layer keeps the inputs its furthest tap still reads, no more: a cache that kept
+        // every position grew by a cell per layer and step, and the allocator then served
+        // each step's temporaries from fresh pages (PERF.md, "Huge pages").
+        let keep = self.layers.iter().map(|c| (0..c.kernel).map(|t| c.back(t)).max().unwrap_or(0) + 1).collect();
+        ConvCache { batch, pos: 0, inputs: vec![VecDeque::new(); self.layers.len()], base: vec![0; self.layers.len()], keep }
     }
 
     /// The output at the cache's position, (B, C_out), from every layer's cached inputs; the
@@ -192,17 +198,17 @@ impl CausalConvStack {
         let last = self.layers.len() - 1;
         let dev = self.layers[0].w.device();
         for (l, layer) in self.layers.iter().enumerate() {
-            let cin = if l == 0 { 1 } else { cache.inputs[l].first().map_or(0, |t| t.dim(1).unwrap_or(0)) };
+            let cin = if l == 0 { 1 } else { cache.inputs[l].front().map_or(0, |t| t.dim(1).unwrap_or(0)) };
             let zero = Tensor::zeros((cache.batch, cin.max(1)), DType::F32, dev)?;
             let taps = (0..layer.kernel())
                 .map(|t| match cache.pos.checked_sub(layer.back(t)) {
-                    Some(j) => cache.inputs[l][j].clone(),
+                    Some(j) => cache.inputs[l][j - cache.base[l]].clone(),
                     None => zero.clone(),
                 })
                 .collect::<Vec<_>>();
             let o = layer.forward_taps(&Tensor::cat(&taps, 1)?)?; // (B, C_out)
             if l < last {
-                cache.inputs[l + 1].push(arm_kernels::leaky_relu(&o, self.slope)?);
+                cache.keep_input(l + 1, arm_kernels::leaky_relu(&o, self.slope)?);
             } else {
                 return Ok(o);
             }
@@ -211,20 +217,30 @@ impl CausalConvStack {
     }
 }
 
-/// Cached generation state of a [`CausalConvStack`]: `inputs[l][d]` is layer l's input at
-/// position d, (B, C_l).
+/// Cached generation state of a [`CausalConvStack`]: `inputs[l][d - base[l]]` is layer l's
+/// input at position d, (B, C_l), for the last `keep[l]` positions.
 pub struct ConvCache {
     batch: usize,
     pos: usize,
-    inputs: Vec<Vec<Tensor>>,
+    inputs: Vec<VecDeque<Tensor>>,
+    base: Vec<usize>,
+    keep: Vec<usize>,
 }
 
 impl ConvCache {
     /// Feeds the value chosen at the current position, (B,) or (B, 1), and moves on.
     pub fn push(&mut self, x_d: &Tensor) -> Result<()> {
-        self.inputs[0].push(x_d.reshape((self.batch, 1))?);
+        self.keep_input(0, x_d.reshape((self.batch, 1))?);
         self.pos += 1;
         Ok(())
+    }
+
+    fn keep_input(&mut self, l: usize, x: Tensor) {
+        self.inputs[l].push_back(x);
+        while self.inputs[l].len() > self.keep[l] {
+            self.inputs[l].pop_front();
+            self.base[l] += 1;
+        }
     }
 }
 
@@ -478,6 +494,11 @@ mod tests {
                 let diff = max(&row, &slow.narrow(1, pos, 1)?.squeeze(1)?)?;
                 assert!(diff < 1e-5, "{what}: step {pos} differs by {diff}");
                 cache.push(&x.narrow(1, pos, 1)?)?;
+                // Only what the furthest tap of each layer still reads is held.
+                for (l, inputs) in cache.inputs.iter().enumerate() {
+                    let reach = (0..kernel).map(|t| stack.layers[l].back(t)).max().unwrap_or(0) + 1;
+                    assert!(inputs.len() <= reach.min(pos + 1), "{what}: layer {l} holds {} at step {pos}", inputs.len());
+                }
             }
         }
         Ok(())
