@@ -14,14 +14,11 @@
 //! the same ones). Evaluation averages the first `eval_orders` members' probabilities,
 //! log (1/n) sum_m p_m(x) (`Arm::log_prob_members`): the order ensemble of Jain et al. §4.
 
-use std::sync::Mutex;
-
 use candle_core::{Device, Tensor};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 
 use arm_core::{Conditional, NaiveStepper, Ordering, Stepper};
 
+use crate::layers::MemberDraws;
 use crate::registry::{invalid, BuildCtx, Plugin, PluginError};
 
 type Result<T, E = candle_core::Error> = std::result::Result<T, E>;
@@ -50,8 +47,7 @@ pub struct Ordered {
     members: Vec<Member>,
     names: Vec<String>,
     eval_orders: usize,
-    draws: Mutex<ChaCha8Rng>,
-    seed: u64,
+    draws: MemberDraws,
     dims: usize,
     device: Device,
 }
@@ -103,7 +99,12 @@ pub fn build(
             }
             let rank = o.rank(h, w);
             let out: Vec<usize> = arm_perm.iter().map(|&j| rank[j]).collect();
-            members.push(Member { net: 0, gather_in: index(&order, &dev)?, gather_out: index(&out, &dev)?, order: order_opt });
+            members.push(Member {
+                net: 0,
+                gather_in: index(&order, &dev)?,
+                gather_out: index(&out, &dev)?,
+                order: order_opt,
+            });
         }
     }
     Ok(Box::new(Ordered {
@@ -111,8 +112,7 @@ pub fn build(
         members,
         names: orderings.iter().map(|o| o.name()).collect(),
         eval_orders,
-        draws: Mutex::new(ChaCha8Rng::seed_from_u64(ctx.seed ^ DRAW_SALT)),
-        seed: ctx.seed,
+        draws: MemberDraws::new(ctx.seed, DRAW_SALT),
         dims: h * w,
         device: dev,
     }))
@@ -121,7 +121,11 @@ pub fn build(
 impl Ordered {
     fn run(&self, x: &Tensor, m: usize, train: bool) -> Result<Tensor> {
         let mem = self.members.get(m).ok_or_else(|| {
-            candle_core::Error::Msg(format!("ordering {m}: the network has {} ({})", self.members.len(), self.names.join(", ")))
+            candle_core::Error::Msg(format!(
+                "ordering {m}: the network has {} ({})",
+                self.members.len(),
+                self.names.join(", ")
+            ))
         })?;
         let x = match &mem.gather_in {
             Some(g) => x.index_select(g, 1)?,
@@ -138,7 +142,7 @@ impl Ordered {
 impl Conditional for Ordered {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let n = self.members.len();
-        let m = if train && n > 1 { self.draws.lock().unwrap_or_else(|e| e.into_inner()).random_range(0..n) } else { 0 };
+        let m = self.draws.member(n, train);
         self.run(x, m, train)
     }
 
@@ -151,9 +155,7 @@ impl Conditional for Ordered {
     }
 
     fn begin_epoch(&self, epoch: usize) {
-        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ DRAW_SALT);
-        rng.set_stream(epoch as u64);
-        *self.draws.lock().unwrap_or_else(|e| e.into_inner()) = rng;
+        self.draws.begin_epoch(epoch);
         for net in &self.nets {
             net.begin_epoch(epoch);
         }

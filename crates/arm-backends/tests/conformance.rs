@@ -4,8 +4,8 @@
 //! checks themselves are `arm_backends::conformance` (plugins' own tests run them on networks
 //! broken on purpose). Registering a plugin enrols it here; nothing in this file names a plugin.
 
-use arm_backends::{conformance, registry, BuildCtx, Plugin};
-use arm_core::{head_names, heads, seeded_var_builder, Arm, Conditional, Head, Ordering};
+use arm_backends::{conformance, registry, Plugin};
+use arm_core::{head_names, heads, Arm, Conditional, Head, Ordering};
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 
@@ -24,16 +24,7 @@ fn build(
     seed: u64,
 ) -> R<(Box<dyn Conditional>, VarMap)> {
     let map = VarMap::new();
-    let ctx = BuildCtx {
-        vb: seeded_var_builder(&map, seed, &DEV),
-        device: DEV.clone(),
-        height: h,
-        width: w,
-        num_params: np,
-        levels,
-        seed,
-        order: None,
-    };
+    let ctx = conformance::test_ctx(&map, seed, (h, w), (np, levels));
     Ok((p.build(cfg, ctx)?, map))
 }
 
@@ -197,16 +188,7 @@ fn build_ordered_seed(
     seed: u64,
 ) -> R<Box<dyn Conditional>> {
     let map = VarMap::new();
-    let ctx = BuildCtx {
-        vb: seeded_var_builder(&map, seed, &DEV),
-        device: DEV.clone(),
-        height: h,
-        width: w,
-        num_params: np,
-        levels,
-        seed,
-        order: None,
-    };
+    let ctx = conformance::test_ctx(&map, seed, (h, w), (np, levels));
     Ok(p.build_ordered(cfg, ctx, orderings, orderings.len())?)
 }
 
@@ -304,7 +286,9 @@ fn locally_masked_networks_see_their_earlier_neighbours() -> R<()> {
                     }
                 }
                 if let Some((q, j)) = unseen.first() {
-                    return Err(format!("{} {cfg:?} {o}: pixel {q} does not see its earlier neighbour {j}", p.name).into());
+                    return Err(
+                        format!("{} {cfg:?} {o}: pixel {q} does not see its earlier neighbour {j}", p.name).into()
+                    );
                 }
             }
         }

@@ -52,9 +52,9 @@ impl Ordering {
         let (h, w) = (height, width);
         match self {
             Ordering::Raster => (0..h * w).collect(),
-            Ordering::Snake => (0..h)
-                .flat_map(|r| (0..w).map(move |c| r * w + if r % 2 == 0 { c } else { w - 1 - c }))
-                .collect(),
+            Ordering::Snake => {
+                (0..h).flat_map(|r| (0..w).map(move |c| r * w + if r % 2 == 0 { c } else { w - 1 - c })).collect()
+            }
             Ordering::Zigzag => {
                 let mut p = Vec::with_capacity(h * w);
                 for d in 0..(h + w).saturating_sub(1) {

@@ -7,6 +7,7 @@
 pub mod attention;
 pub mod conv1d;
 pub mod conv2d;
+pub mod draws;
 mod dropout;
 pub mod gated;
 pub mod grid;
@@ -17,9 +18,12 @@ pub mod recurrent;
 mod window;
 
 pub use arm_kernels::{gelu, leaky_relu, running_sigmoid};
-pub use attention::{causal_self_attention, strict_causal_attention, strict_causal_attention_step, CausalSelfAttention, KvCache};
+pub use attention::{
+    causal_self_attention, strict_causal_attention, strict_causal_attention_step, CausalSelfAttention, KvCache,
+};
 pub use conv1d::{causal_conv1d, causal_conv_stack, CausalConv1d, CausalConvStack, CausalMode, ConvCache};
 pub use conv2d::{local_conv2d, local_mask, masked_conv2d, tap_conv2d, window_taps, Mask, TapConv2d};
+pub use draws::MemberDraws;
 pub use dropout::Dropout;
 pub use gated::{gated_block, GatedBlock, Vertical};
 pub use linear::{linear, output_mlp, Linear, OutputMlp};

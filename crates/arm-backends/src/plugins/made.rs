@@ -17,8 +17,6 @@
 //! over the pixels pushed so far and recomputes only the deeper layers and the current pixel's
 //! output columns.
 
-use std::sync::Mutex;
-
 use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -27,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use arm_core::{Conditional, Stepper};
 
-use crate::layers::{masked_linear, MaskedLinear};
+use crate::layers::{masked_linear, MaskedLinear, MemberDraws};
 use crate::registry::{invalid, BuildCtx, PluginConfig, PluginError};
 
 type Result<T, E = candle_core::Error> = std::result::Result<T, E>;
@@ -171,8 +169,7 @@ pub struct Made {
     out: MaskedLinear, // (H_L, D P)
     orders: Vec<Vec<usize>>,
     eval_masks: usize,
-    draws: Mutex<ChaCha8Rng>,
-    seed: u64,
+    draws: MemberDraws,
     params: usize,
     dims: usize,
     device: Device,
@@ -197,8 +194,7 @@ impl Made {
             out,
             orders: sets.into_iter().map(|s| s.order).collect(),
             eval_masks: cfg.eval_masks,
-            draws: Mutex::new(ChaCha8Rng::seed_from_u64(ctx.seed ^ DRAW_SALT)),
-            seed: ctx.seed,
+            draws: MemberDraws::new(ctx.seed, DRAW_SALT),
             params: p,
             dims: d,
             device: ctx.device.clone(),
@@ -222,7 +218,7 @@ impl Made {
 impl Conditional for Made {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let n = self.orders.len();
-        let m = if train && n > 1 { self.draws.lock().unwrap_or_else(|e| e.into_inner()).random_range(0..n) } else { 0 };
+        let m = self.draws.member(n, train);
         self.forward_with(x, m)
     }
 
@@ -235,9 +231,7 @@ impl Conditional for Made {
     }
 
     fn begin_epoch(&self, epoch: usize) {
-        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ DRAW_SALT);
-        rng.set_stream(epoch as u64);
-        *self.draws.lock().unwrap_or_else(|e| e.into_inner()) = rng;
+        self.draws.begin_epoch(epoch);
     }
 
     fn members(&self) -> (usize, usize) {
