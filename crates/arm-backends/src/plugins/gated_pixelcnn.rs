@@ -71,21 +71,7 @@ impl PluginConfig for GatedPixelCnnConfig {
     }
 
     fn build(&self, ctx: BuildCtx) -> Result<Box<dyn Conditional>, PluginError> {
-        let (hw, c, k) = ((ctx.height, ctx.width), self.channels, self.kernel);
-        let layers = (0..self.layers)
-            .map(|l| gated_block(c, k, l == 0, hw, ctx.order.as_deref(), ctx.vb.pp(format!("layers.{l}"))))
-            .collect::<Result<Vec<_>>>()?;
-        let head = output_mlp(c, ctx.num_params, ctx.vb.pp("head"))?;
-        Ok(Box::new(GatedPixelCnnNet {
-            layers,
-            head,
-            channels: c,
-            width: ctx.width,
-            dropout: Dropout::new(self.dropout, ctx.seed),
-            dims: ctx.dims(),
-            local: ctx.order.is_some(),
-            device: ctx.device,
-        }))
+        Ok(Box::new(self.network(ctx)?))
     }
 
     fn test_configs() -> Vec<Self> {
@@ -94,12 +80,35 @@ impl PluginConfig for GatedPixelCnnConfig {
     }
 
     fn key_docs() -> &'static [(&'static str, &'static str)] {
-        &[
-            ("channels", "feature maps of each stack"),
-            ("layers", "gated layers (the first is mask A)"),
-            ("kernel", "kernel width k (odd, >= 3): vertical (k/2+1) x k, horizontal 1 x (k/2+1)"),
-            ("dropout", "dropout on the gated outputs"),
-        ]
+        KEY_DOCS
+    }
+}
+
+const KEY_DOCS: &[(&str, &str)] = &[
+    ("channels", "feature maps of each stack"),
+    ("layers", "gated layers (the first is mask A)"),
+    ("kernel", "kernel width k (odd, >= 3): vertical (k/2+1) x k, horizontal 1 x (k/2+1)"),
+    ("dropout", "dropout on the gated outputs"),
+];
+
+impl GatedPixelCnnConfig {
+    fn network(&self, ctx: BuildCtx) -> Result<GatedPixelCnnNet> {
+        let (hw, c, k) = ((ctx.height, ctx.width), self.channels, self.kernel);
+        let layers = (0..self.layers)
+            .map(|l| gated_block(c, k, l == 0, hw, ctx.order.as_deref(), ctx.vb.pp(format!("layers.{l}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let head = output_mlp(c, ctx.num_params, ctx.vb.pp("head"))?;
+        Ok(GatedPixelCnnNet {
+            layers,
+            head,
+            channels: c,
+            width: ctx.width,
+            dropout: Dropout::new(self.dropout, ctx.seed),
+            dims: ctx.dims(),
+            half: k / 2,
+            local: ctx.order.is_some(),
+            device: ctx.device,
+        })
     }
 }
 
@@ -110,6 +119,8 @@ pub struct GatedPixelCnnNet {
     width: usize,
     dropout: Dropout,
     dims: usize,
+    /// k / 2: how many rows above and cells to the left a layer reads.
+    half: usize,
     /// Locally masked (another order than raster): the raster stepper does not apply.
     local: bool,
     device: Device,
@@ -148,8 +159,14 @@ impl Conditional for GatedPixelCnnNet {
         if self.local {
             return Ok(Box::new(NaiveStepper::new(self, batch)?));
         }
+        Ok(Box::new(self.cached_stepper(batch)?))
+    }
+}
+
+impl GatedPixelCnnNet {
+    fn cached_stepper(&self, batch: usize) -> Result<GatedStepper<'_>> {
         let n = self.layers.len();
-        Ok(Box::new(GatedStepper {
+        Ok(GatedStepper {
             net: self,
             batch,
             pos: 0,
@@ -159,8 +176,9 @@ impl Conditional for GatedPixelCnnNet {
             h: vec![Vec::with_capacity(self.dims); n],
             zero_pixel: Tensor::zeros((batch, 1), DType::F32, &self.device)?,
             zero_act: Tensor::zeros((batch, self.channels), DType::F32, &self.device)?,
+            empty: Tensor::zeros(0, DType::F32, &self.device)?,
             out: None,
-        }))
+        })
     }
 }
 
@@ -177,6 +195,8 @@ struct GatedStepper<'a> {
     h: Vec<Vec<Tensor>>,
     zero_pixel: Tensor,
     zero_act: Tensor,
+    /// What released cells hold.
+    empty: Tensor,
     out: Option<Tensor>,
 }
 
@@ -240,6 +260,74 @@ impl Stepper for GatedStepper<'_> {
         self.pixels.push(x_d.to_dtype(DType::F32)?.reshape((self.batch, 1))?);
         self.out = None;
         self.pos += 1;
+        self.release_unread();
+        Ok(())
+    }
+}
+
+impl GatedStepper<'_> {
+    /// Drops the cells no later step reads, so the caches stay a few rows deep instead of
+    /// growing with the image (at batch 256 on 28x28 the growth made every step's temporaries
+    /// land on fresh pages). From the next position on: the first layer's vertical stack reads
+    /// the pixels k/2 + 1 rows up, the horizontal stacks read k/2 cells to the left, the later
+    /// vertical stacks read k/2 rows up, and a vertical pre-activation is read at its own cell.
+    fn release_unread(&mut self) {
+        let (w, half, pos) = (self.net.width, self.net.half, self.pos);
+        let row = pos / w;
+        let empty = self.empty.clone();
+        release(&mut self.pixels, (row.saturating_sub(half + 1) * w).min(pos.saturating_sub(half)), &empty);
+        for l in 0..self.net.layers.len() {
+            release(&mut self.v[l], row.saturating_sub(half) * w, &empty);
+            release(&mut self.v_pre[l], pos, &empty);
+            release(&mut self.h[l], pos.saturating_sub(half), &empty);
+        }
+    }
+}
+
+/// Replaces the cells before `upto` with `empty` (a 0-element tensor: reading one is a shape
+/// error, never a silent zero), walking back from `upto` to the last one released.
+fn release(cache: &mut [Tensor], upto: usize, empty: &Tensor) {
+    let n = upto.min(cache.len());
+    for c in cache[..n].iter_mut().rev() {
+        if c.elem_count() == 0 {
+            break;
+        }
+        *c = empty.clone();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conformance;
+
+    /// On 7x9 images (several rows below every kernel's reach) the stepper still reproduces
+    /// every forward row, while holding only a few rows of cells per cache.
+    #[test]
+    fn stepper_matches_forward_and_holds_a_few_rows() -> Result<()> {
+        let (h, w) = (7, 9);
+        for k in [3, 5] {
+            let cfg = GatedPixelCnnConfig { channels: 4, layers: 3, kernel: k, dropout: 0.0 };
+            let map = candle_nn::VarMap::new();
+            let net = cfg.build(conformance::test_ctx(&map, 2, (h, w), (3, conformance::LEVELS))).map_err(candle_core::Error::msg)?;
+            conformance::stepper_matches_forward(net.as_ref()).map_err(candle_core::Error::msg)?;
+            let gated = cfg.network(conformance::test_ctx(&map, 2, (h, w), (3, conformance::LEVELS)))?;
+            let mut st = gated.cached_stepper(2)?;
+            let x = conformance::random_levels(2, h * w, conformance::LEVELS, 3, &Device::Cpu)?.affine(0.25, 0.0)?;
+            let half = k / 2;
+            for i in 0..h * w {
+                st.params()?;
+                st.push(&x.narrow(1, i, 1)?.squeeze(1)?)?;
+                let held = |c: &[Tensor]| c.iter().filter(|t| t.elem_count() > 0).count();
+                // Pixels: k/2 + 2 rows at most; vertical: k/2 + 1 rows; horizontal: k/2 + 1 cells.
+                assert!(held(&st.pixels) <= (half + 2) * w, "k {k} step {i}: {} pixels", held(&st.pixels));
+                for l in 0..3 {
+                    assert!(held(&st.v[l]) <= (half + 1) * w, "k {k} step {i}: v[{l}] holds {}", held(&st.v[l]));
+                    assert!(held(&st.h[l]) <= half + 1, "k {k} step {i}: h[{l}] holds {}", held(&st.h[l]));
+                    assert!(held(&st.v_pre[l]) <= w, "k {k} step {i}: v_pre[{l}] holds {}", held(&st.v_pre[l]));
+                }
+            }
+        }
         Ok(())
     }
 }
