@@ -49,7 +49,7 @@ impl Default for GatedPixelCnnConfig {
 
 impl PluginConfig for GatedPixelCnnConfig {
     const NAME: &'static str = "gated_pixelcnn";
-    const SUMMARY: &'static str = "gated PixelCNN: vertical + horizontal stacks, no blind spot (any order: local masks)";
+    const SUMMARY: &'static str = "gated PixelCNN: vertical + horizontal stacks, no blind spot (raster order)";
     const IS_2D: bool = true;
     const LOCAL_MASKS: bool = true;
 

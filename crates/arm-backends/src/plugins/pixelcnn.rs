@@ -61,7 +61,7 @@ fn check_odd(key: &str, k: usize, min: usize) -> Result<(), PluginError> {
 
 impl PluginConfig for PixelCnnConfig {
     const NAME: &'static str = "pixelcnn";
-    const SUMMARY: &'static str = "PixelCNN: mask-A conv, residual mask-B conv blocks (any order: local masks)";
+    const SUMMARY: &'static str = "PixelCNN: mask-A conv, residual mask-B conv blocks";
     const IS_2D: bool = true;
     const LOCAL_MASKS: bool = true;
 
