@@ -118,6 +118,14 @@ fn case(label: &str, data: &str, backend: &str, set: &[(&str, toml::Value)]) -> 
     }
 }
 
+impl Case {
+    /// The same case in another pixel ordering (2D plugins: locally masked convolutions).
+    fn ordered(mut self, ordering: &str) -> Case {
+        self.cfg.data.ordering = ordering.parse().unwrap_or_default();
+        self
+    }
+}
+
 /// The reference network (batch 64, 64 pixels, 256 channels, kernel 7, 4 layers) and a gated
 /// PixelCNN with 128 channels.
 pub fn default_cases() -> Vec<Case> {
@@ -133,6 +141,14 @@ pub fn default_cases() -> Vec<Case> {
         case("fvsbn 28x28 binary", "mnist10k-binary", "fvsbn", &[]),
         case("nade 500 hidden 28x28 binary", "mnist10k-binary", "nade", &[]),
         case("made 500 hidden 28x28 binary", "mnist10k-binary", "made", &[]),
+        case("gated_pixelcnn 64ch x5 k3 zigzag (LMConv)", "digits", "gated_pixelcnn", &[]).ordered("zigzag"),
+        case("gated_pixelcnn 32ch x6 k3 28x28 binary", "mnist10k-binary", "gated_pixelcnn", &[
+            ("channels", toml::Value::Integer(32)),
+            ("layers", toml::Value::Integer(6)),
+        ]),
+        case("causal_conv1d 64ch k7 x4 28x28 binary", "mnist10k-binary", "causal_conv1d", &[
+            ("channels", toml::Value::Integer(64)),
+        ]),
         case("transformer 128w x4 4h", "digits", "transformer", &[]),
         case("transformer 64w x2 2h 28x28 binary", "mnist10k-binary", "transformer", &[
             ("width", toml::Value::Integer(64)),
