@@ -56,13 +56,6 @@ fn is_identity(p: &[usize]) -> bool {
     p.iter().enumerate().all(|(i, &j)| i == j)
 }
 
-fn index(p: &[usize], dev: &Device) -> Result<Option<Tensor>> {
-    if is_identity(p) {
-        return Ok(None);
-    }
-    Ok(Some(Tensor::new(p.iter().map(|&j| j as u32).collect::<Vec<_>>(), dev)?))
-}
-
 /// The members of `plugin` with table `t` for `orderings`; see the module header.
 pub fn build(
     plugin: &Plugin,
@@ -89,8 +82,8 @@ pub fn build(
             nets.push(plugin.build(t, ctx.with_order(Some(o.rank(h, w).into())))?);
             members.push(Member {
                 net: m,
-                gather_in: index(&arm_rank, &dev)?,
-                gather_out: index(&arm_perm, &dev)?,
+                gather_in: arm_core::gather_index(&arm_rank, &dev)?,
+                gather_out: arm_core::gather_index(&arm_perm, &dev)?,
                 order: order_opt,
             });
         } else {
@@ -101,8 +94,8 @@ pub fn build(
             let out: Vec<usize> = arm_perm.iter().map(|&j| rank[j]).collect();
             members.push(Member {
                 net: 0,
-                gather_in: index(&order, &dev)?,
-                gather_out: index(&out, &dev)?,
+                gather_in: arm_core::gather_index(&order, &dev)?,
+                gather_out: arm_core::gather_index(&out, &dev)?,
                 order: order_opt,
             });
         }

@@ -14,7 +14,7 @@ mod traits;
 pub use arm::{bits_per_dim, Arm, SampleOutput, Sampler};
 pub use heads::{categorical::Categorical, head_names, Head, HeadConfigError, HeadProblem};
 pub use init::{seeded_var_builder, SeededInit};
-pub use ordering::Ordering;
+pub use ordering::{gather_index, invert, Ordering};
 pub use traits::{Conditional, NaiveStepper, Stepper};
 
 /// Result type of the core: candle's error carries shape and op context.

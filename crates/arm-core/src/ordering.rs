@@ -88,11 +88,7 @@ impl Ordering {
 
     /// rank[j] = sequence position of image pixel j (the inverse permutation).
     pub fn rank(self, height: usize, width: usize) -> Vec<usize> {
-        let mut rank = vec![0; height * width];
-        for (i, j) in self.permutation(height, width).into_iter().enumerate() {
-            rank[j] = i;
-        }
-        rank
+        invert(&self.permutation(height, width))
     }
 
     pub fn name(self) -> String {
@@ -178,6 +174,24 @@ impl<'de> serde::Deserialize<'de> for Ordering {
         let s = String::deserialize(d)?;
         s.parse().map_err(serde::de::Error::custom)
     }
+}
+
+/// The inverse of a permutation: inv[p[i]] = i.
+pub fn invert(p: &[usize]) -> Vec<usize> {
+    let mut inv = vec![0; p.len()];
+    for (i, &j) in p.iter().enumerate() {
+        inv[j] = i;
+    }
+    inv
+}
+
+/// A permutation as a u32 index tensor for `index_select`; None for the identity, which
+/// needs no gather.
+pub fn gather_index(p: &[usize], dev: &candle_core::Device) -> candle_core::Result<Option<candle_core::Tensor>> {
+    if p.iter().enumerate().all(|(i, &j)| i == j) {
+        return Ok(None);
+    }
+    Ok(Some(candle_core::Tensor::new(p.iter().map(|&j| j as u32).collect::<Vec<_>>(), dev)?))
 }
 
 #[cfg(test)]

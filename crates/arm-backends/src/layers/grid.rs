@@ -21,7 +21,7 @@
 //! and a pixel p makes p + 1 of them known.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
@@ -194,12 +194,14 @@ pub struct GridNet {
     /// Rank of every pixel when the convolutions are locally masked (another order than
     /// raster, Jain et al. 2020); None for the shifted raster-order kernels.
     local: Option<Arc<[usize]>>,
+    /// The attention's gathers into and out of that order, built on the first forward pass.
+    local_gathers: OnceLock<(Tensor, Tensor)>,
 }
 
 impl GridNet {
     /// A network for (h, w) images; node 0 is the input. `dropout` acts inside every `concat_elu_dropout` node.
     pub fn new(image: (usize, usize), dropout: Dropout) -> Self {
-        GridNet { nodes: vec![Node { op: Op::Input, grid: image, channels: 2 }], dropout, image, local: None }
+        GridNet { nodes: vec![Node { op: Op::Input, grid: image, channels: 2 }], dropout, image, local: None, local_gathers: OnceLock::new() }
     }
 
     /// Every later convolution locally masked for the ordering of `rank` (None: as given):
@@ -218,6 +220,16 @@ impl GridNet {
         };
         u.mask = Some(local_mask(rank, self.image, &u.taps, x == Self::INPUT));
         Ok(())
+    }
+
+    /// (perm, rank) as index tensors: cells into the local ordering and back.
+    fn local_gathers(&self, rank: &[usize], dev: &Device) -> Result<(Tensor, Tensor)> {
+        if let Some(g) = self.local_gathers.get() {
+            return Ok(g.clone());
+        }
+        let index = |p: &[usize]| Tensor::new(p.iter().map(|&j| j as u32).collect::<Vec<_>>(), dev);
+        let g = (index(&arm_core::invert(rank))?, index(rank)?);
+        Ok(self.local_gathers.get_or_init(|| g).clone())
     }
 
     pub const INPUT: NodeId = 0;
@@ -344,13 +356,7 @@ impl GridNet {
                     // Another ordering: the cells in that order, causal attention, back. The
                     // mask is then rank[key] < rank[query], the ordering's own.
                     Some(rank) => {
-                        let dev = x.device();
-                        let mut perm = vec![0u32; rank.len()];
-                        for (cell, &r) in rank.iter().enumerate() {
-                            perm[r] = cell as u32;
-                        }
-                        let perm = Tensor::new(perm, dev)?;
-                        let rank = Tensor::new(rank.iter().map(|&r| r as u32).collect::<Vec<_>>(), dev)?;
+                        let (perm, rank) = self.local_gathers(rank, x.device())?;
                         let [q, k, v] = [q, k, v].map(|n| vals[*n].index_select(&perm, 1));
                         super::strict_causal_attention(&q?, &k?, &v?, *heads, *strict)?.index_select(&rank, 1)?
                     }
