@@ -150,7 +150,8 @@ pub fn stepper_matches_forward(net: &dyn Conditional) -> R<()> {
     Ok(())
 }
 
-/// Naive, cached and Jacobi samplers return the same images for the same noise (6 images).
+/// Naive, cached (whole and in parts) and Jacobi samplers return the same images for the same
+/// noise (6 images).
 pub fn samplers_agree(arm: &Arm, seed: u64) -> R<()> {
     let (d, q) = (arm.dims(), arm.head().noise_dim());
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -165,6 +166,11 @@ pub fn samplers_agree(arm: &Arm, seed: u64) -> R<()> {
     let (jacobi, it) = images(Sampler::Jacobi)?;
     if naive != cached {
         return Err("naive and cached samplers differ".into());
+    }
+    // Three parts of two images, whatever the thread count.
+    let parts = arm.sample_cached_in(&noise, 3).map_err(err)?;
+    if naive != parts.to_vec2::<f32>().map_err(err)? {
+        return Err("the cached sampler differs when the batch is cut in three".into());
     }
     if naive != jacobi {
         return Err("naive and Jacobi samplers differ".into());

@@ -82,17 +82,9 @@ impl Arm {
             candle_core::bail!("conditional built for {} pixels, data has {height}x{width}", conditional.seq_len());
         }
         let p = ordering.permutation(height, width);
-        let perm = if p.iter().enumerate().all(|(i, &j)| i == j) {
-            None
-        } else {
-            let mut inv = vec![0u32; p.len()];
-            for (i, &j) in p.iter().enumerate() {
-                inv[j] = i as u32;
-            }
-            let dev = conditional.device();
-            let fwd: Vec<u32> = p.iter().map(|&j| j as u32).collect();
-            Some((Tensor::new(fwd, dev)?, Tensor::new(inv, dev)?))
-        };
+        let dev = conditional.device();
+        // Both None for the identity, both Some otherwise.
+        let perm = crate::gather_index(&p, dev)?.zip(crate::gather_index(&crate::invert(&p), dev)?);
         Ok(Self { conditional, head, levels, height, width, ordering, perm })
     }
 
@@ -195,12 +187,40 @@ impl Arm {
                 (self.run_stepper(Box::new(st), noise)?, d)
             }
             Sampler::Cached => {
-                let st = self.conditional.stepper(b)?;
-                (self.run_stepper(st, noise)?, d)
+                (self.cached(noise)?, d)
             }
             Sampler::Jacobi => self.jacobi(noise)?,
         };
         Ok(SampleOutput { images: self.to_image(&seq)?, iterations })
+    }
+
+    /// The cached sampler. On the CPU the batch is split into one part per thread, each
+    /// sampled by its own stepper on a thread of its own: a step's products are too small to
+    /// share between threads, and the images of a batch are independent (PERF.md).
+    fn cached(&self, noise: &Tensor) -> Result<Tensor> {
+        self.cached_in(noise, arm_kernels::own_threads())
+    }
+
+    /// (B, D) images from the cached sampler with the batch cut into `parts` parts of equal
+    /// size (the last may be smaller), each with its own stepper; they do not depend on `parts`.
+    pub fn sample_cached_in(&self, noise: &Tensor, parts: usize) -> Result<Tensor> {
+        self.to_image(&self.cached_in(noise, parts)?)
+    }
+
+    fn cached_in(&self, noise: &Tensor, parts: usize) -> Result<Tensor> {
+        let b = noise.dim(0)?;
+        let run = |noise: &Tensor| self.run_stepper(self.conditional.stepper(noise.dim(0)?)?, noise);
+        if !self.device().is_cpu() || b == 0 {
+            return run(noise);
+        }
+        // Even one part runs on a pool thread of its own: from this thread every parallel
+        // region of a step would hand its work to a pool thread and wait for it.
+        let per = b.div_ceil(parts.max(1));
+        let seqs = arm_kernels::on_own_threads(b.div_ceil(per), |i| {
+            let start = i * per;
+            run(&noise.narrow(0, start, per.min(b - start))?)
+        });
+        Tensor::cat(&seqs.into_iter().collect::<Result<Vec<_>>>()?, 0)
     }
 
     fn run_stepper(&self, mut st: Box<dyn Stepper + '_>, noise: &Tensor) -> Result<Tensor> {

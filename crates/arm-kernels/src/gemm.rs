@@ -29,6 +29,9 @@ impl<'a> View<'a> {
 }
 
 pub(crate) fn parallelism() -> Parallelism {
+    if crate::threads::single() {
+        return Parallelism::None;
+    }
     match candle_core::utils::get_num_threads() {
         0 | 1 => Parallelism::None,
         n => Parallelism::Rayon(n),

@@ -11,7 +11,8 @@
 //! - [`exclusive_cumsum`], [`running_sigmoid`]: prefix sums along a sequence, and NADE's hidden
 //!   units sigmoid(c + sum_{j<d} x_j w_j) as one op;
 //! - gemm on strided views, element-wise loops per SIMD level, vectorisable exp / tanh /
-//!   sigmoid, and a profiler of named phases ([`profile`]).
+//!   sigmoid, and a profiler of named phases ([`profile`]);
+//! - [`on_own_threads`]: independent parts of a loop of small calls, one thread each.
 //!
 //! This crate knows nothing of plugins or models: layers (`arm-backends`) call it, plugins
 //! call layers. Off the CPU (or for other dtypes) every op composes candle's own ops.
@@ -29,6 +30,7 @@ pub mod profile;
 mod running;
 mod simd;
 mod softmax;
+mod threads;
 mod timeconv;
 mod unfold;
 
@@ -41,6 +43,7 @@ pub use gelu::gelu;
 pub use layernorm::layer_norm;
 pub use running::running_sigmoid;
 pub use softmax::softmax_last_dim;
+pub use threads::{on_own_threads, own_threads};
 pub use timeconv::{time_conv, TimeConv};
 pub use unfold::{Fold, Unfold};
 

@@ -67,6 +67,18 @@ fn short_candle_spin() {
     }
 }
 
+/// candle and the fused ops ask `candle_core::utils::get_num_threads()` for the thread count
+/// at every matrix product and parallel op. Without `RAYON_NUM_THREADS` that call counts the
+/// physical cores from /proc each time, which made a cached sampling step of the gated
+/// PixelCNN 10x slower (PERF.md, "The thread count, once"). Counted once here instead, and
+/// set before rayon's pool starts, so rayon and candle agree on it.
+fn count_threads_once() {
+    const VAR: &str = "RAYON_NUM_THREADS";
+    if std::env::var(VAR).ok().and_then(|v| v.parse::<usize>().ok()).is_none_or(|n| n == 0) {
+        std::env::set_var(VAR, candle_core::utils::get_num_threads().to_string());
+    }
+}
+
 /// `runner report | head` should end quietly, as other command-line tools do, not panic on a
 /// closed stdout: restore the default SIGPIPE action that Rust's runtime ignores.
 #[cfg(unix)]
@@ -306,6 +318,7 @@ fn clap_error(e: clap::Error) -> ExitCode {
 
 fn main() -> ExitCode {
     short_candle_spin();
+    count_threads_once();
     keep_freed_memory();
     quiet_broken_pipe();
     let cli = match Cli::try_parse() {
