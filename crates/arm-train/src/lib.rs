@@ -58,7 +58,7 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     pub beta1: f64,
     pub beta2: f64,
-    /// Batch size for validation and test passes (no gradients).
+    /// Batch size for validation and test passes (no gradients), at most; see `eval_chunk`.
     pub eval_batch_size: usize,
     // The keys below were added later: they are written to a run's config only when set, so
     // the ids (config hashes) of runs made before them do not change.
@@ -139,7 +139,20 @@ pub struct TrainConfigError {
     pub problem: Problem,
 }
 
+/// Pixels one validation or test forward pass holds at most, unless one training batch holds
+/// more; see [`TrainConfig::eval_chunk`].
+pub const EVAL_PIXELS: usize = 1 << 16;
+
 impl TrainConfig {
+    /// Images per validation / test forward pass for images of `dims` pixels: `eval_batch_size`,
+    /// cut to [`EVAL_PIXELS`] pixels or one training batch, whichever is more. The weights are
+    /// variables, so candle records the graph of an evaluation pass too and keeps all of its
+    /// activations until the pass ends: 500 images of 28x28 took 2.7 GB more than training
+    /// (PERF.md, "Evaluation in chunks"). 8x8 digits keep 500 (1024 fit).
+    pub fn eval_chunk(&self, dims: usize) -> usize {
+        self.eval_batch_size.min(self.batch_size.max(EVAL_PIXELS / dims.max(1))).max(1)
+    }
+
     /// Checks ranges; the error names the first key out of range.
     pub fn validate(&self) -> Result<(), TrainConfigError> {
         let fail = |key, problem| Err(TrainConfigError { key, problem });
@@ -447,7 +460,7 @@ pub fn train_from(
     };
     restore(map, &stopping.best_weights)?;
     let (test_nll, test_bpd) = if matches!(status, Status::Finished { .. }) {
-        let nll = evaluate(arm, &data.test, cfg.eval_batch_size)?;
+        let nll = evaluate(arm, &data.test, cfg.eval_chunk(data.dims()))?;
         (Some(nll), Some(bits_per_dim(nll, data.dims())))
     } else {
         (None, None)
@@ -627,7 +640,7 @@ impl<'a> Trainer<'a> {
                 Some(current)
             }
         };
-        let val_nll = evaluate(self.arm, &self.data.val, self.cfg.eval_batch_size)?;
+        let val_nll = evaluate(self.arm, &self.data.val, self.cfg.eval_chunk(self.data.dims()))?;
         let improved = val_nll.is_finite() && stopping.record(epoch, val_nll, self.map)?;
         if let Some(current) = training {
             restore(self.map, &current)?;
@@ -753,6 +766,16 @@ mod tests {
 
     /// The step runs on a worker of the pool the fused ops split their work over, and gives
     /// back what the closure returned.
+    #[test]
+    fn eval_chunks_cap_the_pixels_of_a_pass_but_not_below_a_training_batch() {
+        let cfg = |batch_size, eval_batch_size| TrainConfig { batch_size, eval_batch_size, ..Default::default() };
+        assert_eq!(cfg(64, 500).eval_chunk(64), 500, "digits: 65536 / 64 = 1024 would fit");
+        assert_eq!(cfg(64, 500).eval_chunk(784), 83, "28x28: 65536 / 784 = 83");
+        assert_eq!(cfg(128, 500).eval_chunk(784), 128, "never below a training batch");
+        assert_eq!(cfg(64, 50).eval_chunk(784), 50, "never above eval_batch_size");
+        assert_eq!(cfg(64, 500).eval_chunk(1 << 20), 64);
+    }
+
     #[test]
     fn in_pool_runs_on_a_rayon_worker() {
         assert_eq!(rayon::current_thread_index(), None, "the test thread is not a worker");

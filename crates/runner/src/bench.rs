@@ -212,7 +212,8 @@ pub fn bench_train(cases: &[Case], steps: usize, profile: bool, dev: &Device) ->
         // Training = forward + backward (grad w.r.t. inputs and weights): 3x the forward FLOPs.
         let gflops = 3.0 * fwd_flops / step / 1e9;
         let t0 = Instant::now();
-        let n_eval = arm_train::evaluate(&arm, &data.val, 500).map(|_| data.val.n)?;
+        let chunk = case.cfg.train.eval_chunk(data.dims());
+        let n_eval = arm_train::evaluate(&arm, &data.val, chunk).map(|_| data.val.n)?;
         let eval_ips = n_eval as f64 / t0.elapsed().as_secs_f64();
         println!(
             "{:<42} {:>9.4} {:>9.4} {:>9.4} {:>9.4} {:>10.2} {:>9.1} {:>9.1} {:>7.1}% {:>9.0} {:>9.0}",
