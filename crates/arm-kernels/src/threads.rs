@@ -1,9 +1,10 @@
 //! Where small work runs. A parallel region called from outside rayon's pool hands its halves
 //! to pool threads and waits for them; for the tiny products of one cached sampling step that
-//! hand-off costs more than the work (PERF.md, "Two threads against one for cached sampling").
+//! hand-off costs more than the work (PERF.md, "One stepper per thread").
 //! [`on_own_threads`] runs independent parts of such a loop (a sampler's batch) at the same
-//! time, each on a pool of a single thread, so every parallel region inside runs in place. Results do not depend on it: no op here splits a sum by
-//! thread count outside the weight gradients, which sampling never computes.
+//! time, each on a pool of a single thread, so every parallel region inside runs in place.
+//! Results do not depend on it: a forward product splits its output, not its sums, between
+//! threads (only weight gradients split sums, and sampling computes none).
 
 use std::sync::OnceLock;
 
