@@ -187,18 +187,11 @@ impl Arm {
                 (self.run_stepper(Box::new(st), noise)?, d)
             }
             Sampler::Cached => {
-                (self.cached(noise)?, d)
+                (self.cached_in(noise, arm_kernels::own_threads())?, d)
             }
             Sampler::Jacobi => self.jacobi(noise)?,
         };
         Ok(SampleOutput { images: self.to_image(&seq)?, iterations })
-    }
-
-    /// The cached sampler. On the CPU the batch is split into one part per thread, each
-    /// sampled by its own stepper on a thread of its own: a step's products are too small to
-    /// share between threads, and the images of a batch are independent (PERF.md).
-    fn cached(&self, noise: &Tensor) -> Result<Tensor> {
-        self.cached_in(noise, arm_kernels::own_threads())
     }
 
     /// (B, D) images from the cached sampler with the batch cut into `parts` parts of equal
@@ -207,6 +200,10 @@ impl Arm {
         self.to_image(&self.cached_in(noise, parts)?)
     }
 
+    /// The cached sampler. On the CPU the batch is split into `parts` parts (one per thread
+    /// for `sample`), each sampled by its own stepper on a thread of its own: a step's products
+    /// are too small to share between threads, and the images of a batch are independent
+    /// (PERF.md, "One stepper per thread").
     fn cached_in(&self, noise: &Tensor, parts: usize) -> Result<Tensor> {
         let b = noise.dim(0)?;
         let run = |noise: &Tensor| self.run_stepper(self.conditional.stepper(noise.dim(0)?)?, noise);

@@ -35,19 +35,21 @@ pub fn on_own_threads<R: Send>(n: usize, f: impl Fn(usize) -> R + Sync) -> Vec<R
         return (0..n).map(&f).collect();
     }
     let lanes = pools.len().min(n);
+    if lanes == 0 {
+        return Vec::new();
+    }
     let f = &f;
-    let lane = move |l: usize| pools[l].install(|| (l..n).step_by(lanes).map(f).collect::<Vec<R>>());
-    let mut per_lane: Vec<Vec<R>> = std::thread::scope(|s| {
+    let lane = move |l: usize| pools[l].install(|| (l..n).step_by(lanes).map(|i| (i, f(i))).collect::<Vec<_>>());
+    let mut done: Vec<(usize, R)> = std::thread::scope(|s| {
         let handles: Vec<_> = (1..lanes).map(|l| s.spawn(move || lane(l))).collect();
-        let mut out = vec![if lanes > 0 { lane(0) } else { Vec::new() }];
-        out.extend(handles.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))));
+        let mut out = lane(0);
+        for h in handles {
+            out.extend(h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
+        }
         out
-    })
-    .into_iter()
-    .map(|v| v.into_iter().rev().collect())
-    .collect();
-    // Back in part order: part i is the next of lane i mod lanes.
-    (0..n).map(|i| per_lane[i % lanes].pop().expect("one result per part")).collect()
+    });
+    done.sort_by_key(|&(i, _)| i);
+    done.into_iter().map(|(_, r)| r).collect()
 }
 
 /// Whether the pool this code runs on has one thread (then the gemm runs unthreaded).
