@@ -456,12 +456,18 @@ fn bench_sampling_counts_flops_per_image_and_rows_per_batch() {
     {
         let num = |i: usize| -> f64 { row[i].trim_end_matches(['%', 'x']).parse().unwrap_or_else(|_| panic!("{row:?}")) };
         assert_eq!((row[1], num(2)), (image, batch), "{row:?}");
-        // Columns: plugin image batch naive fwd cached jacobi (it) cached-x jacobi-x ms/px GFLOP/im GF/s % same.
-        assert!((num(11) - gflop).abs() < 1e-4, "{row:?}: {gflop} GFLOP per image by hand");
-        let (cached_s, gfs) = (num(5), num(12));
+        // Columns: plugin image batch naive fwd cached jacobi (it) predictive (calls/im) cached-x
+        // jacobi-x ms/px GFLOP/im GF/s % same.
+        assert!((num(13) - gflop).abs() < 1e-4, "{row:?}: {gflop} GFLOP per image by hand");
+        let (cached_s, gfs) = (num(5), num(14));
         assert!((gfs - gflop * batch / cached_s).abs() <= 0.02 * gfs + 0.01, "{row:?}");
-        assert!((num(13) - 100.0 * gfs / peak).abs() <= 0.02 * num(13) + 0.01, "{row:?} with peak {peak}");
-        assert_eq!(row[14], "yes", "{row:?}");
+        assert!((num(15) - 100.0 * gfs / peak).abs() <= 0.02 * num(15) + 0.01, "{row:?} with peak {peak}");
+        assert_eq!(row[16], "yes", "{row:?}");
+        // Predictive calls per image: at least one pass, at most the Jacobi passes (both stop
+        // with the slowest image; predictive's mean cannot exceed it) and the pixels.
+        let calls: f64 = row[9].trim_matches(['(', ')']).parse().unwrap_or_else(|_| panic!("{row:?}"));
+        let jacobi_it: f64 = row[7].trim_matches(['(', ')']).parse().unwrap_or_else(|_| panic!("{row:?}"));
+        assert!(calls >= 1.0 && calls <= jacobi_it, "{row:?}");
     }
 }
 

@@ -38,13 +38,14 @@ fn rel(a: f64, b: f64) -> f64 {
 fn every_sampler_writes_the_same_png_for_one_seed() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let run = train_tiny(&tmp.path().join("results"));
-    let png = |sampler: &str, seed: u64| -> Vec<u8> {
+    let png_with = |sampler: &str, seed: u64, extra: &[&str]| -> (Vec<u8>, String) {
         let out = tmp.path().join(format!("{sampler}_{seed}.png"));
         let o = runner(tmp.path())
             .arg("sample")
             .arg(&run)
             .args(["--n", "9", "--sampler", sampler, "--seed", &seed.to_string(), "--out"])
             .arg(&out)
+            .args(extra)
             .output()
             .expect("run");
         assert!(o.status.success(), "{sampler}: {}", stderr(&o));
@@ -55,11 +56,27 @@ fn every_sampler_writes_the_same_png_for_one_seed() {
         }
         let bytes = std::fs::read(&out).expect("png written");
         assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "{sampler}: not a PNG");
-        bytes
+        (bytes, s)
     };
+    let png = |sampler: &str, seed: u64| png_with(sampler, seed, &[]).0;
     let naive = png("naive", 11);
     assert!(naive == png("cached", 11), "cached differs from naive");
     assert!(naive == png("jacobi", 11), "jacobi differs from naive");
+    // Predictive, with fixed-point forecasts and with a fitted forecaster: the same images, and
+    // the network calls per image (at most the 64 pixels) are printed.
+    for extra in [&[][..], &["--offsets", "3"][..]] {
+        let (bytes, s) = png_with("predictive", 11, extra);
+        assert!(naive == bytes, "predictive {extra:?} differs from naive");
+        let calls: f64 = s
+            .lines()
+            .find(|l| l.starts_with("sampler predictive"))
+            .and_then(|l| l.split("; ").nth(1))
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no calls in {s}"));
+        assert!((1.0..=64.0).contains(&calls) && s.contains("network calls per image (of 64)"), "{s}");
+        assert_eq!(s.contains("forecaster: 3 pixels ahead"), !extra.is_empty(), "{s}");
+    }
     assert!(naive != png("cached", 12), "another seed gives the same images");
     // The default output goes into the run folder.
     let o = runner(tmp.path()).arg("sample").arg(&run).output().expect("run");
@@ -122,7 +139,12 @@ fn bad_input_gets_one_line_and_exit_2() {
         (vec!["sample".into(), s(&unfinished)], vec!["model.safetensors"]),
         (
             vec!["sample".into(), s(&run), "--sampler".into(), "fast".into()],
-            vec!["--sampler", "fast", "naive, cached, jacobi"],
+            vec!["--sampler", "fast", "naive, cached, jacobi, predictive"],
+        ),
+        (vec!["sample".into(), s(&run), "--offsets".into(), "2".into()], vec!["--offsets", "predictive", "cached"]),
+        (
+            vec!["sample".into(), s(&run), "--sampler".into(), "predictive".into(), "--offsets".into(), "64".into()],
+            vec!["--offsets", "64 pixels", "64"],
         ),
         (vec!["sample".into(), s(&run), "--n".into(), "0".into()], vec!["--n"]),
         (vec!["eval".into(), s(&tmp.path().join("missing"))], vec!["missing", "no such run folder"]),

@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use arm_core::{Arm, Conditional, Sampler};
+use arm_core::{Arm, Conditional, Forecaster, Sampler};
 
 type R<T> = Result<T, String>;
 
@@ -150,8 +150,8 @@ pub fn stepper_matches_forward(net: &dyn Conditional) -> R<()> {
     Ok(())
 }
 
-/// Naive, cached (whole and in parts) and Jacobi samplers return the same images for the same
-/// noise (6 images).
+/// Naive, cached (whole and in parts), Jacobi and predictive samplers return the same images
+/// for the same noise (6 images).
 pub fn samplers_agree(arm: &Arm, seed: u64) -> R<()> {
     let (d, q) = (arm.dims(), arm.head().noise_dim());
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -177,6 +177,23 @@ pub fn samplers_agree(arm: &Arm, seed: u64) -> R<()> {
     }
     if it > d {
         return Err(format!("Jacobi took {it} iterations for {d} pixels"));
+    }
+    // Predictive sampling with fixed-point forecasts, then with a seeded random forecaster
+    // (forecasts decide how many pixels a pass settles, never their values).
+    let (width, p) = (arm.shape().1, arm.head().num_params());
+    let offsets = 3.min(d - 1).max(1);
+    let f = Forecaster::features(p, arm.levels(), width);
+    let mut w = |n: usize| (0..n).map(|_| rng.random::<f32>() * 4.0 - 2.0).collect::<Vec<_>>();
+    let (fw, fb) = (w(offsets * f * p), w(offsets * p));
+    let fc = Forecaster::from_weights(offsets, width, arm.levels(), p, fw, fb).map_err(err)?;
+    for (what, fc) in [("fixed-point forecasts", None), ("a random forecaster", Some(&fc))] {
+        let (imgs, calls) = arm.sample_predictive_with(&noise, fc).map_err(err)?;
+        if naive != imgs.to_vec2::<f32>().map_err(err)? {
+            return Err(format!("naive and predictive samplers ({what}) differ"));
+        }
+        if !(1.0..=d as f64).contains(&calls) {
+            return Err(format!("predictive sampling ({what}) took {calls} calls per image for {d} pixels"));
+        }
     }
     Ok(())
 }

@@ -8,11 +8,14 @@
 //! - jacobi: fixed-point iteration of all positions in parallel from the previous iterate with
 //!   the same noise (Song et al. 2021, "Accelerating feedforward computation via parallel
 //!   nonlinear equation solving", Alg. 1); after t iterations the first t positions are final, so
-//!   it ends in at most D passes and returns exactly the sequential sample.
+//!   it ends in at most D passes and returns exactly the sequential sample;
+//! - predictive: parallel passes that check forecasts of the next pixels, with the last pass's
+//!   draws as forecasts and optionally a fitted forecaster (Wiggers & Hoogeboom 2020; see
+//!   `predictive.rs`); also exact, in at most D passes.
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::{Conditional, Head, NaiveStepper, Ordering, Result, Stepper};
+use crate::{Conditional, Forecaster, Head, NaiveStepper, Ordering, Result, Stepper};
 
 /// Nats per image to bits per dimension.
 pub fn bits_per_dim(nats: f64, dims: usize) -> f64 {
@@ -30,6 +33,8 @@ pub enum Sampler {
     Cached,
     /// Parallel fixed-point iterations of all pixels.
     Jacobi,
+    /// Parallel passes that check forecasts of the next pixels (Wiggers & Hoogeboom 2020).
+    Predictive,
 }
 
 impl Sampler {
@@ -39,6 +44,7 @@ impl Sampler {
             Sampler::Naive => "naive",
             Sampler::Cached => "cached",
             Sampler::Jacobi => "jacobi",
+            Sampler::Predictive => "predictive",
         }
     }
 }
@@ -52,8 +58,11 @@ impl std::fmt::Display for Sampler {
 pub struct SampleOutput {
     /// (B, D) levels as f32, in image (row-major) layout.
     pub images: Tensor,
-    /// Forward passes (jacobi) or steps (naive, cached) taken.
+    /// Forward passes (jacobi, predictive: the slowest image's) or steps (naive, cached) taken.
     pub iterations: usize,
+    /// Network calls per image, the mean over the batch: D steps for naive and cached, the
+    /// passes for Jacobi, and the passes each image took part in for predictive.
+    pub calls: f64,
 }
 
 pub struct Arm {
@@ -65,6 +74,8 @@ pub struct Arm {
     ordering: Ordering,
     /// Sequence -> image and image -> sequence index maps; None for the identity.
     perm: Option<(Tensor, Tensor)>,
+    /// Forecasts of the predictive sampler besides its fixed-point ones.
+    forecaster: Option<Forecaster>,
 }
 
 impl Arm {
@@ -85,7 +96,7 @@ impl Arm {
         let dev = conditional.device();
         // Both None for the identity, both Some otherwise.
         let perm = crate::gather_index(&p, dev)?.zip(crate::gather_index(&crate::invert(&p), dev)?);
-        Ok(Self { conditional, head, levels, height, width, ordering, perm })
+        Ok(Self { conditional, head, levels, height, width, ordering, perm, forecaster: None })
     }
 
     pub fn head(&self) -> &dyn Head {
@@ -110,6 +121,11 @@ impl Arm {
         self.conditional.device()
     }
 
+    /// The forecaster the predictive sampler uses (None: fixed-point forecasts only).
+    pub fn set_forecaster(&mut self, forecaster: Option<Forecaster>) {
+        self.forecaster = forecaster;
+    }
+
     /// (B, D) image layout -> (B, D) sequence order.
     pub fn to_sequence(&self, x: &Tensor) -> Result<Tensor> {
         match &self.perm {
@@ -127,7 +143,7 @@ impl Arm {
     }
 
     /// Levels -> network inputs in [0, 1] (0 stays 0, so zero padding reads as background).
-    fn scale(&self, levels: &Tensor) -> Result<Tensor> {
+    pub(crate) fn scale(&self, levels: &Tensor) -> Result<Tensor> {
         levels.affine(1.0 / (self.levels - 1) as f64, 0.0)
     }
 
@@ -181,17 +197,31 @@ impl Arm {
         if d != self.dims() || q != self.head.noise_dim() {
             candle_core::bail!("noise shape ({b}, {d}, {q}), expected (B, {}, {})", self.dims(), self.head.noise_dim());
         }
-        let (seq, iterations) = match sampler {
+        let (seq, iterations, calls) = match sampler {
             Sampler::Naive => {
                 let st = NaiveStepper::new(self.conditional.as_ref(), b)?;
-                (self.run_stepper(Box::new(st), noise)?, d)
+                (self.run_stepper(Box::new(st), noise)?, d, d as f64)
             }
-            Sampler::Cached => {
-                (self.cached_in(noise, arm_kernels::own_threads())?, d)
+            Sampler::Cached => (self.cached_in(noise, arm_kernels::own_threads())?, d, d as f64),
+            Sampler::Jacobi => {
+                let (seq, it) = self.jacobi(noise)?;
+                (seq, it, it as f64)
             }
-            Sampler::Jacobi => self.jacobi(noise)?,
+            Sampler::Predictive => {
+                let p = crate::predictive::sample(self, noise, self.forecaster.as_ref(), None)?;
+                let mean = p.calls.iter().sum::<usize>() as f64 / b.max(1) as f64;
+                (p.seq, p.passes, mean)
+            }
         };
-        Ok(SampleOutput { images: self.to_image(&seq)?, iterations })
+        Ok(SampleOutput { images: self.to_image(&seq)?, iterations, calls })
+    }
+
+    /// (B, D) images from the predictive sampler with `forecaster` in place of the Arm's own,
+    /// and the mean network calls per image.
+    pub fn sample_predictive_with(&self, noise: &Tensor, forecaster: Option<&Forecaster>) -> Result<(Tensor, f64)> {
+        let p = crate::predictive::sample(self, noise, forecaster, None)?;
+        let mean = p.calls.iter().sum::<usize>() as f64 / p.calls.len().max(1) as f64;
+        Ok((self.to_image(&p.seq)?, mean))
     }
 
     /// (B, D) images from the cached sampler with the batch cut into `parts` parts of equal

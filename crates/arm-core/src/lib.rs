@@ -9,12 +9,14 @@ mod arm;
 pub mod heads;
 mod init;
 mod ordering;
+mod predictive;
 mod traits;
 
 pub use arm::{bits_per_dim, Arm, SampleOutput, Sampler};
 pub use heads::{categorical::Categorical, head_names, Head, HeadConfigError, HeadProblem};
 pub use init::{seeded_var_builder, SeededInit};
 pub use ordering::{gather_index, invert, Ordering};
+pub use predictive::{FitOptions, FitReport, Forecaster};
 pub use traits::{Conditional, NaiveStepper, Stepper};
 
 /// Result type of the core: candle's error carries shape and op context.

@@ -1,9 +1,10 @@
-//! `runner bench sampling`: seconds to draw a batch of images with the naive, cached and
-//! Jacobi samplers, for every registered plugin (its default config, seeded random weights, a
-//! categorical head) on 8x8 digits (17 levels) and 28x28 binary images (2 levels). Speedups
-//! are ratios within one run, so machine noise moves numerator and denominator alike. The
-//! three samplers get the same noise and must return the same images; the table says whether
-//! they did.
+//! `runner bench sampling`: seconds to draw a batch of images with the naive, cached, Jacobi
+//! and predictive samplers, for every registered plugin (its default config, seeded random
+//! weights, a categorical head) on 8x8 digits (17 levels) and 28x28 binary images (2 levels).
+//! Speedups are ratios within one run, so machine noise moves numerator and denominator alike.
+//! The samplers get the same noise and must return the same images; the table says whether
+//! they did. The predictive sampler runs with fixed-point forecasts; its column gives the mean
+//! network calls per image.
 //!
 //! The naive sampler does one full forward pass per pixel (quadratic in D). When D passes
 //! would exceed `--max-seconds`, it is run for a prefix of the pixels only and its time is
@@ -120,6 +121,9 @@ struct Cells {
     cached: f64,
     jacobi: f64,
     iterations: usize,
+    predictive: f64,
+    /// Mean network calls per image of the predictive sampler.
+    calls: f64,
     dims: usize,
     /// F: forward matrix-product FLOPs per image.
     flops_image: f64,
@@ -141,6 +145,7 @@ fn measure(cfg: &RunConfig, dev: &Device, opts: &Options, b: usize) -> Result<Ce
     })?;
     let (cached, c) = time_best(3, || Ok(arm.sample(&noise, Sampler::Cached)?))?;
     let (jacobi, j) = time_best(3, || Ok(arm.sample(&noise, Sampler::Jacobi)?))?;
+    let (predictive, pr) = time_best(3, || Ok(arm.sample(&noise, Sampler::Predictive)?))?;
     // The full naive sampler of the library when it fits the limit (estimated from `fwd`),
     // else a budgeted prefix.
     let naive = if fwd * d as f64 <= opts.max_seconds {
@@ -151,12 +156,12 @@ fn measure(cfg: &RunConfig, dev: &Device, opts: &Options, b: usize) -> Result<Ce
         naive_budgeted(&arm, &noise, opts.max_seconds)?
     };
     let cached_seq = arm.to_sequence(&c.images)?; // (B, D) sequence order
-    let cj = same(&c.images, &j.images)?;
+    let cj = same(&c.images, &j.images)? && same(&c.images, &pr.images)?;
     let cn = same(&cached_seq.narrow(1, 0, naive.steps)?, &naive.seq)?;
     let identical = match (cj, cn, naive.steps == d) {
         (true, true, true) => "yes".to_string(),
         (true, true, false) => format!("yes (naive: first {} px)", naive.steps),
-        (false, _, _) => "NO: jacobi != cached".to_string(),
+        (false, _, _) => "NO: jacobi or predictive != cached".to_string(),
         (true, false, _) => "NO: naive != cached".to_string(),
     };
     Ok(Cells {
@@ -166,6 +171,8 @@ fn measure(cfg: &RunConfig, dev: &Device, opts: &Options, b: usize) -> Result<Ce
         cached,
         jacobi,
         iterations: j.iterations,
+        predictive,
+        calls: pr.calls,
         dims: d,
         flops_image: crate::bench::forward_flops_per_image(&arm, &map),
         identical,
@@ -218,6 +225,7 @@ pub fn bench_sampling(dev: &Device, opts: &Options) -> Result<()> {
     println!(
         "  Jacobi iterations (it) depend on the weights: random weights settle in few; trained ones can take more."
     );
+    println!("  pred: the predictive sampler with fixed-point forecasts; calls/im = its mean network calls per image.");
     let reference = |r: &&Row| r.plugin == "causal_conv1d" && r.image == "8x8";
     let row = rows.iter().filter(reference).find(|r| r.batch == 16).or_else(|| rows.iter().find(reference));
     if let Some(Row { cells: Ok(c), batch, .. }) = row {
@@ -233,7 +241,7 @@ pub fn bench_sampling(dev: &Device, opts: &Options) -> Result<()> {
 fn print_row(r: &Row, header: bool, peak: f64) {
     if header {
         println!(
-            "\n{:<16} {:>6} {:>5} {:>10} {:>9} {:>9} {:>15} {:>9} {:>9} {:>12} {:>9} {:>10} {:>7}  same images",
+            "\n{:<16} {:>6} {:>5} {:>10} {:>9} {:>9} {:>15} {:>17} {:>9} {:>9} {:>12} {:>9} {:>10} {:>7}  same images",
             "plugin",
             "image",
             "batch",
@@ -241,6 +249,7 @@ fn print_row(r: &Row, header: bool, peak: f64) {
             "fwd s",
             "cached s",
             "jacobi s (it)",
+            "pred s (calls/im)",
             "cached x",
             "jacobi x",
             "cached ms/px",
@@ -255,7 +264,7 @@ fn print_row(r: &Row, header: bool, peak: f64) {
             let naive = if c.naive_steps == c.dims { format!("{:.3}", c.naive) } else { format!("~{:.1}", c.naive) };
             let gflops = c.flops_image * r.batch as f64 / c.cached / 1e9;
             println!(
-                "{:<16} {:>6} {:>5} {:>10} {:>9.4} {:>9.4} {:>15} {:>8.1}x {:>8.1}x {:>12.4} {:>9.4} {:>10.2} {:>6.2}%  {}",
+                "{:<16} {:>6} {:>5} {:>10} {:>9.4} {:>9.4} {:>15} {:>17} {:>8.1}x {:>8.1}x {:>12.4} {:>9.4} {:>10.2} {:>6.2}%  {}",
                 r.plugin,
                 r.image,
                 r.batch,
@@ -263,6 +272,7 @@ fn print_row(r: &Row, header: bool, peak: f64) {
                 c.fwd,
                 c.cached,
                 format!("{:.4} ({})", c.jacobi, c.iterations),
+                format!("{:.4} ({:.1})", c.predictive, c.calls),
                 c.naive / c.cached,
                 c.naive / c.jacobi,
                 1e3 * c.cached / c.dims as f64,

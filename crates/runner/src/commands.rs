@@ -141,9 +141,9 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             list();
             Ok(())
         }
-        Command::Sample { run_dir, n, sampler, seed, out } => {
+        Command::Sample { run_dir, n, sampler, seed, out, offsets } => {
             let device = parse_device(&device)?;
-            crate::sample::sample(&run_dir, &device, &crate::sample::Options { n, sampler, seed, out })
+            crate::sample::sample(&run_dir, &device, &crate::sample::Options { n, sampler, seed, out, offsets })
         }
         Command::Eval { run_dir, data, split, out, members } => {
             let device = parse_device(&device)?;

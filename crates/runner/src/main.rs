@@ -241,6 +241,11 @@ enum Command {
         /// PNG file (default: RUN_DIR/samples_<sampler>_seed<seed>.png).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Predictive sampler: fit a forecaster of this many pixels ahead to fixed-point
+        /// sampling runs of the model first (default 0: the last pass's draws are the
+        /// forecasts).
+        #[arg(long)]
+        offsets: Option<usize>,
     },
     /// Per-image NLL (nats, bits/dim) of a data split under a trained run, to parquet or CSV.
     Eval {

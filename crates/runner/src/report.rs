@@ -461,7 +461,7 @@ pub struct SampleGrid {
 /// Loads a run's best weights and draws `n` samples with the cached sampler.
 pub fn sample_config(dir: &Path, run: &Row, device: &Device, n: usize) -> Result<SampleGrid> {
     let t = crate::trained::build_with_weights(dir, run.config.clone(), Some(run.status.clone()), device)?;
-    let (images, _) = crate::run::draw_samples(&t.arm, n, run.config.sample.seed, Sampler::Cached)?;
+    let (images, ..) = crate::run::draw_samples(&t.arm, n, run.config.sample.seed, Sampler::Cached)?;
     let real = crate::run::first_images(&t.data.test, n);
     Ok(SampleGrid { images, real, shape: t.arm.shape(), levels: t.arm.levels() })
 }

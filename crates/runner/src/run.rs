@@ -67,12 +67,14 @@ pub fn sample_noise(arm: &Arm, n: usize, seed: u64) -> Result<Tensor> {
     Ok(Tensor::from_vec(noise, (n, d, q), arm.device())?)
 }
 
-/// Draws `n` samples with noise from `seed`; returns images as level vectors (image layout).
-pub fn draw_samples(arm: &Arm, n: usize, seed: u64, sampler: Sampler) -> Result<(Vec<Vec<u8>>, usize)> {
+/// Draws `n` samples with noise from `seed`; returns images as level vectors (image layout),
+/// the sampler's iterations and its network calls per image.
+pub fn draw_samples(arm: &Arm, n: usize, seed: u64, sampler: Sampler) -> Result<(Vec<Vec<u8>>, usize, f64)> {
     let noise = sample_noise(arm, n, seed)?;
     let out = arm.sample(&noise, sampler)?;
     let rows = out.images.to_vec2::<f32>()?;
-    Ok((rows.into_iter().map(|r| r.into_iter().map(|v| v as u8).collect()).collect(), out.iterations))
+    let imgs = rows.into_iter().map(|r| r.into_iter().map(|v| v as u8).collect()).collect();
+    Ok((imgs, out.iterations, out.calls))
 }
 
 pub fn save_weights(map: &VarMap, path: &Path) -> Result<()> {
@@ -324,7 +326,7 @@ fn record_outcome(
     match &outcome.status {
         Status::Finished { .. } => {
             save_weights(map, &dir.join("model.safetensors"))?;
-            let (imgs, _) = draw_samples(arm, cfg.sample.n, cfg.sample.seed, Sampler::Cached)?;
+            let (imgs, ..) = draw_samples(arm, cfg.sample.n, cfg.sample.seed, Sampler::Cached)?;
             let title = format!("{} samples", cfg.model.backend);
             plots::sample_grid(&dir.join("samples.png"), &title, &imgs, arm.shape(), arm.levels())?;
             let real = first_images(&data.test, cfg.sample.n);

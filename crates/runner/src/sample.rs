@@ -1,6 +1,8 @@
 //! `runner sample RUN_DIR`: draws images from a trained run with a chosen sampler (naive,
-//! cached or Jacobi) and writes them as a PNG grid. The noise comes from `--seed`, so the three
-//! samplers give the same images (and the same PNG bytes) for one seed; only the time differs.
+//! cached, Jacobi or predictive) and writes them as a PNG grid. The noise comes from `--seed`,
+//! so every sampler gives the same images (and the same PNG bytes) for one seed; only the time
+//! and the number of network calls differ. With `--offsets T` the predictive sampler first fits
+//! a forecaster to fixed-point sampling runs of the model (timed apart from sampling).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -8,7 +10,7 @@ use std::time::Instant;
 use anyhow::Result;
 use candle_core::Device;
 
-use arm_core::Sampler;
+use arm_core::{FitOptions, Forecaster, Sampler};
 
 use crate::{bad_input, plots, trained};
 
@@ -17,6 +19,9 @@ pub struct Options {
     pub sampler: Sampler,
     pub seed: u64,
     pub out: Option<PathBuf>,
+    /// Predictive sampler: pixels a fitted forecaster predicts ahead (None or 0: fixed-point
+    /// forecasts only).
+    pub offsets: Option<usize>,
 }
 
 pub fn sample(run_dir: &std::path::Path, device: &Device, opts: &Options) -> Result<()> {
@@ -25,10 +30,16 @@ pub fn sample(run_dir: &std::path::Path, device: &Device, opts: &Options) -> Res
     if opts.n == 0 {
         return Err(bad_input("--n: must be at least 1, got 0"));
     }
-    let t = trained::open(run_dir, device)?;
+    if opts.offsets.is_some() && sampler != Sampler::Predictive {
+        return Err(bad_input(format!("--offsets: only the predictive sampler forecasts, not {sampler}")));
+    }
+    let mut t = trained::open(run_dir, device)?;
+    if sampler == Sampler::Predictive {
+        fit_forecaster(&mut t, opts)?;
+    }
     let out = opts.out.clone().unwrap_or_else(|| run_dir.join(format!("samples_{sampler}_seed{}.png", opts.seed)));
     let t0 = Instant::now();
-    let (imgs, iterations) = crate::run::draw_samples(&t.arm, opts.n, opts.seed, sampler)?;
+    let (imgs, iterations, calls) = crate::run::draw_samples(&t.arm, opts.n, opts.seed, sampler)?;
     let secs = t0.elapsed().as_secs_f64();
     // The title names no sampler, so every sampler writes the same bytes for the same seed.
     let title = format!("{} samples (seed {})", t.cfg.model.backend, opts.seed);
@@ -36,6 +47,9 @@ pub fn sample(run_dir: &std::path::Path, device: &Device, opts: &Options) -> Res
     let d = t.arm.dims();
     let passes = match sampler {
         Sampler::Jacobi => format!("; {iterations} parallel iterations (of at most {d})"),
+        Sampler::Predictive => {
+            format!("; {calls:.2} network calls per image (of {d}), {iterations} for the slowest")
+        }
         _ => format!("; {iterations} sequential steps"),
     };
     println!(
@@ -46,5 +60,36 @@ pub fn sample(run_dir: &std::path::Path, device: &Device, opts: &Options) -> Res
         1e3 * secs / opts.n as f64,
         out.display()
     );
+    Ok(())
+}
+
+/// Fits the predictive sampler's forecaster to fixed-point sampling runs of the model (seeded
+/// with the sampling seed) and gives it to the model.
+fn fit_forecaster(t: &mut trained::Trained, opts: &Options) -> Result<()> {
+    let d = t.arm.dims();
+    let fit = FitOptions::for_shape(t.arm.shape(), opts.seed);
+    let offsets = opts.offsets.unwrap_or(0);
+    if offsets >= d {
+        return Err(bad_input(format!("--offsets: must be below the {d} pixels of an image, got {offsets}")));
+    }
+    if offsets == 0 {
+        println!("forecaster: none (fixed-point forecasts only)");
+        return Ok(());
+    }
+    let t0 = Instant::now();
+    let images = fit.images;
+    match Forecaster::fit(&t.arm, &FitOptions { offsets, ..fit })? {
+        None => println!("forecaster: none (every image of the fitting runs settled in one pass)"),
+        Some((fc, report)) => {
+            println!(
+                "forecaster: {offsets} pixels ahead, fitted to {} states of {images} fixed-point sampling runs in {:.2} s; forecast NLL {:.3} -> {:.3} nats per pixel",
+                report.states,
+                t0.elapsed().as_secs_f64(),
+                report.initial_nll,
+                report.fitted_nll
+            );
+            t.arm.set_forecaster(Some(fc));
+        }
+    }
     Ok(())
 }
