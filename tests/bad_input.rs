@@ -169,6 +169,8 @@ const KEYS: &[&str] = &[
     "seed",
     "components",
     "min_log_scale",
+    "quantiles",
+    "kappa",
     "\"train.lr\"",
     "\"model.causal_conv1d.kernel_size\"",
     "\"\"",
@@ -196,6 +198,7 @@ const HEADERS: &[&str] = &[
     "[model.causal_conv1d]",
     "[model.categorical]",
     "[model.dlogistic_mixture]",
+    "[model.quantile]",
     "[model.mlp]",
     "[model.pixelcnn]",
     "[[grid]]",
@@ -225,10 +228,11 @@ fn random_value(rng: &mut ChaCha8Rng, depth: usize) -> String {
             "\"causal_conv1d\"",
             "\"categorical\"",
             "\"dlogistic_mixture\"",
+            "\"quantile\"",
             "\"adamw\"",
             "\"snake\"",
             "\"mnist10k-binary\"",
-        ][rng.random_range(0..7)]
+        ][rng.random_range(0..8)]
         .into(),
         8 => ["\"\"", "\"../x\"", "\"é\u{1F600}\"", "'lit'", "\"\"\"multi\nline\"\"\"", "\"a\\u0000b\""]
             [rng.random_range(0..6)]

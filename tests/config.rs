@@ -182,3 +182,24 @@ fn variant_errors_name_the_variant_key_and_line() {
     let err = load_str(&text, "t.toml", &[]).map(|_| ()).expect_err("overlap").to_string();
     assert!(err.contains("variants.fast.\"train.lr\"") && err.contains("[grid]"), "{err}");
 }
+
+/// The quantile head's keys are checked like the other heads': one line naming the key, the
+/// line and what was expected.
+#[test]
+fn quantile_head_keys_are_validated() {
+    let with = |table: &str| {
+        format!("{BASE}\n[model.quantile]\n{table}\n").replace("backend = \"causal_conv1d\"", "backend = \"causal_conv1d\"\nhead = \"quantile\"")
+    };
+    assert!(load_str(&with("quantiles = 8\nkappa = 0.0"), "t.toml", &[]).is_ok());
+    let cases = [
+        ("quantiles = 0", "model.quantile.quantiles: expected an integer in 1..=4096, got 0"),
+        ("quantiles = 2.5", "model.quantile.quantiles"),
+        ("kappa = -0.1", "model.quantile.kappa: expected a finite number >= 0, got -0.1"),
+        ("kappa = nan", "model.quantile.kappa"),
+        ("kapa = 1", "model.quantile.kapa: unknown key: expected one of quantiles, kappa"),
+    ];
+    for (table, says) in cases {
+        let err = load_str(&with(table), "t.toml", &[]).map(|_| ()).expect_err(table).to_string();
+        assert!(err.starts_with("t.toml:") && err.contains(says) && err.lines().count() == 1, "{table}: {err}");
+    }
+}

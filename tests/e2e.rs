@@ -504,3 +504,42 @@ fn report_over_two_data_sets_plots_one_curve_file_each() {
     let md = std::fs::read_to_string(out.join("report.md")).expect("report.md");
     assert!(md.contains("(nll_curves_digits.png)") && md.contains("(nll_curves_dots.png)"), "{md}");
 }
+
+/// The quantile head (no likelihood) trains through the same sweep; its runs record the test
+/// quantile loss with no bits/dim, every run records sample W1 and MMD² against test images, and
+/// the report ranks the NLL first and shows the loss apart (‡, never starred).
+#[test]
+fn quantile_head_reports_its_loss_apart_and_every_head_gets_sample_quality() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let r = tmp.path().join("results");
+    let exp = tmp.path().join("heads.toml");
+    let file = std::fs::read_to_string(fixture("tiny.toml")).expect("fixture").replace("tiny1", "qheads")
+        + "\n[model.quantile]\nquantiles = 8\n\n[grid]\n\"model.head\" = [\"categorical\", \"quantile\"]\n";
+    std::fs::write(&exp, file.replace("n = 4", "n = 16")).expect("write");
+    let o = runner(&r).arg("sweep").arg(&exp).output().expect("sweep");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let dirs = run_dirs(&r, "qheads");
+    assert_eq!(dirs.len(), 2);
+    for d in &dirs {
+        let st: toml::Table = std::fs::read_to_string(d.join("status.toml")).expect("status").parse().expect("toml");
+        let num = |k: &str| st.get(k).and_then(toml::Value::as_float);
+        let (w1, mmd) = (num("sample_w1").expect("sample_w1"), num("sample_mmd2").expect("sample_mmd2"));
+        // W1 on the [0, 1] scale lies in [0, 1]; a Gaussian-kernel MMD² is at most 2.
+        assert!((0.0..=1.0).contains(&w1) && mmd.abs() <= 2.0, "{d:?}: {w1} {mmd}");
+        let quantile = d.to_string_lossy().contains("head=quantile");
+        assert!(num("test_nll").is_some(), "{d:?}");
+        assert_eq!(num("test_bpd").is_none(), quantile, "{d:?}: bits/dim only for a likelihood");
+        if quantile {
+            let o = runner(&r).arg("eval").arg(d).output().expect("eval");
+            assert!(o.status.success() && stdout(&o).contains("mean quantile loss"), "{}", stdout(&o));
+        }
+    }
+    let o = runner(&r).args(["report", "--format", "csv"]).output().expect("report");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let csv = stdout(&o);
+    let lines: Vec<&str> = csv.lines().collect();
+    assert!(lines[0].contains("sample W1") && lines[0].contains("sample MMD²"), "{csv}");
+    assert_eq!(lines.len(), 3, "{csv}");
+    assert!(lines[1].starts_with('*') && lines[1].contains("head=categorical"), "{csv}");
+    assert!(!lines[2].starts_with('*') && lines[2].contains("head=quantile") && lines[2].contains('‡'), "{csv}");
+}

@@ -69,8 +69,9 @@ impl FitOptions {
     }
 }
 
-/// Mean forecast negative log-likelihood per position (nats) on held-out pairs, before fitting
-/// (the last pass's parameters) and after.
+/// Mean forecast negative log-likelihood per position (nats, for a head with a likelihood) on
+/// a batch of (state, t) pairs drawn before fitting and not fitted on, before fitting (the
+/// last pass's parameters) and after.
 #[derive(Debug, Clone, Copy)]
 pub struct FitReport {
     pub initial_nll: f64,
@@ -241,6 +242,7 @@ impl Forecaster {
             let lp = (arm.head().log_prob(&params, y)? * mask)?.sum_all()?;
             lp.neg()? / mask.sum_all()?.to_scalar::<f32>()? as f64
         };
+        // Drawn first and never stepped on (its states are shared with the fitting pairs).
         let held_out = draw(&mut rng)?;
         let initial_nll = nll(&held_out)?.to_scalar::<f32>()? as f64;
         let mut opt = AdamW::new(

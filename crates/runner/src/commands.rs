@@ -207,7 +207,16 @@ fn train(results: &Path, device: &str, file: &Path, sets: &[String], seed: Optio
 /// The one-line result of `runner train`; a failed run is an error.
 fn print_trained(cfg: &config::RunConfig, id: &str, dir: &Path, st: store::RunStatus) -> Result<()> {
     let dims = crate::data::shape(&cfg.data).map_or(1, |(h, w, _)| h * w);
+    let (what, _) = crate::run::figure(&cfg.model.head);
     match (st.best_val_nll, st.test_nll) {
+        (Some(v), Some(t)) if st.is_finished() && what != "NLL" => println!(
+            "{id}: best val {what} {v:.4} at epoch {} of {}; test {what} {t:.4} (no likelihood); {} parameters, {:.0} s\nresults in {}",
+            st.best_epoch,
+            st.epochs,
+            st.n_params,
+            st.wall_seconds,
+            dir.display()
+        ),
         (Some(v), Some(t)) if st.is_finished() => println!(
             "{id}: best val NLL {v:.3} nats ({:.4} bits/dim) at epoch {} of {}; test NLL {t:.3} nats ({:.4} bits/dim); {} parameters, {:.0} s\nresults in {}",
             arm_core::bits_per_dim(v, dims),
@@ -297,7 +306,7 @@ fn list() {
     }
     println!("Heads ([model] head = NAME; keys go in [model.NAME]):\n");
     for h in arm_core::head_names() {
-        println!("{h}");
+        println!("{h:<18} {}", arm_core::heads::summary(h));
         if let Ok(t) = arm_core::heads::resolve(h, &toml::Table::new(), 17) {
             for (k, v) in &t {
                 println!("    {k:<16} {:<8} default {}", type_of(v), v);

@@ -90,15 +90,20 @@ pub fn eval(run_dir: &Path, device: &Device, opts: &Options) -> Result<()> {
         OutFormat::Csv => write_csv(&out, &mut df)?,
     }
     let ensemble = if available > 1 { format!(", ensemble of {members} of {available} members") } else { String::new() };
-    println!(
-        "{data_name} {}: {} images, mean NLL {mean:.6} nats ({:.6} bits/dim){ensemble}",
-        opts.split,
-        nll.len(),
-        bits_per_dim(mean, dims)
-    );
+    if t.arm.head().likelihood() {
+        println!(
+            "{data_name} {}: {} images, mean NLL {mean:.6} nats ({:.6} bits/dim){ensemble}",
+            opts.split,
+            nll.len(),
+            bits_per_dim(mean, dims)
+        );
+    } else {
+        // The nll_nats column holds the quantile loss: the head has no likelihood.
+        println!("{data_name} {}: {} images, mean quantile loss {mean:.6} (no likelihood: not nats)", opts.split, nll.len());
+    }
     if own && opts.split == SplitName::Test && members == default_members {
         if let Some(s) = t.status.as_ref().and_then(|s| s.test_nll) {
-            println!("status.toml test NLL {s:.6} nats (relative difference {:.1e})", ((mean - s) / s).abs());
+            println!("status.toml test figure {s:.6} (relative difference {:.1e})", ((mean - s) / s).abs());
         }
     }
     println!("wrote {}", out.display());

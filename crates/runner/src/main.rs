@@ -10,6 +10,7 @@ mod eval;
 mod halving;
 mod html;
 mod plots;
+mod quality;
 mod report;
 mod run;
 mod sample;

@@ -69,6 +69,11 @@ impl Group {
         let v = self.values(|r| r.status.test_nll);
         stats(&v).0
     }
+    /// Whether the group's test figure is an NLL (false for a head without a likelihood, whose
+    /// runs record their test loss there).
+    fn likelihood(&self) -> bool {
+        self.runs.first().is_none_or(|r| arm_core::heads::has_likelihood(&r.config.model.head))
+    }
     fn slug(&self) -> String {
         let s: String = format!("{}_{}", self.experiment, self.label)
             .chars()
@@ -237,26 +242,44 @@ fn groups(rows: Vec<Row>) -> Vec<Group> {
             .push(r);
     }
     let mut groups: Vec<Group> = groups.into_values().collect();
-    groups.sort_by(|a, b| a.test_mean().total_cmp(&b.test_mean()));
+    // NLLs first, best first; losses of heads without a likelihood do not rank with them.
+    groups.sort_by(|a, b| (!a.likelihood()).cmp(&!b.likelihood()).then(a.test_mean().total_cmp(&b.test_mean())));
     groups
 }
 
-/// One row per group: seeds finished, NLLs (mean ± std, CI), parameters, epochs; `*` marks the
-/// best. `multi` adds the experiment column.
+/// One row per group: seeds finished, NLLs (mean ± std, CI), parameters, epochs, sample
+/// quality; `*` marks the best NLL, `‡` a test loss that is not an NLL. `multi` adds the
+/// experiment column.
 fn nll_table(groups: &[Group], multi: bool) -> Table {
-    let best = groups.iter().position(|g| g.test_mean().is_finite());
+    let best = groups.iter().position(|g| g.likelihood() && g.test_mean().is_finite());
     let mut header: Vec<String> = vec![" ".into()];
     if multi {
         header.push("experiment".into());
     }
     header.extend(
-        ["config", "seeds", "test NLL (nats)", "95% CI", "test bits/dim", "best val NLL", "params", "epochs"]
-            .map(String::from),
+        [
+            "config",
+            "seeds",
+            "test NLL (nats)",
+            "95% CI",
+            "test bits/dim",
+            "best val NLL",
+            "params",
+            "epochs",
+            "sample W1",
+            "sample MMD²",
+        ]
+        .map(String::from),
     );
     let mut table = Table { header, rows: vec![] };
     for (i, g) in groups.iter().enumerate() {
         let fin = g.finished();
-        let (test, ci) = fmt_pm(&g.values(|r| r.status.test_nll), 2);
+        let (mut test, ci) = fmt_pm(&g.values(|r| r.status.test_nll), 2);
+        if !g.likelihood() && test != "-" {
+            test.push_str(" ‡");
+        }
+        let (w1, _) = fmt_pm(&g.values(|r| r.status.sample_w1), 4);
+        let (mmd, _) = fmt_pm(&g.values(|r| r.status.sample_mmd2), 4);
         let (bpd, _) = fmt_pm(&g.values(|r| r.status.test_bpd), 4);
         let (val, _) = fmt_pm(&g.values(|r| r.status.best_val_nll), 2);
         let params = fin.first().map_or("-".into(), |r| r.status.n_params.to_string());
@@ -269,7 +292,7 @@ fn nll_table(groups: &[Group], multi: bool) -> Table {
         if multi {
             row.push(g.experiment.clone());
         }
-        row.extend([g.label.clone(), format!("{}/{}", fin.len(), g.runs.len()), test, ci, bpd, val, params, epochs]);
+        row.extend([g.label.clone(), format!("{}/{}", fin.len(), g.runs.len()), test, ci, bpd, val, params, epochs, w1, mmd]);
         table.rows.push(row);
     }
     table
@@ -293,7 +316,7 @@ fn problem_lines(groups: &[Group]) -> Vec<String> {
         .collect()
 }
 
-pub(crate) const FOOTNOTE: &str = "± is the sample std over seeds; CI is the 95% t-interval of the mean.";
+pub(crate) const FOOTNOTE: &str = "± is the sample std over seeds; CI is the 95% t-interval of the mean. ‡ a head without a likelihood (quantile): its test quantile loss, not nats, unranked. Sample W1 (per-pixel marginals, [0, 1] scale) and MMD² (Gaussian kernel) compare the run's samples with the first 1000 test images; lower is closer.";
 
 fn print_table(table: &Table, problems: &[String], format: Format) {
     print!("{}", table.render(format));

@@ -83,14 +83,25 @@ pub fn save_weights(map: &VarMap, path: &Path) -> Result<()> {
     })
 }
 
-pub fn write_curve(dir: &Path, title: &str, history: &[arm_train::EpochMetrics]) -> Result<()> {
+/// What a run's training figure is called, with its unit: the NLL in nats, or the loss of a
+/// head without a likelihood.
+pub fn figure(head: &str) -> (&'static str, &'static str) {
+    if arm_core::heads::has_likelihood(head) {
+        ("NLL", " nats")
+    } else {
+        ("quantile loss", "")
+    }
+}
+
+/// `likelihood`: false for a head whose curve is a loss, not an NLL.
+pub fn write_curve(dir: &Path, title: &str, history: &[arm_train::EpochMetrics], likelihood: bool) -> Result<()> {
     let pts =
         |f: fn(&arm_train::EpochMetrics) -> f64| history.iter().map(|m| (m.epoch as f64, f(m))).collect::<Vec<_>>();
     plots::curves(
         &dir.join("nll_curve.png"),
         title,
         "epoch",
-        "NLL (nats per image)",
+        if likelihood { "NLL (nats per image)" } else { "quantile loss (per image)" },
         &[
             plots::Series { label: "train".into(), points: pts(|m| m.train_nll), band: vec![] },
             plots::Series { label: "validation".into(), points: pts(|m| m.val_nll), band: vec![] },
@@ -167,6 +178,7 @@ pub fn execute(
         t0,
         wall_before,
         best_so_far: start.as_ref().map_or(f64::INFINITY, |(st, _)| st.best_val_nll),
+        unit: figure(&cfg.model.head).1,
         stop_after: stop_after_epochs(),
         rung,
         at_rung: false,
@@ -219,6 +231,8 @@ struct Progress<'a> {
     /// Wall seconds of the run before this process resumed it.
     wall_before: f64,
     best_so_far: f64,
+    /// " nats", or "" for a loss.
+    unit: &'static str,
     stop_after: Option<usize>,
     /// Pause at the end of this epoch (a rung of successive halving).
     rung: Option<usize>,
@@ -275,15 +289,16 @@ impl Progress<'_> {
 
     fn show(&self, m: &arm_train::EpochMetrics, best: bool) {
         self.bar.set_position(m.epoch as u64);
-        self.bar.set_message(format!("val {:.3} nats, best {:.3}", m.val_nll, self.best_so_far));
+        self.bar.set_message(format!("val {:.3}{}, best {:.3}", m.val_nll, self.unit, self.best_so_far));
         if self.log_epochs {
+            let bpd = if self.unit.is_empty() { String::new() } else { format!(" ({:.4} bits/dim)", m.val_bpd) };
             tracing::info!(
-                "{} epoch {} train {:.3} val {:.3} nats ({:.4} bits/dim){}",
+                "{} epoch {} train {:.3} val {:.3}{}{bpd}{}",
                 self.run_id,
                 m.epoch,
                 m.train_nll,
                 m.val_nll,
-                m.val_bpd,
+                self.unit,
                 if best { " *" } else { "" }
             );
         }
@@ -304,7 +319,8 @@ fn write_history(
     status.best_epoch = outcome.best_epoch as u64;
     status.best_val_nll = outcome.best_val_nll.is_finite().then_some(outcome.best_val_nll);
     if !outcome.history.is_empty() {
-        write_curve(dir, &format!("{} ({})", cfg.name, run_id), &outcome.history)?;
+        let likelihood = arm_core::heads::has_likelihood(&cfg.model.head);
+        write_curve(dir, &format!("{} ({})", cfg.name, run_id), &outcome.history, likelihood)?;
     }
     Ok(())
 }
@@ -332,9 +348,12 @@ fn record_outcome(
             let real = first_images(&data.test, cfg.sample.n);
             let title = format!("{}: {} test images and samples", cfg.model.backend, data.name);
             plots::real_and_samples(&dir.join("data_and_samples.png"), &title, &real, &imgs, arm.shape(), arm.levels())?;
+            let q = crate::quality::against_test(&imgs, data);
+            (status.sample_w1, status.sample_mmd2) = (q.w1, q.mmd2);
             status.status = RunState::Finished;
             status.test_nll = outcome.test_nll;
-            status.test_bpd = outcome.test_bpd;
+            // Bits per dimension only for a likelihood.
+            status.test_bpd = outcome.test_bpd.filter(|_| arm.head().likelihood());
         }
         Status::Diverged { epoch, reason } => {
             status.status = RunState::Failed;

@@ -52,6 +52,14 @@ pub fn sample(run_dir: &std::path::Path, device: &Device, opts: &Options) -> Res
         }
         _ => format!("; {iterations} sequential steps"),
     };
+    let q = crate::quality::against_test(&imgs, &t.data);
+    let fig = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+    println!(
+        "quality against the first {} test images: sample W1 {}, sample MMD² {}",
+        t.data.test.n.min(crate::quality::TEST_IMAGES),
+        fig(q.w1),
+        fig(q.mmd2)
+    );
     println!(
         "sampler {sampler}: {} images of {}x{} in {secs:.3} s ({:.3} ms per image){passes}\nwrote {}",
         opts.n,

@@ -162,6 +162,12 @@ pub struct RunStatus {
     pub test_nll: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_bpd: Option<f64>,
+    /// Sample quality against test images (quality.rs): W1 between per-pixel marginals and
+    /// the kernel MMD^2, of the samples drawn at the end of the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_w1: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_mmd2: Option<f64>,
     pub wall_seconds: f64,
     pub pid: u32,
 }
@@ -178,6 +184,8 @@ impl RunStatus {
             best_val_nll: None,
             test_nll: None,
             test_bpd: None,
+            sample_w1: None,
+            sample_mmd2: None,
             wall_seconds: 0.0,
             pid: 0,
         }

@@ -2,10 +2,12 @@
 //! parameters the conditional gives for position d: log-probabilities for training, and draws
 //! from pre-drawn noise for sampling. `categorical` is a softmax over the levels;
 //! `dlogistic_mixture` the discretised logistic mixture of PixelCNN++ (Salimans et al. 2017,
-//! eq. 2).
+//! eq. 2); `quantile` a quantile function per pixel trained with the quantile loss (Ostrovski
+//! et al. 2018), which has no likelihood.
 
 pub mod categorical;
 pub mod dlogistic;
+pub mod quantile;
 
 use candle_core::Tensor;
 
@@ -24,11 +26,31 @@ pub trait Head: Send + Sync {
     /// params (N, P), noise (N, noise_dim) uniform in [0, 1) -> levels (N,) as f32.
     /// Deterministic given the noise, so every sampler gives identical samples.
     fn sample(&self, params: &Tensor, noise: &Tensor) -> Result<Tensor>;
+    /// Whether `log_prob` is a log-likelihood in nats. A head without one (the quantile head)
+    /// returns minus its per-pixel training loss there, and runs report it as a loss.
+    fn likelihood(&self) -> bool {
+        true
+    }
 }
 
 /// Names accepted by `head = "..."`.
 pub fn head_names() -> &'static [&'static str] {
-    &["categorical", "dlogistic_mixture"]
+    &["categorical", "dlogistic_mixture", "quantile"]
+}
+
+/// Whether the head `name` has a likelihood (see [`Head::likelihood`]).
+pub fn has_likelihood(name: &str) -> bool {
+    name != "quantile"
+}
+
+/// One line on the head `name` for `runner list`.
+pub fn summary(name: &str) -> &'static str {
+    match name {
+        "categorical" => "softmax over the levels",
+        "dlogistic_mixture" => "discretised mixture of logistics (PixelCNN++, Salimans et al. 2017, eq. 2)",
+        "quantile" => "quantile function at N fractions, quantile Huber loss (Ostrovski et al. 2018); no likelihood: runs report the loss",
+        _ => "",
+    }
 }
 
 /// What is wrong in a head's config.
@@ -95,6 +117,7 @@ pub fn resolve(name: &str, table: &toml::Table, levels: usize) -> std::result::R
             Ok(toml::Table::new())
         }
         "dlogistic_mixture" => Ok(dlogistic::to_table(&dlogistic::from_table(table, levels)?)),
+        "quantile" => Ok(quantile::to_table(&quantile::from_table(table, levels)?)),
         other => Err(unknown_head(other)),
     }
 }
@@ -105,6 +128,24 @@ pub fn build(name: &str, table: &toml::Table, levels: usize) -> std::result::Res
     match name {
         "categorical" => Ok(Box::new(categorical::Categorical::new(levels))),
         "dlogistic_mixture" => Ok(Box::new(dlogistic::from_table(table, levels)?)),
+        "quantile" => Ok(Box::new(quantile::from_table(table, levels)?)),
         other => Err(unknown_head(other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_name_lookups_agree_with_the_built_heads() {
+        for name in head_names() {
+            let table = resolve(name, &toml::Table::new(), 17).expect("defaults");
+            let head = build(name, &table, 17).expect("head");
+            assert_eq!(head.name(), *name);
+            assert_eq!(head.likelihood(), has_likelihood(name), "{name}");
+            assert!(!summary(name).is_empty(), "{name} has no summary");
+        }
+        assert!(!has_likelihood("quantile") && has_likelihood("categorical"));
     }
 }
