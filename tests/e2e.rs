@@ -542,4 +542,8 @@ fn quantile_head_reports_its_loss_apart_and_every_head_gets_sample_quality() {
     assert_eq!(lines.len(), 3, "{csv}");
     assert!(lines[1].starts_with('*') && lines[1].contains("head=categorical"), "{csv}");
     assert!(!lines[2].starts_with('*') && lines[2].contains("head=quantile") && lines[2].contains('‡'), "{csv}");
+    // The loss is not plotted on the NLLs' axis: one curve file each.
+    for f in ["nll_curves_digits.png", "nll_curves_digits-quantile_loss.png"] {
+        assert!(r.join("qheads").join(f).is_file(), "missing {f}");
+    }
 }

@@ -281,7 +281,10 @@ fn nll_table(groups: &[Group], multi: bool) -> Table {
         let (w1, _) = fmt_pm(&g.values(|r| r.status.sample_w1), 4);
         let (mmd, _) = fmt_pm(&g.values(|r| r.status.sample_mmd2), 4);
         let (bpd, _) = fmt_pm(&g.values(|r| r.status.test_bpd), 4);
-        let (val, _) = fmt_pm(&g.values(|r| r.status.best_val_nll), 2);
+        let (mut val, _) = fmt_pm(&g.values(|r| r.status.best_val_nll), 2);
+        if !g.likelihood() && val != "-" {
+            val.push_str(" ‡");
+        }
         let params = fin.first().map_or("-".into(), |r| r.status.n_params.to_string());
         let epochs = if fin.is_empty() {
             "-".into()
@@ -316,7 +319,7 @@ fn problem_lines(groups: &[Group]) -> Vec<String> {
         .collect()
 }
 
-pub(crate) const FOOTNOTE: &str = "± is the sample std over seeds; CI is the 95% t-interval of the mean. ‡ a head without a likelihood (quantile): its test quantile loss, not nats, unranked. Sample W1 (per-pixel marginals, [0, 1] scale) and MMD² (Gaussian kernel) compare the run's samples with the first 1000 test images; lower is closer.";
+pub(crate) const FOOTNOTE: &str = "± is the sample std over seeds; CI is the 95% t-interval of the mean. ‡ a head without a likelihood (quantile): its quantile loss, not nats, unranked. Sample W1 (per-pixel marginals, [0, 1] scale) and MMD² (Gaussian kernel) compare the samples drawn at the end of each run with up to the first 1000 test images; lower is closer.";
 
 fn print_table(table: &Table, problems: &[String], format: Format) {
     print!("{}", table.render(format));
@@ -360,11 +363,18 @@ fn curve_series(groups: &[Group], exp_dirs: &[PathBuf], multi: bool) -> BTreeMap
             })
             .collect();
         let label = if multi { format!("{} {}", g.experiment, g.label) } else { g.label.clone() };
-        let data = g.finished().first().map(|r| data_key(&r.config.data)).unwrap_or_default();
+        let mut data = g.finished().first().map(|r| data_key(&r.config.data)).unwrap_or_default();
+        // A loss is not on the NLLs' scale: its own plot.
+        if !g.likelihood() {
+            data.push_str(LOSS_SUFFIX);
+        }
         series.entry(data).or_default().push(Series { label, points, band });
     }
     series
 }
+
+/// Curve keys of heads without a likelihood end with this.
+const LOSS_SUFFIX: &str = "-quantile_loss";
 
 /// `nll_curves.png`, or `nll_curves_<data>.png` per data set when there are several; curve
 /// files of an earlier report are removed first (their data sets may be gone).
@@ -379,13 +389,17 @@ fn write_curves(out_dir: &Path, series: &BTreeMap<String, Vec<Series>>) -> Resul
     }
     let mut written = vec![];
     for (d, these) in series {
+        let (what, unit) = match d.strip_suffix(LOSS_SUFFIX) {
+            Some(_) => ("quantile loss", "quantile loss (per image)"),
+            None => ("NLL", "NLL (nats per image)"),
+        };
         let (file, title) = if series.len() == 1 {
-            ("nll_curves.png".to_string(), "validation NLL (mean over seeds, band: min-max)".to_string())
+            ("nll_curves.png".to_string(), format!("validation {what} (mean over seeds, band: min-max)"))
         } else {
-            (format!("nll_curves_{d}.png"), format!("{d}: validation NLL (mean over seeds, band: min-max)"))
+            (format!("nll_curves_{d}.png"), format!("{d}: validation {what} (mean over seeds, band: min-max)"))
         };
         let p = out_dir.join(file);
-        plots::curves(&p, &title, "epoch", "NLL (nats per image)", these)?;
+        plots::curves(&p, &title, "epoch", unit, these)?;
         written.push(p);
     }
     Ok(written)
