@@ -209,7 +209,7 @@ impl Arm {
             }
             Sampler::Predictive => {
                 let p = crate::predictive::sample(self, noise, self.forecaster.as_ref(), None)?;
-                let mean = p.calls.iter().sum::<usize>() as f64 / b.max(1) as f64;
+                let mean = p.mean_calls();
                 (p.seq, p.passes, mean)
             }
         };
@@ -220,8 +220,7 @@ impl Arm {
     /// and the mean network calls per image.
     pub fn sample_predictive_with(&self, noise: &Tensor, forecaster: Option<&Forecaster>) -> Result<(Tensor, f64)> {
         let p = crate::predictive::sample(self, noise, forecaster, None)?;
-        let mean = p.calls.iter().sum::<usize>() as f64 / p.calls.len().max(1) as f64;
-        Ok((self.to_image(&p.seq)?, mean))
+        Ok((self.to_image(&p.seq)?, p.mean_calls()))
     }
 
     /// (B, D) images from the cached sampler with the batch cut into `parts` parts of equal

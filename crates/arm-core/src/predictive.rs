@@ -275,6 +275,13 @@ pub(crate) struct Predicted {
     pub calls: Vec<usize>,
 }
 
+impl Predicted {
+    /// Network calls per image, the mean over the batch.
+    pub fn mean_calls(&self) -> f64 {
+        self.calls.iter().sum::<usize>() as f64 / self.calls.len().max(1) as f64
+    }
+}
+
 /// Called with (image, j, theta of positions j.., sequence) after each pass for every image not
 /// yet settled.
 type Observer<'a> = &'a mut dyn FnMut(usize, usize, &[f32], &[f32]);

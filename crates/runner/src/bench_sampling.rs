@@ -156,9 +156,9 @@ fn measure(cfg: &RunConfig, dev: &Device, opts: &Options, b: usize) -> Result<Ce
         naive_budgeted(&arm, &noise, opts.max_seconds)?
     };
     let cached_seq = arm.to_sequence(&c.images)?; // (B, D) sequence order
-    let cj = same(&c.images, &j.images)? && same(&c.images, &pr.images)?;
+    let parallel = same(&c.images, &j.images)? && same(&c.images, &pr.images)?;
     let cn = same(&cached_seq.narrow(1, 0, naive.steps)?, &naive.seq)?;
-    let identical = match (cj, cn, naive.steps == d) {
+    let identical = match (parallel, cn, naive.steps == d) {
         (true, true, true) => "yes".to_string(),
         (true, true, false) => format!("yes (naive: first {} px)", naive.steps),
         (false, _, _) => "NO: jacobi or predictive != cached".to_string(),

@@ -207,9 +207,10 @@ fn train(results: &Path, device: &str, file: &Path, sets: &[String], seed: Optio
 /// The one-line result of `runner train`; a failed run is an error.
 fn print_trained(cfg: &config::RunConfig, id: &str, dir: &Path, st: store::RunStatus) -> Result<()> {
     let dims = crate::data::shape(&cfg.data).map_or(1, |(h, w, _)| h * w);
-    let (what, _) = crate::run::figure(&cfg.model.head);
+    let fig = crate::run::figure(&cfg.model.head);
+    let what = fig.name;
     match (st.best_val_nll, st.test_nll) {
-        (Some(v), Some(t)) if st.is_finished() && what != "NLL" => println!(
+        (Some(v), Some(t)) if st.is_finished() && !fig.likelihood => println!(
             "{id}: best val {what} {v:.4} at epoch {} of {}; test {what} {t:.4} (no likelihood); {} parameters, {:.0} s\nresults in {}",
             st.best_epoch,
             st.epochs,

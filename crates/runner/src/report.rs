@@ -14,6 +14,7 @@ use candle_core::Device;
 use arm_core::Sampler;
 
 use crate::plots::{self, Series};
+use crate::run::Figure;
 use crate::store;
 use crate::summary::{self, Row};
 
@@ -72,7 +73,10 @@ impl Group {
     /// Whether the group's test figure is an NLL (false for a head without a likelihood, whose
     /// runs record their test loss there).
     fn likelihood(&self) -> bool {
-        self.runs.first().is_none_or(|r| arm_core::heads::has_likelihood(&r.config.model.head))
+        self.figure().likelihood
+    }
+    fn figure(&self) -> crate::run::Figure {
+        crate::run::figure(self.runs.first().map_or("", |r| r.config.model.head.as_str()))
     }
     fn slug(&self) -> String {
         let s: String = format!("{}_{}", self.experiment, self.label)
@@ -336,8 +340,8 @@ fn print_table(table: &Table, problems: &[String], format: Format) {
 
 /// Mean validation NLL per epoch over each group's finished seeds, with a min-max band; keyed
 /// by data set, since NLLs of different image sizes do not share a scale.
-fn curve_series(groups: &[Group], exp_dirs: &[PathBuf], multi: bool) -> BTreeMap<String, Vec<Series>> {
-    let mut series: BTreeMap<String, Vec<Series>> = BTreeMap::new();
+fn curve_series(groups: &[Group], exp_dirs: &[PathBuf], multi: bool) -> BTreeMap<String, (Figure, Vec<Series>)> {
+    let mut series: BTreeMap<String, (Figure, Vec<Series>)> = BTreeMap::new();
     for g in groups {
         let mut per_epoch: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
         for r in g.finished() {
@@ -365,20 +369,18 @@ fn curve_series(groups: &[Group], exp_dirs: &[PathBuf], multi: bool) -> BTreeMap
         let label = if multi { format!("{} {}", g.experiment, g.label) } else { g.label.clone() };
         let mut data = g.finished().first().map(|r| data_key(&r.config.data)).unwrap_or_default();
         // A loss is not on the NLLs' scale: its own plot.
-        if !g.likelihood() {
-            data.push_str(LOSS_SUFFIX);
+        let fig = g.figure();
+        if !fig.likelihood {
+            data.push_str("-quantile_loss");
         }
-        series.entry(data).or_default().push(Series { label, points, band });
+        series.entry(data).or_insert_with(|| (fig, vec![])).1.push(Series { label, points, band });
     }
     series
 }
 
-/// Curve keys of heads without a likelihood end with this.
-const LOSS_SUFFIX: &str = "-quantile_loss";
-
 /// `nll_curves.png`, or `nll_curves_<data>.png` per data set when there are several; curve
 /// files of an earlier report are removed first (their data sets may be gone).
-fn write_curves(out_dir: &Path, series: &BTreeMap<String, Vec<Series>>) -> Result<Vec<PathBuf>> {
+fn write_curves(out_dir: &Path, series: &BTreeMap<String, (Figure, Vec<Series>)>) -> Result<Vec<PathBuf>> {
     if let Ok(entries) = std::fs::read_dir(out_dir) {
         for e in entries.flatten() {
             let n = e.file_name().to_string_lossy().to_string();
@@ -388,18 +390,15 @@ fn write_curves(out_dir: &Path, series: &BTreeMap<String, Vec<Series>>) -> Resul
         }
     }
     let mut written = vec![];
-    for (d, these) in series {
-        let (what, unit) = match d.strip_suffix(LOSS_SUFFIX) {
-            Some(_) => ("quantile loss", "quantile loss (per image)"),
-            None => ("NLL", "NLL (nats per image)"),
-        };
+    for (d, (fig, these)) in series {
+        let what = fig.name;
         let (file, title) = if series.len() == 1 {
             ("nll_curves.png".to_string(), format!("validation {what} (mean over seeds, band: min-max)"))
         } else {
             (format!("nll_curves_{d}.png"), format!("{d}: validation {what} (mean over seeds, band: min-max)"))
         };
         let p = out_dir.join(file);
-        plots::curves(&p, &title, "epoch", unit, these)?;
+        plots::curves(&p, &title, "epoch", fig.axis, these)?;
         written.push(p);
     }
     Ok(written)

@@ -83,25 +83,34 @@ pub fn save_weights(map: &VarMap, path: &Path) -> Result<()> {
     })
 }
 
-/// What a run's training figure is called, with its unit: the NLL in nats, or the loss of a
-/// head without a likelihood.
-pub fn figure(head: &str) -> (&'static str, &'static str) {
+/// What a run's training figure is: the NLL in nats, or the loss of a head without a
+/// likelihood (which has no bits/dim).
+#[derive(Debug, Clone, Copy)]
+pub struct Figure {
+    pub likelihood: bool,
+    pub name: &'static str,
+    /// Appended to a value: " nats", or nothing.
+    pub unit: &'static str,
+    /// The y-axis label of its curves.
+    pub axis: &'static str,
+}
+
+pub fn figure(head: &str) -> Figure {
     if arm_core::heads::has_likelihood(head) {
-        ("NLL", " nats")
+        Figure { likelihood: true, name: "NLL", unit: " nats", axis: "NLL (nats per image)" }
     } else {
-        ("quantile loss", "")
+        Figure { likelihood: false, name: "quantile loss", unit: "", axis: "quantile loss (per image)" }
     }
 }
 
-/// `likelihood`: false for a head whose curve is a loss, not an NLL.
-pub fn write_curve(dir: &Path, title: &str, history: &[arm_train::EpochMetrics], likelihood: bool) -> Result<()> {
+pub fn write_curve(dir: &Path, title: &str, history: &[arm_train::EpochMetrics], fig: Figure) -> Result<()> {
     let pts =
         |f: fn(&arm_train::EpochMetrics) -> f64| history.iter().map(|m| (m.epoch as f64, f(m))).collect::<Vec<_>>();
     plots::curves(
         &dir.join("nll_curve.png"),
         title,
         "epoch",
-        if likelihood { "NLL (nats per image)" } else { "quantile loss (per image)" },
+        fig.axis,
         &[
             plots::Series { label: "train".into(), points: pts(|m| m.train_nll), band: vec![] },
             plots::Series { label: "validation".into(), points: pts(|m| m.val_nll), band: vec![] },
@@ -178,7 +187,7 @@ pub fn execute(
         t0,
         wall_before,
         best_so_far: start.as_ref().map_or(f64::INFINITY, |(st, _)| st.best_val_nll),
-        unit: figure(&cfg.model.head).1,
+        figure: figure(&cfg.model.head),
         stop_after: stop_after_epochs(),
         rung,
         at_rung: false,
@@ -231,8 +240,7 @@ struct Progress<'a> {
     /// Wall seconds of the run before this process resumed it.
     wall_before: f64,
     best_so_far: f64,
-    /// " nats", or "" for a loss.
-    unit: &'static str,
+    figure: Figure,
     stop_after: Option<usize>,
     /// Pause at the end of this epoch (a rung of successive halving).
     rung: Option<usize>,
@@ -289,16 +297,16 @@ impl Progress<'_> {
 
     fn show(&self, m: &arm_train::EpochMetrics, best: bool) {
         self.bar.set_position(m.epoch as u64);
-        self.bar.set_message(format!("val {:.3}{}, best {:.3}", m.val_nll, self.unit, self.best_so_far));
+        let unit = self.figure.unit;
+        self.bar.set_message(format!("val {:.3}{unit}, best {:.3}", m.val_nll, self.best_so_far));
         if self.log_epochs {
-            let bpd = if self.unit.is_empty() { String::new() } else { format!(" ({:.4} bits/dim)", m.val_bpd) };
+            let bpd = if self.figure.likelihood { format!(" ({:.4} bits/dim)", m.val_bpd) } else { String::new() };
             tracing::info!(
-                "{} epoch {} train {:.3} val {:.3}{}{bpd}{}",
+                "{} epoch {} train {:.3} val {:.3}{unit}{bpd}{}",
                 self.run_id,
                 m.epoch,
                 m.train_nll,
                 m.val_nll,
-                self.unit,
                 if best { " *" } else { "" }
             );
         }
@@ -319,8 +327,7 @@ fn write_history(
     status.best_epoch = outcome.best_epoch as u64;
     status.best_val_nll = outcome.best_val_nll.is_finite().then_some(outcome.best_val_nll);
     if !outcome.history.is_empty() {
-        let likelihood = arm_core::heads::has_likelihood(&cfg.model.head);
-        write_curve(dir, &format!("{} ({})", cfg.name, run_id), &outcome.history, likelihood)?;
+        write_curve(dir, &format!("{} ({})", cfg.name, run_id), &outcome.history, figure(&cfg.model.head))?;
     }
     Ok(())
 }

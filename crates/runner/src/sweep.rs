@@ -341,11 +341,13 @@ fn one_run(job: &Job, device: &Device, ui: &Ui, resume: bool, rung: Option<Rung>
         }
     };
     if st.is_finished() {
-        let (what, unit) = crate::run::figure(&job.cfg.model.head);
+        let fig = crate::run::figure(&job.cfg.model.head);
         tracing::info!(
-            "{} finished: test {what} {:.3}{unit}, best val {:.3} at epoch {}",
+            "{} finished: test {} {:.3}{}, best val {:.3} at epoch {}",
             job.id,
+            fig.name,
             st.test_nll.unwrap_or(f64::NAN),
+            fig.unit,
             st.best_val_nll.unwrap_or(f64::NAN),
             st.best_epoch
         );

@@ -234,28 +234,11 @@ pub const KEYS: [&str; 2] = ["components", "min_log_scale"];
 /// Reads (and validates) a `[model.dlogistic_mixture]` table, filling defaults, for data with
 /// `levels` levels. Errors name the offending key ("" for the data).
 pub fn from_table(table: &toml::Table, levels: usize) -> std::result::Result<DLogisticMixture, HeadConfigError> {
-    if let Some(k) = table.keys().find(|k| !KEYS.contains(&k.as_str())) {
-        return Err(HeadConfigError::at(k, HeadProblem::UnknownKey(KEYS.join(", "))));
-    }
-    let components = match table.get("components") {
-        None => DEFAULT_COMPONENTS,
-        Some(toml::Value::Integer(i)) if *i >= 1 => {
-            usize::try_from(*i).map_err(|_| HeadConfigError::at("components", HeadProblem::TooLarge(*i)))?
-        }
-        Some(v) => {
-            let problem = HeadProblem::Invalid { expected: "an integer >= 1", got: v.to_string() };
-            return Err(HeadConfigError::at("components", problem));
-        }
-    };
-    let min_log_scale = match table.get("min_log_scale") {
-        None => DEFAULT_MIN_LOG_SCALE,
-        Some(toml::Value::Float(f)) if f.is_finite() => *f,
-        Some(toml::Value::Integer(i)) => *i as f64,
-        Some(v) => {
-            let problem = HeadProblem::Invalid { expected: "a finite number", got: v.to_string() };
-            return Err(HeadConfigError::at("min_log_scale", problem));
-        }
-    };
+    super::check_keys(table, &KEYS)?;
+    let i = super::int_key(table, "components", DEFAULT_COMPONENTS as i64, |i| i >= 1, "an integer >= 1")?;
+    let components = usize::try_from(i).map_err(|_| HeadConfigError::at("components", HeadProblem::TooLarge(i)))?;
+    let min_log_scale =
+        super::float_key(table, "min_log_scale", DEFAULT_MIN_LOG_SCALE, f64::is_finite, "a finite number")?;
     if levels < 2 {
         return Err(HeadConfigError::general(HeadProblem::TooFewLevels(levels)));
     }

@@ -38,9 +38,57 @@ pub fn head_names() -> &'static [&'static str] {
     &["categorical", "dlogistic_mixture", "quantile"]
 }
 
-/// Whether the head `name` has a likelihood (see [`Head::likelihood`]).
+/// Whether the head `name` has a likelihood (see [`Head::likelihood`]): asked of the head
+/// built with its defaults; true for an unknown name (its config is refused elsewhere).
 pub fn has_likelihood(name: &str) -> bool {
-    name != "quantile"
+    let head = resolve(name, &toml::Table::new(), 2).and_then(|t| build(name, &t, 2));
+    head.map_or(true, |h| h.likelihood())
+}
+
+/// The first key of `table` outside `keys`, as an error listing them.
+pub(crate) fn check_keys(table: &toml::Table, keys: &[&str]) -> std::result::Result<(), HeadConfigError> {
+    match table.keys().find(|k| !keys.contains(&k.as_str())) {
+        Some(k) => Err(HeadConfigError::at(k, HeadProblem::UnknownKey(keys.join(", ")))),
+        None => Ok(()),
+    }
+}
+
+/// Integer `key` of `table` (`default` when absent), refused unless `ok`.
+pub(crate) fn int_key(
+    table: &toml::Table,
+    key: &str,
+    default: i64,
+    ok: impl Fn(i64) -> bool,
+    expected: &'static str,
+) -> std::result::Result<i64, HeadConfigError> {
+    match table.get(key) {
+        None => Ok(default),
+        Some(toml::Value::Integer(i)) if ok(*i) => Ok(*i),
+        Some(v) => Err(HeadConfigError::at(key, HeadProblem::Invalid { expected, got: v.to_string() })),
+    }
+}
+
+/// Number `key` of `table` (a float or an integer; `default` when absent), refused unless `ok`.
+pub(crate) fn float_key(
+    table: &toml::Table,
+    key: &str,
+    default: f64,
+    ok: impl Fn(f64) -> bool,
+    expected: &'static str,
+) -> std::result::Result<f64, HeadConfigError> {
+    let v = match table.get(key) {
+        None => return Ok(default),
+        Some(toml::Value::Float(f)) => Some(*f),
+        Some(toml::Value::Integer(i)) => Some(*i as f64),
+        Some(_) => None,
+    };
+    match v {
+        Some(f) if ok(f) => Ok(f),
+        _ => {
+            let got = table.get(key).map(|v| v.to_string()).unwrap_or_default();
+            Err(HeadConfigError::at(key, HeadProblem::Invalid { expected, got }))
+        }
+    }
 }
 
 /// One line on the head `name` for `runner list`.

@@ -102,26 +102,12 @@ impl Head for Quantile {
 
 /// Reads `[model.quantile]` for data with `levels` levels.
 pub fn from_table(table: &toml::Table, levels: usize) -> std::result::Result<Quantile, HeadConfigError> {
-    if let Some(k) = table.keys().find(|k| !KEYS.contains(&k.as_str())) {
-        return Err(HeadConfigError::at(k, HeadProblem::UnknownKey(KEYS.join(", "))));
-    }
-    let quantiles = match table.get("quantiles") {
-        None => DEFAULT_QUANTILES,
-        Some(toml::Value::Integer(i)) if (1..=4096).contains(i) => *i as usize,
-        Some(v) => {
-            let problem = HeadProblem::Invalid { expected: "an integer in 1..=4096", got: v.to_string() };
-            return Err(HeadConfigError::at("quantiles", problem));
-        }
-    };
-    let kappa = match table.get("kappa") {
-        None => DEFAULT_KAPPA,
-        Some(toml::Value::Float(f)) if f.is_finite() && *f >= 0.0 => *f,
-        Some(toml::Value::Integer(i)) if *i >= 0 => *i as f64,
-        Some(v) => {
-            let problem = HeadProblem::Invalid { expected: "a finite number >= 0", got: v.to_string() };
-            return Err(HeadConfigError::at("kappa", problem));
-        }
-    };
+    super::check_keys(table, &KEYS)?;
+    let in_range = |i: i64| (1..=4096).contains(&i);
+    let quantiles =
+        super::int_key(table, "quantiles", DEFAULT_QUANTILES as i64, in_range, "an integer in 1..=4096")? as usize;
+    let ok = |f: f64| f.is_finite() && f >= 0.0;
+    let kappa = super::float_key(table, "kappa", DEFAULT_KAPPA, ok, "a finite number >= 0")?;
     if levels < 2 {
         return Err(HeadConfigError::general(HeadProblem::TooFewLevels(levels)));
     }
