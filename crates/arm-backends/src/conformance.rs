@@ -35,6 +35,7 @@ pub fn test_ctx(map: &candle_nn::VarMap, seed: u64, (h, w): (usize, usize), (p, 
         levels: k,
         seed,
         order: None,
+        cond_dim: 0,
     }
 }
 

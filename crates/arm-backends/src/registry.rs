@@ -29,6 +29,9 @@ pub struct BuildCtx<'a> {
     /// (row-major) in the ordering the network must be autoregressive in, built as locally
     /// masked convolutions over the image layout. None: the raster-order network.
     pub order: Option<Arc<[usize]>>,
+    /// Width of the conditioning vector h the network reads (0: none); only plugins with
+    /// [`PluginConfig::CONDITIONING`] take one (`Conditional::forward_cond`).
+    pub cond_dim: usize,
 }
 
 impl<'a> BuildCtx<'a> {
@@ -47,6 +50,7 @@ impl<'a> BuildCtx<'a> {
             levels: self.levels,
             seed: self.seed,
             order: rank,
+            cond_dim: self.cond_dim,
         }
     }
 }
@@ -79,6 +83,9 @@ pub trait PluginConfig: Serialize + DeserializeOwned + Default + 'static {
     /// liveness check); false for networks whose connectivity is sparse by design (MADE's
     /// random degrees leave some pairs unconnected).
     const SEES_PREDECESSOR: bool = true;
+    /// Whether the network can read a conditioning vector (`BuildCtx::cond_dim`), as the
+    /// decoder p(x|z) of a VAE.
+    const CONDITIONING: bool = false;
     /// Checks values against each other and the image shape; errors name the key.
     fn validate(&self, height: usize, width: usize) -> Result<(), PluginError>;
     fn build(&self, ctx: BuildCtx) -> Result<Box<dyn Conditional>, PluginError>;
@@ -101,6 +108,8 @@ pub struct Plugin {
     /// Takes every ordering (1D plugins, and 2D plugins with locally masked convolutions).
     pub any_order: bool,
     pub sees_predecessor: bool,
+    /// Reads a conditioning vector (a VAE decoder).
+    pub conditioning: bool,
     pub key_docs: &'static [(&'static str, &'static str)],
     defaults: fn() -> toml::Table,
     resolve: fn(&toml::Table, usize, usize) -> Result<toml::Table, PluginError>,
@@ -131,6 +140,9 @@ fn resolve_with<C: PluginConfig>(t: &toml::Table, h: usize, w: usize) -> Result<
 fn build_with<C: PluginConfig>(t: &toml::Table, ctx: BuildCtx) -> Result<Box<dyn Conditional>, PluginError> {
     let c: C = parse(t)?;
     c.validate(ctx.height, ctx.width)?;
+    if ctx.cond_dim > 0 && !C::CONDITIONING {
+        return Err(invalid("", format!("{} reads no conditioning input", C::NAME)));
+    }
     c.build(ctx)
 }
 
@@ -142,6 +154,7 @@ impl Plugin {
             is_2d: C::IS_2D,
             any_order: !C::IS_2D || C::LOCAL_MASKS,
             sees_predecessor: C::SEES_PREDECESSOR,
+            conditioning: C::CONDITIONING,
             key_docs: C::key_docs(),
             defaults: || to_table(&C::default()),
             resolve: resolve_with::<C>,

@@ -34,6 +34,7 @@ fn dependencies(name: &str, cfg: &str) -> R<Vec<Vec<bool>>> {
         levels: 2,
         seed: 3,
         order: None,
+        cond_dim: 0,
     };
     let net = p.build(&cfg, ctx)?;
     let b = 16;

@@ -27,6 +27,7 @@ fn build_arm(p: &Plugin, cfg: &toml::Table, seed: u64) -> R<(Arm, VarMap)> {
         levels: LEVELS,
         seed,
         order: None,
+        cond_dim: 0,
     };
     let net = p.build(cfg, ctx)?;
     Ok((Arm::new(net, Box::new(Categorical::new(LEVELS)), LEVELS, SHAPE, Ordering::Raster)?, map))

@@ -67,7 +67,7 @@ pub struct SampleOutput {
 
 pub struct Arm {
     conditional: Box<dyn Conditional>,
-    head: Box<dyn Head>,
+    head: std::sync::Arc<dyn Head>,
     levels: usize,
     height: usize,
     width: usize,
@@ -96,7 +96,17 @@ impl Arm {
         let dev = conditional.device();
         // Both None for the identity, both Some otherwise.
         let perm = crate::gather_index(&p, dev)?.zip(crate::gather_index(&crate::invert(&p), dev)?);
-        Ok(Self { conditional, head, levels, height, width, ordering, perm, forecaster: None })
+        Ok(Self { conditional, head: head.into(), levels, height, width, ordering, perm, forecaster: None })
+    }
+
+    /// The same head, levels, shape and ordering over another network (a conditional network
+    /// with its conditioning vector fixed, [`crate::Conditioned`]).
+    pub fn rebind(&self, conditional: Box<dyn Conditional>) -> Result<Arm> {
+        if conditional.seq_len() != self.dims() {
+            candle_core::bail!("conditional built for {} pixels, the model has {}", conditional.seq_len(), self.dims());
+        }
+        let perm = self.perm.as_ref().map(|(a, b)| (a.clone(), b.clone()));
+        Ok(Arm { conditional, head: self.head.clone(), perm, forecaster: None, ..*self })
     }
 
     pub fn head(&self) -> &dyn Head {

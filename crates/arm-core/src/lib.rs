@@ -17,7 +17,7 @@ pub use heads::{categorical::Categorical, head_names, Head, HeadConfigError, Hea
 pub use init::{seeded_var_builder, SeededInit};
 pub use ordering::{gather_index, invert, Ordering};
 pub use predictive::{FitOptions, FitReport, Forecaster};
-pub use traits::{Conditional, NaiveStepper, Stepper};
+pub use traits::{Conditional, Conditioned, NaiveStepper, Stepper};
 
 /// Result type of the core: candle's error carries shape and op context.
 pub type Result<T> = candle_core::Result<T>;

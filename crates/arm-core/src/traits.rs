@@ -31,6 +31,24 @@ pub trait Conditional: Send + Sync {
         Ok(Box::new(NaiveStepper::new(self, batch)?))
     }
 
+    /// Width of the conditioning vector h the network was built to read (0: none). A network
+    /// that reads one adds a linear map of h as a bias to every layer, the same at every
+    /// position (van den Oord et al. 2016, "Conditional Image Generation with PixelCNN
+    /// Decoders", eq. 4), so it stays autoregressive in x for every h.
+    fn cond_dim(&self) -> usize {
+        0
+    }
+
+    /// `forward_t` given h: (B, cond_dim), or (1, cond_dim) for one h shared by the batch.
+    fn forward_cond(&self, _x: &Tensor, _h: &Tensor, _train: bool) -> Result<Tensor> {
+        candle_core::bail!("this network takes no conditioning input")
+    }
+
+    /// The cached stepper given h; None: the caller recomputes the conditioned pass per step.
+    fn stepper_cond(&self, _batch: usize, _h: &Tensor) -> Result<Option<Box<dyn Stepper + '_>>> {
+        Ok(None)
+    }
+
     /// Members of the ensemble this network defines with shared weights (MADE's connectivity
     /// masks): p(x) = mean_m p_m(x) over the first `n` members. Member 0 is `forward_t` in
     /// evaluation mode, autoregressive in sequence order; the others may follow other orders
@@ -106,5 +124,47 @@ impl<C: Conditional + ?Sized> Stepper for NaiveStepper<'_, C> {
         }
         self.pos += 1;
         Ok(())
+    }
+}
+
+/// A conditional network with its conditioning vector fixed: an ordinary `Conditional` of x
+/// alone, so the samplers, the `Arm` and the conformance checks take it as they are.
+pub struct Conditioned {
+    net: std::sync::Arc<dyn Conditional>,
+    /// (B, cond_dim) or (1, cond_dim).
+    h: Tensor,
+}
+
+impl Conditioned {
+    pub fn new(net: std::sync::Arc<dyn Conditional>, h: Tensor) -> Result<Self> {
+        let (_, c) = h.dims2()?;
+        if c != net.cond_dim() || c == 0 {
+            candle_core::bail!("conditioning vector of width {c}: the network reads {}", net.cond_dim());
+        }
+        Ok(Self { net, h })
+    }
+}
+
+impl Conditional for Conditioned {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.net.forward_cond(x, &self.h, train)
+    }
+    fn seq_len(&self) -> usize {
+        self.net.seq_len()
+    }
+    fn device(&self) -> &Device {
+        self.net.device()
+    }
+    fn begin_epoch(&self, epoch: usize) {
+        self.net.begin_epoch(epoch);
+    }
+    fn stepper(&self, batch: usize) -> Result<Box<dyn Stepper + '_>> {
+        match self.net.stepper_cond(batch, &self.h)? {
+            Some(st) => Ok(st),
+            None => Ok(Box::new(NaiveStepper::new(self, batch)?)),
+        }
+    }
+    fn flops_per_image(&self) -> Option<f64> {
+        self.net.flops_per_image()
     }
 }

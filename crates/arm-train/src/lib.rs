@@ -35,6 +35,33 @@ pub use clip::clip_grad_norm;
 pub use ema::Ema;
 pub use schedule::{lr_at, Schedule};
 use arm_core::{bits_per_dim, Arm};
+
+/// What the trainer trains: an ARM (the exact NLL) or a latent-variable model (a bound).
+pub trait Model: Sync {
+    fn device(&self) -> &Device;
+    /// Re-seeds the model's training-time randomness (dropout, a VAE's latent draws) from
+    /// (seed, epoch), so a resumed run draws what an uninterrupted one would.
+    fn begin_epoch(&self, epoch: usize);
+    /// The scalar training loss of a batch in `epoch` (1-based), nats per image.
+    fn loss(&self, x: &Tensor, epoch: usize) -> candle_core::Result<Tensor>;
+    /// (B,) log p(x) per image in evaluation mode, or a lower bound of it; deterministic.
+    fn eval_log_prob(&self, x: &Tensor) -> candle_core::Result<Tensor>;
+}
+
+impl Model for Arm {
+    fn device(&self) -> &Device {
+        Arm::device(self)
+    }
+    fn begin_epoch(&self, epoch: usize) {
+        self.conditional().begin_epoch(epoch);
+    }
+    fn loss(&self, x: &Tensor, _epoch: usize) -> candle_core::Result<Tensor> {
+        self.nll(x, true)
+    }
+    fn eval_log_prob(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.log_prob(x)
+    }
+}
 use arm_data::{Dataset, Split};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -291,11 +318,11 @@ pub struct Outcome {
     pub test_bpd: Option<f64>,
 }
 
-/// Mean NLL in nats per image over a split, accumulated in f64.
-pub fn evaluate(arm: &Arm, split: &Split, batch: usize) -> candle_core::Result<f64> {
+/// Mean NLL (or the bound a model evaluates) in nats per image over a split, accumulated in f64.
+pub fn evaluate(model: &dyn Model, split: &Split, batch: usize) -> candle_core::Result<f64> {
     let mut total = 0.0f64;
-    for x in split.batches(batch, arm.device()) {
-        let lp = in_pool(arm.device(), || arm.log_prob(&x?))?; // (B,)
+    for x in split.batches(batch, model.device()) {
+        let lp = in_pool(model.device(), || model.eval_log_prob(&x?))?; // (B,)
         total += lp.to_dtype(candle_core::DType::F64)?.sum_all()?.to_scalar::<f64>()?;
     }
     Ok(-total / split.n.max(1) as f64)
@@ -425,7 +452,7 @@ impl Opt {
 /// Trains `arm` (whose variables live in `map`) on `data.train`, early-stopping on `data.val`.
 /// On return the map holds the best weights (lowest validation NLL).
 pub fn train(
-    arm: &Arm,
+    arm: &dyn Model,
     map: &VarMap,
     data: &Dataset,
     cfg: &TrainConfig,
@@ -439,7 +466,7 @@ pub fn train(
 /// and seed) when given: its weights, optimiser state, history and best epoch are restored and
 /// training goes on with epoch `resume.epoch + 1`, exactly as if it had never stopped.
 pub fn train_from(
-    arm: &Arm,
+    arm: &dyn Model,
     map: &VarMap,
     data: &Dataset,
     cfg: &TrainConfig,
@@ -512,7 +539,7 @@ enum EpochEnd {
 
 /// What one training run works on: the model, its variables in a stable order, the optimiser.
 struct Trainer<'a> {
-    arm: &'a Arm,
+    arm: &'a dyn Model,
     map: &'a VarMap,
     data: &'a Dataset,
     cfg: &'a TrainConfig,
@@ -529,7 +556,7 @@ struct Trainer<'a> {
 
 impl<'a> Trainer<'a> {
     fn new(
-        arm: &'a Arm,
+        arm: &'a dyn Model,
         map: &'a VarMap,
         data: &'a Dataset,
         cfg: &'a TrainConfig,
@@ -652,11 +679,11 @@ impl<'a> Trainer<'a> {
     fn run_epoch(&mut self, epoch: usize, on: &mut dyn FnMut(Event) -> Control) -> candle_core::Result<EpochEnd> {
         (self.clipped, self.max_norm) = (0, f64::NAN);
         let order = epoch_order(self.data.train.n, self.seed, epoch);
-        self.arm.conditional().begin_epoch(epoch);
+        self.arm.begin_epoch(epoch);
         let steps = self.data.train.n.div_ceil(self.cfg.batch_size);
         let mut train_sum = 0.0f64;
         for (step, idx) in order.chunks(self.cfg.batch_size).enumerate() {
-            let lv = self.step(idx)?;
+            let lv = self.step(idx, epoch)?;
             if !lv.is_finite() {
                 let reason = format!("training loss is {lv} at step {}", step + 1);
                 return Ok(EpochEnd::Stopped(Status::Diverged { epoch, reason }));
@@ -671,12 +698,12 @@ impl<'a> Trainer<'a> {
 
     /// One optimiser step on the training images `idx`; returns the loss (nats per image). A
     /// loss that is not finite takes no step.
-    fn step(&mut self, idx: &[usize]) -> candle_core::Result<f64> {
+    fn step(&mut self, idx: &[usize], epoch: usize) -> candle_core::Result<f64> {
         let x = self.data.train.batch(idx, &self.device)?; // (B, D)
         let (arm, opt, ema, clip) = (self.arm, &mut self.opt, &mut self.ema, self.cfg.clip_grad_norm);
         let vars: Vec<Var> = if clip.is_some() { self.vars.iter().map(|(_, v)| v.clone()).collect() } else { vec![] };
         let (lv, norm) = in_pool(&self.device, || -> candle_core::Result<(f64, Option<f64>)> {
-            let loss = arm.nll(&x, true)?; // scalar, nats per image
+            let loss = arm.loss(&x, epoch)?; // scalar, nats per image
             let lv = loss.to_scalar::<f32>()? as f64;
             let mut norm = None;
             if lv.is_finite() {

@@ -110,6 +110,7 @@ fn case(label: &str, data: &str, backend: &str, set: &[(&str, toml::Value)]) -> 
                 head: "categorical".into(),
                 plugin,
                 head_table: Default::default(),
+                vae: None,
             },
             train: Default::default(),
             sample: SampleConfig::default(),

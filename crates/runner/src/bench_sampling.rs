@@ -50,6 +50,7 @@ fn case_config(name: &str, defaults: toml::Table, data: &str, seed: u64) -> RunC
             head: "categorical".into(),
             plugin: defaults,
             head_table: Default::default(),
+            vae: None,
         },
         train: Default::default(),
         sample: SampleConfig::default(),

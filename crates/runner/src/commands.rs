@@ -145,9 +145,9 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             let device = parse_device(&device)?;
             crate::sample::sample(&run_dir, &device, &crate::sample::Options { n, sampler, seed, out, offsets })
         }
-        Command::Eval { run_dir, data, split, out, members } => {
+        Command::Eval { run_dir, data, split, out, members, iw_samples } => {
             let device = parse_device(&device)?;
-            crate::eval::eval(&run_dir, &device, &crate::eval::Options { data, split, out, members })
+            crate::eval::eval(&run_dir, &device, &crate::eval::Options { data, split, out, members, iw_samples })
         }
         Command::Bench { what: crate::BenchWhat::Train { steps, model, profile } } => {
             bench_train(&device, steps, model.as_deref(), profile)
@@ -295,7 +295,8 @@ fn list() {
             (true, false) => " (2D, raster only)",
             _ => "",
         };
-        println!("{}{kind}  {}", p.name, p.summary);
+        let decoder = if p.conditioning { " [VAE decoder]" } else { "" };
+        println!("{}{kind}{decoder}  {}", p.name, p.summary);
         let defaults = p.defaults();
         for (k, doc) in p.key_docs {
             let v = defaults.get(*k);
@@ -313,6 +314,13 @@ fn list() {
                 println!("    {k:<16} {:<8} default {}", type_of(v), v);
             }
         }
+    }
+    println!("\nVAEs ([model] kind = \"vae\"; backend = the decoder p(x|z): factorized, or a plugin marked");
+    println!("[VAE decoder], which adds a linear map of z to every layer; keys go in [model.vae]):\n");
+    let vae = toml::Table::try_from(arm_vae::VaeConfig::default()).unwrap_or_default();
+    for (k, doc) in arm_vae::KEY_DOCS {
+        let (ty, dv) = vae.get(*k).map_or(("", "-".to_string()), |v| (type_of(v), v.to_string()));
+        println!("    {k:<16} {ty:<8} default {dv:<14} {doc}");
     }
     println!("\nData sets ([data] name = NAME): {}", arm_data::DATASET_NAMES.join(", "));
     println!("\nOrderings ([data] ordering = NAME, or orderings = [NAME, ...] drawn per batch):\n");

@@ -21,6 +21,8 @@ pub struct Options {
     pub out: Option<PathBuf>,
     /// Ensemble members to average (MADE's masks); None: the run's own `eval_masks`.
     pub members: Option<usize>,
+    /// Samples per image of a VAE's importance-weighted bound; None: the run's `iw_samples`.
+    pub iw_samples: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +62,14 @@ pub fn eval(run_dir: &Path, device: &Device, opts: &Options) -> Result<()> {
         out_format(out)?;
     }
     let t = trained::open(run_dir, device)?;
-    let (default_members, available) = t.arm.conditional().members();
+    if let crate::run::Model::Vae(vae) = &t.model {
+        return eval_vae(run_dir, &t, vae, opts);
+    }
+    if opts.iw_samples.is_some() {
+        return Err(bad_input(format!("--iw-samples: {} holds an ARM, whose NLL is exact (no bound to sample)", run_dir.display())));
+    }
+    let arm = t.model.arm("--members")?;
+    let (default_members, available) = arm.conditional().members();
     let members = opts.members.unwrap_or(default_members);
     if members == 0 || members > available {
         return Err(bad_input(format!(
@@ -82,7 +91,7 @@ pub fn eval(run_dir: &Path, device: &Device, opts: &Options) -> Result<()> {
     });
     let format = out_format(&out)?;
     let nll = per_image_nll(&t, split, device, members)?;
-    let dims = t.arm.dims();
+    let dims = arm.dims();
     let mean = nll.iter().sum::<f64>() / nll.len() as f64;
     let mut df = frame(&nll, dims)?;
     match format {
@@ -90,7 +99,7 @@ pub fn eval(run_dir: &Path, device: &Device, opts: &Options) -> Result<()> {
         OutFormat::Csv => write_csv(&out, &mut df)?,
     }
     let ensemble = if available > 1 { format!(", ensemble of {members} of {available} members") } else { String::new() };
-    if t.arm.head().likelihood() {
+    if arm.head().likelihood() {
         println!(
             "{data_name} {}: {} images, mean NLL {mean:.6} nats ({:.6} bits/dim){ensemble}",
             opts.split,
@@ -110,6 +119,74 @@ pub fn eval(run_dir: &Path, device: &Device, opts: &Options) -> Result<()> {
     Ok(())
 }
 
+/// Per image of `split`: the ELBO and the importance-weighted bound of `samples` draws, in
+/// nats (log-likelihood bounds, not NLLs), a few images per pass.
+pub fn vae_bounds_per_image(vae: &arm_vae::Vae, split: &Split, samples: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+    let (mut elbo, mut iw) = (Vec::with_capacity(split.n), Vec::with_capacity(split.n));
+    let dev = arm_train::Model::device(vae).clone();
+    // About 1024 (image, sample) rows per pass.
+    let per = (1024 / samples).max(1);
+    for x in split.batches(per, &dev) {
+        let (e, w) = arm_train::in_pool(&dev, || vae.bounds(&x?, samples))?;
+        elbo.extend(e);
+        iw.extend(w);
+    }
+    Ok((elbo, iw))
+}
+
+/// The means over `split` of the ELBO and the importance-weighted bound (nats per image).
+pub fn vae_bounds(vae: &arm_vae::Vae, split: &Split, samples: usize) -> Result<(f64, f64)> {
+    let (e, w) = vae_bounds_per_image(vae, split, samples)?;
+    let n = e.len().max(1) as f64;
+    Ok((e.iter().sum::<f64>() / n, w.iter().sum::<f64>() / n))
+}
+
+/// `runner eval` of a VAE run: per image, minus the importance-weighted bound (nll_nats, an
+/// upper bound of the NLL), bits/dim, and minus the ELBO (neg_elbo_nats).
+fn eval_vae(run_dir: &Path, t: &trained::Trained, vae: &arm_vae::Vae, opts: &Options) -> Result<()> {
+    if opts.members.is_some() {
+        return Err(bad_input(format!("--members / --orders: {} holds a VAE, which has no ensemble", run_dir.display())));
+    }
+    let samples = opts.iw_samples.unwrap_or(vae.config().iw_samples);
+    if samples == 0 {
+        return Err(bad_input("--iw-samples 0: expected at least 1"));
+    }
+    let (data_name, data, own) = eval_data(run_dir, t, opts.data.as_deref())?;
+    let split = data.split(opts.split);
+    if split.n == 0 {
+        return Err(bad_input(format!("--data {data_name} --split {}: the split is empty", opts.split)));
+    }
+    let out = opts.out.clone().unwrap_or_else(|| {
+        let tag = if own { String::new() } else { format!("{data_name}_") };
+        run_dir.join(format!("eval_{tag}{}.parquet", opts.split))
+    });
+    let format = out_format(&out)?;
+    let (elbo, iw) = vae_bounds_per_image(vae, split, samples)?;
+    let nll: Vec<f64> = iw.iter().map(|v| -v).collect();
+    let neg_elbo: Vec<f64> = elbo.iter().map(|v| -v).collect();
+    let mut df = frame(&nll, vae.dims())?;
+    df.with_column(polars::prelude::Column::new("neg_elbo_nats".into(), neg_elbo.clone()))?;
+    match format {
+        OutFormat::Parquet => store::write_parquet(&out, &mut df)?,
+        OutFormat::Csv => write_csv(&out, &mut df)?,
+    }
+    let n = nll.len() as f64;
+    let (mean, mean_elbo) = (nll.iter().sum::<f64>() / n, neg_elbo.iter().sum::<f64>() / n);
+    println!(
+        "{data_name} {}: {} images, NLL <= {mean:.6} nats ({:.6} bits/dim; importance-weighted bound, {samples} samples), -ELBO {mean_elbo:.6}",
+        opts.split,
+        nll.len(),
+        bits_per_dim(mean, vae.dims())
+    );
+    if own && opts.split == SplitName::Test && samples == vae.config().iw_samples {
+        if let Some(s) = t.status.as_ref().and_then(|s| s.test_nll) {
+            println!("status.toml test figure {s:.6} (relative difference {:.1e})", ((mean - s) / s).abs());
+        }
+    }
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
 /// The data to evaluate on: the run's own (an embedded set or its user file), or another
 /// embedded set of the model's shape and levels. Returns (name, data, whether it is the run's own).
 fn eval_data(run_dir: &Path, t: &trained::Trained, name: Option<&str>) -> Result<(String, Dataset, bool)> {
@@ -120,7 +197,7 @@ fn eval_data(run_dir: &Path, t: &trained::Trained, name: Option<&str>) -> Result
     let (h, w, levels) = arm_data::shape_of(other).ok_or_else(|| {
         bad_input(format!("--data {other:?}: unknown data set: expected one of {}", arm_data::DATASET_NAMES.join(", ")))
     })?;
-    let ((mh, mw), ml) = (t.arm.shape(), t.arm.levels());
+    let ((mh, mw), ml) = (t.model.shape(), t.model.levels());
     if (h, w, levels) != (mh, mw, ml) {
         return Err(bad_input(format!(
             "--data {other}: {h}x{w} images with {levels} levels, but the model in {} was built for {mh}x{mw} with {ml} levels ({})",
@@ -134,8 +211,9 @@ fn eval_data(run_dir: &Path, t: &trained::Trained, name: Option<&str>) -> Result
 /// Per-image NLL in nats, in the batches training evaluated with.
 fn per_image_nll(t: &trained::Trained, split: &Split, device: &Device, members: usize) -> Result<Vec<f64>> {
     let mut nll = Vec::with_capacity(split.n);
+    let arm = t.model.arm("per-image NLL")?;
     for x in split.batches(t.cfg.train.eval_batch_size, device) {
-        let lp = t.arm.log_prob_members(&x?, members)?; // (B,) nats
+        let lp = arm.log_prob_members(&x?, members)?; // (B,) nats
         nll.extend(lp.to_dtype(DType::F64)?.to_vec1::<f64>()?.into_iter().map(|v| -v));
     }
     Ok(nll)

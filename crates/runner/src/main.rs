@@ -266,6 +266,10 @@ enum Command {
         /// `eval_masks` / `data.eval_orders`). 1 evaluates the first alone.
         #[arg(long, visible_alias = "orders")]
         members: Option<usize>,
+        /// Samples per image of a VAE's importance-weighted bound (default: the run's
+        /// `model.vae.iw_samples`).
+        #[arg(long)]
+        iw_samples: Option<usize>,
     },
     /// Benchmarks: `runner bench train`, `runner bench sampling`.
     Bench {

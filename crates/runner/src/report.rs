@@ -266,6 +266,8 @@ fn nll_table(groups: &[Group], multi: bool) -> Table {
             "seeds",
             "test NLL (nats)",
             "95% CI",
+            "NLL is",
+            "test -ELBO",
             "test bits/dim",
             "best val NLL",
             "params",
@@ -285,6 +287,13 @@ fn nll_table(groups: &[Group], multi: bool) -> Table {
         let (w1, _) = fmt_pm(&g.values(|r| r.status.sample_w1), 4);
         let (mmd, _) = fmt_pm(&g.values(|r| r.status.sample_mmd2), 4);
         let (bpd, _) = fmt_pm(&g.values(|r| r.status.test_bpd), 4);
+        let (elbo, _) = fmt_pm(&g.values(|r| r.status.test_elbo), 2);
+        // A VAE's NLL is an upper bound (its importance-weighted bound); an ARM's is exact.
+        let kind = match fin.first() {
+            None => "-".to_string(),
+            Some(_) if !g.likelihood() => "loss".into(),
+            Some(r) => r.status.bound.as_ref().map_or("exact".into(), |b| format!("bound {b}")),
+        };
         let (mut val, _) = fmt_pm(&g.values(|r| r.status.best_val_nll), 2);
         if !g.likelihood() && val != "-" {
             val.push_str(" ‡");
@@ -299,7 +308,7 @@ fn nll_table(groups: &[Group], multi: bool) -> Table {
         if multi {
             row.push(g.experiment.clone());
         }
-        row.extend([g.label.clone(), format!("{}/{}", fin.len(), g.runs.len()), test, ci, bpd, val, params, epochs, w1, mmd]);
+        row.extend([g.label.clone(), format!("{}/{}", fin.len(), g.runs.len()), test, ci, kind, elbo, bpd, val, params, epochs, w1, mmd]);
         table.rows.push(row);
     }
     table
@@ -323,7 +332,7 @@ fn problem_lines(groups: &[Group]) -> Vec<String> {
         .collect()
 }
 
-pub(crate) const FOOTNOTE: &str = "± is the sample std over seeds; CI is the 95% t-interval of the mean. ‡ a head without a likelihood (quantile): its quantile loss, not nats, unranked. Sample W1 (per-pixel marginals, [0, 1] scale) and MMD² (Gaussian kernel) compare the samples drawn at the end of each run with up to the first 1000 test images; lower is closer.";
+pub(crate) const FOOTNOTE: &str = "± is the sample std over seeds; CI is the 95% t-interval of the mean. NLL is: exact for an ARM; for a VAE an upper bound, minus its importance-weighted bound with that many samples (IW-S), beside minus its ELBO (test -ELBO; its validation NLL is minus the ELBO too). ‡ a head without a likelihood (quantile): its quantile loss, not nats, unranked. Sample W1 (per-pixel marginals, [0, 1] scale) and MMD² (Gaussian kernel) compare the samples drawn at the end of each run with up to the first 1000 test images; lower is closer.";
 
 fn print_table(table: &Table, problems: &[String], format: Format) {
     print!("{}", table.render(format));
@@ -497,7 +506,7 @@ pub struct SampleGrid {
 /// Loads a run's best weights and draws `n` samples with the cached sampler.
 pub fn sample_config(dir: &Path, run: &Row, device: &Device, n: usize) -> Result<SampleGrid> {
     let t = crate::trained::build_with_weights(dir, run.config.clone(), Some(run.status.clone()), device)?;
-    let (images, ..) = crate::run::draw_samples(&t.arm, n, run.config.sample.seed, Sampler::Cached)?;
+    let (images, ..) = t.model.draw(n, run.config.sample.seed, Sampler::Cached)?;
     let real = crate::run::first_images(&t.data.test, n);
-    Ok(SampleGrid { images, real, shape: t.arm.shape(), levels: t.arm.levels() })
+    Ok(SampleGrid { images, real, shape: t.model.shape(), levels: t.model.levels() })
 }

@@ -25,15 +25,82 @@ use crate::store::{self, RunState, RunStatus};
 /// Set by the Ctrl-C handler: runs stop after the current step and are marked interrupted.
 pub static STOP: AtomicBool = AtomicBool::new(false);
 
-/// Builds data, model and variables for a run (weights drawn from the run's seed).
+/// A run's model: an ARM, or a VAE (`model.kind = "vae"`).
+pub enum Model {
+    Arm(Arm),
+    Vae(arm_vae::Vae),
+}
+
+impl Model {
+    /// What the trainer trains.
+    pub fn trainable(&self) -> &dyn arm_train::Model {
+        match self {
+            Model::Arm(a) => a,
+            Model::Vae(v) => v,
+        }
+    }
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            Model::Arm(a) => a.shape(),
+            Model::Vae(v) => v.shape(),
+        }
+    }
+    pub fn levels(&self) -> usize {
+        match self {
+            Model::Arm(a) => a.levels(),
+            Model::Vae(v) => v.levels(),
+        }
+    }
+    pub fn head(&self) -> &dyn arm_core::Head {
+        match self {
+            Model::Arm(a) => a.head(),
+            Model::Vae(v) => v.head(),
+        }
+    }
+    /// The ARM, or an error naming `what` for a VAE run.
+    pub fn arm(&self, what: &str) -> Result<&Arm> {
+        match self {
+            Model::Arm(a) => Ok(a),
+            Model::Vae(_) => Err(crate::bad_input(format!("{what} is for ARM runs; this run is a VAE (model.kind = \"vae\")"))),
+        }
+    }
+
+    /// Draws `n` images with noise from `seed`: levels per image, the sampler's iterations and
+    /// its network calls per image.
+    pub fn draw(&self, n: usize, seed: u64, sampler: Sampler) -> Result<(Vec<Vec<u8>>, usize, f64)> {
+        match self {
+            Model::Arm(a) => draw_samples(a, n, seed, sampler),
+            Model::Vae(v) => {
+                let out = v.sample(n, seed, sampler).map_err(|e| crate::bad_input(format!("{e}")))?;
+                Ok((levels_of(&out.images)?, out.iterations, out.calls))
+            }
+        }
+    }
+}
+
+/// (B, D) levels as f32 -> one Vec of levels per image.
+fn levels_of(images: &Tensor) -> Result<Vec<Vec<u8>>> {
+    let rows = images.to_vec2::<f32>()?;
+    Ok(rows.into_iter().map(|r| r.into_iter().map(|v| v as u8).collect()).collect())
+}
+
+/// Builds data, model and variables for an ARM run (weights drawn from the run's seed); a VAE
+/// run is an error naming `what` needs an ARM.
 pub fn build(cfg: &RunConfig, device: &Device) -> Result<(Arm, VarMap, Dataset)> {
+    match build_model(cfg, device)? {
+        (Model::Arm(a), map, data) => Ok((a, map, data)),
+        (Model::Vae(_), ..) => Err(anyhow!("model.kind: expected an ARM here, got a VAE")),
+    }
+}
+
+/// Builds data, model and variables for a run (weights drawn from the run's seed).
+pub fn build_model(cfg: &RunConfig, device: &Device) -> Result<(Model, VarMap, Dataset)> {
     let data = crate::data::load(&cfg.data)?;
     let head =
         arm_core::heads::build(&cfg.model.head, &cfg.model.head_table, data.levels).map_err(|e| match e.key {
             Some(k) => anyhow!("model.{}.{k}: {}", cfg.model.head, e.problem),
             None => anyhow!("model.{}: {}", cfg.model.head, e.problem),
         })?;
-    let plugin = arm_backends::plugin(&cfg.model.backend)?;
     let map = VarMap::new();
     let ctx = BuildCtx {
         vb: seeded_var_builder(&map, cfg.seed, device),
@@ -44,14 +111,32 @@ pub fn build(cfg: &RunConfig, device: &Device) -> Result<(Arm, VarMap, Dataset)>
         levels: data.levels,
         seed: cfg.seed,
         order: None,
+        cond_dim: 0,
     };
+    if let Some(vae) = &cfg.model.vae {
+        let vcfg: arm_vae::VaeConfig =
+            crate::config::from_value(toml::Value::Table(vae.clone())).map_err(|e| anyhow!("model.vae: {e}"))?;
+        let plugin;
+        let decoder = if cfg.model.backend == arm_vae::FACTORIZED {
+            arm_vae::Decoder::Factorized
+        } else {
+            plugin = arm_backends::plugin(&cfg.model.backend)?;
+            arm_vae::Decoder::Plugin(&plugin, &cfg.model.plugin)
+        };
+        let vae = arm_vae::build(&vcfg, decoder, head, ctx).map_err(|e| match e {
+            arm_vae::VaeError::Decoder(e) => anyhow!("model.{}: {e}", cfg.model.backend),
+            other => anyhow!("model.{other}"),
+        })?;
+        return Ok((Model::Vae(vae), map, data));
+    }
+    let plugin = arm_backends::plugin(&cfg.model.backend)?;
     let orderings = crate::config::orderings(&cfg.data);
     let eval_orders = cfg.data.eval_orders.unwrap_or(1);
     let cond = plugin
         .build_ordered(&cfg.model.plugin, ctx, &orderings, eval_orders)
         .map_err(|e| anyhow!("model.{}: {e}", cfg.model.backend))?;
     let arm = Arm::new(cond, head, data.levels, (data.height, data.width), orderings[0])?;
-    Ok((arm, map, data))
+    Ok((Model::Arm(arm), map, data))
 }
 
 pub fn n_params(map: &VarMap) -> u64 {
@@ -72,9 +157,7 @@ pub fn sample_noise(arm: &Arm, n: usize, seed: u64) -> Result<Tensor> {
 pub fn draw_samples(arm: &Arm, n: usize, seed: u64, sampler: Sampler) -> Result<(Vec<Vec<u8>>, usize, f64)> {
     let noise = sample_noise(arm, n, seed)?;
     let out = arm.sample(&noise, sampler)?;
-    let rows = out.images.to_vec2::<f32>()?;
-    let imgs = rows.into_iter().map(|r| r.into_iter().map(|v| v as u8).collect()).collect();
-    Ok((imgs, out.iterations, out.calls))
+    Ok((levels_of(&out.images)?, out.iterations, out.calls))
 }
 
 pub fn save_weights(map: &VarMap, path: &Path) -> Result<()> {
@@ -172,7 +255,7 @@ pub fn execute(
 ) -> Result<RunStatus> {
     let t0 = Instant::now();
     let mut status = begin(cfg, dir)?;
-    let (arm, map, data) = build(cfg, device)?;
+    let (model, map, data) = build_model(cfg, device)?;
     status.n_params = n_params(&map);
     let run_id = dir.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
     let start = if resume { resume_state(dir, &map, device, &run_id) } else { None };
@@ -193,7 +276,7 @@ pub fn execute(
         at_rung: false,
         write_err: None,
     };
-    let outcome = arm_train::train_from(&arm, &map, &data, &cfg.train, cfg.seed, start.map(|(st, _)| st), &mut |ev| {
+    let outcome = arm_train::train_from(model.trainable(), &map, &data, &cfg.train, cfg.seed, start.map(|(st, _)| st), &mut |ev| {
         progress.on(ev)
     })?;
     if let Some(e) = progress.write_err {
@@ -203,7 +286,7 @@ pub fn execute(
         return Err(e);
     }
     write_history(cfg, dir, &run_id, &outcome, &mut status)?;
-    record_outcome(cfg, dir, (&arm, &data), &map, &outcome, &mut status)?;
+    record_outcome(cfg, dir, (&model, &data), &map, &outcome, &mut status)?;
     if progress.at_rung && status.status == RunState::Interrupted && !STOP.load(AtomicOrdering::SeqCst) {
         status.status = RunState::Pruned;
         status.reason = Some(format!(
@@ -341,7 +424,7 @@ pub fn first_images(split: &arm_data::Split, n: usize) -> Vec<Vec<u8>> {
 fn record_outcome(
     cfg: &RunConfig,
     dir: &Path,
-    (arm, data): (&Arm, &Dataset),
+    (model, data): (&Model, &Dataset),
     map: &VarMap,
     outcome: &arm_train::Outcome,
     status: &mut RunStatus,
@@ -349,18 +432,29 @@ fn record_outcome(
     match &outcome.status {
         Status::Finished { .. } => {
             save_weights(map, &dir.join("model.safetensors"))?;
-            let (imgs, ..) = draw_samples(arm, cfg.sample.n, cfg.sample.seed, Sampler::Cached)?;
+            let (imgs, ..) = model.draw(cfg.sample.n, cfg.sample.seed, Sampler::Cached)?;
+            let (shape, levels) = (model.shape(), model.levels());
             let title = format!("{} samples", cfg.model.backend);
-            plots::sample_grid(&dir.join("samples.png"), &title, &imgs, arm.shape(), arm.levels())?;
+            plots::sample_grid(&dir.join("samples.png"), &title, &imgs, shape, levels)?;
             let real = first_images(&data.test, cfg.sample.n);
             let title = format!("{}: {} test images and samples", cfg.model.backend, data.name);
-            plots::real_and_samples(&dir.join("data_and_samples.png"), &title, &real, &imgs, arm.shape(), arm.levels())?;
+            plots::real_and_samples(&dir.join("data_and_samples.png"), &title, &real, &imgs, shape, levels)?;
             let q = crate::quality::against_test(&imgs, data);
             (status.sample_w1, status.sample_mmd2) = (q.w1, q.mmd2);
             status.status = RunState::Finished;
             status.test_nll = outcome.test_nll;
             // Bits per dimension only for a likelihood.
-            status.test_bpd = outcome.test_bpd.filter(|_| arm.head().likelihood());
+            status.test_bpd = outcome.test_bpd.filter(|_| model.head().likelihood());
+            if let Model::Vae(vae) = model {
+                // The trainer's test figure is minus the ELBO; the NLL reported is the tighter
+                // importance-weighted bound.
+                let samples = vae.config().iw_samples;
+                let (elbo, iw) = crate::eval::vae_bounds(vae, &data.test, samples)?;
+                status.test_elbo = Some(-elbo);
+                status.test_nll = Some(-iw);
+                status.test_bpd = Some(arm_core::bits_per_dim(-iw, data.dims()));
+                status.bound = Some(format!("IW-{samples}"));
+            }
         }
         Status::Diverged { epoch, reason } => {
             status.status = RunState::Failed;

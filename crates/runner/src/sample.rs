@@ -39,12 +39,13 @@ pub fn sample(run_dir: &std::path::Path, device: &Device, opts: &Options) -> Res
     }
     let out = opts.out.clone().unwrap_or_else(|| run_dir.join(format!("samples_{sampler}_seed{}.png", opts.seed)));
     let t0 = Instant::now();
-    let (imgs, iterations, calls) = crate::run::draw_samples(&t.arm, opts.n, opts.seed, sampler)?;
+    let (imgs, iterations, calls) = t.model.draw(opts.n, opts.seed, sampler)?;
     let secs = t0.elapsed().as_secs_f64();
     // The title names no sampler, so every sampler writes the same bytes for the same seed.
     let title = format!("{} samples (seed {})", t.cfg.model.backend, opts.seed);
-    plots::sample_grid(&out, &title, &imgs, t.arm.shape(), t.arm.levels())?;
-    let d = t.arm.dims();
+    let (shape, levels) = (t.model.shape(), t.model.levels());
+    plots::sample_grid(&out, &title, &imgs, shape, levels)?;
+    let d = shape.0 * shape.1;
     let passes = match sampler {
         Sampler::Jacobi => format!("; {iterations} parallel iterations (of at most {d})"),
         Sampler::Predictive => {
@@ -63,8 +64,8 @@ pub fn sample(run_dir: &std::path::Path, device: &Device, opts: &Options) -> Res
     println!(
         "sampler {sampler}: {} images of {}x{} in {secs:.3} s ({:.3} ms per image){passes}\nwrote {}",
         opts.n,
-        t.arm.shape().0,
-        t.arm.shape().1,
+        shape.0,
+        shape.1,
         1e3 * secs / opts.n as f64,
         out.display()
     );
@@ -74,8 +75,11 @@ pub fn sample(run_dir: &std::path::Path, device: &Device, opts: &Options) -> Res
 /// Fits the predictive sampler's forecaster to fixed-point sampling runs of the model (seeded
 /// with the sampling seed) and gives it to the model.
 fn fit_forecaster(t: &mut trained::Trained, opts: &Options) -> Result<()> {
-    let d = t.arm.dims();
-    let fit = FitOptions::for_shape(t.arm.shape(), opts.seed);
+    let crate::run::Model::Arm(arm) = &mut t.model else {
+        return Err(bad_input("--sampler predictive: a VAE's decoder samples with naive, cached or jacobi"));
+    };
+    let d = arm.dims();
+    let fit = FitOptions::for_shape(arm.shape(), opts.seed);
     let offsets = opts.offsets.unwrap_or(0);
     if offsets >= d {
         return Err(bad_input(format!("--offsets: must be below the {d} pixels of an image, got {offsets}")));
@@ -86,7 +90,7 @@ fn fit_forecaster(t: &mut trained::Trained, opts: &Options) -> Result<()> {
     }
     let t0 = Instant::now();
     let images = fit.images;
-    match Forecaster::fit(&t.arm, &FitOptions { offsets, ..fit })? {
+    match Forecaster::fit(arm, &FitOptions { offsets, ..fit })? {
         None => println!("forecaster: none (every image of the fitting runs settled in one pass)"),
         Some((fc, report)) => {
             println!(
@@ -96,7 +100,7 @@ fn fit_forecaster(t: &mut trained::Trained, opts: &Options) -> Result<()> {
                 report.initial_nll,
                 report.fitted_nll
             );
-            t.arm.set_forecaster(Some(fc));
+            arm.set_forecaster(Some(fc));
         }
     }
     Ok(())

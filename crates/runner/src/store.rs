@@ -168,6 +168,13 @@ pub struct RunStatus {
     pub sample_w1: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sample_mmd2: Option<f64>,
+    /// A VAE's test NLL is a bound: which (e.g. "IW-256", the importance-weighted bound of
+    /// that many samples); None for an exact NLL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bound: Option<String>,
+    /// A VAE's minus ELBO on the test set, nats per image (from the same draws as the bound).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_elbo: Option<f64>,
     pub wall_seconds: f64,
     pub pid: u32,
 }
@@ -186,6 +193,8 @@ impl RunStatus {
             test_bpd: None,
             sample_w1: None,
             sample_mmd2: None,
+            bound: None,
+            test_elbo: None,
             wall_seconds: 0.0,
             pid: 0,
         }

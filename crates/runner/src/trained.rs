@@ -8,7 +8,6 @@ use anyhow::{anyhow, Result};
 use candle_core::Device;
 use candle_nn::VarMap;
 
-use arm_core::Arm;
 use arm_data::Dataset;
 
 use crate::bad_input;
@@ -19,7 +18,7 @@ pub struct Trained {
     pub cfg: RunConfig,
     /// The run's `status.toml`; None when it has none.
     pub status: Option<RunStatus>,
-    pub arm: Arm,
+    pub model: crate::run::Model,
     /// The run's own data set (as named in its config).
     pub data: Dataset,
 }
@@ -50,10 +49,10 @@ pub fn build_with_weights(dir: &Path, cfg: RunConfig, status: Option<RunStatus>,
     }
     // Everything the model is built from (data, head and plugin tables) is in config.toml.
     let config = dir.join("config.toml");
-    let (arm, map, data) =
-        crate::run::build(&cfg, device).map_err(|e| bad_input(format!("{}: {e:#}", config.display())))?;
+    let (model, map, data) =
+        crate::run::build_model(&cfg, device).map_err(|e| bad_input(format!("{}: {e:#}", config.display())))?;
     load_weights(&map, &weights).map_err(|e| bad_input(format!("{e:#}")))?;
-    Ok(Trained { cfg, status, arm, data })
+    Ok(Trained { cfg, status, model, data })
 }
 
 fn load_weights(map: &VarMap, path: &Path) -> Result<()> {

@@ -25,7 +25,7 @@ pub use conv1d::{causal_conv1d, causal_conv_stack, CausalConv1d, CausalConvStack
 pub use conv2d::{local_conv2d, local_mask, masked_conv2d, tap_conv2d, window_taps, Mask, TapConv2d};
 pub use draws::MemberDraws;
 pub use dropout::Dropout;
-pub use gated::{gated_block, GatedBlock, Vertical};
+pub use gated::{gated_block, CondBias, GatedBlock, Vertical};
 pub use linear::{linear, output_mlp, Linear, OutputMlp};
 pub use masked::{masked_linear, MaskedLinear};
 pub use norm::{layer_norm, LayerNorm};

@@ -129,6 +129,7 @@ mod tests {
             levels: 5,
             seed: 1,
             order: None,
+            cond_dim: 0,
         };
         let (d, p) = (4, 3);
         let mut net = Fvsbn {

@@ -1,5 +1,6 @@
 //! `gated_pixelcnn`: the gated PixelCNN of van den Oord et al. 2016, "Conditional Image
-//! Generation with PixelCNN Decoders", §2.1-2.2, eq. 2 and Fig. 2, unconditional (no h term).
+//! Generation with PixelCNN Decoders", §2.1-2.2, eq. 2 and Fig. 2; with a conditioning vector
+//! (`BuildCtx::cond_dim`, a VAE's latent) each layer adds its linear map as in eq. 4.
 //! Every layer has two stacks that together see every earlier pixel (no blind spot): a
 //! vertical stack over the rows strictly above and a horizontal stack over the current row up
 //! to the current pixel (the first layer stops left of it: mask A), joined as in Fig. 2
@@ -17,7 +18,7 @@
 //! The cached stepper computes the vertical stack one image row at a time (at the first pixel
 //! of the row: it depends on rows above only, and later layers read cells to the right) and
 //! the horizontal stack at the current pixel only: sampling is linear in D.
-//! Left out: class / embedding conditioning (the h of eq. 4) and colour-channel masks.
+//! Left out: colour-channel masks.
 
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -25,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use arm_core::{Conditional, NaiveStepper, Stepper};
 type Result<T, E = candle_core::Error> = std::result::Result<T, E>;
 
-use crate::layers::{gated_block, output_mlp, Dropout, GatedBlock, OutputMlp, Vertical};
+use crate::layers::{gated_block, output_mlp, CondBias, Dropout, GatedBlock, OutputMlp, Vertical};
 use crate::registry::{invalid, BuildCtx, PluginConfig, PluginError};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -52,6 +53,7 @@ impl PluginConfig for GatedPixelCnnConfig {
     const SUMMARY: &'static str = "gated PixelCNN: vertical + horizontal stacks, no blind spot (raster order)";
     const IS_2D: bool = true;
     const LOCAL_MASKS: bool = true;
+    const CONDITIONING: bool = true;
 
     fn validate(&self, _h: usize, _w: usize) -> Result<(), PluginError> {
         if self.channels == 0 {
@@ -95,7 +97,7 @@ impl GatedPixelCnnConfig {
     fn network(&self, ctx: BuildCtx) -> Result<GatedPixelCnnNet> {
         let (hw, c, k) = ((ctx.height, ctx.width), self.channels, self.kernel);
         let layers = (0..self.layers)
-            .map(|l| gated_block(c, k, l == 0, hw, ctx.order.as_deref(), ctx.vb.pp(format!("layers.{l}"))))
+            .map(|l| gated_block(c, k, l == 0, hw, ctx.order.as_deref(), ctx.cond_dim, ctx.vb.pp(format!("layers.{l}"))))
             .collect::<Result<Vec<_>>>()?;
         let head = output_mlp(c, ctx.num_params, ctx.vb.pp("head"))?;
         Ok(GatedPixelCnnNet {
@@ -107,6 +109,7 @@ impl GatedPixelCnnConfig {
             dims: ctx.dims(),
             half: k / 2,
             local: ctx.order.is_some(),
+            cond_dim: ctx.cond_dim,
             device: ctx.device,
         })
     }
@@ -123,24 +126,62 @@ pub struct GatedPixelCnnNet {
     half: usize,
     /// Locally masked (another order than raster): the raster stepper does not apply.
     local: bool,
+    /// Width of the conditioning vector (0: unconditional).
+    cond_dim: usize,
     device: Device,
 }
 
-impl Conditional for GatedPixelCnnNet {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+impl GatedPixelCnnNet {
+    /// The forward pass with every layer's conditioning biases (or none).
+    fn forward_biased(&self, x: &Tensor, train: bool, biases: &[Option<CondBias>]) -> Result<Tensor> {
         let (_, d) = x.dims2()?;
         if d != self.dims {
             candle_core::bail!("gated_pixelcnn: input has {d} pixels, built for {}", self.dims);
         }
         let x = x.unsqueeze(2)?; // (B, H*W, 1)
         let (mut v, mut h) = (Vertical::Pixels(x.clone()), x);
-        for block in &self.layers {
-            (v, h) = block.forward(&v, &h, &self.dropout, train)?; // h: (B, H*W, C)
+        for (l, block) in self.layers.iter().enumerate() {
+            let bias = biases.get(l).and_then(Option::as_ref);
+            (v, h) = block.forward(&v, &h, &self.dropout, train, bias)?; // h: (B, H*W, C)
         }
         if self.layers.is_empty() {
             candle_core::bail!("network has no layers");
         }
         self.head.forward(&h) // (B, H*W, P)
+    }
+
+    /// Every layer's biases of conditioning vector `c`, (B, cond_dim).
+    fn biases(&self, c: &Tensor) -> Result<Vec<Option<CondBias>>> {
+        if c.dim(1)? != self.cond_dim || self.cond_dim == 0 {
+            candle_core::bail!("gated_pixelcnn: conditioning of width {}, built for {}", c.dim(1)?, self.cond_dim);
+        }
+        self.layers.iter().map(|b| b.cond_bias(c)).collect()
+    }
+}
+
+impl Conditional for GatedPixelCnnNet {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if self.cond_dim > 0 {
+            candle_core::bail!("gated_pixelcnn: built to read a conditioning vector of width {}", self.cond_dim);
+        }
+        self.forward_biased(x, train, &[])
+    }
+
+    fn cond_dim(&self) -> usize {
+        self.cond_dim
+    }
+
+    fn forward_cond(&self, x: &Tensor, c: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_biased(x, train, &self.biases(c)?)
+    }
+
+    fn stepper_cond(&self, batch: usize, c: &Tensor) -> Result<Option<Box<dyn Stepper + '_>>> {
+        if self.local {
+            return Ok(None);
+        }
+        let mut st = self.cached_stepper(batch)?;
+        st.bias = self.biases(c)?;
+        Ok(Some(Box::new(st)))
     }
 
     fn seq_len(&self) -> usize {
@@ -178,6 +219,7 @@ impl GatedPixelCnnNet {
             zero_act: Tensor::zeros((batch, self.channels), DType::F32, &self.device)?,
             empty: Tensor::zeros(0, DType::F32, &self.device)?,
             out: None,
+            bias: Vec::new(),
         })
     }
 }
@@ -198,6 +240,8 @@ struct GatedStepper<'a> {
     /// What released cells hold.
     empty: Tensor,
     out: Option<Tensor>,
+    /// Every layer's conditioning biases (empty: unconditional).
+    bias: Vec<Option<CondBias>>,
 }
 
 impl GatedStepper<'_> {
@@ -206,10 +250,11 @@ impl GatedStepper<'_> {
     fn vertical_row(&mut self) -> Result<()> {
         let row = self.pos..self.pos + self.net.width;
         for (l, block) in self.net.layers.iter().enumerate() {
+            let bias = self.bias.get(l).and_then(Option::as_ref).map(|b| &b.0);
             for p in row.clone() {
                 let (pre, gated) = match l {
-                    0 => block.step_vertical(p, &self.pixels, &self.zero_pixel)?,
-                    _ => block.step_vertical(p, &self.v[l - 1], &self.zero_act)?,
+                    0 => block.step_vertical(p, &self.pixels, &self.zero_pixel, bias)?,
+                    _ => block.step_vertical(p, &self.v[l - 1], &self.zero_act, bias)?,
                 }; // (B, 2C), (B, C)
                 self.v[l].push(gated);
                 self.v_pre[l].push(pre);
@@ -237,9 +282,10 @@ impl Stepper for GatedStepper<'_> {
         }
         for (l, block) in self.net.layers.iter().enumerate() {
             let v_pre = cell(&self.v_pre[l], self.pos)?;
+            let bias = self.bias.get(l).and_then(Option::as_ref).map(|b| &b.1);
             let h = match l {
-                0 => block.step_horizontal(self.pos, &self.pixels, &self.zero_pixel, v_pre)?,
-                _ => block.step_horizontal(self.pos, &self.h[l - 1], &self.zero_act, v_pre)?,
+                0 => block.step_horizontal(self.pos, &self.pixels, &self.zero_pixel, v_pre, bias)?,
+                _ => block.step_horizontal(self.pos, &self.h[l - 1], &self.zero_act, v_pre, bias)?,
             }; // (B, C)
             self.h[l].push(h);
         }

@@ -313,6 +313,7 @@ mod tests {
             levels: 5,
             seed: 3,
             order: None,
+            cond_dim: 0,
         };
         Ok((Made::new(cfg, &ctx)?, map))
     }

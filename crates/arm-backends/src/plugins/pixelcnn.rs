@@ -18,7 +18,10 @@
 //! of the current one is never seen; `tests/receptive_field.rs` pins it down.
 //!
 //! The cached stepper computes every layer at the current pixel only (all its taps read
-//! earlier pixels or the current one), so sampling is linear in D. Left out: the colour-channel
+//! earlier pixels or the current one), so sampling is linear in D. With a conditioning vector c
+//! (`BuildCtx::cond_dim`, a VAE's latent) every convolution's output gains V_l c, the same at
+//! every position (van den Oord et al. 2016, "Conditional Image Generation with PixelCNN
+//! Decoders", eq. 4 without the gate). Left out: the colour-channel
 //! masks (greyscale data) and the 1x1 bottleneck inside the paper's residual block.
 
 use candle_core::{DType, Device, Tensor};
@@ -27,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use arm_core::{Conditional, NaiveStepper, Stepper};
 type Result<T, E = candle_core::Error> = std::result::Result<T, E>;
 
-use crate::layers::{local_conv2d, masked_conv2d, output_mlp, window_taps, Dropout, Mask, OutputMlp, TapConv2d};
+use crate::layers::{linear, local_conv2d, masked_conv2d, output_mlp, window_taps, Dropout, Linear, Mask, OutputMlp, TapConv2d};
 use crate::registry::{invalid, BuildCtx, PluginConfig, PluginError};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -64,6 +67,7 @@ impl PluginConfig for PixelCnnConfig {
     const SUMMARY: &'static str = "PixelCNN: mask-A conv, residual mask-B conv blocks";
     const IS_2D: bool = true;
     const LOCAL_MASKS: bool = true;
+    const CONDITIONING: bool = true;
 
     fn validate(&self, _h: usize, _w: usize) -> Result<(), PluginError> {
         if self.channels == 0 {
@@ -112,10 +116,16 @@ impl PixelCnnConfig {
             .map(|i| conv(c, self.kernel, Mask::B, ctx.vb.pp(format!("blocks.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         let head = output_mlp(c, ctx.num_params, ctx.vb.pp("head"))?;
+        // V_l of every convolution as one map, cond_dim -> (1 + layers) C.
+        let cond = match ctx.cond_dim {
+            0 => None,
+            n => Some(linear(n, (1 + self.layers) * c, ctx.vb.pp("cond"))?),
+        };
         Ok(PixelCnnNet {
             first,
             blocks,
             head,
+            cond,
             channels: c,
             dropout: Dropout::new(self.dropout, ctx.seed),
             dims: ctx.dims(),
@@ -129,6 +139,7 @@ pub struct PixelCnnNet {
     first: TapConv2d,
     blocks: Vec<TapConv2d>,
     head: OutputMlp,
+    cond: Option<Linear>,
     channels: usize,
     dropout: Dropout,
     dims: usize,
@@ -137,18 +148,70 @@ pub struct PixelCnnNet {
     device: Device,
 }
 
-impl Conditional for PixelCnnNet {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+impl PixelCnnNet {
+    /// The forward pass, with every convolution's bias V_l c from `bias` = (Bc, (1 + L) C).
+    fn forward_biased(&self, x: &Tensor, train: bool, bias: Option<&Tensor>) -> Result<Tensor> {
         let (_, d) = x.dims2()?;
         if d != self.dims {
             candle_core::bail!("pixelcnn: input has {d} pixels, built for {}", self.dims);
         }
-        let mut h = self.first.forward(&x.unsqueeze(2)?)?; // (B, H*W, C)
-        for conv in &self.blocks {
-            let branch = conv.forward(&h.relu()?)?; // (B, H*W, C)
+        let c = self.channels;
+        let add = |t: Tensor, l: usize| match bias {
+            Some(b) => t.broadcast_add(&b.narrow(1, l * c, c)?.unsqueeze(1)?), // + (Bc, 1, C)
+            None => Ok(t),
+        };
+        let mut h = add(self.first.forward(&x.unsqueeze(2)?)?, 0)?; // (B, H*W, C)
+        for (l, conv) in self.blocks.iter().enumerate() {
+            let branch = add(conv.forward(&h.relu()?)?, l + 1)?; // (B, H*W, C)
             h = (h + self.dropout.forward_t(&branch, train)?)?;
         }
         self.head.forward(&h) // (B, H*W, P)
+    }
+
+    /// Every convolution's bias for conditioning vectors `c` (Bc, cond_dim).
+    fn cond_bias(&self, c: &Tensor) -> Result<Tensor> {
+        match &self.cond {
+            Some(map) => map.forward(c),
+            None => candle_core::bail!("pixelcnn: built without a conditioning input"),
+        }
+    }
+
+    fn cached_stepper(&self, batch: usize, bias: Option<Tensor>) -> Result<PixelCnnStepper<'_>> {
+        Ok(PixelCnnStepper {
+            net: self,
+            batch,
+            pos: 0,
+            pixels: Vec::with_capacity(self.dims),
+            acts: vec![Vec::with_capacity(self.dims); self.blocks.len()],
+            zero_pixel: Tensor::zeros((batch, 1), DType::F32, &self.device)?,
+            zero_act: Tensor::zeros((batch, self.channels), DType::F32, &self.device)?,
+            out: None,
+            bias,
+        })
+    }
+}
+
+impl Conditional for PixelCnnNet {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if self.cond.is_some() {
+            candle_core::bail!("pixelcnn: built to read a conditioning vector");
+        }
+        self.forward_biased(x, train, None)
+    }
+
+    fn cond_dim(&self) -> usize {
+        self.cond.as_ref().map_or(0, |m| m.w.dim(0).unwrap_or(0))
+    }
+
+    fn forward_cond(&self, x: &Tensor, c: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_biased(x, train, Some(&self.cond_bias(c)?))
+    }
+
+    fn stepper_cond(&self, batch: usize, c: &Tensor) -> Result<Option<Box<dyn Stepper + '_>>> {
+        if self.local {
+            return Ok(None);
+        }
+        Ok(Some(Box::new(self.cached_stepper(batch, Some(self.cond_bias(c)?))?)))
     }
 
     fn seq_len(&self) -> usize {
@@ -167,16 +230,7 @@ impl Conditional for PixelCnnNet {
         if self.local {
             return Ok(Box::new(NaiveStepper::new(self, batch)?));
         }
-        Ok(Box::new(PixelCnnStepper {
-            net: self,
-            batch,
-            pos: 0,
-            pixels: Vec::with_capacity(self.dims),
-            acts: vec![Vec::with_capacity(self.dims); self.blocks.len()],
-            zero_pixel: Tensor::zeros((batch, 1), DType::F32, &self.device)?,
-            zero_act: Tensor::zeros((batch, self.channels), DType::F32, &self.device)?,
-            out: None,
-        }))
+        Ok(Box::new(self.cached_stepper(batch, None)?))
     }
 }
 
@@ -191,6 +245,18 @@ struct PixelCnnStepper<'a> {
     zero_pixel: Tensor,
     zero_act: Tensor,
     out: Option<Tensor>,
+    /// Every convolution's conditioning bias, (B or 1, (1 + L) C).
+    bias: Option<Tensor>,
+}
+
+impl PixelCnnStepper<'_> {
+    fn add_bias(&self, t: Tensor, l: usize) -> Result<Tensor> {
+        let c = self.net.channels;
+        match &self.bias {
+            Some(b) => t.broadcast_add(&b.narrow(1, l * c, c)?),
+            None => Ok(t),
+        }
+    }
 }
 
 impl Stepper for PixelCnnStepper<'_> {
@@ -201,10 +267,12 @@ impl Stepper for PixelCnnStepper<'_> {
         if self.pos >= self.net.dims {
             candle_core::bail!("stepper: all {} positions are already filled", self.net.dims);
         }
-        let mut h = self.net.first.forward_at(self.pos, &self.pixels, &self.zero_pixel)?; // (B, C)
-        for (conv, acts) in self.net.blocks.iter().zip(self.acts.iter_mut()) {
-            acts.push(h.relu()?);
-            h = (&h + conv.forward_at(self.pos, acts, &self.zero_act)?)?; // (B, C)
+        let first = self.net.first.forward_at(self.pos, &self.pixels, &self.zero_pixel)?; // (B, C)
+        let mut h = self.add_bias(first, 0)?;
+        for l in 0..self.net.blocks.len() {
+            self.acts[l].push(h.relu()?);
+            let branch = self.net.blocks[l].forward_at(self.pos, &self.acts[l], &self.zero_act)?; // (B, C)
+            h = (&h + self.add_bias(branch, l + 1)?)?;
         }
         let p = self.net.head.forward(&h)?; // (B, P)
         self.out = Some(p.clone());

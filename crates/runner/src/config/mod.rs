@@ -82,6 +82,9 @@ pub struct DataConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 struct ModelSection {
+    /// "arm" (the default) or "vae".
+    #[serde(default)]
+    kind: Option<String>,
     backend: String,
     #[serde(default = "default_head")]
     head: String,
@@ -117,7 +120,12 @@ pub struct ModelConfig {
     pub plugin: toml::Table,
     /// The head's complete resolved table (empty for heads without settings).
     pub head_table: toml::Table,
+    /// `model.kind = "vae"`: the resolved `[model.vae]` (the backend is then the decoder).
+    pub vae: Option<toml::Table>,
 }
+
+/// The decoder name of a VAE that is not a plugin.
+pub use arm_vae::FACTORIZED;
 
 /// A whole experiment, expanded and validated.
 #[derive(Debug)]
@@ -444,22 +452,18 @@ fn validate_name(name: &str) -> Result<(), String> {
 /// Checks one grid point's sections against the registries and the data shape.
 fn resolve_point(ef: &ExperimentFile) -> Result<(DataConfig, ModelConfig, TrainConfig, SampleConfig), KeyError> {
     let (h, w, levels) = check_data(&ef.data)?;
+    let vae = match ef.model.kind.as_deref() {
+        None | Some("arm") => false,
+        Some("vae") => true,
+        Some(other) => return Err(KeyError::at("model.kind", format!("expected \"arm\" or \"vae\", got {other:?}"))),
+    };
+    if vae && ef.model.backend == FACTORIZED {
+        return resolve_factorized(ef, levels);
+    }
     let plugin = arm_backends::plugin(&ef.model.backend).map_err(|e| KeyError::at("model.backend", e))?;
     let orderings = check_orderings(&ef.data)?;
     let head_table = resolve_head(&ef.model, levels)?;
-    for (k, v) in &ef.model.tables {
-        let known = arm_backends::plugin_names().contains(&k.as_str()) || arm_core::head_names().contains(&k.as_str());
-        if !known {
-            let msg = format!(
-                "unknown key: expected backend, head, or a table named after a plugin ({}) or head",
-                arm_backends::plugin_names().join(", ")
-            );
-            return Err(KeyError::at(format!("model.{k}"), msg));
-        }
-        if !v.is_table() {
-            return Err(KeyError::at(format!("model.{k}"), format!("expected a table, got {v}")));
-        }
-    }
+    check_tables(ef, vae)?;
     let table = match ef.model.tables.get(plugin.name) {
         Some(toml::Value::Table(t)) => t.clone(),
         _ => toml::Table::new(),
@@ -481,16 +485,82 @@ fn resolve_point(ef: &ExperimentFile) -> Result<(DataConfig, ModelConfig, TrainC
         arm_backends::PluginError::Invalid { key, msg } => KeyError::at(format!("model.{}.{key}", plugin.name), msg),
         other => KeyError::at(format!("model.{}", plugin.name), other),
     })?;
+    let vae = if vae {
+        if !plugin.conditioning {
+            let takes: Vec<&str> = arm_backends::registry().iter().filter(|p| p.conditioning).map(|p| p.name).collect();
+            let msg = format!("{:?} cannot be a VAE decoder: it reads no latent; expected {FACTORIZED} or one of {}", plugin.name, takes.join(", "));
+            return Err(KeyError::at("model.backend", msg));
+        }
+        Some(resolve_vae(ef)?)
+    } else {
+        None
+    };
+    check_rest(ef)?;
+    Ok((
+        ef.data.clone(),
+        ModelConfig { backend: plugin.name.to_string(), head: ef.model.head.clone(), plugin: resolved, head_table, vae },
+        ef.train.clone(),
+        ef.sample.clone(),
+    ))
+}
+
+/// A VAE with the factorized decoder (which has no table of its own).
+fn resolve_factorized(ef: &ExperimentFile, levels: usize) -> Result<(DataConfig, ModelConfig, TrainConfig, SampleConfig), KeyError> {
+    check_orderings(&ef.data)?;
+    let head_table = resolve_head(&ef.model, levels)?;
+    check_tables(ef, true)?;
+    let vae = Some(resolve_vae(ef)?);
+    check_rest(ef)?;
+    let model = ModelConfig { backend: FACTORIZED.into(), head: ef.model.head.clone(), plugin: toml::Table::new(), head_table, vae };
+    Ok((ef.data.clone(), model, ef.train.clone(), ef.sample.clone()))
+}
+
+/// Every table under `[model]` is a plugin's, a head's, or (for a VAE) `vae`.
+fn check_tables(ef: &ExperimentFile, vae: bool) -> Result<(), KeyError> {
+    for (k, v) in &ef.model.tables {
+        if k == "vae" && !vae {
+            return Err(KeyError::at("model.vae", "only with model.kind = \"vae\""));
+        }
+        let known = arm_backends::plugin_names().contains(&k.as_str())
+            || arm_core::head_names().contains(&k.as_str())
+            || (vae && k == "vae");
+        if !known {
+            let msg = format!(
+                "unknown key: expected kind, backend, head, vae, or a table named after a plugin ({}) or head",
+                arm_backends::plugin_names().join(", ")
+            );
+            return Err(KeyError::at(format!("model.{k}"), msg));
+        }
+        if !v.is_table() {
+            return Err(KeyError::at(format!("model.{k}"), format!("expected a table, got {v}")));
+        }
+    }
+    Ok(())
+}
+
+/// `[model.vae]` resolved: defaults filled, every value checked. A VAE's decoder reads the
+/// image in raster order.
+fn resolve_vae(ef: &ExperimentFile) -> Result<toml::Table, KeyError> {
+    let orderings = orderings(&ef.data);
+    if orderings != [Ordering::Raster] {
+        let key = if ef.data.orderings.is_empty() { "data.ordering" } else { "data.orderings" };
+        return Err(KeyError::at(key, format!("a VAE's decoder reads raster order only, got {}", names(&orderings))));
+    }
+    let t = ef.model.tables.get("vae").cloned().unwrap_or(toml::Value::Table(toml::Table::new()));
+    let mut cfg: arm_vae::VaeConfig = from_value(t).map_err(|e| match e.key {
+        Some(k) => KeyError::at(format!("model.vae.{k}"), e.msg),
+        None => KeyError::at("model.vae", e.msg),
+    })?;
+    cfg.validate().map_err(|e| KeyError::at(format!("model.vae.{}", e.key), e.msg))?;
+    toml::Table::try_from(&cfg).map_err(|e| KeyError::at("model.vae", e.to_string()))
+}
+
+fn check_rest(ef: &ExperimentFile) -> Result<(), KeyError> {
     ef.train.validate().map_err(|e| KeyError::at(format!("train.{}", e.key), e.problem))?;
     if ef.sample.n == 0 {
         return Err(KeyError::at("sample.n", "must be at least 1, got 0"));
     }
-    Ok((
-        ef.data.clone(),
-        ModelConfig { backend: plugin.name.to_string(), head: ef.model.head.clone(), plugin: resolved, head_table },
-        ef.train.clone(),
-        ef.sample.clone(),
-    ))
+    Ok(())
 }
 
 fn names(orderings: &[Ordering]) -> String {

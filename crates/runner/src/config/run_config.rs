@@ -106,6 +106,11 @@ impl RunConfig {
         if !self.model.head_table.is_empty() {
             model.insert(self.model.head.clone(), toml::Value::Table(self.model.head_table.clone()));
         }
+        // Written only for a VAE, so an ARM run's config (and id) is what it always was.
+        if let Some(vae) = &self.model.vae {
+            model.insert("kind".into(), "vae".into());
+            model.insert("vae".into(), toml::Value::Table(vae.clone()));
+        }
         root.insert("model".into(), toml::Value::Table(model));
         root.insert("train".into(), to_value("train", &self.train)?);
         root.insert("sample".into(), to_value("sample", &self.sample)?);
@@ -162,6 +167,14 @@ impl RunConfig {
             Some(v) => typed(v, &head_key, "a table", toml::Value::as_table)?.clone(),
             None => toml::Table::new(),
         };
+        let vae = match model.get("kind").map(|k| k.as_str()) {
+            None | Some(Some("arm")) => None,
+            Some(Some("vae")) => {
+                let v = typed(field(model, "model.", "vae")?, "model.vae", "a table", toml::Value::as_table)?;
+                Some(v.clone())
+            }
+            Some(_) => return Err(RunConfigError::Type { key: "model.kind".into(), expected: "\"arm\" or \"vae\"" }),
+        };
         let grid = match root.get("grid_point") {
             Some(v) => typed(v, "grid_point", "a table", toml::Value::as_table)?.clone().into_iter().collect(),
             None => Vec::new(),
@@ -175,6 +188,7 @@ impl RunConfig {
                 head: head.to_string(),
                 plugin: plugin.clone(),
                 head_table,
+                vae,
             },
             train: section(&root, "train")?,
             sample: section(&root, "sample")?,

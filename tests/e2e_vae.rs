@@ -1,0 +1,122 @@
+//! End-to-end tests of a VAE run (`model.kind = "vae"`) on a tiny config: the run writes the
+//! bound it reports and the ELBO, the report says its NLL is a bound, `runner eval` reproduces
+//! the status figure, every sampler draws the same grid, and bad VAE keys are one-line errors.
+
+mod common;
+use common::{f64_col, read_parquet, run_dirs, runner, stderr, stdout};
+
+const TINY: &str = r#"name = "vae_tiny"
+seeds = [0]
+[data]
+name = "digits"
+[model]
+kind = "vae"
+backend = "gated_pixelcnn"
+head = "categorical"
+[model.vae]
+latent = 4
+hidden = 32
+prior = "arm"
+iw_samples = 8
+[model.vae.prior_net]
+hidden = [16]
+[model.gated_pixelcnn]
+channels = 8
+layers = 2
+[train]
+max_epochs = 2
+[sample]
+n = 9
+"#;
+
+fn status_value(dir: &std::path::Path, key: &str) -> Option<toml::Value> {
+    let text = std::fs::read_to_string(dir.join("status.toml")).expect("status");
+    let t: toml::Table = toml::from_str(&text).expect("toml");
+    t.get(key).cloned()
+}
+
+#[test]
+fn a_vae_run_reports_its_bound_beside_the_elbo() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = tmp.path().join("vae.toml");
+    std::fs::write(&file, TINY).expect("write");
+    let results = tmp.path().join("results");
+    let o = runner(&results).arg("sweep").arg(&file).output().expect("run");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let dirs = run_dirs(&results, "vae_tiny");
+    assert_eq!(dirs.len(), 1);
+    let dir = &dirs[0];
+    for f in ["model.safetensors", "samples.png", "metrics.parquet"] {
+        assert!(dir.join(f).is_file(), "missing {f}");
+    }
+    assert_eq!(status_value(dir, "bound").and_then(|v| v.as_str().map(String::from)).as_deref(), Some("IW-8"));
+    let nll = status_value(dir, "test_nll").and_then(|v| v.as_float()).expect("test_nll");
+    let neg_elbo = status_value(dir, "test_elbo").and_then(|v| v.as_float()).expect("test_elbo");
+    // Minus the IW bound of S draws is at most minus the ELBO of the same draws.
+    assert!(nll <= neg_elbo && nll > 0.0, "{nll} {neg_elbo}");
+    // The config records the kind and the resolved [model.vae].
+    let cfg = std::fs::read_to_string(dir.join("config.toml")).expect("config");
+    assert!(cfg.contains("kind = \"vae\"") && cfg.contains("prior_components = 4"), "{cfg}");
+
+    let o = runner(&results).arg("report").output().expect("report");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("NLL is") && out.contains("bound IW-8"), "{out}");
+
+    // eval with the run's own samples reproduces the status figure; per image, nll <= -ELBO.
+    let csv = tmp.path().join("e.csv");
+    let o = runner(&results).arg("eval").arg(dir).arg("--out").arg(&csv).output().expect("eval");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("relative difference 0.0e0"), "{}", stdout(&o));
+    let pq = tmp.path().join("e.parquet");
+    let o = runner(&results).arg("eval").arg(dir).arg("--out").arg(&pq).output().expect("eval");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let df = read_parquet(&pq);
+    for (a, b) in f64_col(&df, "nll_nats").iter().zip(f64_col(&df, "neg_elbo_nats")) {
+        assert!(*a <= b + 1e-9, "{a} > {b}");
+    }
+
+    // Every sampler but the predictive one draws the same grid; predictive is exit 2.
+    let mut bytes = Vec::new();
+    for s in ["naive", "cached", "jacobi"] {
+        let png = tmp.path().join(format!("{s}.png"));
+        let o = runner(&results)
+            .args(["sample", dir.to_str().expect("utf8"), "--sampler", s, "--out"])
+            .arg(&png)
+            .output()
+            .expect("sample");
+        assert!(o.status.success(), "{}", stderr(&o));
+        bytes.push(std::fs::read(&png).expect("png"));
+    }
+    assert!(bytes.windows(2).all(|w| w[0] == w[1]), "samplers drew different grids");
+    let o = runner(&results)
+        .args(["sample", dir.to_str().expect("utf8"), "--sampler", "predictive"])
+        .output()
+        .expect("sample");
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
+
+#[test]
+fn bad_vae_keys_are_one_line_errors() {
+    let cases: &[(&str, &str, &str)] = &[
+        ("kind = \"vae\"", "kind = \"vea\"", "model.kind"),
+        ("latent = 4", "latent = 0", "model.vae.latent: must be at least 1"),
+        ("backend = \"gated_pixelcnn\"", "backend = \"made\"", "cannot be a VAE decoder"),
+        ("prior = \"arm\"", "prior = \"arm\"\nprior_backend = \"transformer\"", "model.vae.prior_backend"),
+        ("[data]\nname = \"digits\"", "[data]\nname = \"digits\"\nordering = \"snake\"", "raster order only"),
+        ("hidden = [16]", "hidden = [0]", "model.vae.prior_net.hidden"),
+        ("kind = \"vae\"\n", "", "model.vae: only with model.kind"),
+    ];
+    for (from, to, want) in cases {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let file = tmp.path().join("bad.toml");
+        std::fs::write(&file, TINY.replacen(from, to, 1)).expect("write");
+        let results = tmp.path().join("results");
+        let o = runner(&results).arg("sweep").arg(&file).output().expect("run");
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{to}: {err}");
+        assert!(err.contains(want) && err.contains("bad.toml"), "{to}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{to}: {err}");
+        assert!(!results.join("vae_tiny").join("runs").exists(), "{to}: a run started");
+    }
+}
