@@ -184,6 +184,9 @@ struct Node {
     op: Op,
     grid: (usize, usize),
     channels: usize,
+    /// For a convolution of a network that reads a conditioning vector c: the map V with
+    /// V c added to every cell (the conditional PixelCNN's bias, van den Oord et al. 2016, eq. 4).
+    cond: Option<Linear>,
 }
 
 /// The node list; nodes only read earlier nodes, the last one is the output.
@@ -196,12 +199,40 @@ pub struct GridNet {
     local: Option<Arc<[usize]>>,
     /// The attention's gathers into and out of that order, built on the first forward pass.
     local_gathers: OnceLock<(Tensor, Tensor)>,
+    /// Width of the conditioning vector every later convolution reads (0: none).
+    cond_dim: usize,
 }
 
 impl GridNet {
     /// A network for (h, w) images; node 0 is the input. `dropout` acts inside every `concat_elu_dropout` node.
     pub fn new(image: (usize, usize), dropout: Dropout) -> Self {
-        GridNet { nodes: vec![Node { op: Op::Input, grid: image, channels: 2 }], dropout, image, local: None, local_gathers: OnceLock::new() }
+        GridNet {
+            nodes: vec![Node { op: Op::Input, grid: image, channels: 2, cond: None }],
+            dropout,
+            image,
+            local: None,
+            local_gathers: OnceLock::new(),
+            cond_dim: 0,
+        }
+    }
+
+    /// Every later convolution adds a linear map of a conditioning vector of `cond_dim`
+    /// entries (0: none) to its output.
+    pub fn conditioned(mut self, cond_dim: usize) -> Self {
+        self.cond_dim = cond_dim;
+        self
+    }
+
+    pub fn cond_dim(&self) -> usize {
+        self.cond_dim
+    }
+
+    /// The conditioning map of a new convolution with `cout` outputs, when the network reads one.
+    fn cond_map(&self, cout: usize, vb: &VarBuilder) -> Result<Option<Linear>> {
+        match self.cond_dim {
+            0 => Ok(None),
+            n => Ok(Some(linear(n, cout, vb.pp("cond"))?)),
+        }
     }
 
     /// Every later convolution locally masked for the ordering of `rank` (None: as given):
@@ -235,7 +266,12 @@ impl GridNet {
     pub const INPUT: NodeId = 0;
 
     fn push(&mut self, op: Op, grid: (usize, usize), channels: usize) -> NodeId {
-        self.nodes.push(Node { op, grid, channels });
+        self.nodes.push(Node { op, grid, channels, cond: None });
+        self.nodes.len() - 1
+    }
+
+    fn push_conditioned(&mut self, op: Op, grid: (usize, usize), channels: usize, cond: Option<Linear>) -> NodeId {
+        self.nodes.push(Node { op, grid, channels, cond });
         self.nodes.len() - 1
     }
 
@@ -248,10 +284,11 @@ impl GridNet {
     }
 
     pub fn conv(&mut self, x: NodeId, taps: &[(isize, isize)], resample: Resample, cout: usize, vb: VarBuilder) -> Result<NodeId> {
+        let cond = self.cond_map(cout, &vb)?;
         let mut conv = GridConv::new(self.nodes[x].channels, cout, taps.to_vec(), resample, self.nodes[x].grid, vb)?;
         self.mask(x, &mut conv)?;
         let grid = conv.to;
-        Ok(self.push(Op::Conv(x, conv), grid, cout))
+        Ok(self.push_conditioned(Op::Conv(x, conv), grid, cout, cond))
     }
 
     /// conv(x) + nin(a) at x's resolution, one product.
@@ -260,7 +297,8 @@ impl GridNet {
         let mut conv = GridConv::new(self.nodes[x].channels, cout, taps.to_vec(), Resample::Same, self.nodes[x].grid, vb.pp("conv"))?;
         self.mask(x, &mut conv)?;
         let lin = linear(self.nodes[a].channels, cout, vb.pp("nin"))?;
-        Ok(self.push(Op::ConvNin(x, conv, a, lin), self.nodes[x].grid, cout))
+        let cond = self.cond_map(cout, &vb)?;
+        Ok(self.push_conditioned(Op::ConvNin(x, conv, a, lin), self.nodes[x].grid, cout, cond))
     }
 
     /// x + glu(a), a with twice x's channels.
@@ -333,6 +371,14 @@ impl GridNet {
 
     /// x: (B, h*w) pixels in [0, 1] -> the last node, (B, h*w, C).
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if self.cond_dim > 0 {
+            candle_core::bail!("grid net: built to read a conditioning vector of width {}", self.cond_dim);
+        }
+        self.forward_cond(x, None, train)
+    }
+
+    /// `forward_t` with conditioning vectors c, (B or 1, cond_dim), for a conditioned network.
+    pub fn forward_cond(&self, x: &Tensor, c: Option<&Tensor>, train: bool) -> Result<Tensor> {
         let mut vals: Vec<Tensor> = Vec::with_capacity(self.nodes.len());
         for node in &self.nodes {
             let v = match &node.op {
@@ -361,6 +407,11 @@ impl GridNet {
                         super::strict_causal_attention(&q?, &k?, &v?, *heads, *strict)?.index_select(&rank, 1)?
                     }
                 },
+            };
+            let v = match (&node.cond, c) {
+                (Some(map), Some(c)) => v.broadcast_add(&map.forward(c)?.unsqueeze(1)?)?, // + (Bc, 1, C)
+                (Some(_), None) => candle_core::bail!("grid net: a conditioned network needs its conditioning vector"),
+                _ => v,
             };
             vals.push(v);
         }
@@ -473,12 +524,17 @@ impl GridNet {
     /// dropped after the last step that reads it, so the cache holds a band of rows per layer
     /// (all of them for attention keys and values).
     pub fn stepper(&self, batch: usize, device: &Device) -> Result<Box<dyn Stepper + '_>> {
-        Ok(Box::new(GridStepper::new(self, batch, device)?))
+        Ok(Box::new(GridStepper::new(self, batch, device, None)?))
+    }
+
+    /// The cached stepper of a conditioned network for conditioning vectors c (B or 1, cond_dim).
+    pub fn stepper_cond(&self, batch: usize, device: &Device, c: &Tensor) -> Result<Box<dyn Stepper + '_>> {
+        Ok(Box::new(GridStepper::new(self, batch, device, Some(c))?))
     }
 }
 
 impl<'a> GridStepper<'a> {
-    fn new(net: &'a GridNet, batch: usize, device: &Device) -> Result<Self> {
+    fn new(net: &'a GridNet, batch: usize, device: &Device, c: Option<&Tensor>) -> Result<Self> {
         let ready = net.ready();
         let d = net.image.0 * net.image.1;
         let out = ready.last().ok_or_else(|| candle_core::Error::Msg("grid net: no nodes".into()))?;
@@ -493,7 +549,18 @@ impl<'a> GridStepper<'a> {
         let order = ready.iter().map(sorted).collect();
         let last_read = net.last_read(&ready);
         let drop_order = last_read.iter().map(sorted).collect();
+        // Every conditioned node's bias V c, (B or 1, C), once for the whole sample.
+        let cond_bias = net
+            .nodes
+            .iter()
+            .map(|n| match (&n.cond, c) {
+                (Some(map), Some(c)) => map.forward(c).map(Some),
+                (Some(_), None) => candle_core::bail!("grid net: a conditioned network needs its conditioning vector"),
+                _ => Ok(None),
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(GridStepper {
+            cond_bias,
             net,
             batch,
             device: device.clone(),
@@ -534,6 +601,25 @@ impl Conditional for GridConditional {
             candle_core::bail!("{}: input has {d} pixels, built for {}", self.name, self.seq_len());
         }
         self.net.forward_t(x, train) // (B, D, P)
+    }
+
+    fn cond_dim(&self) -> usize {
+        self.net.cond_dim
+    }
+
+    fn forward_cond(&self, x: &Tensor, c: &Tensor, train: bool) -> Result<Tensor> {
+        let (_, d) = x.dims2()?;
+        if d != self.seq_len() || self.net.cond_dim == 0 || c.dim(1)? != self.net.cond_dim {
+            candle_core::bail!("{}: {d} pixels and a conditioning vector of width {}", self.name, c.dim(1)?);
+        }
+        self.net.forward_cond(x, Some(c), train) // (B, D, P)
+    }
+
+    fn stepper_cond(&self, batch: usize, c: &Tensor) -> Result<Option<Box<dyn Stepper + '_>>> {
+        if self.net.local.is_some() {
+            return Ok(None);
+        }
+        Ok(Some(self.net.stepper_cond(batch, &self.device, c)?))
     }
 
     fn seq_len(&self) -> usize {
@@ -639,6 +725,8 @@ struct GridStepper<'a> {
     /// Per attention node: key and value buffers (B, H, h*w, d) and how many cells they hold.
     kv: HashMap<NodeId, (Tensor, Tensor, usize)>,
     out: Option<Tensor>,
+    /// Per node: the conditioning bias its cells add, (B or 1, C).
+    cond_bias: Vec<Option<Tensor>>,
 }
 
 impl GridStepper<'_> {
@@ -730,6 +818,10 @@ impl Stepper for GridStepper<'_> {
                     break;
                 }
                 let v = self.compute(id, q)?;
+                let v = match &self.cond_bias[id] {
+                    Some(b) => v.broadcast_add(b)?,
+                    None => v,
+                };
                 self.cells[id][q] = Some(v);
                 self.next[id] += 1;
             }
@@ -865,7 +957,7 @@ mod tests {
         g.nin(b, 2, vb.pp("out"))?;
         let x = rand_t(&[2, 64], 3)?.affine(0.5, 0.5)?;
         let full = g.forward_t(&x, false)?;
-        let mut st = GridStepper::new(&g, 2, &Device::Cpu)?;
+        let mut st = GridStepper::new(&g, 2, &Device::Cpu, None)?;
         let mut most = 0;
         for p in 0..64 {
             let got = st.params()?;

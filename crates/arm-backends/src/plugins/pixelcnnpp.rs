@@ -71,6 +71,7 @@ impl Default for PixelCnnPpConfig {
 impl PluginConfig for PixelCnnPpConfig {
     const NAME: &'static str = "pixelcnnpp";
     const SUMMARY: &'static str = "PixelCNN++: down / down-right shifted gated ResNet streams over several resolutions";
+    const CONDITIONING: bool = true;
     const IS_2D: bool = true;
     const LOCAL_MASKS: bool = true;
 
@@ -133,7 +134,7 @@ enum Shifts {
 fn network(cfg: &PixelCnnPpConfig, ctx: &BuildCtx, shifts: Shifts) -> Result<GridConditional> {
     let (r, f) = (cfg.nr_resnet, cfg.nr_filters);
     let image = (ctx.height, ctx.width);
-    let g = GridNet::new(image, Dropout::new(cfg.dropout, ctx.seed)).locally_masked(ctx.order.clone());
+    let g = GridNet::new(image, Dropout::new(cfg.dropout, ctx.seed)).locally_masked(ctx.order.clone()).conditioned(ctx.cond_dim);
     let mut b = GridBuilder::new(g, ctx.vb.clone());
     let x = GridNet::INPUT;
     let ul_first: &[(isize, isize)] = match shifts {

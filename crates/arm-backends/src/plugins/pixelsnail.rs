@@ -70,6 +70,7 @@ impl PluginConfig for PixelSnailConfig {
     const NAME: &'static str = "pixelsnail";
     const SUMMARY: &'static str =
         "PixelSNAIL: gated causal convolutions and strictly causal attention over all earlier pixels";
+    const CONDITIONING: bool = true;
     const IS_2D: bool = true;
     const LOCAL_MASKS: bool = true;
 
@@ -126,7 +127,7 @@ impl PluginConfig for PixelSnailConfig {
 fn network(cfg: &PixelSnailConfig, ctx: &BuildCtx, strict: bool) -> Result<GridConditional> {
     let f = cfg.nr_filters;
     let (hk, hv) = (cfg.heads * cfg.key_size, cfg.heads * cfg.value_size);
-    let g = GridNet::new((ctx.height, ctx.width), Dropout::new(cfg.dropout, ctx.seed)).locally_masked(ctx.order.clone());
+    let g = GridNet::new((ctx.height, ctx.width), Dropout::new(cfg.dropout, ctx.seed)).locally_masked(ctx.order.clone()).conditioned(ctx.cond_dim);
     let mut b = GridBuilder::new(g, ctx.vb.clone());
     // Another ordering: 3x3 windows, locally masked by the grid (the 1x1 maps stay).
     let window = crate::layers::window_taps(3);
