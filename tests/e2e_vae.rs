@@ -120,3 +120,30 @@ fn bad_vae_keys_are_one_line_errors() {
         assert!(!results.join("vae_tiny").join("runs").exists(), "{to}: a run started");
     }
 }
+
+/// A VAE run (its latent draws re-seeded per epoch) stopped after epoch 1 and resumed ends with
+/// the metrics, bound and weights of an uninterrupted run.
+#[test]
+fn a_resumed_vae_run_equals_an_uninterrupted_one() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = tmp.path().join("vae.toml");
+    std::fs::write(&file, TINY.replace("max_epochs = 2", "max_epochs = 3")).expect("write");
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let o = runner(&a).arg("train").arg(&file).output().expect("run");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = runner(&b).arg("train").arg(&file).env("RUNNER_STOP_AFTER_EPOCHS", "1").output().expect("run");
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    let o = runner(&b).arg("train").arg(&file).arg("--resume").output().expect("run");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (da, db) = (&run_dirs(&a, "vae_tiny")[0], &run_dirs(&b, "vae_tiny")[0]);
+    let (ma, mb) = (read_parquet(&da.join("metrics.parquet")), read_parquet(&db.join("metrics.parquet")));
+    assert_eq!(f64_col(&ma, "val_nll").len(), 3);
+    for c in ["train_nll", "val_nll"] {
+        assert_eq!(f64_col(&ma, c), f64_col(&mb, c), "{c}");
+    }
+    for k in ["test_nll", "test_elbo"] {
+        assert_eq!(status_value(da, k), status_value(db, k), "{k}");
+    }
+    let w = |d: &std::path::Path| std::fs::read(d.join("model.safetensors")).expect("weights");
+    assert_eq!(w(da), w(db), "best weights differ");
+}

@@ -17,6 +17,7 @@ mod adam;
 mod adamax;
 mod clip;
 mod ema;
+mod model;
 mod schedule;
 
 use std::collections::HashMap;
@@ -33,35 +34,10 @@ pub use adam::{Adam, ParamsAdam};
 pub use adamax::{Adamax, ParamsAdamax};
 pub use clip::clip_grad_norm;
 pub use ema::Ema;
+pub use model::Model;
 pub use schedule::{lr_at, Schedule};
-use arm_core::{bits_per_dim, Arm};
+use arm_core::bits_per_dim;
 
-/// What the trainer trains: an ARM (the exact NLL) or a latent-variable model (a bound).
-pub trait Model: Sync {
-    fn device(&self) -> &Device;
-    /// Re-seeds the model's training-time randomness (dropout, a VAE's latent draws) from
-    /// (seed, epoch), so a resumed run draws what an uninterrupted one would.
-    fn begin_epoch(&self, epoch: usize);
-    /// The scalar training loss of a batch in `epoch` (1-based), nats per image.
-    fn loss(&self, x: &Tensor, epoch: usize) -> candle_core::Result<Tensor>;
-    /// (B,) log p(x) per image in evaluation mode, or a lower bound of it; deterministic.
-    fn eval_log_prob(&self, x: &Tensor) -> candle_core::Result<Tensor>;
-}
-
-impl Model for Arm {
-    fn device(&self) -> &Device {
-        Arm::device(self)
-    }
-    fn begin_epoch(&self, epoch: usize) {
-        self.conditional().begin_epoch(epoch);
-    }
-    fn loss(&self, x: &Tensor, _epoch: usize) -> candle_core::Result<Tensor> {
-        self.nll(x, true)
-    }
-    fn eval_log_prob(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.log_prob(x)
-    }
-}
 use arm_data::{Dataset, Split};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -449,24 +425,24 @@ impl Opt {
     }
 }
 
-/// Trains `arm` (whose variables live in `map`) on `data.train`, early-stopping on `data.val`.
+/// Trains `model` (whose variables live in `map`) on `data.train`, early-stopping on `data.val`.
 /// On return the map holds the best weights (lowest validation NLL).
 pub fn train(
-    arm: &dyn Model,
+    model: &dyn Model,
     map: &VarMap,
     data: &Dataset,
     cfg: &TrainConfig,
     seed: u64,
     on: &mut dyn FnMut(Event) -> Control,
 ) -> candle_core::Result<Outcome> {
-    train_from(arm, map, data, cfg, seed, None, on)
+    train_from(model, map, data, cfg, seed, None, on)
 }
 
 /// [`train`], continuing from `resume` (a state handed out by an earlier run of the same config
 /// and seed) when given: its weights, optimiser state, history and best epoch are restored and
 /// training goes on with epoch `resume.epoch + 1`, exactly as if it had never stopped.
 pub fn train_from(
-    arm: &dyn Model,
+    model: &dyn Model,
     map: &VarMap,
     data: &Dataset,
     cfg: &TrainConfig,
@@ -474,7 +450,7 @@ pub fn train_from(
     resume: Option<TrainState>,
     on: &mut dyn FnMut(Event) -> Control,
 ) -> candle_core::Result<Outcome> {
-    let mut t = Trainer::new(arm, map, data, cfg, seed)?;
+    let mut t = Trainer::new(model, map, data, cfg, seed)?;
     let (mut stopping, mut history, first) = match resume {
         None => (EarlyStopping::new(map, cfg.patience)?, Vec::new(), 1),
         Some(st) => t.resume(st)?,
@@ -487,7 +463,7 @@ pub fn train_from(
     };
     restore(map, &stopping.best_weights)?;
     let (test_nll, test_bpd) = if matches!(status, Status::Finished { .. }) {
-        let nll = evaluate(arm, &data.test, cfg.eval_chunk(data.dims()))?;
+        let nll = evaluate(model, &data.test, cfg.eval_chunk(data.dims()))?;
         (Some(nll), Some(bits_per_dim(nll, data.dims())))
     } else {
         (None, None)
@@ -539,7 +515,7 @@ enum EpochEnd {
 
 /// What one training run works on: the model, its variables in a stable order, the optimiser.
 struct Trainer<'a> {
-    arm: &'a dyn Model,
+    model: &'a dyn Model,
     map: &'a VarMap,
     data: &'a Dataset,
     cfg: &'a TrainConfig,
@@ -556,7 +532,7 @@ struct Trainer<'a> {
 
 impl<'a> Trainer<'a> {
     fn new(
-        arm: &'a dyn Model,
+        model: &'a dyn Model,
         map: &'a VarMap,
         data: &'a Dataset,
         cfg: &'a TrainConfig,
@@ -565,8 +541,8 @@ impl<'a> Trainer<'a> {
         let vars = named_vars(map);
         let opt = Opt::new(vars.iter().map(|(_, v)| v.clone()).collect(), cfg)?;
         let ema = cfg.ema.map(|d| Ema::new(vars.iter().map(|(_, v)| v.clone()).collect(), d)).transpose()?;
-        let device = arm.device().clone();
-        Ok(Self { arm, map, data, cfg, seed, device, vars, opt, ema, clipped: 0, max_norm: f64::NAN })
+        let device = model.device().clone();
+        Ok(Self { model, map, data, cfg, seed, device, vars, opt, ema, clipped: 0, max_norm: f64::NAN })
     }
 
     /// Puts a checkpoint's weights and optimiser state in place; returns its early-stopping
@@ -667,7 +643,7 @@ impl<'a> Trainer<'a> {
                 Some(current)
             }
         };
-        let val_nll = evaluate(self.arm, &self.data.val, self.cfg.eval_chunk(self.data.dims()))?;
+        let val_nll = evaluate(self.model, &self.data.val, self.cfg.eval_chunk(self.data.dims()))?;
         let improved = val_nll.is_finite() && stopping.record(epoch, val_nll, self.map)?;
         if let Some(current) = training {
             restore(self.map, &current)?;
@@ -679,7 +655,7 @@ impl<'a> Trainer<'a> {
     fn run_epoch(&mut self, epoch: usize, on: &mut dyn FnMut(Event) -> Control) -> candle_core::Result<EpochEnd> {
         (self.clipped, self.max_norm) = (0, f64::NAN);
         let order = epoch_order(self.data.train.n, self.seed, epoch);
-        self.arm.begin_epoch(epoch);
+        self.model.begin_epoch(epoch);
         let steps = self.data.train.n.div_ceil(self.cfg.batch_size);
         let mut train_sum = 0.0f64;
         for (step, idx) in order.chunks(self.cfg.batch_size).enumerate() {
@@ -700,10 +676,10 @@ impl<'a> Trainer<'a> {
     /// loss that is not finite takes no step.
     fn step(&mut self, idx: &[usize], epoch: usize) -> candle_core::Result<f64> {
         let x = self.data.train.batch(idx, &self.device)?; // (B, D)
-        let (arm, opt, ema, clip) = (self.arm, &mut self.opt, &mut self.ema, self.cfg.clip_grad_norm);
+        let (model, opt, ema, clip) = (self.model, &mut self.opt, &mut self.ema, self.cfg.clip_grad_norm);
         let vars: Vec<Var> = if clip.is_some() { self.vars.iter().map(|(_, v)| v.clone()).collect() } else { vec![] };
         let (lv, norm) = in_pool(&self.device, || -> candle_core::Result<(f64, Option<f64>)> {
-            let loss = arm.loss(&x, epoch)?; // scalar, nats per image
+            let loss = model.loss(&x, epoch)?; // scalar, nats per image
             let lv = loss.to_scalar::<f32>()? as f64;
             let mut norm = None;
             if lv.is_finite() {
