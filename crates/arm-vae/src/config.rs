@@ -13,6 +13,30 @@ pub enum PriorKind {
     Arm,
 }
 
+/// The encoder q(z|x).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EncoderKind {
+    /// Two ReLU layers of `hidden` units.
+    #[default]
+    Mlp,
+    /// Two 3x3 ReLU convolutions (`conv_channels`, then twice as many at stride 2), then a
+    /// ReLU layer of `hidden` units.
+    Conv,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+fn default_conv_channels() -> usize {
+    16
+}
+
+fn is_default_conv_channels(v: &usize) -> bool {
+    *v == default_conv_channels()
+}
+
 /// The 1D plugins an ARM prior can be: they read real-valued inputs (the others embed levels).
 pub const PRIOR_BACKENDS: &[&str] = &["made", "mlp", "causal_conv1d", "rnn"];
 
@@ -26,6 +50,12 @@ pub struct VaeConfig {
     pub latent: usize,
     /// Width of the encoder's two hidden layers (and of the factorized decoder's one).
     pub hidden: usize,
+    // Keys added after the first VAE runs: written only when set, so those runs keep their ids.
+    #[serde(skip_serializing_if = "is_default")]
+    pub encoder: EncoderKind,
+    /// Channels of the conv encoder's first convolution.
+    #[serde(skip_serializing_if = "is_default_conv_channels", default = "default_conv_channels")]
+    pub conv_channels: usize,
     pub prior: PriorKind,
     /// The ARM prior's network (one of [`PRIOR_BACKENDS`]).
     pub prior_backend: String,
@@ -48,6 +78,8 @@ impl Default for VaeConfig {
         Self {
             latent: 16,
             hidden: 256,
+            encoder: EncoderKind::Mlp,
+            conv_channels: default_conv_channels(),
             prior: PriorKind::Standard,
             prior_backend: "made".into(),
             prior_net: toml::Table::new(),
@@ -79,6 +111,9 @@ impl VaeConfig {
         }
         if self.hidden == 0 {
             return Err(bad("hidden", "must be at least 1, got 0"));
+        }
+        if self.conv_channels == 0 {
+            return Err(bad("conv_channels", "must be at least 1, got 0"));
         }
         if self.prior_components == 0 {
             return Err(bad("prior_components", "must be at least 1, got 0"));
@@ -116,7 +151,9 @@ impl VaeConfig {
 /// One-line help per key for `runner list`.
 pub const KEY_DOCS: &[(&str, &str)] = &[
     ("latent", "latent dimensions"),
-    ("hidden", "width of the encoder's two hidden layers (and the factorized decoder's)"),
+    ("hidden", "width of the encoder's hidden layers (and the factorized decoder's)"),
+    ("encoder", "\"mlp\" (the default: two ReLU layers) or \"conv\" (3x3 convolutions, the second at stride 2)"),
+    ("conv_channels", "the conv encoder's first channels, twice as many in the second (default 16)"),
     ("prior", "\"standard\" N(0, I) or \"arm\" (a 1D plugin with a Gaussian mixture per dimension)"),
     ("prior_backend", "the ARM prior's plugin: made, mlp, causal_conv1d or rnn"),
     ("prior_net", "the prior plugin's own keys, as a table"),

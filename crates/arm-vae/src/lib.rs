@@ -7,6 +7,6 @@ mod factorized;
 pub mod gaussian;
 mod vae;
 
-pub use config::{PriorKind, VaeConfig, VaeConfigError, FACTORIZED, KEY_DOCS, PRIOR_BACKENDS};
+pub use config::{EncoderKind, PriorKind, VaeConfig, VaeConfigError, FACTORIZED, KEY_DOCS, PRIOR_BACKENDS};
 pub use factorized::{factorized, Factorized};
 pub use vae::{build, Decoder, Vae, VaeError};

@@ -23,7 +23,7 @@ use arm_backends::layers::{linear, Linear};
 use arm_backends::{BuildCtx, Plugin, PluginError};
 use arm_core::{Arm, Conditional, Conditioned, Head, Ordering, Result, SampleOutput, Sampler};
 
-use crate::config::{PriorKind, VaeConfig, VaeConfigError};
+use crate::config::{EncoderKind, PriorKind, VaeConfig, VaeConfigError};
 use crate::factorized::factorized;
 use crate::gaussian::{box_muller, diagonal_log_density, standard_kl, standard_log_density, Mixture};
 
@@ -51,11 +51,59 @@ enum Prior {
     Arm { net: Box<dyn Conditional>, mixture: Mixture },
 }
 
-/// q(z|x): x -> ReLU -> ReLU -> (mu, log sigma^2).
-struct Encoder {
-    l1: Linear,  // D -> H
-    l2: Linear,  // H -> H
-    out: Linear, // H -> 2Z
+/// q(z|x): x -> two ReLU layers -> (mu, log sigma^2).
+enum Encoder {
+    Mlp {
+        l1: Linear,  // D -> H
+        l2: Linear,  // H -> H
+        out: Linear, // H -> 2Z
+    },
+    Conv {
+        c1: candle_nn::Conv2d, // 1 -> C, 3x3, same size
+        c2: candle_nn::Conv2d, // C -> 2C, 3x3, stride 2
+        fc: Linear,            // 2C * ceil(H/2) * ceil(W/2) -> H
+        out: Linear,           // H -> 2Z
+        shape: (usize, usize),
+    },
+}
+
+impl Encoder {
+    fn new(cfg: &VaeConfig, (h, w): (usize, usize), vb: candle_nn::VarBuilder) -> Result<Self> {
+        let (hid, z) = (cfg.hidden, cfg.latent);
+        Ok(match cfg.encoder {
+            EncoderKind::Mlp => Encoder::Mlp {
+                l1: linear(h * w, hid, vb.pp("0"))?,
+                l2: linear(hid, hid, vb.pp("1"))?,
+                out: linear(hid, 2 * z, vb.pp("2"))?,
+            },
+            EncoderKind::Conv => {
+                let c = cfg.conv_channels;
+                let same = candle_nn::Conv2dConfig { padding: 1, ..Default::default() };
+                let down = candle_nn::Conv2dConfig { padding: 1, stride: 2, ..Default::default() };
+                Encoder::Conv {
+                    c1: candle_nn::conv2d(1, c, 3, same, vb.pp("c1"))?,
+                    c2: candle_nn::conv2d(c, 2 * c, 3, down, vb.pp("c2"))?,
+                    fc: linear(2 * c * h.div_ceil(2) * w.div_ceil(2), hid, vb.pp("fc"))?,
+                    out: linear(hid, 2 * z, vb.pp("out"))?,
+                    shape: (h, w),
+                }
+            }
+        })
+    }
+
+    /// x (B, D) in [0, 1] -> (B, 2Z).
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        use candle_core::Module;
+        match self {
+            Encoder::Mlp { l1, l2, out } => out.forward(&l2.forward_relu(&l1.forward_relu(x)?)?),
+            Encoder::Conv { c1, c2, fc, out, shape } => {
+                let b = x.dim(0)?;
+                let img = x.reshape((b, 1, shape.0, shape.1))?; // (B, 1, H, W)
+                let h = c2.forward(&c1.forward(&img)?.relu()?)?.relu()?; // (B, 2C, H/2, W/2)
+                out.forward(&fc.forward_relu(&h.flatten_from(1)?)?)
+            }
+        }
+    }
 }
 
 pub struct Vae {
@@ -87,12 +135,7 @@ pub fn build(
     cfg.validate().map_err(VaeError::Config)?;
     let (d, z, hid) = (ctx.dims(), cfg.latent, cfg.hidden);
     let vb = &ctx.vb;
-    let e = vb.pp("encoder");
-    let encoder = Encoder {
-        l1: linear(d, hid, e.pp("0"))?,
-        l2: linear(hid, hid, e.pp("1"))?,
-        out: linear(hid, 2 * z, e.pp("2"))?,
-    };
+    let encoder = Encoder::new(&cfg, (ctx.height, ctx.width), vb.pp("encoder"))?;
     let prior = match cfg.prior {
         PriorKind::Standard => Prior::Standard,
         PriorKind::Arm => {
@@ -210,8 +253,7 @@ impl Vae {
     pub fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let k = (self.levels() - 1) as f64;
         let xs = x.to_dtype(DType::F32)?.affine(1.0 / k, 0.0)?;
-        let h = self.encoder.l2.forward_relu(&self.encoder.l1.forward_relu(&xs)?)?;
-        let out = self.encoder.out.forward(&h)?; // (B, 2Z)
+        let out = self.encoder.forward(&xs)?; // (B, 2Z)
         let z = self.cfg.latent;
         let log_var = out.narrow(1, z, z)?.clamp(LOG_VAR_RANGE.0, LOG_VAR_RANGE.1)?;
         Ok((out.narrow(1, 0, z)?, log_var))

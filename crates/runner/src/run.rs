@@ -28,7 +28,7 @@ pub static STOP: AtomicBool = AtomicBool::new(false);
 /// A run's model: an ARM, or a VAE (`model.kind = "vae"`).
 pub enum Model {
     Arm(Arm),
-    Vae(arm_vae::Vae),
+    Vae(Box<arm_vae::Vae>),
 }
 
 impl Model {
@@ -36,7 +36,7 @@ impl Model {
     pub fn trainable(&self) -> &dyn arm_train::Model {
         match self {
             Model::Arm(a) => a,
-            Model::Vae(v) => v,
+            Model::Vae(v) => v.as_ref(),
         }
     }
     pub fn shape(&self) -> (usize, usize) {
@@ -127,7 +127,7 @@ pub fn build_model(cfg: &RunConfig, device: &Device) -> Result<(Model, VarMap, D
             arm_vae::VaeError::Decoder(e) => anyhow!("model.{}: {e}", cfg.model.backend),
             other => anyhow!("model.{other}"),
         })?;
-        return Ok((Model::Vae(vae), map, data));
+        return Ok((Model::Vae(Box::new(vae)), map, data));
     }
     let plugin = arm_backends::plugin(&cfg.model.backend)?;
     let orderings = crate::config::orderings(&cfg.data);
