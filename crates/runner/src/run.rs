@@ -78,6 +78,14 @@ impl Model {
     }
 }
 
+/// The model's name in plot titles: the backend, or the VAE and its decoder.
+pub fn model_label(cfg: &RunConfig) -> String {
+    match cfg.model.vae {
+        Some(_) => format!("VAE ({} decoder)", cfg.model.backend),
+        None => cfg.model.backend.clone(),
+    }
+}
+
 /// (B, D) levels as f32 -> one Vec of levels per image.
 fn levels_of(images: &Tensor) -> Result<Vec<Vec<u8>>> {
     let rows = images.to_vec2::<f32>()?;
@@ -434,10 +442,10 @@ fn record_outcome(
             save_weights(map, &dir.join("model.safetensors"))?;
             let (imgs, ..) = model.draw(cfg.sample.n, cfg.sample.seed, Sampler::Cached)?;
             let (shape, levels) = (model.shape(), model.levels());
-            let title = format!("{} samples", cfg.model.backend);
+            let title = format!("{} samples", model_label(cfg));
             plots::sample_grid(&dir.join("samples.png"), &title, &imgs, shape, levels)?;
             let real = first_images(&data.test, cfg.sample.n);
-            let title = format!("{}: {} test images and samples", cfg.model.backend, data.name);
+            let title = format!("{}: {} test images and samples", model_label(cfg), data.name);
             plots::real_and_samples(&dir.join("data_and_samples.png"), &title, &real, &imgs, shape, levels)?;
             let q = crate::quality::against_test(&imgs, data);
             (status.sample_w1, status.sample_mmd2) = (q.w1, q.mmd2);

@@ -42,7 +42,7 @@ pub fn sample(run_dir: &std::path::Path, device: &Device, opts: &Options) -> Res
     let (imgs, iterations, calls) = t.model.draw(opts.n, opts.seed, sampler)?;
     let secs = t0.elapsed().as_secs_f64();
     // The title names no sampler, so every sampler writes the same bytes for the same seed.
-    let title = format!("{} samples (seed {})", t.cfg.model.backend, opts.seed);
+    let title = format!("{} samples (seed {})", crate::run::model_label(&t.cfg), opts.seed);
     let (shape, levels) = (t.model.shape(), t.model.levels());
     plots::sample_grid(&out, &title, &imgs, shape, levels)?;
     let d = shape.0 * shape.1;
