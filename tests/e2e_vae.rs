@@ -52,8 +52,11 @@ fn a_vae_run_reports_its_bound_beside_the_elbo() {
     assert_eq!(status_value(dir, "bound").and_then(|v| v.as_str().map(String::from)).as_deref(), Some("IW-8"));
     let nll = status_value(dir, "test_nll").and_then(|v| v.as_float()).expect("test_nll");
     let neg_elbo = status_value(dir, "test_elbo").and_then(|v| v.as_float()).expect("test_elbo");
-    // Minus the IW bound of S draws is at most minus the ELBO of the same draws.
+    // Minus the IW bound of S draws is at most minus the ELBO of the same draws, of which the
+    // KL term is a part.
     assert!(nll <= neg_elbo && nll > 0.0, "{nll} {neg_elbo}");
+    let kl = status_value(dir, "test_kl").and_then(|v| v.as_float()).expect("test_kl");
+    assert!(kl.is_finite() && kl < neg_elbo, "{kl}");
     // The config records the kind and the resolved [model.vae].
     let cfg = std::fs::read_to_string(dir.join("config.toml")).expect("config");
     assert!(cfg.contains("kind = \"vae\"") && cfg.contains("prior_components = 4"), "{cfg}");
@@ -61,7 +64,7 @@ fn a_vae_run_reports_its_bound_beside_the_elbo() {
     let o = runner(&results).arg("report").output().expect("report");
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
-    assert!(out.contains("NLL is") && out.contains("bound IW-8"), "{out}");
+    assert!(out.contains("NLL is") && out.contains("bound IW-8") && out.contains("KL"), "{out}");
 
     // eval with the run's own samples reproduces the status figure; per image, nll <= -ELBO.
     let csv = tmp.path().join("e.csv");
@@ -75,6 +78,8 @@ fn a_vae_run_reports_its_bound_beside_the_elbo() {
     for (a, b) in f64_col(&df, "nll_nats").iter().zip(f64_col(&df, "neg_elbo_nats")) {
         assert!(*a <= b + 1e-9, "{a} > {b}");
     }
+    let mean_kl = f64_col(&df, "kl_nats").iter().sum::<f64>() / df.height() as f64;
+    assert!((mean_kl - kl).abs() < 1e-9 * kl.abs().max(1.0), "{mean_kl} vs status {kl}");
 
     // Every sampler but the predictive one draws the same grid; predictive is exit 2.
     let mut bytes = Vec::new();

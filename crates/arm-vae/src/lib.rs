@@ -9,4 +9,4 @@ mod vae;
 
 pub use config::{EncoderKind, PriorKind, VaeConfig, VaeConfigError, FACTORIZED, KEY_DOCS, PRIOR_BACKENDS};
 pub use factorized::{factorized, Factorized};
-pub use vae::{build, Decoder, Vae, VaeError};
+pub use vae::{build, Bounds, Decoder, Vae, VaeError};

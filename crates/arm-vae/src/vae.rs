@@ -211,6 +211,14 @@ fn log_mean_exp(v: &[f64]) -> f64 {
     top + (v.iter().map(|x| (x - top).exp()).sum::<f64>() / v.len() as f64).ln()
 }
 
+/// Evaluation figures per image (nats): see [`Vae::bounds`].
+#[derive(Debug, Clone, Default)]
+pub struct Bounds {
+    pub elbo: Vec<f64>,
+    pub iw: Vec<f64>,
+    pub kl: Vec<f64>,
+}
+
 /// The ELBO's pieces for a batch, per image.
 struct Terms {
     /// log p(x|z), (B,).
@@ -311,8 +319,9 @@ impl Vae {
 
     /// Per image of x (B, D): the ELBO and the importance-weighted bound from the same
     /// `samples` draws of q(z|x) (the mean and the log-mean-exp of log p(x, z_s) - log q(z_s|x),
-    /// so the first never exceeds the second), in nats.
-    pub fn bounds(&self, x: &Tensor, samples: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+    /// so the first never exceeds the second), and the KL term of that ELBO (the mean of
+    /// log q(z_s|x) - log p(z_s)), in nats.
+    pub fn bounds(&self, x: &Tensor, samples: usize) -> Result<Bounds> {
         let b = x.dim(0)?;
         if samples == 0 {
             candle_core::bail!("importance-weighted bound: at least one sample");
@@ -320,18 +329,21 @@ impl Vae {
         let mut rng = ChaCha8Rng::seed_from_u64(seed_of(x, self.seed ^ samples as u64)?);
         // Rows of (image, sample) pairs, a pass of at most 1024 at a time.
         let rows: Vec<u32> = (0..b as u32).flat_map(|i| std::iter::repeat_n(i, samples)).collect();
-        let mut log_w = Vec::with_capacity(rows.len());
+        let (mut log_w, mut kl) = (Vec::with_capacity(rows.len()), Vec::with_capacity(rows.len()));
         for chunk in rows.chunks(1024) {
             let idx = Tensor::from_slice(chunk, chunk.len(), x.device())?;
             let xr = x.index_select(&idx, 0)?; // (n, D)
             let t = self.terms(&xr, &self.eps(&mut rng, chunk.len())?, false)?;
-            let w = (t.rec - t.kl_draw.sum(1)?)?; // (n,)
-            log_w.extend(w.to_dtype(DType::F64)?.to_vec1::<f64>()?);
+            let k = t.kl_draw.sum(1)?; // (n,)
+            log_w.extend((t.rec - &k)?.to_dtype(DType::F64)?.to_vec1::<f64>()?);
+            kl.extend(k.to_dtype(DType::F64)?.to_vec1::<f64>()?);
         }
-        let per: Vec<&[f64]> = log_w.chunks(samples).collect();
-        let elbo = per.iter().map(|w| w.iter().sum::<f64>() / samples as f64).collect();
-        let iw = per.iter().map(|w| log_mean_exp(w)).collect();
-        Ok((elbo, iw))
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        Ok(Bounds {
+            elbo: log_w.chunks(samples).map(mean).collect(),
+            iw: log_w.chunks(samples).map(log_mean_exp).collect(),
+            kl: kl.chunks(samples).map(mean).collect(),
+        })
     }
 
     /// `n` latents from the prior, (n, Z), from `rng`.

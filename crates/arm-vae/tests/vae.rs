@@ -162,7 +162,8 @@ fn the_importance_weighted_bound_is_above_the_elbo_and_tightens() -> R<()> {
         let x = data.test.batch(&(0..40).collect::<Vec<_>>(), &DEV)?;
         let mut means = Vec::new();
         for s in [1, 10, 100] {
-            let (elbo, iw) = vae.bounds(&x, s)?;
+            let arm_vae::Bounds { elbo, iw, kl } = vae.bounds(&x, s)?;
+            assert!(kl.iter().all(|k| k.is_finite()));
             for (e, w) in elbo.iter().zip(&iw) {
                 if s == 1 {
                     assert!((e - w).abs() < 1e-9, "one sample: ELBO {e}, IW {w}");

@@ -119,30 +119,32 @@ pub fn eval(run_dir: &Path, device: &Device, opts: &Options) -> Result<()> {
     Ok(())
 }
 
-/// Per image of `split`: the ELBO and the importance-weighted bound of `samples` draws, in
-/// nats (log-likelihood bounds, not NLLs), a few images per pass.
-pub fn vae_bounds_per_image(vae: &arm_vae::Vae, split: &Split, samples: usize) -> Result<(Vec<f64>, Vec<f64>)> {
-    let (mut elbo, mut iw) = (Vec::with_capacity(split.n), Vec::with_capacity(split.n));
+/// Per image of `split`: the ELBO, the importance-weighted bound of `samples` draws and the
+/// ELBO's KL term, in nats (log-likelihood bounds, not NLLs), a few images per pass.
+pub fn vae_bounds_per_image(vae: &arm_vae::Vae, split: &Split, samples: usize) -> Result<arm_vae::Bounds> {
+    let mut all = arm_vae::Bounds::default();
     let dev = arm_train::Model::device(vae).clone();
     // About 1024 (image, sample) rows per pass.
     let per = (1024 / samples).max(1);
     for x in split.batches(per, &dev) {
-        let (e, w) = arm_train::in_pool(&dev, || vae.bounds(&x?, samples))?;
-        elbo.extend(e);
-        iw.extend(w);
+        let b = arm_train::in_pool(&dev, || vae.bounds(&x?, samples))?;
+        all.elbo.extend(b.elbo);
+        all.iw.extend(b.iw);
+        all.kl.extend(b.kl);
     }
-    Ok((elbo, iw))
+    Ok(all)
 }
 
-/// The means over `split` of the ELBO and the importance-weighted bound (nats per image).
-pub fn vae_bounds(vae: &arm_vae::Vae, split: &Split, samples: usize) -> Result<(f64, f64)> {
-    let (e, w) = vae_bounds_per_image(vae, split, samples)?;
-    let n = e.len().max(1) as f64;
-    Ok((e.iter().sum::<f64>() / n, w.iter().sum::<f64>() / n))
+/// The means over `split` of the ELBO, the importance-weighted bound and the KL term (nats
+/// per image).
+pub fn vae_bounds(vae: &arm_vae::Vae, split: &Split, samples: usize) -> Result<(f64, f64, f64)> {
+    let b = vae_bounds_per_image(vae, split, samples)?;
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    Ok((mean(&b.elbo), mean(&b.iw), mean(&b.kl)))
 }
 
 /// `runner eval` of a VAE run: per image, minus the importance-weighted bound (nll_nats, an
-/// upper bound of the NLL), bits/dim, and minus the ELBO (neg_elbo_nats).
+/// upper bound of the NLL), bits/dim, minus the ELBO (neg_elbo_nats) and its KL term (kl_nats).
 fn eval_vae(run_dir: &Path, t: &trained::Trained, vae: &arm_vae::Vae, opts: &Options) -> Result<()> {
     if opts.members.is_some() {
         return Err(bad_input(format!("--members / --orders: {} holds a VAE, which has no ensemble", run_dir.display())));
@@ -161,19 +163,21 @@ fn eval_vae(run_dir: &Path, t: &trained::Trained, vae: &arm_vae::Vae, opts: &Opt
         run_dir.join(format!("eval_{tag}{}.parquet", opts.split))
     });
     let format = out_format(&out)?;
-    let (elbo, iw) = vae_bounds_per_image(vae, split, samples)?;
-    let nll: Vec<f64> = iw.iter().map(|v| -v).collect();
-    let neg_elbo: Vec<f64> = elbo.iter().map(|v| -v).collect();
+    let b = vae_bounds_per_image(vae, split, samples)?;
+    let nll: Vec<f64> = b.iw.iter().map(|v| -v).collect();
+    let neg_elbo: Vec<f64> = b.elbo.iter().map(|v| -v).collect();
     let mut df = frame(&nll, vae.dims())?;
     df.with_column(polars::prelude::Column::new("neg_elbo_nats".into(), neg_elbo.clone()))?;
+    df.with_column(polars::prelude::Column::new("kl_nats".into(), b.kl.clone()))?;
     match format {
         OutFormat::Parquet => store::write_parquet(&out, &mut df)?,
         OutFormat::Csv => write_csv(&out, &mut df)?,
     }
     let n = nll.len() as f64;
     let (mean, mean_elbo) = (nll.iter().sum::<f64>() / n, neg_elbo.iter().sum::<f64>() / n);
+    let mean_kl = b.kl.iter().sum::<f64>() / n;
     println!(
-        "{data_name} {}: {} images, NLL <= {mean:.6} nats ({:.6} bits/dim; importance-weighted bound, {samples} samples), -ELBO {mean_elbo:.6}",
+        "{data_name} {}: {} images, NLL <= {mean:.6} nats ({:.6} bits/dim; importance-weighted bound, {samples} samples), -ELBO {mean_elbo:.6} (KL term {mean_kl:.4})",
         opts.split,
         nll.len(),
         bits_per_dim(mean, vae.dims())

@@ -268,6 +268,7 @@ fn nll_table(groups: &[Group], multi: bool) -> Table {
             "95% CI",
             "NLL is",
             "test -ELBO",
+            "KL",
             "test bits/dim",
             "best val NLL",
             "params",
@@ -288,6 +289,7 @@ fn nll_table(groups: &[Group], multi: bool) -> Table {
         let (mmd, _) = fmt_pm(&g.values(|r| r.status.sample_mmd2), 4);
         let (bpd, _) = fmt_pm(&g.values(|r| r.status.test_bpd), 4);
         let (elbo, _) = fmt_pm(&g.values(|r| r.status.test_elbo), 2);
+        let (kl, _) = fmt_pm(&g.values(|r| r.status.test_kl), 2);
         // A VAE's NLL is an upper bound (its importance-weighted bound); an ARM's is exact.
         let kind = match fin.first() {
             None => "-".to_string(),
@@ -308,7 +310,7 @@ fn nll_table(groups: &[Group], multi: bool) -> Table {
         if multi {
             row.push(g.experiment.clone());
         }
-        row.extend([g.label.clone(), format!("{}/{}", fin.len(), g.runs.len()), test, ci, kind, elbo, bpd, val, params, epochs, w1, mmd]);
+        row.extend([g.label.clone(), format!("{}/{}", fin.len(), g.runs.len()), test, ci, kind, elbo, kl, bpd, val, params, epochs, w1, mmd]);
         table.rows.push(row);
     }
     table
@@ -332,7 +334,7 @@ fn problem_lines(groups: &[Group]) -> Vec<String> {
         .collect()
 }
 
-pub(crate) const FOOTNOTE: &str = "± is the sample std over seeds; CI is the 95% t-interval of the mean. NLL is: exact for an ARM; for a VAE an upper bound, minus its importance-weighted bound with that many samples (IW-S), beside minus its ELBO (test -ELBO; its validation NLL is minus the ELBO too). ‡ a head without a likelihood (quantile): its quantile loss, not nats, unranked. Sample W1 (per-pixel marginals, [0, 1] scale) and MMD² (Gaussian kernel) compare the samples drawn at the end of each run with up to the first 1000 test images; lower is closer.";
+pub(crate) const FOOTNOTE: &str = "± is the sample std over seeds; CI is the 95% t-interval of the mean. NLL is: exact for an ARM; for a VAE an upper bound, minus its importance-weighted bound with that many samples (IW-S), beside minus its ELBO (test -ELBO; its validation NLL is minus the ELBO too) and the ELBO's KL term (near 0: the decoder ignores z). ‡ a head without a likelihood (quantile): its quantile loss, not nats, unranked. Sample W1 (per-pixel marginals, [0, 1] scale) and MMD² (Gaussian kernel) compare the samples drawn at the end of each run with up to the first 1000 test images; lower is closer.";
 
 fn print_table(table: &Table, problems: &[String], format: Format) {
     print!("{}", table.render(format));

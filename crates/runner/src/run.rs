@@ -457,8 +457,9 @@ fn record_outcome(
                 // The trainer's test figure is minus the ELBO; the NLL reported is the tighter
                 // importance-weighted bound.
                 let samples = vae.config().iw_samples;
-                let (elbo, iw) = crate::eval::vae_bounds(vae, &data.test, samples)?;
+                let (elbo, iw, kl) = crate::eval::vae_bounds(vae, &data.test, samples)?;
                 status.test_elbo = Some(-elbo);
+                status.test_kl = Some(kl);
                 status.test_nll = Some(-iw);
                 status.test_bpd = Some(arm_core::bits_per_dim(-iw, data.dims()));
                 status.bound = Some(format!("IW-{samples}"));

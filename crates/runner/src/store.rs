@@ -175,6 +175,9 @@ pub struct RunStatus {
     /// A VAE's minus ELBO on the test set, nats per image (from the same draws as the bound).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_elbo: Option<f64>,
+    /// That ELBO's KL term, nats per image (near 0: the decoder ignores the latent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_kl: Option<f64>,
     pub wall_seconds: f64,
     pub pid: u32,
 }
@@ -195,6 +198,7 @@ impl RunStatus {
             sample_mmd2: None,
             bound: None,
             test_elbo: None,
+            test_kl: None,
             wall_seconds: 0.0,
             pid: 0,
         }
