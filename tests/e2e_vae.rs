@@ -3,7 +3,7 @@
 //! the status figure, every sampler draws the same grid, and bad VAE keys are one-line errors.
 
 mod common;
-use common::{f64_col, read_parquet, run_dirs, runner, stderr, stdout};
+use common::{f64_col, fixture, read_parquet, run_dirs, runner, stderr, stdout};
 
 const TINY: &str = r#"name = "vae_tiny"
 seeds = [0]
@@ -81,6 +81,14 @@ fn a_vae_run_reports_its_bound_beside_the_elbo() {
     let mean_kl = f64_col(&df, "kl_nats").iter().sum::<f64>() / df.height() as f64;
     assert!((mean_kl - kl).abs() < 1e-9 * kl.abs().max(1.0), "{mean_kl} vs status {kl}");
 
+    // The latent representation: mean and log-variance of q(z|x) per test image.
+    let lat = tmp.path().join("z.csv");
+    let o = runner(&results).arg("encode").arg(dir).arg("--out").arg(&lat).output().expect("encode");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = std::fs::read_to_string(&lat).expect("latents");
+    assert_eq!(text.lines().next(), Some("index,mu_0,mu_1,mu_2,mu_3,log_var_0,log_var_1,log_var_2,log_var_3"));
+    assert_eq!(text.lines().count(), 1 + 447, "one row per digits test image");
+
     // Every sampler but the predictive one draws the same grid; predictive is exit 2.
     let mut bytes = Vec::new();
     for s in ["naive", "cached", "jacobi"] {
@@ -151,4 +159,17 @@ fn a_resumed_vae_run_equals_an_uninterrupted_one() {
     }
     let w = |d: &std::path::Path| std::fs::read(d.join("model.safetensors")).expect("weights");
     assert_eq!(w(da), w(db), "best weights differ");
+}
+
+/// `runner encode` on an ARM run is a one-line error (exit 2): it has no latent.
+#[test]
+fn encoding_an_arm_run_is_an_error() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let o = runner(tmp.path()).arg("train").arg(fixture("tiny.toml")).output().expect("run");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let dir = &run_dirs(tmp.path(), "tiny1")[0];
+    let o = runner(tmp.path()).arg("encode").arg(dir).output().expect("encode");
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("no latent representation"), "{}", stderr(&o));
+    assert_eq!(stderr(&o).trim().lines().count(), 1);
 }

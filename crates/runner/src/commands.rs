@@ -149,6 +149,10 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             let device = parse_device(&device)?;
             crate::eval::eval(&run_dir, &device, &crate::eval::Options { data, split, out, members, iw_samples })
         }
+        Command::Encode { run_dir, split, out } => {
+            let device = parse_device(&device)?;
+            crate::eval::encode(&run_dir, &device, split, out)
+        }
         Command::Bench { what: crate::BenchWhat::Train { steps, model, profile } } => {
             bench_train(&device, steps, model.as_deref(), profile)
         }

@@ -191,6 +191,50 @@ fn eval_vae(run_dir: &Path, t: &trained::Trained, vae: &arm_vae::Vae, opts: &Opt
     Ok(())
 }
 
+/// `runner encode`: q(z|x)'s mean and log-variance for every image of a split of a VAE run's
+/// own data.
+pub fn encode(run_dir: &Path, device: &Device, split: SplitName, out: Option<PathBuf>) -> Result<()> {
+    if let Some(o) = &out {
+        out_format(o)?;
+    }
+    let t = trained::open(run_dir, device)?;
+    let crate::run::Model::Vae(vae) = &t.model else {
+        return Err(bad_input(format!("{}: an ARM has no latent representation (runner encode takes VAE runs)", run_dir.display())));
+    };
+    let data = t.data.split(split);
+    if data.n == 0 {
+        return Err(bad_input(format!("--split {split}: the split is empty")));
+    }
+    let out = out.unwrap_or_else(|| run_dir.join(format!("latents_{split}.parquet")));
+    let z = vae.latent();
+    let (mut mu, mut lv) = (vec![Vec::with_capacity(data.n); z], vec![Vec::with_capacity(data.n); z]);
+    for x in data.batches(t.cfg.train.eval_batch_size, device) {
+        let (m, v) = vae.encode(&x?)?; // (B, Z) each
+        for (cols, t) in [(&mut mu, m), (&mut lv, v)] {
+            for row in t.to_dtype(DType::F64)?.to_vec2::<f64>()? {
+                for (j, val) in row.into_iter().enumerate() {
+                    cols[j].push(val);
+                }
+            }
+        }
+    }
+    let mut columns = vec![polars::prelude::Column::new("index".into(), (0..data.n as u32).collect::<Vec<_>>())];
+    for (j, c) in mu.into_iter().enumerate() {
+        columns.push(polars::prelude::Column::new(format!("mu_{j}").into(), c));
+    }
+    for (j, c) in lv.into_iter().enumerate() {
+        columns.push(polars::prelude::Column::new(format!("log_var_{j}").into(), c));
+    }
+    let mut df = DataFrame::new(data.n, columns)?;
+    match out_format(&out)? {
+        OutFormat::Parquet => store::write_parquet(&out, &mut df)?,
+        OutFormat::Csv => write_csv(&out, &mut df)?,
+    }
+    println!("{} {split}: {} images, {z} latent dimensions (mean and log-variance of q(z|x))", t.data.name, data.n);
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
 /// The data to evaluate on: the run's own (an embedded set or its user file), or another
 /// embedded set of the model's shape and levels. Returns (name, data, whether it is the run's own).
 fn eval_data(run_dir: &Path, t: &trained::Trained, name: Option<&str>) -> Result<(String, Dataset, bool)> {

@@ -271,6 +271,18 @@ enum Command {
         #[arg(long)]
         iw_samples: Option<usize>,
     },
+    /// The latent representation of a VAE run: q(z|x)'s mean and log-variance per image of a
+    /// split, to parquet or CSV (columns index, mu_0.., log_var_0..).
+    Encode {
+        /// Run folder of a VAE (results/<name>/runs/<run-id>).
+        run_dir: PathBuf,
+        /// Which split of the run's data.
+        #[arg(long, value_enum, default_value_t = arm_data::SplitName::Test)]
+        split: arm_data::SplitName,
+        /// FILE.parquet or FILE.csv (default: RUN_DIR/latents_<split>.parquet).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Benchmarks: `runner bench train`, `runner bench sampling`.
     Bench {
         #[command(subcommand)]
