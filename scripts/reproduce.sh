@@ -20,6 +20,9 @@ EXPERIMENTS=(
     classic     # "The classic ARMs": FVSBN, NADE, MADE, RNN, MLP on digits
     classic_mnist  # "The classic ARMs": the same on mnist10k-binary (a 10-epoch budget)
     search      # "Random search with successive halving" (the unpruned comparison: see its file)
+    quantile    # "The quantile head and sample quality"
+    vae         # "VAEs with ARM priors and PixelCNN decoders": digits
+    vae_mnist   # the same on mnist10k-binary (a 5-epoch budget)
 )
 
 # --quick: every experiment gets these overrides (later --set wins over the file, its grid
@@ -35,6 +38,7 @@ quick_sets_for() {
         # 784-step recurrences and 500-unit layers: small ones for the smoke run.
         classic_mnist) echo 'model.rnn.hidden=16' 'model.nade.hidden=16' 'model.made.hidden=[16]' ;;
         search) echo 'search.trials=3' ;;
+        vae | vae_mnist) echo 'model.gated_pixelcnn.channels=8' 'model.gated_pixelcnn.layers=2' 'model.vae.iw_samples=8' ;;
         *) ;;
     esac
 }
