@@ -19,6 +19,7 @@ use rayon::prelude::*;
 use crate::Result;
 
 use crate::gemm::{f32s, gemm_into, parallelism, taps_side_by_side, weight_grad, with_f32, View};
+use crate::implicit::Padded;
 use crate::unfold::{Fold, Unfold};
 
 /// y = act(unfold(x) W + b). x: (B, N, C_in) with an unfold, else (..., C_in); W: (taps * C_in,
@@ -60,6 +61,9 @@ struct Dense {
     /// C = C_out instead of C_in, and the matmul has a wider output, which the gemm runs
     /// closer to its peak (PERF.md, "Narrow outputs").
     out_side: bool,
+    /// With an unmasked unfold on a large enough grid: no im2col, products on the padded grid
+    /// ([`Padded`], PERF.md "Padded grids").
+    padded: Option<Arc<Padded>>,
     slope: Option<f32>,
 }
 
@@ -71,7 +75,8 @@ impl Dense {
     fn new(unfold: Option<&Unfold>, cin: usize, cout: usize, leaky: Option<f64>) -> Self {
         // A cell mask belongs to the reading cell, so the reversed fold cannot carry it.
         let out_side = unfold.is_some_and(|u| u.mask.is_none()) && cout < cin;
-        Dense { unfold: unfold.cloned(), out_side, slope: leaky.map(|s| s as f32) }
+        let padded = if out_side { None } else { unfold.and_then(Padded::plan).map(Arc::new) };
+        Dense { unfold: unfold.cloned(), out_side, padded, slope: leaky.map(|s| s as f32) }
     }
 
     /// (rows, C_in of the matmul) for an input of shape `dims`.
@@ -109,8 +114,12 @@ impl CustomOp3 for Dense {
         let x = f32s(s1, l1, "dense: input")?;
         let bias = f32s(s3, l3, "dense: bias")?;
         let mm = |lhs: &CpuStorage, ll: &Layout| lhs.matmul(s2, (1, rows, cout, k), ll, l2);
-        let y = match &self.unfold {
-            Some(u) if self.out_side => {
+        let y = match (&self.unfold, &self.padded) {
+            (Some(_), Some(p)) => {
+                let (b, _, cin) = l1.shape().dims3()?;
+                CpuStorage::F32(p.forward(x, f32s(s2, l2, "dense: weight")?, b, cin, cout, parallelism())?)
+            }
+            (Some(u), None) if self.out_side => {
                 let (b, n, cin) = l1.shape().dims3()?;
                 let taps = u.taps.len();
                 let wcat = taps_side_by_side(f32s(s2, l2, "dense: weight")?, taps, cin, cout);
@@ -124,12 +133,12 @@ impl CustomOp3 for Dense {
                 let CpuStorage::F32(z) = z else { bail!("dense: matmul returned another dtype") };
                 CpuStorage::F32(u.reversed().fold_cpu(&z, b, n, cout))
             }
-            Some(u) => {
+            (Some(u), None) => {
                 let (b, n, c) = l1.shape().dims3()?;
                 let cols = CpuStorage::F32(u.unfold_cpu(x, b, n, c));
                 mm(&cols, &Layout::contiguous((rows, k)))?
             }
-            None => mm(s1, &Layout::contiguous_with_offset((rows, k), l1.start_offset()))?,
+            (None, _) => mm(s1, &Layout::contiguous_with_offset((rows, k), l1.start_offset()))?,
         };
         let CpuStorage::F32(mut y) = y else { bail!("dense: matmul returned another dtype") };
         bias_act(&mut y, bias, self.slope);
@@ -158,6 +167,19 @@ impl CustomOp3 for Dense {
             None => dy,
         };
         let db = if b.track_op() { Some(dz.apply_op1_no_bwd(&ColumnSum)?) } else { None };
+        if let Some(p) = &self.padded {
+            let (bsz, _, cin) = x.dims3()?;
+            let (dx, dw) = with_f32(x, "input", |xv| {
+                with_f32(w, "weight", |wv| {
+                    with_f32(&dz, "gradient", |g| {
+                        p.backward(xv, wv, g, (bsz, cin, cout), x.track_op(), w.track_op(), parallelism())
+                    })
+                })
+            })?;
+            let dx = dx.map(|v| Tensor::from_vec(v, x.shape(), x.device())).transpose()?;
+            let dw = dw.map(|v| Tensor::from_vec(v, w.shape(), w.device())).transpose()?;
+            return Ok((dx, dw, db));
+        }
         if let (Some(u), true) = (&self.unfold, self.out_side) {
             let (bsz, n, cin) = x.dims3()?;
             let taps = u.taps.len();
@@ -236,12 +258,12 @@ pub fn dense_pair(
         return dense(x1, w1, b1, Some(u), None)? + dense(x2, w2, b2, None, None)?;
     }
     let w = Tensor::cat(&[w1, &(b1 + b2)?.unsqueeze(0)?, w2], 0)?;
-    x1.contiguous()?.apply_op3(&x2.contiguous()?, &w.contiguous()?, Pair(u.clone()))
+    x1.contiguous()?.apply_op3(&x2.contiguous()?, &w.contiguous()?, Pair(u.clone(), Padded::plan(u).map(Arc::new)))
 }
 
 /// The op of [`dense_pair`]: (x1, x2, [W1; b; W2]).
 #[derive(Clone)]
-struct Pair(Unfold);
+struct Pair(Unfold, Option<Arc<Padded>>);
 
 /// Sizes of a [`Pair`] call: images, cells, channels of x1 and x2, outputs.
 #[derive(Clone, Copy)]
@@ -267,14 +289,25 @@ impl Pair {
     fn forward(&self, x1: &[f32], x2: &[f32], w: &[f32], d: PairDims) -> Result<Vec<f32>> {
         let _p = crate::profile::scope("pair fwd");
         let (rows, k1, par) = (d.b * d.n, self.0.taps.len() * d.c1, parallelism());
-        let cols = self.0.unfold_cpu(x1, d.b, d.n, d.c1);
         // The output starts as the bias rows: a bias row in the weights and a column of ones
         // would make the product's k odd (257 for 128 channels), which the gemm runs slower.
         let bias = &w[k1 * d.cout..(k1 + 1) * d.cout];
-        let mut y = vec![0f32; rows * d.cout];
-        y.par_chunks_mut(d.cout.max(1)).for_each(|row| row.copy_from_slice(bias));
-        let (w1, w2) = (View::new(w, 0, d.cout, 1), View::new(w, (k1 + 1) * d.cout, d.cout, 1));
-        gemm_into(&mut y, 0, d.cout, (rows, d.cout, k1), View::new(&cols, 0, k1, 1), w1, true, par)?;
+        let w2 = View::new(w, (k1 + 1) * d.cout, d.cout, 1);
+        let mut y = match &self.1 {
+            Some(p) => {
+                let mut y = p.forward(x1, &w[..k1 * d.cout], d.b, d.c1, d.cout, par)?;
+                bias_act(&mut y, bias, None);
+                y
+            }
+            None => {
+                let cols = self.0.unfold_cpu(x1, d.b, d.n, d.c1);
+                let mut y = vec![0f32; rows * d.cout];
+                y.par_chunks_mut(d.cout.max(1)).for_each(|row| row.copy_from_slice(bias));
+                let w1 = View::new(w, 0, d.cout, 1);
+                gemm_into(&mut y, 0, d.cout, (rows, d.cout, k1), View::new(&cols, 0, k1, 1), w1, true, par)?;
+                y
+            }
+        };
         gemm_into(&mut y, 0, d.cout, (rows, d.cout, d.c2), View::new(x2, 0, d.c2, 1), w2, true, par)?;
         Ok(y)
     }
@@ -290,6 +323,17 @@ impl Pair {
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let _p = crate::profile::scope("pair bwd");
         let (rows, k1, par) = (d.b * d.n, self.0.taps.len() * d.c1, parallelism());
+        if let Some(p) = &self.1 {
+            let (dx1, dw1) = p.backward(x1, &w[..k1 * d.cout], g, (d.b, d.c1, d.cout), true, true, par)?;
+            let mut dw = dw1.ok_or_else(|| candle_core::Error::Msg("dense_pair: no weight gradient".into()))?;
+            dw.extend(column_sums(g, d.cout));
+            dw.extend(weight_grad(g, d.cout, View::new(x2, 0, d.c2, 1), d.c2, rows)?);
+            let mut dx2 = vec![0f32; rows * d.c2];
+            let w2t = View::new(w, (k1 + 1) * d.cout, 1, d.cout);
+            gemm_into(&mut dx2, 0, d.c2, (rows, d.c2, d.cout), View::new(g, 0, d.cout, 1), w2t, false, par)?;
+            let dx1 = dx1.ok_or_else(|| candle_core::Error::Msg("dense_pair: no input gradient".into()))?;
+            return Ok((dx1, dx2, dw));
+        }
         // dW = [cols; 1; x2]^T dy: two products and the bias's column sums.
         let p = crate::profile::scope("pair bwd dW");
         let cols = self.0.unfold_cpu(x1, d.b, d.n, d.c1); // again: cheaper than keeping them, as in `dense`
@@ -542,6 +586,8 @@ mod tests {
                 taps: (-1..=1).flat_map(|dy| (-1..=1).map(move |dx| (dy, dx))).collect(),
                 mask: Some((0..12 * 9).map(|i| (i * 5 + i / 9) % 4 != 0).collect()),
             }),
+            // Large enough for the padded route (no im2col), with a run of taps and a lone one.
+            Some(padded_route()),
         ];
         for u in &unfolds {
             for leaky in [None, Some(0.0), Some(0.01), Some(1.0)] {
@@ -582,26 +628,42 @@ mod tests {
         Ok(())
     }
 
+    /// A 12x14 grid with the gated PixelCNN's vertical taps minus one: [`Padded::plan`] takes
+    /// the padded route for it.
+    fn padded_route() -> Unfold {
+        let u = Unfold { height: 12, width: 14, taps: vec![(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1)], mask: None };
+        assert!(Padded::plan(&u).is_some(), "the test grid must take the padded route");
+        u
+    }
+
     /// The paired product against the two `dense` calls and their sum (the composed path), in
-    /// values and in the gradients of both inputs, both weights and both biases.
+    /// values and in the gradients of both inputs, both weights and both biases; on a small grid
+    /// (im2col) and on one that takes the padded route.
     #[test]
     fn pair_equals_two_products_and_their_sum() -> Result<()> {
+        for u in [Unfold { height: 3, width: 4, taps: vec![(0, -1), (0, 0), (-1, 1)], mask: None }, padded_route()] {
+            pair_case(&u)?;
+        }
+        Ok(())
+    }
+
+    fn pair_case(u: &Unfold) -> Result<()> {
         let dev = Device::Cpu;
-        let u = Unfold { height: 3, width: 4, taps: vec![(0, -1), (0, 0), (-1, 1)], mask: None };
-        let (bsz, n, c1, c2, cout) = (2, 12, 3, 5, 4);
+        let taps = u.taps.len();
+        let (bsz, n, c1, c2, cout) = (2, u.height * u.width, 3, 5, 4);
         let var = |len: usize, seed: usize, shape: &[usize]| -> Result<Var> {
             Var::from_tensor(&Tensor::from_vec(vals(len, seed), shape, &dev)?)
         };
         let x1 = var(bsz * n * c1, 1, &[bsz, n, c1])?;
         let x2 = var(bsz * n * c2, 2, &[bsz, n, c2])?;
-        let w1 = var(3 * c1 * cout, 3, &[3 * c1, cout])?;
+        let w1 = var(taps * c1 * cout, 3, &[taps * c1, cout])?;
         let w2 = var(c2 * cout, 4, &[c2, cout])?;
         let b1 = var(cout, 5, &[cout])?;
         let b2 = var(cout, 6, &[cout])?;
         let probe = Tensor::from_vec(vals(bsz * n * cout, 7), (bsz, n, cout), &dev)?;
         let (t1, t2) = (x1.as_tensor(), x2.as_tensor());
-        let fused = dense_pair(t1, &u, w1.as_tensor(), b1.as_tensor(), t2, w2.as_tensor(), b2.as_tensor())?;
-        let cols = u.apply_generic(t1)?.reshape((bsz * n, 3 * c1))?;
+        let fused = dense_pair(t1, u, w1.as_tensor(), b1.as_tensor(), t2, w2.as_tensor(), b2.as_tensor())?;
+        let cols = u.apply_generic(t1)?.reshape((bsz * n, taps * c1))?;
         let plain = (cols.matmul(w1.as_tensor())?.broadcast_add(b1.as_tensor())?
             + t2.reshape((bsz * n, c2))?.matmul(w2.as_tensor())?.broadcast_add(b2.as_tensor())?)?
         .reshape((bsz, n, cout))?;
@@ -610,7 +672,7 @@ mod tests {
         let gp = (&plain * &probe)?.sum_all()?.backward()?;
         for (v, name) in [(&x1, "dx1"), (&x2, "dx2"), (&w1, "dW1"), (&w2, "dW2"), (&b1, "db1"), (&b2, "db2")] {
             let d = max_diff(gf.get(v).expect("grad"), gp.get(v).expect("grad"))?;
-            assert!(d < 1e-5, "{name} differs by {d}");
+            assert!(d < 1e-5, "{u:?}: {name} differs by {d}");
         }
         Ok(())
     }
@@ -621,10 +683,14 @@ mod tests {
     #[test]
     fn gated_equals_gate_then_dense() -> Result<()> {
         let dev = Device::Cpu;
-        let unfolds = [None, Some(Unfold { height: 3, width: 4, taps: vec![(-1, -1), (-1, 0), (0, -1)], mask: None })];
+        let unfolds = [
+            None,
+            Some(Unfold { height: 3, width: 4, taps: vec![(-1, -1), (-1, 0), (0, -1)], mask: None }),
+            Some(padded_route()),
+        ];
         for u in &unfolds {
             for (c, cout) in [(3, 4), (5, 2)] {
-                let (bsz, n) = (2, 12);
+                let (bsz, n) = (2, u.as_ref().map_or(12, |u| u.height * u.width));
                 let k = c * u.as_ref().map_or(1, |u| u.taps.len());
                 let a = Var::from_tensor(&Tensor::from_vec(vals(bsz * n * 2 * c, 1), (bsz, n, 2 * c), &dev)?)?;
                 let w = Var::from_tensor(&Tensor::from_vec(vals(k * cout, 2), (k, cout), &dev)?)?;

@@ -26,6 +26,7 @@ mod gate;
 mod gelu;
 mod layernorm;
 mod gemm;
+mod implicit;
 pub mod profile;
 mod running;
 mod simd;
