@@ -23,6 +23,8 @@ EXPERIMENTS=(
     quantile    # "The quantile head and sample quality"
     vae         # "VAEs with ARM priors and PixelCNN decoders": digits
     vae_mnist   # the same on mnist10k-binary (a 5-epoch budget)
+    attention   # "Attention against convolutions": digits, 3 seeds
+    attention_mnist  # the same on mnist10k-binary (a 4-epoch budget)
 )
 
 # --quick: every experiment gets these overrides (later --set wins over the file, its grid
@@ -38,6 +40,7 @@ quick_sets_for() {
         # 784-step recurrences and 500-unit layers: small ones for the smoke run.
         classic_mnist) echo 'model.rnn.hidden=16' 'model.nade.hidden=16' 'model.made.hidden=[16]' ;;
         search) echo 'search.trials=3' ;;
+        attention_mnist) echo 'model.gated_pixelcnn.channels=8' 'model.gated_pixelcnn.layers=2' 'model.transformer.width=32' 'model.transformer.depth=1' 'model.pixelsnail.nr_filters=8' 'model.pixelsnail.nr_blocks=1' ;;
         vae | vae_mnist) echo 'model.gated_pixelcnn.channels=8' 'model.gated_pixelcnn.layers=2' 'model.vae.iw_samples=8' ;;
         *) ;;
     esac

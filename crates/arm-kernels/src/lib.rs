@@ -1,7 +1,8 @@
 //! Fused CPU ops of the ARM lab, each a candle custom op with a hand-written backward and an
 //! equivalence test against the composed candle ops it replaces:
 //! - [`dense`], [`dense_gated`], [`dense_pair`]: act(unfold(x) W + b), the gate of the layer
-//!   that reads it, and two products summed, as one op each;
+//!   that reads it, and two products summed, as one op each; on large 2D grids the unfold is
+//!   replaced by products on a zero-padded copy of the grid (`implicit`: no im2col);
 //! - [`time_conv`]: causal Conv1d on time-major activations, gemms on shifted views;
 //! - [`Unfold`] / [`Fold`]: im2col over a tap list and its adjoint;
 //! - [`gate`]: tanh(a) * sigmoid(b), the gated PixelCNN's unit;
