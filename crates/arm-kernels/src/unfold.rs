@@ -110,6 +110,12 @@ impl Unfold {
         out
     }
 
+    /// Whether [`crate::dense`] and [`crate::dense_pair`] run this tap list on a zero-padded
+    /// copy of the grid instead of im2col (unmasked, 2D, and padding adds little work).
+    pub fn padded_route(&self) -> bool {
+        crate::implicit::Padded::plan(self).is_some()
+    }
+
     /// The same taps pointing the other way: tap t of cell p reads cell p - offset_t.
     /// Only for unmasked unfolds: a cell mask does not reverse.
     pub(crate) fn reversed(&self) -> Unfold {

@@ -347,6 +347,22 @@ mod tests {
     use super::*;
     use crate::conformance;
 
+    /// On an 18x20 grid the convolutions take the padded route of the kernels (no im2col):
+    /// causality by perturbation and stepper = forward still hold there.
+    #[test]
+    fn padded_route_is_causal_and_matches_the_stepper() -> Result<()> {
+        let (h, w) = (18, 20);
+        for first in [true, false] {
+            let u = arm_kernels::Unfold { height: h, width: w, taps: crate::layers::conv2d::vertical_taps(3, first), mask: None };
+            assert!(u.padded_route(), "the grid must take the padded route (first layer {first})");
+        }
+        let cfg = GatedPixelCnnConfig { channels: 3, layers: 3, kernel: 3, dropout: 0.0 };
+        let map = candle_nn::VarMap::new();
+        let net = cfg.build(conformance::test_ctx(&map, 5, (h, w), (3, conformance::LEVELS))).map_err(candle_core::Error::msg)?;
+        conformance::causality(net.as_ref(), w, true, true).map_err(candle_core::Error::msg)?;
+        conformance::stepper_matches_forward(net.as_ref()).map_err(candle_core::Error::msg)
+    }
+
     /// On 7x9 images (several rows below every kernel's reach) the stepper still reproduces
     /// every forward row, while holding only a few rows of cells per cache.
     #[test]
