@@ -285,6 +285,54 @@ mod tests {
         Ok(())
     }
 
+    /// The chapter's Fig. 2.6 exactly (J. M. Tomczak, "Deep Generative Modeling", Springer 2022,
+    /// ch. 2, Fig. 2.6; its numbers are those of `teaching/figures/arms/pixelcnn_masking_numeric.pdf`
+    /// in github.com/jmtomczak/intro_dgm): a 7x7 binary image of a "7", the 3x3 masked kernel
+    /// [[1, 1, 1], [1, 1, 0], [0, 0, 0]] and the feature map it gives. The kernel's non-zero
+    /// entries are exactly the taps of mask B, and the layer's output is the figure's map.
+    #[test]
+    fn reproduces_the_chapters_fig_2_6() -> Result<()> {
+        #[rustfmt::skip]
+        let image: [f32; 49] = [
+            0., 0., 0., 0., 0., 0., 0.,
+            0., 1., 1., 1., 1., 1., 0.,
+            0., 0., 0., 0., 0., 1., 0.,
+            0., 0., 0., 0., 1., 0., 0.,
+            0., 0., 0., 1., 0., 0., 0.,
+            0., 0., 1., 0., 0., 0., 0.,
+            0., 1., 0., 0., 0., 0., 0.,
+        ];
+        let kernel: [[f32; 3]; 3] = [[1., 1., 1.], [1., 1., 0.], [0., 0., 0.]];
+        #[rustfmt::skip]
+        let feature_map: [f32; 49] = [
+            0., 0., 0., 0., 0., 0., 0.,
+            0., 1., 2., 2., 2., 2., 1.,
+            1., 2., 3., 3., 3., 3., 2.,
+            0., 0., 0., 0., 2., 2., 1.,
+            0., 0., 0., 2., 2., 1., 0.,
+            0., 0., 2., 2., 1., 0., 0.,
+            0., 2., 2., 1., 0., 0., 0.,
+        ];
+        let nonzero: Vec<(isize, isize)> = (0..3)
+            .flat_map(|i| (0..3).map(move |j| (i, j)))
+            .filter(|&(i, j)| kernel[i][j] != 0.0)
+            .map(|(i, j)| (i as isize - 1, j as isize - 1))
+            .collect();
+        assert_eq!(nonzero, masked_taps(3, Mask::B), "the figure's kernel is mask B");
+        let w: Vec<f32> = masked_taps(3, Mask::B).iter().map(|&(dy, dx)| kernel[(dy + 1) as usize][(dx + 1) as usize]).collect();
+        let map = VarMap::new();
+        let conv = masked_conv2d(1, 1, 3, Mask::B, (7, 7), arm_core::seeded_var_builder(&map, 0, &Device::Cpu))?;
+        let conv = TapConv2d { w: Tensor::from_vec(w, (5, 1), &Device::Cpu)?, b: Tensor::zeros(1, DType::F32, &Device::Cpu)?, ..conv };
+        let x = Tensor::from_vec(image.to_vec(), (1, 49, 1), &Device::Cpu)?;
+        assert_eq!(conv.forward(&x)?.flatten_all()?.to_vec1::<f32>()?, feature_map);
+        // The cached stepper's per-cell path gives the same map.
+        let cells: Vec<Tensor> = (0..49).map(|p| x.narrow(1, p, 1)?.squeeze(1)).collect::<Result<_>>()?;
+        let zero = Tensor::zeros((1, 1), DType::F32, &Device::Cpu)?;
+        let stepped = (0..49).map(|p| Ok(conv.forward_at(p, &cells, &zero)?.flatten_all()?.to_vec1::<f32>()?[0])).collect::<Result<Vec<f32>>>()?;
+        assert_eq!(stepped, feature_map);
+        Ok(())
+    }
+
     /// In raster order a locally masked k x k window is the PixelCNN's mask A / B: the same
     /// outputs as the tap list of the mask with the same weights, whatever the weights of the
     /// taps the local mask drops (Jain et al. 2020 generalise the masked convolution).
