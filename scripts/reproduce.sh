@@ -24,7 +24,7 @@ EXPERIMENTS=(
     vae         # "VAEs with ARM priors and PixelCNN decoders": digits
     vae_mnist   # the same on mnist10k-binary (a 5-epoch budget)
     attention   # "Attention against convolutions": digits, 3 seeds
-    attention_mnist  # the same on mnist10k-binary (a 4-epoch budget)
+    attention_mnist  # the same on mnist10k-binary (a 1-epoch budget)
 )
 
 # --quick: every experiment gets these overrides (later --set wins over the file, its grid

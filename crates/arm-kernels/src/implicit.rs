@@ -271,23 +271,19 @@ mod tests {
             close(&y, &direct(&u, &x, &wt, b, cin, cout), "y");
             let (dx, dw) = p.backward(&x, &wt, &dy, (b, cin, cout), true, true, parallelism())?;
             let (dx, dw) = (dx.expect("dx"), dw.expect("dw"));
-            // dx_i = <conv(e_i), dy>: conv is linear in x, so the identity holds column by column.
+            // The gradient along unit vector e_i is <conv(e_i), dy>: conv is linear in x and in W.
             let dot = |a: &[f64], g: &[f32]| a.iter().zip(g).map(|(a, g)| a * *g as f64).sum::<f64>();
-            let want_dx: Vec<f64> = (0..x.len())
-                .map(|i| {
-                    let mut e = vec![0f32; x.len()];
-                    e[i] = 1.0;
-                    dot(&direct(&u, &e, &wt, b, cin, cout), &dy)
-                })
-                .collect();
-            close(&dx, &want_dx, "dx");
-            let want_dw: Vec<f64> = (0..wt.len())
-                .map(|i| {
-                    let mut e = vec![0f32; wt.len()];
-                    e[i] = 1.0;
-                    dot(&direct(&u, &x, &e, b, cin, cout), &dy)
-                })
-                .collect();
+            let along_units = |n: usize, conv: &dyn Fn(&[f32]) -> Vec<f64>| -> Vec<f64> {
+                (0..n)
+                    .map(|i| {
+                        let mut e = vec![0f32; n];
+                        e[i] = 1.0;
+                        dot(&conv(&e), &dy)
+                    })
+                    .collect()
+            };
+            close(&dx, &along_units(x.len(), &|e| direct(&u, e, &wt, b, cin, cout)), "dx");
+            let want_dw = along_units(wt.len(), &|e| direct(&u, &x, e, b, cin, cout));
             close(&dw, &want_dw, "dW");
         }
         Ok(())
