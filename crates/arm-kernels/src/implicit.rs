@@ -130,6 +130,9 @@ impl Padded {
         par: Parallelism,
     ) -> Result<Vec<f32>> {
         let _p = crate::profile::scope("implicit fwd");
+        if b == 0 || cin == 0 || cout == 0 {
+            return Ok(vec![0f32; b * self.h * self.w * cout]);
+        }
         let xp = self.pad(x, b, cin);
         let (p0, p1) = self.span(b);
         let mut yp = vec![0f32; (p1 - p0) * cout];
@@ -154,6 +157,10 @@ impl Padded {
         par: Parallelism,
     ) -> Result<(Option<Vec<f32>>, Option<Vec<f32>>)> {
         let _p = crate::profile::scope("implicit bwd");
+        if b == 0 || cin == 0 || cout == 0 {
+            let dx = want_dx.then(|| vec![0f32; b * self.h * self.w * cin]);
+            return Ok((dx, want_dw.then(|| vec![0f32; self.taps * cin * cout])));
+        }
         let dyp = self.pad(dy, b, cout);
         let (p0, p1) = self.span(b);
         let dw = if want_dw {
@@ -286,6 +293,17 @@ mod tests {
             let want_dw = along_units(wt.len(), &|e| direct(&u, &x, e, b, cin, cout));
             close(&dw, &want_dw, "dW");
         }
+        Ok(())
+    }
+
+    /// An empty batch gives empty outputs and zero weight gradients, not a panic.
+    #[test]
+    fn empty_batch() -> Result<()> {
+        let u = Unfold { height: 3, width: 4, taps: vec![(-1, 0), (0, -1)], mask: None };
+        let p = Padded::new(&u).expect("unmasked");
+        assert!(p.forward(&[], &vals(2 * 3 * 5, 1), 0, 3, 5, parallelism())?.is_empty());
+        let (dx, dw) = p.backward(&[], &vals(2 * 3 * 5, 1), &[], (0, 3, 5), true, true, parallelism())?;
+        assert_eq!((dx.map(|v| v.len()), dw), (Some(0), Some(vec![0f32; 30])));
         Ok(())
     }
 
