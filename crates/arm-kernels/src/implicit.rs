@@ -22,6 +22,9 @@ use crate::Result;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+/// (dx, dW) of a padded product, each when asked for.
+type InputAndWeightGrads = (Option<Vec<f32>>, Option<Vec<f32>>);
+
 /// The padded layout of one unmasked tap list on an H x W grid (see the module header).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Padded {
@@ -155,7 +158,7 @@ impl Padded {
         want_dx: bool,
         want_dw: bool,
         par: Parallelism,
-    ) -> Result<(Option<Vec<f32>>, Option<Vec<f32>>)> {
+    ) -> Result<InputAndWeightGrads> {
         let _p = crate::profile::scope("implicit bwd");
         if b == 0 || cin == 0 || cout == 0 {
             let dx = want_dx.then(|| vec![0f32; b * self.h * self.w * cin]);
