@@ -13,7 +13,7 @@
 //! Masks: `Causal` (row i sees keys j <= i), `Strict` (j < i; row 0 sees nothing and is 0,
 //! PixelSNAIL's attention, whose keys read the current pixel) and `None`.
 
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -46,30 +46,62 @@ impl AttnMask {
 struct Attention {
     scale: f32,
     mask: AttnMask,
+    heads: usize,
 }
 
-/// Sizes: (batch x heads, T, d_k, d_v).
+/// Sizes: batch, heads, T, d_k, d_v.
 #[derive(Debug, Clone, Copy)]
 struct Dims {
-    bh: usize,
+    b: usize,
+    h: usize,
     t: usize,
     dk: usize,
     dv: usize,
 }
 
-fn dims(lq: &Layout, lk: &Layout, lv: &Layout) -> Result<(Dims, Vec<usize>)> {
-    let (b, h, t, dk) = lq.shape().dims4()?;
-    let (bv, hv, tv, dv) = lv.shape().dims4()?;
-    if lk.shape() != lq.shape() || (bv, hv, tv) != (b, h, t) {
-        bail!("attention: q {:?}, k {:?}, v {:?}", lq.shape(), lk.shape(), lv.shape());
-    }
-    Ok((Dims { bh: b * h, t, dk, dv }, vec![b, h, t, dv]))
+/// Where an operand's rows live: element j of head h at position i of batch b is
+/// `data[b T ld + i ld + col + h width + j]`. Heads side by side in rows of `ld` values, so the
+/// split into heads and the merge back are strides of the products, not copies.
+#[derive(Clone, Copy)]
+struct Operand<'a> {
+    data: &'a [f32],
+    col: usize,
+    ld: usize,
+    width: usize,
 }
 
-/// P for query rows r0..r0+r of one (batch, head): s q k^T over keys 0..n, masked, softmax
-/// per row; rows with no visible key are all zero. `p` is (r x n) row-major.
-fn probabilities(p: &mut [f32], q: &[f32], k: &[f32], (r0, r, n): (usize, usize, usize), d: Dims, a: Attention) -> Result<()> {
-    gemm_into(p, 0, n, (r, n, d.dk), View::new(q, r0 * d.dk, d.dk, 1), View::new(k, 0, 1, d.dk), false, Parallelism::None)?;
+impl<'a> Operand<'a> {
+    fn new(data: &'a [f32], col: usize, ld: usize, width: usize) -> Self {
+        Operand { data, col, ld, width }
+    }
+
+    /// Offset of (batch b, head h, position 0).
+    fn at(&self, b: usize, h: usize, t: usize) -> usize {
+        b * t * self.ld + self.col + h * self.width
+    }
+
+    /// Rows r0.. of (b, h) as a matrix (r x width), or its transpose (width x r).
+    fn rows(&self, b: usize, h: usize, t: usize, r0: usize) -> View<'a> {
+        View::new(self.data, self.at(b, h, t) + r0 * self.ld, self.ld, 1)
+    }
+
+    fn rows_t(&self, b: usize, h: usize, t: usize, r0: usize) -> View<'a> {
+        View::new(self.data, self.at(b, h, t) + r0 * self.ld, 1, self.ld)
+    }
+}
+
+/// The q, k, v operands of one call.
+#[derive(Clone, Copy)]
+struct Qkv<'a> {
+    q: Operand<'a>,
+    k: Operand<'a>,
+    v: Operand<'a>,
+}
+
+/// P for query rows r0..r0+r of (b, h): s q k^T over keys 0..n, masked, softmax per row; rows
+/// with no visible key are all zero. `p` is (r x n) row-major.
+fn probabilities(p: &mut [f32], x: Qkv, (b, h): (usize, usize), (r0, r, n): (usize, usize, usize), d: Dims, a: Attention) -> Result<()> {
+    gemm_into(p, 0, n, (r, n, d.dk), x.q.rows(b, h, d.t, r0), x.k.rows_t(b, h, d.t, 0), false, Parallelism::None)?;
     for (ii, row) in p.chunks_mut(n.max(1)).enumerate().take(r) {
         let lim = a.mask.limit(r0 + ii, d.t).min(n);
         let (seen, hidden) = row.split_at_mut(lim);
@@ -86,16 +118,32 @@ fn probabilities(p: &mut [f32], q: &[f32], k: &[f32], (r0, r, n): (usize, usize,
     "x86_64+sse4.1"
 ))]
 fn softmax_scaled(row: &mut [f32], s: f32) {
+    // Lane-wise maxima and sums, so that the loops vectorise (a single running sum is a
+    // sequential dependency the compiler may not reorder).
+    const L: usize = 16;
     if row.is_empty() {
         return;
     }
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * s;
+    let mut lanes = [f32::NEG_INFINITY; L];
+    let mut chunks = row.chunks_exact(L);
+    for c in &mut chunks {
+        lanes.iter_mut().zip(c).for_each(|(m, &v)| *m = m.max(v));
+    }
+    let max = chunks.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * s;
+    let mut sums = [0f32; L];
+    let mut chunks = row.chunks_exact_mut(L);
+    for c in &mut chunks {
+        for (v, acc) in c.iter_mut().zip(&mut sums) {
+            *v = exp32(*v * s - max);
+            *acc += *v;
+        }
+    }
     let mut sum = 0f32;
-    for v in row.iter_mut() {
+    for v in chunks.into_remainder() {
         *v = exp32(*v * s - max);
         sum += *v;
     }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / (sum + sums.iter().sum::<f32>());
     row.iter_mut().for_each(|v| *v *= inv);
 }
 
@@ -104,7 +152,115 @@ fn keys(a: Attention, r0: usize, r: usize, t: usize) -> usize {
     a.mask.limit(r0 + r - 1, t).min(t)
 }
 
-impl CustomOp3 for Attention {
+/// Copies a (t x width) block into the columns col.. of rows of `ld` values.
+fn put(dst: &mut [f32], col: usize, ld: usize, src: &[f32], width: usize) {
+    for (row, s) in dst.chunks_mut(ld).zip(src.chunks(width.max(1))) {
+        row[col..col + width].copy_from_slice(s);
+    }
+}
+
+impl Attention {
+    /// y (B, T, H d_v), heads side by side.
+    fn forward(&self, x: Qkv, d: Dims) -> Result<Vec<f32>> {
+        let ldy = d.h * d.dv;
+        let mut y = vec![0f32; d.b * d.t * ldy];
+        y.par_chunks_mut((d.t * ldy).max(1)).enumerate().try_for_each(|(b, yb)| -> Result<()> {
+            let mut p = vec![0f32; ROWS * d.t];
+            for h in 0..d.h {
+                for r0 in (0..d.t).step_by(ROWS) {
+                    let r = ROWS.min(d.t - r0);
+                    let n = keys(*self, r0, r, d.t);
+                    if n == 0 {
+                        continue;
+                    }
+                    probabilities(&mut p, x, (b, h), (r0, r, n), d, *self)?;
+                    let pv = (View::new(&p, 0, n, 1), x.v.rows(b, h, d.t, 0));
+                    gemm_into(yb, r0 * ldy + h * d.dv, ldy, (r, d.dv, n), pv.0, pv.1, false, Parallelism::None)?;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(y)
+    }
+
+    /// Gradients of one (batch, head) as contiguous (T x d) blocks, recomputing each block's
+    /// probabilities; `y`, `dy` are the output and its gradient.
+    fn backward_head(&self, x: Qkv, y: Operand, dy: Operand, (b, h): (usize, usize), d: Dims) -> Result<[Vec<f32>; 3]> {
+        let (mut gq, mut gk, mut gv) = (vec![0f32; d.t * d.dk], vec![0f32; d.t * d.dk], vec![0f32; d.t * d.dv]);
+        // D_i = rowsum(dY . Y).
+        let (yo, go) = (y.at(b, h, d.t), dy.at(b, h, d.t));
+        let dot: Vec<f32> = (0..d.t)
+            .map(|i| {
+                let (yr, gr) = (&y.data[yo + i * y.ld..][..d.dv], &dy.data[go + i * dy.ld..][..d.dv]);
+                yr.iter().zip(gr).map(|(a, b)| a * b).sum()
+            })
+            .collect();
+        let (mut p, mut ds) = (vec![0f32; ROWS * d.t], vec![0f32; ROWS * d.t]);
+        let none = Parallelism::None;
+        for r0 in (0..d.t).step_by(ROWS) {
+            let r = ROWS.min(d.t - r0);
+            let n = keys(*self, r0, r, d.t);
+            if n == 0 {
+                continue;
+            }
+            probabilities(&mut p, x, (b, h), (r0, r, n), d, *self)?;
+            // dV[0..n] += P^T dY_blk.
+            gemm_into(&mut gv, 0, d.dv, (n, d.dv, r), View::new(&p, 0, 1, n), dy.rows(b, h, d.t, r0), true, none)?;
+            // dP = dY_blk V^T, then dS = s P (dP - D).
+            gemm_into(&mut ds, 0, n, (r, n, d.dv), dy.rows(b, h, d.t, r0), x.v.rows_t(b, h, d.t, 0), false, none)?;
+            for (ii, (dsr, pr)) in ds.chunks_mut(n).zip(p.chunks(n)).enumerate().take(r) {
+                let di = dot[r0 + ii];
+                dsr.iter_mut().zip(pr).for_each(|(g, &pv)| *g = self.scale * pv * (*g - di));
+            }
+            // dQ_blk = dS K, dK[0..n] += dS^T Q_blk.
+            gemm_into(&mut gq, r0 * d.dk, d.dk, (r, d.dk, n), View::new(&ds, 0, n, 1), x.k.rows(b, h, d.t, 0), false, none)?;
+            gemm_into(&mut gk, 0, d.dk, (n, d.dk, r), View::new(&ds, 0, 1, n), x.q.rows(b, h, d.t, r0), true, none)?;
+        }
+        Ok([gq, gk, gv])
+    }
+}
+
+/// Three inputs (B, T, H d_k), (B, T, H d_k), (B, T, H d_v), heads side by side.
+#[derive(Debug, Clone, Copy)]
+struct Separate(Attention);
+
+/// One input (B, T, 3C) = [Q | K | V] with C = H d, as a single projection gives it.
+#[derive(Debug, Clone, Copy)]
+struct Packed(Attention);
+
+
+/// The f32 data of several CPU tensors at once, without copying contiguous ones.
+fn with_slices<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> Result<R>) -> Result<R> {
+    let ts = ts.iter().map(|t| t.contiguous()).collect::<Result<Vec<_>>>()?;
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let slices = guards
+        .iter()
+        .map(|(s, l)| match &**s {
+            candle_core::Storage::Cpu(c) => f32s(c, l, "attention"),
+            _ => bail!("attention: the fused op runs on the CPU only"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    f(&slices)
+}
+
+impl Separate {
+    fn dims(&self, lq: &Layout, lk: &Layout, lv: &Layout) -> Result<Dims> {
+        let h = self.0.heads;
+        let (b, t, ck) = lq.shape().dims3()?;
+        let (bv, tv, cv) = lv.shape().dims3()?;
+        if lk.shape() != lq.shape() || (bv, tv) != (b, t) || h == 0 || ck % h != 0 || cv % h != 0 {
+            bail!("attention: q {:?}, k {:?}, v {:?} for {h} heads", lq.shape(), lk.shape(), lv.shape());
+        }
+        Ok(Dims { b, h, t, dk: ck / h, dv: cv / h })
+    }
+
+    fn operands<'a>(d: Dims, q: &'a [f32], k: &'a [f32], v: &'a [f32]) -> Qkv<'a> {
+        let (ck, cv) = (d.h * d.dk, d.h * d.dv);
+        Qkv { q: Operand::new(q, 0, ck, d.dk), k: Operand::new(k, 0, ck, d.dk), v: Operand::new(v, 0, cv, d.dv) }
+    }
+}
+
+impl CustomOp3 for Separate {
     fn name(&self) -> &'static str {
         "attention"
     }
@@ -118,24 +274,10 @@ impl CustomOp3 for Attention {
         sv: &CpuStorage,
         lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (d, out_dims) = dims(lq, lk, lv)?;
+        let d = self.dims(lq, lk, lv)?;
         let (q, k, v) = (f32s(sq, lq, "attention q")?, f32s(sk, lk, "attention k")?, f32s(sv, lv, "attention v")?);
-        let mut y = vec![0f32; d.bh * d.t * d.dv];
-        y.par_chunks_mut((d.t * d.dv).max(1)).enumerate().try_for_each(|(i, yb)| -> Result<()> {
-            let (qb, kb, vb) = (&q[i * d.t * d.dk..], &k[i * d.t * d.dk..], &v[i * d.t * d.dv..]);
-            let mut p = vec![0f32; ROWS * d.t];
-            for r0 in (0..d.t).step_by(ROWS) {
-                let r = ROWS.min(d.t - r0);
-                let n = keys(*self, r0, r, d.t);
-                if n == 0 {
-                    continue;
-                }
-                probabilities(&mut p, qb, kb, (r0, r, n), d, *self)?;
-                gemm_into(yb, r0 * d.dv, d.dv, (r, d.dv, n), View::new(&p, 0, n, 1), View::new(vb, 0, d.dv, 1), false, Parallelism::None)?;
-            }
-            Ok(())
-        })?;
-        Ok((CpuStorage::F32(y), Shape::from(out_dims)))
+        let y = self.0.forward(Self::operands(d, q, k, v), d)?;
+        Ok((CpuStorage::F32(y), Shape::from((d.b, d.t, d.h * d.dv))))
     }
 
     fn bwd(
@@ -146,78 +288,172 @@ impl CustomOp3 for Attention {
         y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (q, k, v, y, dy) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, y.contiguous()?, dy.contiguous()?);
-        let (b, h, t, dk) = q.dims4()?;
-        let dv = v.dim(3)?;
-        let d = Dims { bh: b * h, t, dk, dv };
-        let flat = |x: &Tensor| x.flatten_all()?.to_vec1::<f32>();
-        let (q, k, v, y, dy) = (flat(&q)?, flat(&k)?, flat(&v)?, flat(&y)?, flat(&dy)?);
-        // Per (batch, head): (dq, dk, dv) blocks.
-        let grads = (0..d.bh)
-            .into_par_iter()
-            .map(|i| self.backward_head(i, d, (&q, &k, &v, &y, &dy)))
-            .collect::<Result<Vec<_>>>()?;
-        let (mut gq, mut gk, mut gv) = (Vec::with_capacity(q.len()), Vec::with_capacity(k.len()), Vec::with_capacity(v.len()));
-        for (a, bb, c) in grads {
-            gq.extend(a);
-            gk.extend(bb);
-            gv.extend(c);
-        }
+        let d = self.dims(q.layout(), k.layout(), v.layout())?;
+        let (ck, cv) = (d.h * d.dk, d.h * d.dv);
+        let (mut gq, mut gk, mut gv) = (vec![0f32; d.b * d.t * ck], vec![0f32; d.b * d.t * ck], vec![0f32; d.b * d.t * cv]);
+        with_slices(&[q, k, v, y, dy], |s| {
+            let x = Self::operands(d, s[0], s[1], s[2]);
+            let (yo, go) = (Operand::new(s[3], 0, cv, d.dv), Operand::new(s[4], 0, cv, d.dv));
+            let rows = |c: usize| (d.t * c).max(1);
+            gq.par_chunks_mut(rows(ck))
+                .zip(gk.par_chunks_mut(rows(ck)))
+                .zip(gv.par_chunks_mut(rows(cv)))
+                .enumerate()
+                .try_for_each(|(b, ((cq, ckk), cvv))| -> Result<()> {
+                    for h in 0..d.h {
+                        let [a, bb, c] = self.0.backward_head(x, yo, go, (b, h), d)?;
+                        put(cq, h * d.dk, ck, &a, d.dk);
+                        put(ckk, h * d.dk, ck, &bb, d.dk);
+                        put(cvv, h * d.dv, cv, &c, d.dv);
+                    }
+                    Ok(())
+                })
+        })?;
         let dev = candle_core::Device::Cpu;
         Ok((
-            Some(Tensor::from_vec(gq, (b, h, t, dk), &dev)?),
-            Some(Tensor::from_vec(gk, (b, h, t, dk), &dev)?),
-            Some(Tensor::from_vec(gv, (b, h, t, dv), &dev)?),
+            Some(Tensor::from_vec(gq, (d.b, d.t, ck), &dev)?),
+            Some(Tensor::from_vec(gk, (d.b, d.t, ck), &dev)?),
+            Some(Tensor::from_vec(gv, (d.b, d.t, cv), &dev)?),
         ))
     }
 }
 
-type Slices<'a> = (&'a [f32], &'a [f32], &'a [f32], &'a [f32], &'a [f32]);
-
-impl Attention {
-    /// Gradients of one (batch, head), recomputing each block's probabilities.
-    fn backward_head(&self, i: usize, d: Dims, (q, k, v, y, dy): Slices) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-        let (qo, vo) = (i * d.t * d.dk, i * d.t * d.dv);
-        let (qb, kb, vb) = (&q[qo..qo + d.t * d.dk], &k[qo..qo + d.t * d.dk], &v[vo..vo + d.t * d.dv]);
-        let (yb, gb) = (&y[vo..vo + d.t * d.dv], &dy[vo..vo + d.t * d.dv]);
-        let (mut gq, mut gk, mut gv) = (vec![0f32; d.t * d.dk], vec![0f32; d.t * d.dk], vec![0f32; d.t * d.dv]);
-        // D_i = rowsum(dY . Y).
-        let dot: Vec<f32> =
-            gb.chunks(d.dv.max(1)).zip(yb.chunks(d.dv.max(1))).map(|(g, y)| g.iter().zip(y).map(|(a, b)| a * b).sum()).collect();
-        let (mut p, mut ds) = (vec![0f32; ROWS * d.t], vec![0f32; ROWS * d.t]);
-        for r0 in (0..d.t).step_by(ROWS) {
-            let r = ROWS.min(d.t - r0);
-            let n = keys(*self, r0, r, d.t);
-            if n == 0 {
-                continue;
-            }
-            probabilities(&mut p, qb, kb, (r0, r, n), d, *self)?;
-            let none = Parallelism::None;
-            // dV[0..n] += P^T dY_blk.
-            gemm_into(&mut gv, 0, d.dv, (n, d.dv, r), View::new(&p, 0, 1, n), View::new(gb, r0 * d.dv, d.dv, 1), true, none)?;
-            // dP = dY_blk V^T, then dS = s P (dP - D).
-            gemm_into(&mut ds, 0, n, (r, n, d.dv), View::new(gb, r0 * d.dv, d.dv, 1), View::new(vb, 0, 1, d.dv), false, none)?;
-            for (ii, (dsr, pr)) in ds.chunks_mut(n).zip(p.chunks(n)).enumerate().take(r) {
-                let di = dot[r0 + ii];
-                dsr.iter_mut().zip(pr).for_each(|(g, &pv)| *g = self.scale * pv * (*g - di));
-            }
-            // dQ_blk = dS K, dK[0..n] += dS^T Q_blk.
-            gemm_into(&mut gq, r0 * d.dk, d.dk, (r, d.dk, n), View::new(&ds, 0, n, 1), View::new(kb, 0, d.dk, 1), false, none)?;
-            gemm_into(&mut gk, 0, d.dk, (n, d.dk, r), View::new(&ds, 0, 1, n), View::new(qb, r0 * d.dk, d.dk, 1), true, none)?;
+impl Packed {
+    fn dims(&self, l: &Layout) -> Result<Dims> {
+        let h = self.0.heads;
+        let (b, t, c3) = l.shape().dims3()?;
+        if h == 0 || c3 % (3 * h) != 0 {
+            bail!("attention: packed q, k, v of shape {:?} for {h} heads (the last dimension must be 3 x heads x d)", l.shape());
         }
-        Ok((gq, gk, gv))
+        let d = c3 / (3 * h);
+        Ok(Dims { b, h, t, dk: d, dv: d })
     }
+
+    fn operands(d: Dims, qkv: &[f32]) -> Qkv<'_> {
+        let c = d.h * d.dk;
+        let op = |col| Operand::new(qkv, col, 3 * c, d.dk);
+        Qkv { q: op(0), k: op(c), v: op(2 * c) }
+    }
+}
+
+impl CustomOp1 for Packed {
+    fn name(&self) -> &'static str {
+        "attention_packed"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = self.dims(l)?;
+        let y = self.0.forward(Self::operands(d, f32s(s, l, "attention qkv")?), d)?;
+        Ok((CpuStorage::F32(y), Shape::from((d.b, d.t, d.h * d.dv))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let d = self.dims(qkv.layout())?;
+        let g = with_slices(&[qkv, y, dy], |s| self.gradient(d, s[0], s[1], s[2]))?;
+        Ok(Some(Tensor::from_vec(g, (d.b, d.t, 3 * d.h * d.dk), &candle_core::Device::Cpu)?))
+    }
+}
+
+impl Packed {
+    /// d qkv (B, T, 3C) from qkv, the output y and its gradient dy (B, T, C).
+    fn gradient(&self, d: Dims, qkv: &[f32], y: &[f32], dy: &[f32]) -> Result<Vec<f32>> {
+        let c = d.h * d.dk;
+        let mut g = vec![0f32; d.b * d.t * 3 * c];
+        let x = Self::operands(d, qkv);
+        let (yo, go) = (Operand::new(y, 0, c, d.dv), Operand::new(dy, 0, c, d.dv));
+        g.par_chunks_mut((d.t * 3 * c).max(1)).enumerate().try_for_each(|(b, gb)| -> Result<()> {
+            for h in 0..d.h {
+                let [a, bb, cc] = self.0.backward_head(x, yo, go, (b, h), d)?;
+                put(gb, h * d.dk, 3 * c, &a, d.dk);
+                put(gb, c + h * d.dk, 3 * c, &bb, d.dk);
+                put(gb, 2 * c + h * d.dv, 3 * c, &cc, d.dv);
+            }
+            Ok(())
+        })?;
+        Ok(g)
+    }
+}
+
+/// [`attention_packed`] on slices: qkv (B, T, 3C) -> y (B, T, C); `(b, t, c)` = (B, T, C).
+pub(crate) fn packed_forward(qkv: &[f32], (b, t, c): (usize, usize, usize), heads: usize, scale: f32, mask: AttnMask) -> Result<Vec<f32>> {
+    let op = Packed(Attention { scale, mask, heads });
+    let d = op.dims(&Layout::contiguous((b, t, 3 * c)))?;
+    if qkv.len() != b * t * 3 * c {
+        bail!("attention: {} values for q, k, v of ({b}, {t}, 3 x {c})", qkv.len());
+    }
+    op.0.forward(Packed::operands(d, qkv), d)
+}
+
+/// The gradient of [`packed_forward`]: d qkv from qkv, y and dy.
+pub(crate) fn packed_gradient(
+    qkv: &[f32],
+    y: &[f32],
+    dy: &[f32],
+    (b, t, c): (usize, usize, usize),
+    heads: usize,
+    scale: f32,
+    mask: AttnMask,
+) -> Result<Vec<f32>> {
+    let op = Packed(Attention { scale, mask, heads });
+    let d = op.dims(&Layout::contiguous((b, t, 3 * c)))?;
+    if qkv.len() != b * t * 3 * c || y.len() != b * t * c || dy.len() != y.len() {
+        bail!("attention: gradient of q, k, v of ({b}, {t}, 3 x {c}) with {} outputs", y.len());
+    }
+    op.gradient(d, qkv, y, dy)
+}
+
+fn cpu_f32(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
 /// softmax(s q k^T + M) v over (B, H, T, d) tensors under `mask`. Fused on CPU for f32; the
 /// composed candle ops elsewhere.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: AttnMask) -> Result<Tensor> {
-    let cpu_f32 = q.device().is_cpu() && [q, k, v].iter().all(|t| t.dtype() == DType::F32);
-    if cpu_f32 {
-        let op = Attention { scale: scale as f32, mask };
-        return q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op);
+    if cpu_f32(&[q, k, v]) {
+        // (B, H, T, d) is (B H, T, d) with one head.
+        let (b, h, t, dk) = q.dims4()?;
+        let dv = v.dim(3)?;
+        let flat = |x: &Tensor, d: usize| x.reshape((b * h, t, d));
+        let op = Separate(Attention { scale: scale as f32, mask, heads: 1 });
+        let y = flat(q, dk)?.contiguous()?.apply_op3(&flat(k, dk)?.contiguous()?, &flat(v, dv)?.contiguous()?, op)?;
+        return y.reshape((b, h, t, dv));
     }
     attention_composed(q, k, v, scale, mask)
+}
+
+/// (B, T, H d) -> (B, H, T, d).
+fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, t, c) = x.dims3()?;
+    x.reshape((b, t, heads, c / heads))?.transpose(1, 2)?.contiguous()
+}
+
+/// (B, H, T, d) -> (B, T, H d).
+fn merge_heads(y: &Tensor) -> Result<Tensor> {
+    let (b, h, t, d) = y.dims4()?;
+    y.transpose(1, 2)?.reshape((b, t, h * d))
+}
+
+/// Multi-head attention with heads side by side: q, k (B, T, H d_k), v (B, T, H d_v) ->
+/// (B, T, H d_v). On CPU the heads are strides of the products (no split or merge copies).
+pub fn attention_heads(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, mask: AttnMask) -> Result<Tensor> {
+    if cpu_f32(&[q, k, v]) {
+        let op = Separate(Attention { scale: scale as f32, mask, heads });
+        return q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op);
+    }
+    let y = attention_composed(&split_heads(q, heads)?, &split_heads(k, heads)?, &split_heads(v, heads)?, scale, mask)?;
+    merge_heads(&y)
+}
+
+/// Multi-head attention on one projection's output: qkv (B, T, 3C) = [Q | K | V], each of C =
+/// H d columns with heads side by side -> (B, T, C). Its gradient is one (B, T, 3C) tensor.
+pub fn attention_packed(qkv: &Tensor, heads: usize, scale: f64, mask: AttnMask) -> Result<Tensor> {
+    if cpu_f32(&[qkv]) {
+        let op = Packed(Attention { scale: scale as f32, mask, heads });
+        return qkv.contiguous()?.apply_op1(op);
+    }
+    let c = qkv.dim(2)? / 3;
+    let part = |i: usize| split_heads(&qkv.narrow(2, i * c, c)?, heads);
+    merge_heads(&attention_composed(&part(0)?, &part(1)?, &part(2)?, scale, mask)?)
 }
 
 /// The same with candle's ops (the reference of the tests; the path off CPU).
@@ -270,6 +506,52 @@ mod tests {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Heads side by side and packed [Q | K | V] against the composed ops on split heads, in
+    /// values and in every gradient (T below and above a block, d_k != d_v for side by side).
+    #[test]
+    fn heads_as_strides_equal_candle_ops_in_values_and_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let max_diff = |a: &Tensor, b: &Tensor| diff(a, b);
+        for (b, h, t, dk, dv) in [(2, 3, 5, 2, 3), (3, 2, 70, 4, 4), (1, 1, 9, 3, 2)] {
+            let scale = 1.0 / (dk as f64).sqrt();
+            let probe = Tensor::randn(0f32, 1.0, (b, t, h * dv), &dev)?;
+            for mask in [AttnMask::None, AttnMask::Causal, AttnMask::Strict] {
+                // Side by side.
+                let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, h * dk), &dev)?)?;
+                let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, h * dk), &dev)?)?;
+                let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, h * dv), &dev)?)?;
+                let fast = attention_heads(q.as_tensor(), k.as_tensor(), v.as_tensor(), h, scale, mask)?;
+                let split = |x: &Var| split_heads(x.as_tensor(), h);
+                let slow = merge_heads(&attention_composed(&split(&q)?, &split(&k)?, &split(&v)?, scale, mask)?)?;
+                assert!(max_diff(&fast, &slow)? < 1e-5, "{mask:?} {b}x{h}x{t}: values");
+                let gf = (&fast * &probe)?.sum_all()?.backward()?;
+                let gs = (&slow * &probe)?.sum_all()?.backward()?;
+                for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
+                    let dd = max_diff(gf.get(var).expect("grad"), gs.get(var).expect("grad"))?;
+                    assert!(dd < 1e-4, "{mask:?} {b}x{h}x{t}: d{name} differs by {dd}");
+                }
+                if dk != dv {
+                    continue;
+                }
+                // Packed.
+                let qkv = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, 3 * h * dk), &dev)?)?;
+                let fast = attention_packed(qkv.as_tensor(), h, scale, mask)?;
+                let c = h * dk;
+                let part = |i: usize| split_heads(&qkv.as_tensor().narrow(2, i * c, c)?, h);
+                let slow = merge_heads(&attention_composed(&part(0)?, &part(1)?, &part(2)?, scale, mask)?)?;
+                assert!(max_diff(&fast, &slow)? < 1e-5, "packed {mask:?} {b}x{h}x{t}: values");
+                let gf = (&fast * &probe)?.sum_all()?.backward()?;
+                let gs = (&slow * &probe)?.sum_all()?.backward()?;
+                let dd = max_diff(gf.get(&qkv).expect("grad"), gs.get(&qkv).expect("grad"))?;
+                assert!(dd < 1e-4, "packed {mask:?} {b}x{h}x{t}: dqkv differs by {dd}");
+            }
+        }
+        // Heads that do not divide the width are an error, not a panic.
+        let x = Tensor::zeros((1, 2, 9), DType::F32, &dev)?;
+        assert!(attention_packed(&x, 2, 1.0, AttnMask::Causal).is_err());
         Ok(())
     }
 

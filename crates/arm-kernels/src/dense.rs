@@ -65,6 +65,16 @@ struct Dense {
     /// ([`Padded`], PERF.md "Padded grids").
     padded: Option<Arc<Padded>>,
     slope: Option<f32>,
+    /// GELU instead of the LeakyReLU ([`dense_gelu`]).
+    gelu: Option<Arc<GeluInput>>,
+}
+
+/// The pre-activations of a [`dense_gelu`], kept by the forward for the backward when a
+/// gradient will be asked for (the GELU's derivative needs its input, not its output).
+#[derive(Debug, Default)]
+struct GeluInput {
+    keep: bool,
+    u: Mutex<Vec<f32>>,
 }
 
 const CHUNK: usize = 1 << 14;
@@ -76,7 +86,7 @@ impl Dense {
         // A cell mask belongs to the reading cell, so the reversed fold cannot carry it.
         let out_side = unfold.is_some_and(|u| u.mask.is_none()) && cout < cin;
         let padded = if out_side { None } else { unfold.and_then(Padded::plan).map(Arc::new) };
-        Dense { unfold: unfold.cloned(), out_side, padded, slope: leaky.map(|s| s as f32) }
+        Dense { unfold: unfold.cloned(), out_side, padded, slope: leaky.map(|s| s as f32), gelu: None }
     }
 
     /// (rows, C_in of the matmul) for an input of shape `dims`.
@@ -142,6 +152,14 @@ impl CustomOp3 for Dense {
         };
         let CpuStorage::F32(mut y) = y else { bail!("dense: matmul returned another dtype") };
         bias_act(&mut y, bias, self.slope);
+        if let Some(g) = &self.gelu {
+            let _p = crate::profile::scope("dense fwd gelu");
+            let g_y = crate::gelu::values(&y);
+            let u = std::mem::replace(&mut y, g_y);
+            if g.keep {
+                *g.u.lock().map_err(|_| candle_core::Error::Msg("dense: poisoned GELU cache".into()))? = u;
+            }
+        }
         let mut out = dims.to_vec();
         if let Some(last) = out.last_mut() {
             *last = cout;
@@ -162,9 +180,17 @@ impl CustomOp3 for Dense {
         let cout = w.dim(1)?;
         let dy = dy.contiguous()?.reshape((rows, cout))?;
         // Through the activation: its sign is the output's (slope > 0).
-        let dz = match self.slope {
-            Some(s) => dy.apply_op2_no_bwd(&res.contiguous()?.reshape((rows, cout))?, &LeakyGrad(s))?,
-            None => dy,
+        let dz = match (self.slope, &self.gelu) {
+            (Some(s), _) => dy.apply_op2_no_bwd(&res.contiguous()?.reshape((rows, cout))?, &LeakyGrad(s))?,
+            (None, Some(g)) => {
+                let u = g.u.lock().map_err(|_| candle_core::Error::Msg("dense: poisoned GELU cache".into()))?;
+                if u.len() != rows * cout {
+                    bail!("dense: the GELU's inputs were not kept for the backward");
+                }
+                let dz = with_f32(&dy, "gradient", |gv| Ok(crate::gelu::gradient(&u, gv)))?;
+                Tensor::from_vec(dz, (rows, cout), dy.device())?
+            }
+            (None, None) => dy,
         };
         let db = if b.track_op() { Some(dz.apply_op1_no_bwd(&ColumnSum)?) } else { None };
         if let Some(p) = &self.padded {
@@ -236,6 +262,20 @@ impl CustomOp3 for Dense {
         };
         Ok((dx, dw, db))
     }
+}
+
+/// GELU(x W + b) over the last dimension as one op (the Transformer's MLP): no separate
+/// GELU node, whose backward made candle zero-fill and add a gradient of the widest tensor of
+/// the block. x: (..., C_in), W: (C_in, C_out), b: (C_out,). CPU and f32; elsewhere composed.
+pub fn dense_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let fused = x.device().is_cpu() && [x.dtype(), w.dtype(), b.dtype()].iter().all(|&d| d == DType::F32);
+    if !fused {
+        return crate::gelu(&dense(x, w, b, None, None)?);
+    }
+    let keep = [x, w, b].iter().any(|t| t.track_op());
+    let mut op = Dense::new(None, x.dim(D::Minus1)?, w.dim(1)?, None);
+    op.gelu = Some(Arc::new(GeluInput { keep, u: Mutex::new(Vec::new()) }));
+    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, op)
 }
 
 /// y = unfold(x1) W1 + x2 W2 + b1 + b2 as one op (the gated PixelCNN's horizontal convolution
@@ -538,7 +578,7 @@ impl CustomOp1 for ColumnSum {
 }
 
 /// [`ColumnSum`] of a row-major (N, c) slice.
-fn column_sums(z: &[f32], c: usize) -> Vec<f32> {
+pub(crate) fn column_sums(z: &[f32], c: usize) -> Vec<f32> {
     let partials: Vec<Vec<f32>> = z
         .par_chunks(SUM_ROWS * c.max(1))
         .map(|block| {
@@ -709,6 +749,34 @@ mod tests {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// GELU inside the op against dense then the GELU op, in values and in the gradients of
+    /// x, W and b (twice: the kept pre-activations are read, not consumed); without gradients
+    /// nothing is kept and the values are the same.
+    #[test]
+    fn gelu_inside_equals_dense_then_gelu() -> Result<()> {
+        let dev = Device::Cpu;
+        for (rows, c, cout) in [(7, 3, 5), (40, 16, 64)] {
+            let x = Var::from_tensor(&Tensor::from_vec(vals(rows * c, 1), (1, rows, c), &dev)?.affine(3.0, 0.0)?)?;
+            let w = Var::from_tensor(&Tensor::from_vec(vals(c * cout, 2), (c, cout), &dev)?)?;
+            let b = Var::from_tensor(&Tensor::from_vec(vals(cout, 3), cout, &dev)?)?;
+            let probe = Tensor::from_vec(vals(rows * cout, 4), (1, rows, cout), &dev)?;
+            let fused = dense_gelu(x.as_tensor(), w.as_tensor(), b.as_tensor())?;
+            let plain = crate::gelu(&dense(x.as_tensor(), w.as_tensor(), b.as_tensor(), None, None)?)?;
+            assert!(max_diff(&fused, &plain)? < 1e-6, "{rows}x{c}->{cout}: values");
+            let gp = (&plain * &probe)?.sum_all()?.backward()?;
+            for pass in 0..2 {
+                let gf = (&fused * &probe)?.sum_all()?.backward()?;
+                for (v, name) in [(&x, "dx"), (&w, "dW"), (&b, "db")] {
+                    let d = max_diff(gf.get(v).expect("grad"), gp.get(v).expect("grad"))?;
+                    assert!(d < 1e-5, "{rows}x{c}->{cout} pass {pass}: {name} differs by {d}");
+                }
+            }
+            let detached = dense_gelu(&x.as_tensor().detach(), &w.as_tensor().detach(), &b.as_tensor().detach())?;
+            assert_eq!(max_diff(&detached, &fused)?, 0.0);
         }
         Ok(())
     }

@@ -51,16 +51,26 @@ fn gelu_grad_chunk(out: &mut [f32], x: &[f32], g: &[f32]) {
     }
 }
 
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma+bmi1+bmi2+lzcnt+popcnt",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.1"
+))]
+fn gelu_slope_chunk(out: &mut [f32], slope: &mut [f32], x: &[f32]) {
+    for ((y, d), &x) in out.iter_mut().zip(slope.iter_mut()).zip(x) {
+        let t = tanh32(S * (x + A * x * x * x));
+        *y = 0.5 * x * (1.0 + t);
+        *d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * S * (1.0 + 3.0 * A * x * x);
+    }
+}
+
 impl CustomOp1 for Gelu {
     fn name(&self) -> &'static str {
         "gelu"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32s(s, l, "gelu input")?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, xi)| gelu_chunk(o, xi));
-        Ok((CpuStorage::F32(out), l.shape().clone()))
+        Ok((CpuStorage::F32(values(f32s(s, l, "gelu input")?)), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -78,12 +88,34 @@ impl CustomOp2 for GeluGrad {
             candle_core::bail!("gelu_grad: gradient {:?} for input {:?}", l2.shape(), l1.shape());
         }
         let (x, g) = (f32s(s1, l1, "gelu_grad input")?, f32s(s2, l2, "gelu_grad gradient")?);
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-            .for_each(|(o, (xi, gi))| gelu_grad_chunk(o, xi, gi));
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((CpuStorage::F32(gradient(x, g)), l1.shape().clone()))
     }
+}
+
+/// gelu(x), element-wise in parallel chunks.
+pub(crate) fn values(x: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, xi)| gelu_chunk(o, xi));
+    out
+}
+
+/// (gelu(x), gelu'(x)), element-wise in parallel chunks: one tanh per element for both.
+pub(crate) fn values_and_slopes(x: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let (mut out, mut slope) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+    out.par_chunks_mut(CHUNK)
+        .zip(slope.par_chunks_mut(CHUNK))
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|((o, d), xi)| gelu_slope_chunk(o, d, xi));
+    (out, slope)
+}
+
+/// g gelu'(x), element-wise in parallel chunks.
+pub(crate) fn gradient(x: &[f32], g: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+        .for_each(|(o, (xi, gi))| gelu_grad_chunk(o, xi, gi));
+    out
 }
 
 /// GELU (tanh form), element-wise. Fused on CPU for f32; candle's `gelu` elsewhere.

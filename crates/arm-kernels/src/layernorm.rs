@@ -29,13 +29,50 @@ struct LayerNormGrad {
     eps: f32,
 }
 
+/// Lanes of the row reductions: sums kept per lane so that the loops vectorise (one running
+/// sum is a sequential dependency the compiler may not reorder).
+const L: usize = 16;
+
+/// sum_i f(x_i), in L lanes.
+#[inline(always)]
+fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; L];
+    let mut chunks = x.chunks_exact(L);
+    for c in &mut chunks {
+        acc.iter_mut().zip(c).for_each(|(a, &v)| *a += f(v));
+    }
+    chunks.remainder().iter().map(|&v| f(v)).sum::<f32>() + acc.iter().sum::<f32>()
+}
+
 /// Mean and 1 / sqrt(var + eps) of one row (biased variance).
 #[inline(always)]
 fn moments(x: &[f32], eps: f32) -> (f32, f32) {
     let n = x.len().max(1) as f32;
-    let mean = x.iter().sum::<f32>() / n;
-    let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let mean = lane_sum(x, |v| v) / n;
+    let var = lane_sum(x, |v| (v - mean) * (v - mean)) / n;
     (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// (sum_i dy_i g_i, sum_i dy_i g_i x^_i) of one row, x^_i = (x_i - mean) r, in L lanes.
+#[inline(always)]
+fn grad_sums(x: &[f32], dy: &[f32], gamma: &[f32], mean: f32, r: f32) -> (f32, f32) {
+    let (mut a, mut b) = ([0f32; L], [0f32; L]);
+    let (xc, dc, gc) = (x.chunks_exact(L), dy.chunks_exact(L), gamma.chunks_exact(L));
+    let tail = x.len() - xc.remainder().len();
+    for ((xs, ds), gs) in xc.zip(dc).zip(gc) {
+        for i in 0..L {
+            let dg = ds[i] * gs[i];
+            a[i] += dg;
+            b[i] += dg * (xs[i] - mean) * r;
+        }
+    }
+    let (mut sa, mut sb) = (a.iter().sum::<f32>(), b.iter().sum::<f32>());
+    for i in tail..x.len() {
+        let dg = dy[i] * gamma[i];
+        sa += dg;
+        sb += dg * (x[i] - mean) * r;
+    }
+    (sa, sb)
 }
 
 #[multiversion::multiversion(targets(
@@ -64,12 +101,7 @@ fn grad_rows(dx: &mut [f32], dgb: &mut [f32], x: &[f32], gamma: &[f32], dy: &[f3
     let (dgamma, dbeta) = dgb.split_at_mut(c);
     for ((dxr, xr), dyr) in dx.chunks_mut(c).zip(x.chunks(c)).zip(dy.chunks(c)) {
         let (mean, r) = moments(xr, eps);
-        let (mut m_gy, mut m_gyx) = (0f32, 0f32);
-        for ((&v, &d), &g) in xr.iter().zip(dyr).zip(gamma) {
-            let xh = (v - mean) * r;
-            m_gy += d * g;
-            m_gyx += d * g * xh;
-        }
+        let (m_gy, m_gyx) = grad_sums(xr, dyr, gamma, mean, r);
         let (m_gy, m_gyx) = (m_gy / c as f32, m_gyx / c as f32);
         for (((((o, &v), &d), &g), dg), db) in
             dxr.iter_mut().zip(xr).zip(dyr).zip(gamma).zip(dgamma.iter_mut()).zip(dbeta.iter_mut())
@@ -78,6 +110,35 @@ fn grad_rows(dx: &mut [f32], dgb: &mut [f32], x: &[f32], gamma: &[f32], dy: &[f3
             *o = r * (d * g - m_gy - xh * m_gyx);
             *dg += d * xh;
             *db += d;
+        }
+    }
+}
+
+/// The rows of x (row length = gamma's) normalised: x^ gamma + beta, in parallel blocks of rows.
+pub(crate) fn normalize(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> Vec<f32> {
+    let c = gamma.len().max(1);
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(ROWS * c).zip(x.par_chunks(ROWS * c)).for_each(|(o, xi)| norm_rows(o, xi, gamma, beta, eps));
+    out
+}
+
+/// dx of [`normalize`] into `dx`, and [dgamma | dbeta] into `dgb` (2C), from x and dy.
+pub(crate) fn gradient_into(dx: &mut [f32], dgb: &mut [f32], x: &[f32], gamma: &[f32], dy: &[f32], eps: f32) {
+    let c = gamma.len().max(1);
+    // Each task returns its rows' dgamma and dbeta; the partial sums are added in order.
+    let partials: Vec<Vec<f32>> = dx
+        .par_chunks_mut(ROWS * c)
+        .zip(x.par_chunks(ROWS * c).zip(dy.par_chunks(ROWS * c)))
+        .map(|(o, (xi, di))| {
+            let mut part = vec![0f32; 2 * c];
+            grad_rows(o, &mut part, xi, gamma, di, eps);
+            part
+        })
+        .collect();
+    dgb.fill(0.0);
+    for part in partials {
+        for (acc, v) in dgb.iter_mut().zip(part) {
+            *acc += v;
         }
     }
 }
@@ -102,11 +163,7 @@ impl CustomOp3 for LayerNorm {
         if c == 0 || beta.len() != c || x.len() % c != 0 {
             bail!("layer_norm: x {:?}, gamma {:?}, beta {:?}", l1.shape(), l2.shape(), l3.shape());
         }
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(ROWS * c)
-            .zip(x.par_chunks(ROWS * c))
-            .for_each(|(o, xi)| norm_rows(o, xi, gamma, beta, self.eps));
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((CpuStorage::F32(normalize(x, gamma, beta, self.eps)), l1.shape().clone()))
     }
 
     fn bwd(
@@ -157,21 +214,7 @@ impl CustomOp3 for LayerNormGrad {
         let n = x.len();
         let mut out = vec![0f32; n + 2 * c];
         let (dx, dgb) = out.split_at_mut(n);
-        // Each task returns its rows' dgamma and dbeta; the partial sums are added in order.
-        let partials: Vec<Vec<f32>> = dx
-            .par_chunks_mut(ROWS * c)
-            .zip(x.par_chunks(ROWS * c).zip(dy.par_chunks(ROWS * c)))
-            .map(|(o, (xi, di))| {
-                let mut part = vec![0f32; 2 * c];
-                grad_rows(o, &mut part, xi, gamma, di, self.eps);
-                part
-            })
-            .collect();
-        for part in partials {
-            for (acc, v) in dgb.iter_mut().zip(part) {
-                *acc += v;
-            }
-        }
+        gradient_into(dx, dgb, x, gamma, dy, self.eps);
         Ok((CpuStorage::F32(out), Shape::from(n + 2 * c)))
     }
 }

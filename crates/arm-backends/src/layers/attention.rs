@@ -13,13 +13,13 @@
 //! backward ([`arm_kernels::attention`]). Left out: attention dropout (the plugins drop the
 //! layer's output instead) and relative position terms.
 
-use arm_kernels::{attention, softmax_last_dim, AttnMask};
+use arm_kernels::{attention_heads, attention_packed, softmax_last_dim, AttnMask, PreNormWeights, Sublayer};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use arm_core::Result;
 
-use super::{linear, Linear};
+use super::{linear, LayerNorm, Linear};
 
 #[derive(Debug, Clone)]
 pub struct CausalSelfAttention {
@@ -137,13 +137,22 @@ impl CausalSelfAttention {
     }
 
     /// x (B, T, C) -> (B, T, C); output row i depends on input rows <= i. The attention is
-    /// the fused op of `arm-kernels` (blocks of query rows, so the (B, H, T, T) scores never
-    /// exist whole, in training or evaluation).
+    /// the fused op of `arm-kernels` on the projection's output as it is (heads are strides,
+    /// not copies; blocks of query rows, so the (B, H, T, T) scores never exist whole).
     pub fn forward(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
-        let (q, k, v) = self.split(&self.qkv.forward(x)?)?; // (B, H, T, d_k) each
         let mask = if self.causal { AttnMask::Causal } else { AttnMask::None };
-        let y = attention(&q, &k, &v, self.scale(), mask)?; // (B, H, T, d_k)
-        self.proj.forward(&self.merge(&y)?) // (B, T, C)
+        let y = attention_packed(&self.qkv.forward(x)?, self.heads, self.scale(), mask)?; // (B, T, C)
+        self.proj.forward(&y) // (B, T, C)
+    }
+
+    /// h + drop . forward(LN(h)) for h (B, T, C): a pre-norm residual sublayer as one op
+    /// (`drop`: the dropout mask of h's shape, scaled).
+    pub fn prenorm_residual(&self, h: &Tensor, ln: &LayerNorm, drop: Option<&Tensor>) -> Result<Tensor> {
+        let (gamma, beta) = ln.params();
+        let (qkv, proj) = (&self.qkv, &self.proj);
+        let w = PreNormWeights { gamma, beta, w1: &qkv.w, b1: &qkv.b, w2: &proj.w, b2: &proj.b };
+        let mask = if self.causal { AttnMask::Causal } else { AttnMask::None };
+        arm_kernels::prenorm_residual(h, w, Sublayer::Attention { heads: self.heads, scale: self.scale(), mask }, ln.eps(), drop)
     }
 
     /// One new position: x (B, C) -> (B, C), attending over the cache and itself; appends the
@@ -174,13 +183,9 @@ impl CausalSelfAttention {
 /// query must not see its own position). q, k: (B, N, H d_k), v: (B, N, H d_v) ->
 /// (B, N, H d_v); row 0 has no keys and is zero. `strict = false` (tests only) lets i see i.
 pub fn strict_causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, strict: bool) -> Result<Tensor> {
-    let (b, n, ck) = q.dims3()?;
-    let cv = v.dim(2)?;
-    let (dk, dv) = (ck / heads, cv / heads);
-    let split = |t: &Tensor, d: usize| t.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous();
+    let ck = q.dim(2)?;
     let mask = if strict { AttnMask::Strict } else { AttnMask::Causal };
-    let y = attention(&split(q, dk)?, &split(k, dk)?, &split(v, dv)?, 1.0 / (dk as f64).sqrt(), mask)?; // (B, H, N, d_v)
-    y.transpose(1, 2)?.reshape((b, n, cv))
+    attention_heads(q, k, v, heads, 1.0 / ((ck / heads) as f64).sqrt(), mask) // (B, N, H d_v)
 }
 
 /// One query of [`strict_causal_attention`]: q (B, H d_k) against the earlier positions' keys

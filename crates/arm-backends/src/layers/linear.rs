@@ -41,6 +41,11 @@ impl Linear {
         arm_kernels::dense(x, &self.w, &self.b, None, Some(slope))
     }
 
+    /// GELU(x W + b), one op.
+    pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        arm_kernels::dense_gelu(x, &self.w, &self.b)
+    }
+
     /// gate(a) W + b with gate(a) = tanh(a[.., :C]) * sigmoid(a[.., C:]) (a has 2C channels),
     /// the gate running inside this layer's op.
     pub fn forward_gated(&self, a: &Tensor) -> Result<Tensor> {

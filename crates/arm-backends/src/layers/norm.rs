@@ -33,6 +33,15 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         arm_kernels::layer_norm(x, &self.gamma, &self.beta, EPS)
     }
+
+    /// (gamma, beta), for ops that normalise inside.
+    pub(crate) fn params(&self) -> (&Tensor, &Tensor) {
+        (&self.gamma, &self.beta)
+    }
+
+    pub(crate) fn eps(&self) -> f64 {
+        EPS
+    }
 }
 
 #[cfg(test)]

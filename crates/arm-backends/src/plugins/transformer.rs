@@ -15,11 +15,14 @@
 //! which are the pixel's row and column in raster order). Dropout (training only) on the
 //! embeddings and on each block's attention and MLP outputs before the residual sum.
 //!
+//! In training and evaluation each residual sublayer (LN, the products, attention or GELU,
+//! dropout and the sum) is one op, `arm_kernels::prenorm_residual`.
 //! The cached stepper keeps each layer's keys and values ([`KvCache`]): pixel d computes its
 //! q, k, v only and attends over the d + 1 cached positions, O(d) per pixel.
 //! Left out: attention dropout, ImageGPT's colour palette and the Image Transformer's local
 //! 2D attention blocks (every position attends to the whole past here).
 
+use arm_kernels::{PreNormWeights, Sublayer};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
@@ -27,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use arm_core::{Conditional, Stepper};
 
 use crate::layers::{
-    causal_self_attention, gelu, layer_norm, linear, CausalSelfAttention, Dropout, KvCache, LayerNorm, Linear,
+    causal_self_attention, layer_norm, linear, CausalSelfAttention, Dropout, KvCache, LayerNorm, Linear,
 };
 use crate::registry::{invalid, BuildCtx, PluginConfig, PluginError};
 
@@ -172,9 +175,17 @@ fn block(width: usize, heads: usize, ratio: usize, vb: VarBuilder) -> Result<Blo
 }
 
 impl Block {
-    /// W2 GELU(W1 h + b1) + b2, (..., C) -> (..., C).
+    /// W2 GELU(W1 h + b1) + b2, (..., C) -> (..., C); the GELU inside the first layer's op.
     fn mlp(&self, h: &Tensor) -> Result<Tensor> {
-        self.proj.forward(&gelu(&self.fc.forward(h)?)?)
+        self.proj.forward(&self.fc.forward_gelu(h)?)
+    }
+
+    /// h + drop . mlp(LN2(h)) for h (B, T, C), one op.
+    fn mlp_residual(&self, h: &Tensor, drop: Option<&Tensor>) -> Result<Tensor> {
+        let (gamma, beta) = self.ln2.params();
+        let (fc, proj) = (&self.fc, &self.proj);
+        let w = PreNormWeights { gamma, beta, w1: &fc.w, b1: &fc.b, w2: &proj.w, b2: &proj.b };
+        arm_kernels::prenorm_residual(h, w, Sublayer::Mlp, self.ln2.eps(), drop)
     }
 }
 
@@ -253,11 +264,12 @@ impl Conditional for Transformer {
         let c = self.tokens.dim(1)?;
         let e = self.embed(&ids.flatten_all()?)?.reshape((b, d, c))?; // (B, D, C)
         let mut h = self.dropout.forward_t(&e.broadcast_add(&self.positions.all(d)?)?, train)?; // (B, D, C)
+        // Each residual sublayer is one op (arm_kernels::prenorm_residual); the dropout masks
+        // are drawn in the same order as by dropping each sublayer's output.
+        let drop = |h: &Tensor| self.dropout.active(train).then(|| self.dropout.mask(h.shape(), h.device())).transpose();
         for blk in &self.blocks {
-            let a = blk.attn.forward(&blk.ln1.forward(&h)?, train)?; // (B, D, C)
-            h = (h + self.dropout.forward_t(&a, train)?)?;
-            let m = blk.mlp(&blk.ln2.forward(&h)?)?; // (B, D, C)
-            h = (h + self.dropout.forward_t(&m, train)?)?;
+            h = blk.attn.prenorm_residual(&h, &blk.ln1, drop(&h)?.as_ref())?; // a^l = h + Attn(LN(h))
+            h = blk.mlp_residual(&h, drop(&h)?.as_ref())?; // h^l = a^l + MLP(LN(a^l))
         }
         self.head(&h) // (B, D, P)
     }
