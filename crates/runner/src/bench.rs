@@ -136,6 +136,7 @@ pub fn default_cases() -> Vec<Case> {
         case("pixelcnnpp 64f x2 2 levels", "digits", "pixelcnnpp", &[]),
         case("pixelcnnpp 128f x2 2 levels", "digits", "pixelcnnpp", &[("nr_filters", toml::Value::Integer(128))]),
         case("pixelsnail 64f 2 blocks 2 heads", "digits", "pixelsnail", &[]),
+        case("pixelsnail 64f 2 blocks 28x28 binary", "mnist10k-binary", "pixelsnail", &[]),
         case("fvsbn", "digits", "fvsbn", &[]),
         case("nade 500 hidden", "digits", "nade", &[]),
         case("made 500 hidden", "digits", "made", &[]),
