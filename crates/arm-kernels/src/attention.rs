@@ -152,6 +152,14 @@ fn keys(a: Attention, r0: usize, r: usize, t: usize) -> usize {
     a.mask.limit(r0 + r - 1, t).min(t)
 }
 
+/// The blocks (r0, r rows, n keys) of a T-row sequence that see at least one key.
+fn blocks(a: Attention, t: usize) -> impl Iterator<Item = (usize, usize, usize)> {
+    (0..t).step_by(ROWS).map(move |r0| {
+        let r = ROWS.min(t - r0);
+        (r0, r, keys(a, r0, r, t))
+    }).filter(|&(_, _, n)| n > 0)
+}
+
 /// Copies a (t x width) block into the columns col.. of rows of `ld` values.
 fn put(dst: &mut [f32], col: usize, ld: usize, src: &[f32], width: usize) {
     for (row, s) in dst.chunks_mut(ld).zip(src.chunks(width.max(1))) {
@@ -167,12 +175,7 @@ impl Attention {
         y.par_chunks_mut((d.t * ldy).max(1)).enumerate().try_for_each(|(b, yb)| -> Result<()> {
             let mut p = vec![0f32; ROWS * d.t];
             for h in 0..d.h {
-                for r0 in (0..d.t).step_by(ROWS) {
-                    let r = ROWS.min(d.t - r0);
-                    let n = keys(*self, r0, r, d.t);
-                    if n == 0 {
-                        continue;
-                    }
+                for (r0, r, n) in blocks(*self, d.t) {
                     probabilities(&mut p, x, (b, h), (r0, r, n), d, *self)?;
                     let pv = (View::new(&p, 0, n, 1), x.v.rows(b, h, d.t, 0));
                     gemm_into(yb, r0 * ldy + h * d.dv, ldy, (r, d.dv, n), pv.0, pv.1, false, Parallelism::None)?;
@@ -197,12 +200,7 @@ impl Attention {
             .collect();
         let (mut p, mut ds) = (vec![0f32; ROWS * d.t], vec![0f32; ROWS * d.t]);
         let none = Parallelism::None;
-        for r0 in (0..d.t).step_by(ROWS) {
-            let r = ROWS.min(d.t - r0);
-            let n = keys(*self, r0, r, d.t);
-            if n == 0 {
-                continue;
-            }
+        for (r0, r, n) in blocks(*self, d.t) {
             probabilities(&mut p, x, (b, h), (r0, r, n), d, *self)?;
             // dV[0..n] += P^T dY_blk.
             gemm_into(&mut gv, 0, d.dv, (n, d.dv, r), View::new(&p, 0, 1, n), dy.rows(b, h, d.t, r0), true, none)?;
