@@ -18,7 +18,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::fastmath::exp as exp32;
-use crate::gemm::{f32s, gemm_into, View};
+use crate::gemm::{f32s, gemm_into, with_slices, View};
 use crate::Result;
 
 /// Query rows per block.
@@ -154,10 +154,13 @@ fn keys(a: Attention, r0: usize, r: usize, t: usize) -> usize {
 
 /// The blocks (r0, r rows, n keys) of a T-row sequence that see at least one key.
 fn blocks(a: Attention, t: usize) -> impl Iterator<Item = (usize, usize, usize)> {
-    (0..t).step_by(ROWS).map(move |r0| {
-        let r = ROWS.min(t - r0);
-        (r0, r, keys(a, r0, r, t))
-    }).filter(|&(_, _, n)| n > 0)
+    (0..t)
+        .step_by(ROWS)
+        .map(move |r0| {
+            let r = ROWS.min(t - r0);
+            (r0, r, keys(a, r0, r, t))
+        })
+        .filter(|&(_, _, n)| n > 0)
 }
 
 /// Copies a (t x width) block into the columns col.. of rows of `ld` values.
@@ -227,20 +230,6 @@ struct Separate(Attention);
 struct Packed(Attention);
 
 
-/// The f32 data of several CPU tensors at once, without copying contiguous ones.
-fn with_slices<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> Result<R>) -> Result<R> {
-    let ts = ts.iter().map(|t| t.contiguous()).collect::<Result<Vec<_>>>()?;
-    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
-    let slices = guards
-        .iter()
-        .map(|(s, l)| match &**s {
-            candle_core::Storage::Cpu(c) => f32s(c, l, "attention"),
-            _ => bail!("attention: the fused op runs on the CPU only"),
-        })
-        .collect::<Result<Vec<_>>>()?;
-    f(&slices)
-}
-
 impl Separate {
     fn dims(&self, lq: &Layout, lk: &Layout, lv: &Layout) -> Result<Dims> {
         let h = self.0.heads;
@@ -289,7 +278,7 @@ impl CustomOp3 for Separate {
         let d = self.dims(q.layout(), k.layout(), v.layout())?;
         let (ck, cv) = (d.h * d.dk, d.h * d.dv);
         let (mut gq, mut gk, mut gv) = (vec![0f32; d.b * d.t * ck], vec![0f32; d.b * d.t * ck], vec![0f32; d.b * d.t * cv]);
-        with_slices(&[q, k, v, y, dy], |s| {
+        with_slices(&[q, k, v, y, dy], "attention", |s| {
             let x = Self::operands(d, s[0], s[1], s[2]);
             let (yo, go) = (Operand::new(s[3], 0, cv, d.dv), Operand::new(s[4], 0, cv, d.dv));
             let rows = |c: usize| (d.t * c).max(1);
@@ -347,7 +336,7 @@ impl CustomOp1 for Packed {
 
     fn bwd(&self, qkv: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         let d = self.dims(qkv.layout())?;
-        let g = with_slices(&[qkv, y, dy], |s| self.gradient(d, s[0], s[1], s[2]))?;
+        let g = with_slices(&[qkv, y, dy], "attention", |s| self.gradient(d, s[0], s[1], s[2]))?;
         Ok(Some(Tensor::from_vec(g, (d.b, d.t, 3 * d.h * d.dk), &candle_core::Device::Cpu)?))
     }
 }

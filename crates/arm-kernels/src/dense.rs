@@ -66,15 +66,16 @@ struct Dense {
     padded: Option<Arc<Padded>>,
     slope: Option<f32>,
     /// GELU instead of the LeakyReLU ([`dense_gelu`]).
-    gelu: Option<Arc<GeluInput>>,
+    gelu: Option<Arc<GeluSlopes>>,
 }
 
-/// The pre-activations of a [`dense_gelu`], kept by the forward for the backward when a
-/// gradient will be asked for (the GELU's derivative needs its input, not its output).
+/// gelu'(u) at the pre-activations of a [`dense_gelu`], kept by the forward for the backward
+/// when a gradient will be asked for (the derivative needs the input, not the output; keeping
+/// it saves the backward a tanh per element).
 #[derive(Debug, Default)]
-struct GeluInput {
+struct GeluSlopes {
     keep: bool,
-    u: Mutex<Vec<f32>>,
+    slopes: Mutex<Vec<f32>>,
 }
 
 const CHUNK: usize = 1 << 14;
@@ -154,10 +155,12 @@ impl CustomOp3 for Dense {
         bias_act(&mut y, bias, self.slope);
         if let Some(g) = &self.gelu {
             let _p = crate::profile::scope("dense fwd gelu");
-            let g_y = crate::gelu::values(&y);
-            let u = std::mem::replace(&mut y, g_y);
             if g.keep {
-                *g.u.lock().map_err(|_| candle_core::Error::Msg("dense: poisoned GELU cache".into()))? = u;
+                let (values, slopes) = crate::gelu::values_and_slopes(&y);
+                y = values;
+                *g.slopes.lock().map_err(|_| candle_core::Error::Msg("dense: poisoned GELU cache".into()))? = slopes;
+            } else {
+                y = crate::gelu::values(&y);
             }
         }
         let mut out = dims.to_vec();
@@ -183,11 +186,11 @@ impl CustomOp3 for Dense {
         let dz = match (self.slope, &self.gelu) {
             (Some(s), _) => dy.apply_op2_no_bwd(&res.contiguous()?.reshape((rows, cout))?, &LeakyGrad(s))?,
             (None, Some(g)) => {
-                let u = g.u.lock().map_err(|_| candle_core::Error::Msg("dense: poisoned GELU cache".into()))?;
-                if u.len() != rows * cout {
-                    bail!("dense: the GELU's inputs were not kept for the backward");
+                let slopes = g.slopes.lock().map_err(|_| candle_core::Error::Msg("dense: poisoned GELU cache".into()))?;
+                if slopes.len() != rows * cout {
+                    bail!("dense: the GELU's slopes were not kept for the backward");
                 }
-                let dz = with_f32(&dy, "gradient", |gv| Ok(crate::gelu::gradient(&u, gv)))?;
+                let dz = with_f32(&dy, "gradient", |gv| Ok(gv.iter().zip(slopes.iter()).map(|(g, k)| g * k).collect()))?;
                 Tensor::from_vec(dz, (rows, cout), dy.device())?
             }
             (None, None) => dy,
@@ -274,7 +277,7 @@ pub fn dense_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
     let keep = [x, w, b].iter().any(|t| t.track_op());
     let mut op = Dense::new(None, x.dim(D::Minus1)?, w.dim(1)?, None);
-    op.gelu = Some(Arc::new(GeluInput { keep, u: Mutex::new(Vec::new()) }));
+    op.gelu = Some(Arc::new(GeluSlopes { keep, slopes: Mutex::new(Vec::new()) }));
     x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, op)
 }
 

@@ -110,7 +110,7 @@ pub(crate) fn values_and_slopes(x: &[f32]) -> (Vec<f32>, Vec<f32>) {
 }
 
 /// g gelu'(x), element-wise in parallel chunks.
-pub(crate) fn gradient(x: &[f32], g: &[f32]) -> Vec<f32> {
+fn gradient(x: &[f32], g: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))

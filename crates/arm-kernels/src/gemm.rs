@@ -187,10 +187,21 @@ pub(crate) use crate::cpu_f32 as f32s;
 
 /// Runs `f` on the f32 data of a contiguous CPU tensor.
 pub(crate) fn with_f32<T>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
-    let t = t.contiguous()?;
-    let (s, l) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*s else { bail!("{what} must be on the CPU") };
-    f(f32s(cpu, l, what)?)
+    with_slices(&[t], what, |s| f(s[0]))
+}
+
+/// The f32 data of several CPU tensors at once, without copying contiguous ones.
+pub(crate) fn with_slices<R>(ts: &[&Tensor], what: &str, f: impl FnOnce(&[&[f32]]) -> Result<R>) -> Result<R> {
+    let ts = ts.iter().map(|t| t.contiguous()).collect::<Result<Vec<_>>>()?;
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let slices = guards
+        .iter()
+        .map(|(s, l)| match &**s {
+            Storage::Cpu(c) => f32s(c, l, what),
+            _ => bail!("{what} must be on the CPU"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    f(&slices)
 }
 
 #[cfg(test)]

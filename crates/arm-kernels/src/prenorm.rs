@@ -25,7 +25,7 @@ use rayon::prelude::*;
 
 use crate::attention::{packed_forward, packed_gradient};
 use crate::dense::{bias_act, column_sums};
-use crate::gemm::{f32s, gemm_into, parallelism, weight_grad, with_f32, View};
+use crate::gemm::{f32s, gemm_into, parallelism, weight_grad, with_slices, View};
 use crate::{AttnMask, Result};
 
 /// What sits between the two products.
@@ -151,10 +151,12 @@ impl CustomOp3 for PreNorm {
                 let a = packed_forward(&u, (s.b, s.t, s.c), heads, scale as f32, mask)?;
                 (u, a)
             }
-            Sublayer::Mlp => {
+            // The slopes only when a backward will read them.
+            Sublayer::Mlp if self.keep => {
                 let (g, slopes) = crate::gelu::values_and_slopes(&u);
                 (slopes, g)
             }
+            Sublayer::Mlp => (Vec::new(), crate::gelu::values(&u)),
         };
         let mut y = product(&act, w2, (s.n, s.f2, s.c), false)?;
         bias_act(&mut y, b2, None);
@@ -183,13 +185,8 @@ impl CustomOp3 for PreNorm {
         if saved.z.len() != s.n * s.c {
             bail!("prenorm: the forward's activations were not kept for the backward");
         }
-        let (dh, dp1, dp2) = with_f32(h, "prenorm: h", |h| {
-            with_f32(p1, "prenorm: weights", |p1| {
-                with_f32(p2, "prenorm: weights", |p2| {
-                    with_f32(dy, "prenorm: gradient", |dy| self.backward(s, &saved, h, (p1, p2), dy))
-                })
-            })
-        })?;
+        let (dh, dp1, dp2) =
+            with_slices(&[h, p1, p2, dy], "prenorm", |v| self.backward(s, &saved, v[0], (v[1], v[2]), v[3]))?;
         let dev = h.device();
         Ok((
             Some(Tensor::from_vec(dh, h.shape(), dev)?),

@@ -117,6 +117,14 @@ impl CausalSelfAttention {
         self.width / self.heads
     }
 
+    fn mask(&self) -> AttnMask {
+        if self.causal {
+            AttnMask::Causal
+        } else {
+            AttnMask::None
+        }
+    }
+
     /// 1 / sqrt(d_k).
     fn scale(&self) -> f64 {
         1.0 / (self.head_dim() as f64).sqrt()
@@ -140,8 +148,7 @@ impl CausalSelfAttention {
     /// the fused op of `arm-kernels` on the projection's output as it is (heads are strides,
     /// not copies; blocks of query rows, so the (B, H, T, T) scores never exist whole).
     pub fn forward(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
-        let mask = if self.causal { AttnMask::Causal } else { AttnMask::None };
-        let y = attention_packed(&self.qkv.forward(x)?, self.heads, self.scale(), mask)?; // (B, T, C)
+        let y = attention_packed(&self.qkv.forward(x)?, self.heads, self.scale(), self.mask())?; // (B, T, C)
         self.proj.forward(&y) // (B, T, C)
     }
 
@@ -151,8 +158,8 @@ impl CausalSelfAttention {
         let (gamma, beta) = ln.params();
         let (qkv, proj) = (&self.qkv, &self.proj);
         let w = PreNormWeights { gamma, beta, w1: &qkv.w, b1: &qkv.b, w2: &proj.w, b2: &proj.b };
-        let mask = if self.causal { AttnMask::Causal } else { AttnMask::None };
-        arm_kernels::prenorm_residual(h, w, Sublayer::Attention { heads: self.heads, scale: self.scale(), mask }, ln.eps(), drop)
+        let kind = Sublayer::Attention { heads: self.heads, scale: self.scale(), mask: self.mask() };
+        arm_kernels::prenorm_residual(h, w, kind, ln.eps(), drop)
     }
 
     /// One new position: x (B, C) -> (B, C), attending over the cache and itself; appends the
