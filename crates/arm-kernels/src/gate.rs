@@ -22,7 +22,7 @@ struct Gate;
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct GateGrad;
 
-use crate::fastmath::{sigmoid as sigmoid32, tanh as tanh32};
+use crate::fastmath::{gate as gate32, gate_parts};
 
 /// (rows, 2C) of an input of shape `dims` (..., 2C).
 fn rows_c2(dims: &[usize]) -> Result<(usize, usize)> {
@@ -44,7 +44,7 @@ fn gate_rows(out: &mut [f32], a: &[f32], c: usize) {
     for (orow, arow) in out.chunks_mut(c.max(1)).zip(a.chunks(2 * c.max(1))) {
         let (f, g) = arow.split_at(c);
         for ((y, &ff), &gg) in orow.iter_mut().zip(f).zip(g) {
-            *y = tanh32(ff) * sigmoid32(gg);
+            *y = gate32(ff, gg);
         }
     }
 }
@@ -62,7 +62,7 @@ fn gate_grad_rows(out: &mut [f32], a: &[f32], grad: &[f32], c: usize) {
         let (f, gt) = arow.split_at(c);
         // Zipped iterators (no index bounds checks), so the loop vectorises.
         for ((df, dg), ((&f, &gt), &gr)) in df.iter_mut().zip(dg.iter_mut()).zip(f.iter().zip(gt).zip(grow)) {
-            let (t, sg) = (tanh32(f), sigmoid32(gt));
+            let (t, sg) = gate_parts(f, gt);
             *df = gr * sg * (1.0 - t * t);
             *dg = gr * t * sg * (1.0 - sg);
         }
@@ -102,24 +102,40 @@ impl CustomOp2 for GateGrad {
             bail!("gate_grad: gradient {:?} for input {:?}", l2.shape(), l1.shape());
         }
         let (a, g) = (f32s(s1, l1, "gate_grad input")?, f32s(s2, l2, "gate_grad input")?);
-        let mut out = vec![0f32; n * c2];
-        let rows_per_chunk = (CHUNK / c2.max(1)).max(1);
-        out.par_chunks_mut(rows_per_chunk * c2.max(1))
-            .zip(a.par_chunks(rows_per_chunk * c2.max(1)).zip(g.par_chunks(rows_per_chunk * c.max(1))))
-            .for_each(|(o, (ai, gi))| gate_grad_rows(o, ai, gi, c));
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((CpuStorage::F32(gate_grad_cpu(a, g, c)), l1.shape().clone()))
     }
+}
+
+/// d/da of the gate for a contiguous (rows, 2C) input `a` and output gradient `g` (rows, C).
+pub(crate) fn gate_grad_cpu(a: &[f32], g: &[f32], c: usize) -> Vec<f32> {
+    let mut out = vec![0f32; a.len()];
+    gate_grad_into(&mut out, a, g, c);
+    out
+}
+
+/// [`gate_grad_cpu`] into `out`, of a's length.
+pub(crate) fn gate_grad_into(out: &mut [f32], a: &[f32], g: &[f32], c: usize) {
+    let c2 = 2 * c;
+    let rows_per_chunk = (CHUNK / c2.max(1)).max(1);
+    out.par_chunks_mut(rows_per_chunk * c2.max(1))
+        .zip(a.par_chunks(rows_per_chunk * c2.max(1)).zip(g.par_chunks(rows_per_chunk * c.max(1))))
+        .for_each(|(o, (ai, gi))| gate_grad_rows(o, ai, gi, c));
 }
 
 /// tanh(a[:, :C]) sigmoid(a[:, C:]) of a contiguous (rows, 2C) slice, in parallel.
 pub(crate) fn gate_cpu(a: &[f32], c: usize) -> Vec<f32> {
+    let mut out = vec![0f32; a.len() / (2 * c).max(1) * c];
+    gate_into(&mut out, a, c);
+    out
+}
+
+/// [`gate_cpu`] into `out`, of half a's length.
+pub(crate) fn gate_into(out: &mut [f32], a: &[f32], c: usize) {
     let c2 = 2 * c;
-    let mut out = vec![0f32; a.len() / c2.max(1) * c];
     let rows_per_chunk = (CHUNK / c2.max(1)).max(1);
     out.par_chunks_mut(rows_per_chunk * c.max(1))
         .zip(a.par_chunks(rows_per_chunk * c2.max(1)))
         .for_each(|(o, ai)| gate_rows(o, ai, c));
-    out
 }
 
 /// The gated unit over the last dimension: (..., 2C) -> (..., C). Fused on CPU for f32.

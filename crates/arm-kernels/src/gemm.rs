@@ -108,7 +108,12 @@ pub(crate) fn gemm_long_k(
     (m, n, k): (usize, usize, usize),
     prods: &[(usize, View, View)],
 ) -> Result<()> {
-    let parts = (2 * candle_core::utils::get_num_threads()).clamp(1, k.max(1).div_ceil(256));
+    // On a pool of one thread (`threads::on_own_threads`) blocks would only run in turn.
+    let parts = if crate::threads::single() {
+        1
+    } else {
+        (2 * candle_core::utils::get_num_threads()).clamp(1, k.max(1).div_ceil(256))
+    };
     if parts <= 1 {
         for &(off, lhs, rhs) in prods {
             gemm_into(dst, off, n, (m, n, k), lhs, rhs, false, parallelism())?;

@@ -78,8 +78,18 @@ impl Padded {
         Some(Padded { h: u.height, w: u.width, top, wp, hp, margin, runs, taps: u.taps.len() })
     }
 
+    /// Cells of one image.
+    pub(crate) fn cells(&self) -> usize {
+        self.h * self.w
+    }
+
+    /// Taps of the convolution.
+    pub(crate) fn taps(&self) -> usize {
+        self.taps
+    }
+
     /// Cells of the padded buffer of `b` images, margins included.
-    fn len(&self, b: usize) -> usize {
+    pub(crate) fn len(&self, b: usize) -> usize {
         2 * self.margin + b * self.hp * self.wp
     }
 
@@ -89,12 +99,12 @@ impl Padded {
     }
 
     /// The cells the products compute: from the first real cell to the last, [p0, p1).
-    fn span(&self, b: usize) -> (usize, usize) {
+    pub(crate) fn span(&self, b: usize) -> (usize, usize) {
         (self.origin(0), self.origin(b - 1) + (self.h - 1) * self.wp + self.w)
     }
 
     /// (B, H*W, C) into the padded layout, zeros elsewhere.
-    fn pad(&self, x: &[f32], b: usize, c: usize) -> Vec<f32> {
+    pub(crate) fn pad(&self, x: &[f32], b: usize, c: usize) -> Vec<f32> {
         let mut out = vec![0f32; self.len(b) * c];
         let (first, _) = self.span(b);
         let img = self.hp * self.wp * c;
@@ -109,7 +119,7 @@ impl Padded {
     }
 
     /// The real cells of `span`-relative rows `yp` (cells [p0, p1) of `c` values) as (B, H*W, C).
-    fn unpad(&self, yp: &[f32], b: usize, c: usize) -> Vec<f32> {
+    pub(crate) fn unpad(&self, yp: &[f32], b: usize, c: usize) -> Vec<f32> {
         let mut out = vec![0f32; b * self.h * self.w * c];
         let img = self.hp * self.wp * c;
         out.par_chunks_mut(self.h * self.w * c).enumerate().for_each(|(bi, o)| {
@@ -139,12 +149,28 @@ impl Padded {
         let xp = self.pad(x, b, cin);
         let (p0, p1) = self.span(b);
         let mut yp = vec![0f32; (p1 - p0) * cout];
-        for (i, &(t, len, off)) in self.runs.iter().enumerate() {
-            let lhs = View::new(&xp, (p0 as isize + off) as usize * cin, cin, 1);
-            let rhs = View::new(w, t * cin * cout, cout, 1);
-            gemm_into(&mut yp, 0, cout, (p1 - p0, cout, len * cin), lhs, rhs, i > 0, par)?;
-        }
+        self.forward_padded(&xp, w, (b, cin, cout), &mut yp, false, par)?;
         Ok(self.unpad(&yp, b, cout))
+    }
+
+    /// conv(x) of a padded buffer `xp` (zeros at pads) into `dst`, the `span` cells of C_out
+    /// values (added to them when `acc`). b > 0.
+    pub(crate) fn forward_padded(
+        &self,
+        xp: &[f32],
+        w: &[f32],
+        (b, cin, cout): (usize, usize, usize),
+        dst: &mut [f32],
+        acc: bool,
+        par: Parallelism,
+    ) -> Result<()> {
+        let (p0, p1) = self.span(b);
+        for (i, &(t, len, off)) in self.runs.iter().enumerate() {
+            let lhs = View::new(xp, (p0 as isize + off) as usize * cin, cin, 1);
+            let rhs = View::new(w, t * cin * cout, cout, 1);
+            gemm_into(dst, 0, cout, (p1 - p0, cout, len * cin), lhs, rhs, acc || i > 0, par)?;
+        }
+        Ok(())
     }
 
     /// (dx, dW) of conv(x) from dy (B, H*W, C_out); each only when asked for.
@@ -165,13 +191,31 @@ impl Padded {
             return Ok((dx, want_dw.then(|| vec![0f32; self.taps * cin * cout])));
         }
         let dyp = self.pad(dy, b, cout);
+        let xp = if want_dw { self.pad(x, b, cin) } else { Vec::new() };
+        let (dxp, dw) = self.backward_padded(&xp, w, &dyp, (b, cin, cout), want_dx, want_dw, par)?;
+        let p0 = self.span(b).0;
+        Ok((dxp.map(|d| self.unpad(&d[p0 * cin..], b, cin)), dw))
+    }
+
+    /// (dx, dW) of conv(x) on padded buffers: x and dy with zeros at pads; dx is a padded buffer
+    /// whose pads hold what the products left there ([`Padded::zero_pads`] clears them). b > 0.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn backward_padded(
+        &self,
+        xp: &[f32],
+        w: &[f32],
+        dyp: &[f32],
+        (b, cin, cout): (usize, usize, usize),
+        want_dx: bool,
+        want_dw: bool,
+        par: Parallelism,
+    ) -> Result<InputAndWeightGrads> {
         let (p0, p1) = self.span(b);
         let dw = if want_dw {
-            let xp = self.pad(x, b, cin);
             let mut dw = Vec::with_capacity(self.taps * cin * cout);
             for &(t, len, off) in &self.runs {
                 debug_assert_eq!(dw.len(), t * cin * cout);
-                let cols = View::new(&xp, (p0 as isize + off) as usize * cin, cin, 1);
+                let cols = View::new(xp, (p0 as isize + off) as usize * cin, cin, 1);
                 dw.extend(weight_grad(&dyp[p0 * cout..p1 * cout], cout, cols, len * cin, p1 - p0)?);
             }
             Some(dw)
@@ -182,18 +226,50 @@ impl Padded {
             // Run taps t..t+len read cells q + off + j; so cell q of dx gathers dy at
             // q - off - j: the view starting at q - off - (len - 1) meets the taps reversed.
             let wr = self.reversed_transposed(w, cin, cout);
-            let mut dxp = vec![0f32; (p1 - p0) * cin];
+            let mut dxp = vec![0f32; self.len(b) * cin];
             for (i, &(t, len, off)) in self.runs.iter().enumerate() {
                 let start = p0 as isize - off - (len as isize - 1);
-                let lhs = View::new(&dyp, start as usize * cout, cout, 1);
+                let lhs = View::new(dyp, start as usize * cout, cout, 1);
                 let rhs = View::new(&wr, t * cout * cin, cin, 1);
-                gemm_into(&mut dxp, 0, cin, (p1 - p0, cin, len * cout), lhs, rhs, i > 0, par)?;
+                gemm_into(&mut dxp, p0 * cin, cin, (p1 - p0, cin, len * cout), lhs, rhs, i > 0, par)?;
             }
-            Some(self.unpad(&dxp, b, cin))
+            Some(dxp)
         } else {
             None
         };
         Ok((dx, dw))
+    }
+
+    /// Zeros at every cell of a padded buffer (of `c` values per cell) that is not a cell of
+    /// an image.
+    pub(crate) fn zero_pads(&self, buf: &mut [f32], b: usize, c: usize) {
+        let img = self.hp * self.wp * c;
+        let (m, w) = (self.margin * c, self.w * c);
+        buf[..m].fill(0.0);
+        buf[m + b * img..].fill(0.0);
+        buf[m..m + b * img].par_chunks_mut(img.max(1)).for_each(|im| {
+            for (r, row) in im.chunks_mut(self.wp * c).enumerate() {
+                if r < self.top || r >= self.top + self.h {
+                    row.fill(0.0);
+                } else {
+                    row[w..].fill(0.0);
+                }
+            }
+        });
+    }
+
+    /// One layout for several tap lists on the same grid: the largest pads of all, so that
+    /// every list's products read and write the same buffers. None if their side pads differ
+    /// (cell offsets depend on the padded width).
+    pub(crate) fn aligned(ps: &[Padded]) -> Option<Vec<Padded>> {
+        let first = ps.first()?;
+        if ps.iter().any(|p| (p.h, p.w, p.wp) != (first.h, first.w, first.wp)) {
+            return None;
+        }
+        let top = ps.iter().map(|p| p.top).max()?;
+        let bottom = ps.iter().map(|p| p.hp - p.top - p.h).max()?;
+        let margin = ps.iter().map(|p| p.margin).max()?;
+        Some(ps.iter().map(|p| Padded { top, hp: top + p.h + bottom, margin, ..p.clone() }).collect())
     }
 
     /// Per run, the blocks W_t^T (C_out x C_in) of its taps in reversed order, run after run:

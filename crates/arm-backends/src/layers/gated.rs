@@ -13,7 +13,9 @@
 //! How it runs: without dropout, each gate is computed inside the op of the layer that reads
 //! it (`forward_gated`), and the horizontal convolution, the 1x1 map of v' and their sum are
 //! one product ([`arm_kernels::dense_pair`]); with dropout (between a gate and the layer that
-//! reads it) the gates are separate ops. Both give the same values.
+//! reads it) the gates are separate ops. Both give the same values. On large grids without
+//! dropout or conditioning the plugin runs all its layers as one op instead
+//! ([`arm_kernels::gated_stack`], the same equations).
 
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
@@ -95,6 +97,23 @@ impl GatedBlock {
         let both = map.forward(c)?; // (B, 4C)
         let half = both.dim(1)? / 2;
         Ok(Some((both.narrow(1, 0, half)?.contiguous()?, both.narrow(1, half, half)?.contiguous()?)))
+    }
+
+    /// The layer as [`arm_kernels::gated_stack`] reads it (without conditioning).
+    pub fn stack_layer(&self) -> arm_kernels::GatedLayer<'_> {
+        let (v, h) = (&self.vertical, &self.horizontal);
+        arm_kernels::GatedLayer {
+            vertical: &v.unfold,
+            wv: &v.w,
+            bv: &v.b,
+            horizontal: &h.unfold,
+            wh: &h.w,
+            bh: &h.b,
+            wvh: &self.v_to_h.w,
+            bvh: &self.v_to_h.b,
+            wo: &self.out.w,
+            bo: &self.out.b,
+        }
     }
 
     /// (v, h) -> (v', h') over whole images, h: (B, H*W, C_in), with the biases of a

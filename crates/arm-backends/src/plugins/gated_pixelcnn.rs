@@ -139,7 +139,24 @@ impl GatedPixelCnnNet {
             candle_core::bail!("gated_pixelcnn: input has {d} pixels, built for {}", self.dims);
         }
         let x = x.unsqueeze(2)?; // (B, H*W, 1)
-        let (mut v, mut h) = (Vertical::Pixels(x.clone()), x);
+        if !self.dropout.active(train) && biases.iter().all(Option::is_none) {
+            if let Some(h) = self.stack(&x)? {
+                return self.head.forward(&h); // (B, H*W, P)
+            }
+        }
+        self.forward_blocks(&x, train, biases)
+    }
+
+    /// h_L with every layer as one op ([`arm_kernels::gated_stack`]: large grids, no dropout,
+    /// no conditioning); None where that route does not apply.
+    fn stack(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let layers: Vec<_> = self.layers.iter().map(GatedBlock::stack_layer).collect();
+        arm_kernels::gated_stack(x, &layers)
+    }
+
+    /// The forward pass layer by layer, x: (B, H*W, 1).
+    fn forward_blocks(&self, x: &Tensor, train: bool, biases: &[Option<CondBias>]) -> Result<Tensor> {
+        let (mut v, mut h) = (Vertical::Pixels(x.clone()), x.clone());
         for (l, block) in self.layers.iter().enumerate() {
             let bias = biases.get(l).and_then(Option::as_ref);
             (v, h) = block.forward(&v, &h, &self.dropout, train, bias)?; // h: (B, H*W, C)
@@ -361,6 +378,33 @@ mod tests {
         let net = cfg.build(conformance::test_ctx(&map, 5, (h, w), (3, conformance::LEVELS))).map_err(candle_core::Error::msg)?;
         conformance::causality(net.as_ref(), w, true, true).map_err(candle_core::Error::msg)?;
         conformance::stepper_matches_forward(net.as_ref()).map_err(candle_core::Error::msg)
+    }
+
+    /// On the 18x20 grid the layers run as one op; its values and the gradients of every
+    /// weight equal those of the layer-by-layer ops (the route of small grids and dropout).
+    #[test]
+    fn one_op_stack_equals_the_layer_by_layer_pass() -> Result<()> {
+        let (h, w) = (18, 20);
+        let cfg = GatedPixelCnnConfig { channels: 4, layers: 3, kernel: 3, dropout: 0.0 };
+        let map = candle_nn::VarMap::new();
+        let net = cfg.network(conformance::test_ctx(&map, 4, (h, w), (3, conformance::LEVELS)))?;
+        let x = conformance::random_levels(3, h * w, conformance::LEVELS, 7, &Device::Cpu)?.affine(0.25, 0.0)?;
+        let x3 = x.unsqueeze(2)?;
+        assert!(net.stack(&x3)?.is_some(), "the 18x20 grid must take the one-op route");
+        let (fused, layered) = (net.forward_t(&x, false)?, net.forward_blocks(&x3, false, &[])?);
+        let diff = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>() };
+        assert!(diff(&fused, &layered)? < 1e-4, "values differ by {}", diff(&fused, &layered)?);
+        // A loss that weighs every output differently.
+        let r = conformance::random_levels(3, fused.elem_count() / 3, 11, 5, &Device::Cpu)?.reshape(fused.shape())?;
+        let (gf, gl) = ((fused * &r)?.sum_all()?.backward()?, (layered * &r)?.sum_all()?.backward()?);
+        let vars = map.all_vars();
+        assert_eq!(vars.len(), 3 * 8 + 4, "every layer's eight weights and the head's four");
+        for v in &vars {
+            let (a, b) = (gf.get(v).expect("fused gradient"), gl.get(v).expect("layered gradient"));
+            let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(diff(a, b)? <= 1e-4 * (1.0 + scale), "gradient of {:?} differs by {}", v.dims(), diff(a, b)?);
+        }
+        Ok(())
     }
 
     /// On 7x9 images (several rows below every kernel's reach) the stepper still reproduces
