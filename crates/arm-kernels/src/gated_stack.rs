@@ -25,7 +25,7 @@ use rayon::prelude::*;
 
 use crate::dense::{bias_act, column_sums};
 use crate::gate::{gate_cpu, gate_grad_into, gate_into};
-use crate::gemm::{f32s, gemm_into, parallelism, weight_grad, with_slices, View};
+use crate::gemm::{f32s, gemm_into, parallelism, weight_grad_sums, with_slices, View};
 use crate::implicit::Padded;
 use crate::{Result, Unfold};
 
@@ -143,6 +143,16 @@ struct Weights<'a> {
     bo: &'a [f32],
 }
 
+/// f(0), ..., f(n - 1): on one-thread pools side by side, or here in turn when this code
+/// already runs on a pool of one thread (a sweep's job). The same results either way.
+fn each_part<R: Send>(n: usize, f: impl Fn(usize) -> R + Sync) -> Vec<R> {
+    if crate::threads::single() {
+        (0..n).map(f).collect()
+    } else {
+        crate::on_own_threads(n, f)
+    }
+}
+
 fn poisoned<T>(_: T) -> candle_core::Error {
     candle_core::Error::Msg("gated_stack: poisoned activation store".into())
 }
@@ -210,7 +220,7 @@ impl Stack {
     fn forward(&self, x: &[f32], (b, cx): (usize, usize), flat: &[f32]) -> Result<(Vec<f32>, Saved)> {
         let weights = self.split(flat, cx)?;
         let per = PART_IMAGES * x.len() / b.max(1);
-        let parts = crate::on_own_threads(b.div_ceil(PART_IMAGES), |i| {
+        let parts = each_part(b.div_ceil(PART_IMAGES), |i| {
             let xi = &x[i * per..((i + 1) * per).min(x.len())];
             self.forward_part(xi, (xi.len() / (per / PART_IMAGES), cx), &weights)
         });
@@ -239,7 +249,7 @@ impl Stack {
     ) -> Result<(Option<Vec<f32>>, Vec<f32>)> {
         let weights = self.split(flat, cx)?;
         let (px, py) = (PART_IMAGES * x.len() / b.max(1), PART_IMAGES * dy.len() / b.max(1));
-        let parts = crate::on_own_threads(b.div_ceil(PART_IMAGES), |i| {
+        let parts = each_part(b.div_ceil(PART_IMAGES), |i| {
             let xi = &x[i * px..((i + 1) * px).min(x.len())];
             let dyi = &dy[i * py..((i + 1) * py).min(dy.len())];
             self.backward_part(xi, (xi.len() / (px / PART_IMAGES), cx), &weights, dyi, &saved.parts[i], want_dx)
@@ -341,7 +351,7 @@ impl Stack {
             };
             // h = [h_{l-1}] + gate(u) W_o + b_o.
             let p = crate::profile::scope("stack bwd rows");
-            let dwo = weight_grad(&dh[s1.clone()], c, View::new(&a.gu, 0, c, 1), c, ns)?;
+            let dwo = weight_grad_sums(&dh[s1.clone()], c, View::new(&a.gu, 0, c, 1), c, ns, false)?;
             let dbo = column_sums(&dh[s1.clone()], c);
             let mut dgu = vec![0f32; ns * c];
             product_into(&mut dgu, &dh[s1.clone()], w.wo, (ns, c, c), true, false)?;
@@ -353,7 +363,7 @@ impl Stack {
             drop(dgu);
             // u = W_h * h_{l-1} + v W_vh + b_h + b_vh.
             let p = crate::profile::scope("stack bwd rows");
-            let dwvh = weight_grad(&du[s2.clone()], 2 * c, View::new(&a.v, 0, 2 * c, 1), 2 * c, ns)?;
+            let dwvh = weight_grad_sums(&du[s2.clone()], 2 * c, View::new(&a.v, 0, 2 * c, 1), 2 * c, ns, false)?;
             let dbh = column_sums(&du[s2.clone()], 2 * c);
             // dv: from layer l + 1's vertical convolution (none above the top layer) plus du W_vh^T.
             let (mut dv, acc) = match dv_next.take() {
@@ -364,11 +374,11 @@ impl Stack {
             drop(p);
             let inputs = l > 0 || want_dx;
             let p = crate::profile::scope("stack bwd conv");
-            let (dhin, dwh) = ph.backward_padded(hin, w.wh, &du, (b, cin, 2 * c), inputs, true, par)?;
+            let (dhin, dwh) = ph.backward_padded(hin, w.wh, &du, (b, cin, 2 * c), (inputs, true), false, par)?;
             drop(du);
             // v = W_v * g_{l-1} + b_v.
             let dbv = column_sums(&dv[s2.clone()], 2 * c);
-            let (dvin, dwv) = pv.backward_padded(vin, w.wv, &dv, (b, cin, 2 * c), inputs, true, par)?;
+            let (dvin, dwv) = pv.backward_padded(vin, w.wv, &dv, (b, cin, 2 * c), (inputs, true), false, par)?;
             drop(p);
             drop(dv);
             let mut g = dwv.ok_or_else(missing)?;
@@ -551,8 +561,17 @@ mod tests {
             }
         }
         // Without gradients nothing is kept, and the values are the same.
-        let plain = stack_op(&x.as_tensor().detach(), &view(&units, &detached), plans)?;
+        let plain = stack_op(&x.as_tensor().detach(), &view(&units, &detached), plans.clone())?;
         assert!(max_diff(&plain, &got)? < 1e-6);
+        // On a pool of one thread (a sweep's job) the parts run in turn: the same bits.
+        let pass = || -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+            let y = stack_op(x.as_tensor(), &layers, plans.clone())?;
+            let grads = (&y * &r)?.sum_all()?.backward()?;
+            let gs = vars.iter().map(|v| grads.get(v).expect("gradient").flatten_all()?.to_vec1::<f32>());
+            Ok((y.flatten_all()?.to_vec1::<f32>()?, gs.collect::<Result<_>>()?))
+        };
+        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().map_err(candle_core::Error::wrap)?;
+        assert!(one.install(pass)? == pass()?, "results depend on the pool");
         Ok(())
     }
 

@@ -108,12 +108,7 @@ pub(crate) fn gemm_long_k(
     (m, n, k): (usize, usize, usize),
     prods: &[(usize, View, View)],
 ) -> Result<()> {
-    // On a pool of one thread (`threads::on_own_threads`) blocks would only run in turn.
-    let parts = if crate::threads::single() {
-        1
-    } else {
-        (2 * candle_core::utils::get_num_threads()).clamp(1, k.max(1).div_ceil(256))
-    };
+    let parts = (2 * candle_core::utils::get_num_threads()).clamp(1, k.max(1).div_ceil(256));
     if parts <= 1 {
         for &(off, lhs, rhs) in prods {
             gemm_into(dst, off, n, (m, n, k), lhs, rhs, false, parallelism())?;
@@ -153,9 +148,21 @@ pub(crate) fn gemm_long_k(
 /// as dW^T = dy^T cols (both operands row-major, the gemm's fast case) with
 /// the long sums split by [`gemm_long_k`], then transposed into W's layout.
 pub(crate) fn weight_grad(dy: &[f32], n: usize, cols: View, k: usize, rows: usize) -> Result<Vec<f32>> {
+    weight_grad_sums(dy, n, cols, k, rows, true)
+}
+
+/// [`weight_grad`], with the long sums split into blocks (`split`) or in one product on this
+/// thread: for callers whose own parts are fixed (`gated_stack`), whose sums then do not
+/// depend on the thread count either.
+pub(crate) fn weight_grad_sums(dy: &[f32], n: usize, cols: View, k: usize, rows: usize, split: bool) -> Result<Vec<f32>> {
     let _p = crate::profile::scope("weight grad");
     let mut dwt = vec![0f32; n * k];
-    gemm_long_k(&mut dwt, (n, k, rows), &[(0, View::new(dy, 0, 1, n), cols)])?;
+    let dyt = View::new(dy, 0, 1, n);
+    if split {
+        gemm_long_k(&mut dwt, (n, k, rows), &[(0, dyt, cols)])?;
+    } else {
+        gemm_into(&mut dwt, 0, k, (n, k, rows), dyt, cols, false, Parallelism::None)?;
+    }
     let mut dw = vec![0f32; k * n];
     dw.par_chunks_mut(n.max(1)).enumerate().for_each(|(i, row)| {
         for (o, v) in row.iter_mut().enumerate() {

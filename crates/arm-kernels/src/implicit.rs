@@ -16,7 +16,7 @@
 //! Backward, with dy padded the same way (zeros at pads): dx = sum over runs of views of dy
 //! shifted the other way times the run's W_t^T in reversed tap order; dW of a run = view^T dy.
 
-use crate::gemm::{gemm_into, weight_grad, View};
+use crate::gemm::{gemm_into, weight_grad_sums, View};
 use crate::unfold::Unfold;
 use crate::Result;
 use gemm::Parallelism;
@@ -192,13 +192,14 @@ impl Padded {
         }
         let dyp = self.pad(dy, b, cout);
         let xp = if want_dw { self.pad(x, b, cin) } else { Vec::new() };
-        let (dxp, dw) = self.backward_padded(&xp, w, &dyp, (b, cin, cout), want_dx, want_dw, par)?;
+        let (dxp, dw) = self.backward_padded(&xp, w, &dyp, (b, cin, cout), (want_dx, want_dw), true, par)?;
         let p0 = self.span(b).0;
         Ok((dxp.map(|d| self.unpad(&d[p0 * cin..], b, cin)), dw))
     }
 
     /// (dx, dW) of conv(x) on padded buffers: x and dy with zeros at pads; dx is a padded buffer
     /// whose pads hold what the products left there ([`Padded::zero_pads`] clears them). b > 0.
+    /// `split`: the weight gradients' sums as [`weight_grad_sums`] takes them.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn backward_padded(
         &self,
@@ -206,8 +207,8 @@ impl Padded {
         w: &[f32],
         dyp: &[f32],
         (b, cin, cout): (usize, usize, usize),
-        want_dx: bool,
-        want_dw: bool,
+        (want_dx, want_dw): (bool, bool),
+        split: bool,
         par: Parallelism,
     ) -> Result<InputAndWeightGrads> {
         let (p0, p1) = self.span(b);
@@ -216,7 +217,7 @@ impl Padded {
             for &(t, len, off) in &self.runs {
                 debug_assert_eq!(dw.len(), t * cin * cout);
                 let cols = View::new(xp, (p0 as isize + off) as usize * cin, cin, 1);
-                dw.extend(weight_grad(&dyp[p0 * cout..p1 * cout], cout, cols, len * cin, p1 - p0)?);
+                dw.extend(weight_grad_sums(&dyp[p0 * cout..p1 * cout], cout, cols, len * cin, p1 - p0, split)?);
             }
             Some(dw)
         } else {
