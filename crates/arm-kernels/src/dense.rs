@@ -539,7 +539,7 @@ pub(crate) fn bias_act(y: &mut [f32], bias: &[f32], slope: Option<f32>) {
 
 /// dz = g where the output is positive, g * slope elsewhere: one pass over (g, y).
 #[derive(Debug, Clone, Copy)]
-struct LeakyGrad(f32);
+pub(crate) struct LeakyGrad(pub(crate) f32);
 
 impl candle_core::CustomOp2 for LeakyGrad {
     fn name(&self) -> &'static str {

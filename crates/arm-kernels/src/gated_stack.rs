@@ -52,22 +52,24 @@ impl GatedLayer<'_> {
     }
 }
 
-/// h_L of the stack over x (B, H*W, C_x), as one op on CPU for f32 where every convolution
-/// runs on a padded grid (large grids, unmasked taps). None where that route does not apply:
-/// the caller then runs the layers one op each ([`gated_stack_composed`] is the same).
-pub fn gated_stack(x: &Tensor, layers: &[GatedLayer]) -> Result<Option<Tensor>> {
+/// h_L of the stack over x (B, H*W, C_x), or ReLU(h_L) with `relu` (the output layers' first
+/// step, whose backward as a candle op takes several passes), as one op on CPU for f32 where
+/// every convolution runs on a padded grid (large grids, unmasked taps). None where that route
+/// does not apply: the caller then runs the layers one op each ([`gated_stack_composed`] is
+/// the same).
+pub fn gated_stack(x: &Tensor, layers: &[GatedLayer], relu: bool) -> Result<Option<Tensor>> {
     let params: Vec<&Tensor> = layers.iter().flat_map(|l| l.params()).collect();
     let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32 && params.iter().all(|t| t.dtype() == DType::F32);
     let plans = layers.iter().flat_map(|l| [l.vertical, l.horizontal]).map(Padded::plan).collect::<Option<Vec<_>>>();
     match plans.as_deref().and_then(Padded::aligned) {
-        Some(plans) if cpu_f32 && !layers.is_empty() && x.dim(0)? > 0 => stack_op(x, layers, plans).map(Some),
+        Some(plans) if cpu_f32 && !layers.is_empty() && x.dim(0)? > 0 => stack_op(x, layers, plans, relu).map(Some),
         _ => Ok(None),
     }
 }
 
 /// The op with given padded layouts, vertical and horizontal of each layer in turn (tests use
 /// layouts on small grids, where `plan` declines).
-fn stack_op(x: &Tensor, layers: &[GatedLayer], plans: Vec<Padded>) -> Result<Tensor> {
+fn stack_op(x: &Tensor, layers: &[GatedLayer], plans: Vec<Padded>, relu: bool) -> Result<Tensor> {
     let (_, _, cx) = x.dims3()?;
     let c = layers[0].wo.dim(0)?;
     let mut shapes = Vec::with_capacity(layers.len());
@@ -94,7 +96,7 @@ fn stack_op(x: &Tensor, layers: &[GatedLayer], plans: Vec<Padded>) -> Result<Ten
         Tensor::cat(&layers.iter().flat_map(|l| l.params()).map(|t| t.flatten_all()).collect::<Result<Vec<_>>>()?, 0)?;
     let keep = x.track_op() || flat.track_op();
     let plans = plans.chunks(2).map(|p| (p[0].clone(), p[1].clone())).collect();
-    let op = Stack { plans: Arc::new(plans), c, keep, saved: Arc::default() };
+    let op = Stack { plans: Arc::new(plans), c, relu, keep, saved: Arc::default() };
     x.contiguous()?.apply_op2(&flat, op)
 }
 
@@ -127,6 +129,8 @@ struct Stack {
     /// (vertical, horizontal) padded layouts per layer, all of one geometry.
     plans: Arc<Vec<(Padded, Padded)>>,
     c: usize,
+    /// The output through a ReLU.
+    relu: bool,
     keep: bool,
     saved: Arc<Mutex<Saved>>,
 }
@@ -424,22 +428,27 @@ impl CustomOp2 for Stack {
         if n != grid.cells() {
             bail!("gated_stack: input {:?}, built for {} cells", lx.shape(), grid.cells());
         }
-        let (h, saved) =
+        let (mut h, saved) =
             self.forward(f32s(sx, lx, "gated_stack: x")?, (b, cx), f32s(sw, lw, "gated_stack: weights")?)?;
+        if self.relu {
+            h.par_chunks_mut(1 << 14).for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0)));
+        }
         if self.keep {
             *self.saved.lock().map_err(poisoned)? = saved;
         }
         Ok((CpuStorage::F32(h), Shape::from((b, n, self.c))))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, w: &Tensor, res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let _p = crate::profile::scope("stack bwd");
         let (b, _, cx) = x.dims3()?;
         let saved = self.saved.lock().map_err(poisoned)?;
         if saved.parts.len() != b.div_ceil(PART_IMAGES) || saved.parts.iter().any(|p| p.len() != self.plans.len()) {
             bail!("gated_stack: the forward's activations were not kept for the backward");
         }
-        let (dx, dw) = with_slices(&[x, w, dy], "gated_stack", |s| {
+        // Through the ReLU: its output is positive exactly where h_L is.
+        let dy = if self.relu { dy.apply_op2_no_bwd(res, &crate::dense::LeakyGrad(0.0))? } else { dy.clone() };
+        let (dx, dw) = with_slices(&[x, w, &dy], "gated_stack", |s| {
             self.backward(s[0], (b, cx), s[1], s[2], &saved, x.track_op())
         })?;
         let dev = x.device();
@@ -449,7 +458,7 @@ impl CustomOp2 for Stack {
 
 /// The same stack from the one-op-per-convolution kernels and candle's sum: the reference of
 /// the tests.
-pub fn gated_stack_composed(x: &Tensor, layers: &[GatedLayer]) -> Result<Tensor> {
+pub fn gated_stack_composed(x: &Tensor, layers: &[GatedLayer], relu: bool) -> Result<Tensor> {
     let (mut v, mut h) = (x.clone(), x.clone());
     for (l, layer) in layers.iter().enumerate() {
         let vin = if l == 0 { v.clone() } else { crate::gate(&v)? };
@@ -459,7 +468,11 @@ pub fn gated_stack_composed(x: &Tensor, layers: &[GatedLayer]) -> Result<Tensor>
         let o = crate::dense(&crate::gate(&u)?, layer.wo, layer.bo, None, None)?;
         h = if l == 0 { o } else { (h + o)? };
     }
-    Ok(h)
+    if relu {
+        h.relu()
+    } else {
+        Ok(h)
+    }
 }
 
 #[cfg(test)]
@@ -541,37 +554,40 @@ mod tests {
         let layers = view(&units, &own);
         let x = Var::from_vec(vals(b * n * cx, 99, 1.0), (b, n, cx), &dev)?;
         // The composed ops take im2col here: the padded route is declined on this grid.
-        assert!(gated_stack(x.as_tensor(), &layers)?.is_none());
+        assert!(gated_stack(x.as_tensor(), &layers, false)?.is_none());
         let plans = units.iter().flat_map(|(v, h)| [v, h]).map(Padded::new).collect::<Option<Vec<_>>>();
         let plans = Padded::aligned(&plans.expect("unmasked taps")).expect("one geometry");
-        let want = gated_stack_composed(x.as_tensor(), &layers)?;
-        let got = stack_op(x.as_tensor(), &layers, plans.clone())?;
-        assert_eq!(got.dims(), &[b, n, c]);
-        assert!(max_diff(&got, &want)? < 1e-5, "values differ by {}", max_diff(&got, &want)?);
-        // A loss that weighs every output differently.
-        let r = Tensor::from_vec(vals(b * n * c, 7, 1.0), (b, n, c), &dev)?;
-        let g_want = (want * &r)?.sum_all()?.backward()?;
-        for _ in 0..2 {
-            let g_got = (stack_op(x.as_tensor(), &layers, plans.clone())? * &r)?.sum_all()?.backward()?;
-            for (i, v) in std::iter::once(&x).chain(vars.iter()).enumerate() {
-                let (a, e) = (g_got.get(v).expect("gradient"), g_want.get(v).expect("gradient"));
-                let d = max_diff(a, e)?;
-                let scale = e.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-                assert!(d <= 1e-4 * (1.0 + scale), "gradient {i} differs by {d} (scale {scale})");
+        // With and without the ReLU on the output.
+        for relu in [false, true] {
+            let want = gated_stack_composed(x.as_tensor(), &layers, relu)?;
+            let got = stack_op(x.as_tensor(), &layers, plans.clone(), relu)?;
+            assert_eq!(got.dims(), &[b, n, c]);
+            assert!(max_diff(&got, &want)? < 1e-5, "values differ by {}", max_diff(&got, &want)?);
+            // A loss that weighs every output differently.
+            let r = Tensor::from_vec(vals(b * n * c, 7, 1.0), (b, n, c), &dev)?;
+            let g_want = (want * &r)?.sum_all()?.backward()?;
+            for _ in 0..2 {
+                let g_got = (stack_op(x.as_tensor(), &layers, plans.clone(), relu)? * &r)?.sum_all()?.backward()?;
+                for (i, v) in std::iter::once(&x).chain(vars.iter()).enumerate() {
+                    let (a, e) = (g_got.get(v).expect("gradient"), g_want.get(v).expect("gradient"));
+                    let d = max_diff(a, e)?;
+                    let scale = e.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                    assert!(d <= 1e-4 * (1.0 + scale), "gradient {i} differs by {d} (scale {scale})");
+                }
             }
+            // Without gradients nothing is kept, and the values are the same.
+            let plain = stack_op(&x.as_tensor().detach(), &view(&units, &detached), plans.clone(), relu)?;
+            assert!(max_diff(&plain, &got)? < 1e-6);
+            // On a pool of one thread (a sweep's job) the parts run in turn: the same bits.
+            let pass = || -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+                let y = stack_op(x.as_tensor(), &layers, plans.clone(), relu)?;
+                let grads = (&y * &r)?.sum_all()?.backward()?;
+                let gs = vars.iter().map(|v| grads.get(v).expect("gradient").flatten_all()?.to_vec1::<f32>());
+                Ok((y.flatten_all()?.to_vec1::<f32>()?, gs.collect::<Result<_>>()?))
+            };
+            let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().map_err(candle_core::Error::wrap)?;
+            assert!(one.install(pass)? == pass()?, "results depend on the pool");
         }
-        // Without gradients nothing is kept, and the values are the same.
-        let plain = stack_op(&x.as_tensor().detach(), &view(&units, &detached), plans.clone())?;
-        assert!(max_diff(&plain, &got)? < 1e-6);
-        // On a pool of one thread (a sweep's job) the parts run in turn: the same bits.
-        let pass = || -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
-            let y = stack_op(x.as_tensor(), &layers, plans.clone())?;
-            let grads = (&y * &r)?.sum_all()?.backward()?;
-            let gs = vars.iter().map(|v| grads.get(v).expect("gradient").flatten_all()?.to_vec1::<f32>());
-            Ok((y.flatten_all()?.to_vec1::<f32>()?, gs.collect::<Result<_>>()?))
-        };
-        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().map_err(candle_core::Error::wrap)?;
-        assert!(one.install(pass)? == pass()?, "results depend on the pool");
         Ok(())
     }
 
@@ -594,7 +610,7 @@ mod tests {
             wo: &wo,
             bo: &b1,
         };
-        let err = gated_stack(&z(&[1, 900, 1])?, &[layer]).expect_err("W_o of the wrong shape");
+        let err = gated_stack(&z(&[1, 900, 1])?, &[layer], false).expect_err("W_o of the wrong shape");
         assert!(err.to_string().contains("layer 0"), "{err}");
         Ok(())
     }

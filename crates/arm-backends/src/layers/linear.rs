@@ -70,7 +70,12 @@ pub fn output_mlp(channels: usize, num_params: usize, vb: VarBuilder) -> Result<
 
 impl OutputMlp {
     pub fn forward(&self, h: &Tensor) -> Result<Tensor> {
-        let h = self.hidden.forward_relu(&h.relu()?)?; // (..., C), the second ReLU inside the op
+        self.forward_rectified(&h.relu()?)
+    }
+
+    /// The same from ReLU(h), where the layer before applied it.
+    pub fn forward_rectified(&self, r: &Tensor) -> Result<Tensor> {
+        let h = self.hidden.forward_relu(r)?; // (..., C), the second ReLU inside the op
         self.out.forward(&h) // (..., P)
     }
 }

@@ -140,18 +140,18 @@ impl GatedPixelCnnNet {
         }
         let x = x.unsqueeze(2)?; // (B, H*W, 1)
         if !self.dropout.active(train) && biases.iter().all(Option::is_none) {
-            if let Some(h) = self.stack(&x)? {
-                return self.head.forward(&h); // (B, H*W, P)
+            if let Some(r) = self.stack(&x)? {
+                return self.head.forward_rectified(&r); // (B, H*W, P)
             }
         }
         self.forward_blocks(&x, train, biases)
     }
 
-    /// h_L with every layer as one op ([`arm_kernels::gated_stack`]: large grids, no dropout,
-    /// no conditioning); None where that route does not apply.
+    /// ReLU(h_L), the head's first step, with every layer as one op ([`arm_kernels::gated_stack`]:
+    /// large grids, no dropout, no conditioning); None where that route does not apply.
     fn stack(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let layers: Vec<_> = self.layers.iter().map(GatedBlock::stack_layer).collect();
-        arm_kernels::gated_stack(x, &layers)
+        arm_kernels::gated_stack(x, &layers, true)
     }
 
     /// The forward pass layer by layer, x: (B, H*W, 1).
