@@ -17,6 +17,11 @@
 //! residual sum): about 200 MB of memory traffic per layer of the 28x28, 32-channel network.
 //! Here only dx and the weights' gradients reach candle. The op has two inputs, so the
 //! weights of every layer come as one flat tensor (a copy, small beside the activations).
+//!
+//! How it runs: every activation stays in one padded layout for all layers (no pad / unpad
+//! per convolution), and the batch is cut into parts of [`PART_IMAGES`] images that one thread
+//! takes through every layer (no product split between threads; a part's activations stay in
+//! that core's cache). The parts' weight gradients are summed in part order.
 
 use std::sync::{Arc, Mutex};
 
@@ -72,7 +77,6 @@ pub fn gated_stack(x: &Tensor, layers: &[GatedLayer], relu: bool) -> Result<Opti
 fn stack_op(x: &Tensor, layers: &[GatedLayer], plans: Vec<Padded>, relu: bool) -> Result<Tensor> {
     let (_, _, cx) = x.dims3()?;
     let c = layers[0].wo.dim(0)?;
-    let mut shapes = Vec::with_capacity(layers.len());
     for (l, layer) in layers.iter().enumerate() {
         let cin = if l == 0 { cx } else { c };
         let want = [
@@ -90,7 +94,6 @@ fn stack_op(x: &Tensor, layers: &[GatedLayer], plans: Vec<Padded>, relu: bool) -
                 bail!("gated_stack: layer {l} has a weight of shape {:?}, expected {w:?}", t.dims());
             }
         }
-        shapes.push(cin);
     }
     let flat =
         Tensor::cat(&layers.iter().flat_map(|l| l.params()).map(|t| t.flatten_all()).collect::<Result<Vec<_>>>()?, 0)?;
