@@ -8,6 +8,7 @@
 //!
 //! Each embedded file is checked against its sha256 before it is parsed.
 
+pub mod augment;
 pub mod files;
 
 use std::io::Read;

@@ -16,6 +16,7 @@
 mod adam;
 mod adamax;
 mod clip;
+mod dist_aug;
 mod ema;
 mod model;
 mod schedule;
@@ -33,6 +34,7 @@ use serde::{Deserialize, Serialize};
 pub use adam::{Adam, ParamsAdam};
 pub use adamax::{Adamax, ParamsAdamax};
 pub use clip::clip_grad_norm;
+pub use dist_aug::{identity_condition, DistAug};
 pub use ema::Ema;
 pub use model::Model;
 pub use schedule::{lr_at, Schedule};
@@ -84,6 +86,15 @@ pub struct TrainConfig {
     /// averaging, e.g. 0.9995).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ema: Option<f64>,
+    /// Distribution augmentation: groups of transforms (`arm_data::augment::AUGMENT_NAMES`)
+    /// the model is also trained on, conditioned on which one was applied; evaluated and
+    /// sampled at the identity. Empty: off.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub augment: Vec<String>,
+    /// Probability that a training image is transformed (by one of `augment`'s transforms,
+    /// uniformly); otherwise it is kept as it is, conditioned on the identity.
+    #[serde(skip_serializing_if = "is_half")]
+    pub augment_prob: f64,
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
@@ -92,6 +103,10 @@ fn is_default<T: Default + PartialEq>(v: &T) -> bool {
 
 fn is_one(v: &f64) -> bool {
     *v == 1.0
+}
+
+fn is_half(v: &f64) -> bool {
+    *v == 0.5
 }
 
 impl Default for TrainConfig {
@@ -113,6 +128,8 @@ impl Default for TrainConfig {
             min_lr: 0.0,
             clip_grad_norm: None,
             ema: None,
+            augment: Vec::new(),
+            augment_prob: 0.5,
         }
     }
 }
@@ -210,6 +227,18 @@ impl TrainConfig {
             if !(d > 0.0 && d < 1.0) {
                 return fail("ema", Problem::NotInUnitInterval(d));
             }
+        }
+        for (i, name) in self.augment.iter().enumerate() {
+            if arm_data::augment::Transform::group(name).is_none() {
+                let expected = arm_data::augment::AUGMENT_NAMES.join(", ");
+                return fail("augment", other(format!("unknown transform group {name:?}: expected one of {expected}")));
+            }
+            if self.augment[..i].contains(name) {
+                return fail("augment", other(format!("{name:?} is listed twice")));
+            }
+        }
+        if !(self.augment_prob > 0.0 && self.augment_prob < 1.0) {
+            return fail("augment_prob", Problem::NotInUnitInterval(self.augment_prob));
         }
         Ok(())
     }

@@ -326,6 +326,11 @@ fn list() {
         let (ty, dv) = vae.get(*k).map_or(("", "-".to_string()), |v| (type_of(v), v.to_string()));
         println!("    {k:<16} {ty:<8} default {dv:<14} {doc}");
     }
+    println!(
+        "\nDistribution augmentation ([train] augment = [GROUP, ...], augment_prob = 0.5; a plugin marked\n\
+         [VAE decoder] reads the transform as its conditioning vector): {}",
+        arm_data::augment::AUGMENT_NAMES.join(", ")
+    );
     println!("\nData sets ([data] name = NAME): {}", arm_data::DATASET_NAMES.join(", "));
     println!("\nOrderings ([data] ordering = NAME, or orderings = [NAME, ...] drawn per batch):\n");
     for o in arm_core::Ordering::EXAMPLES {

@@ -29,6 +29,9 @@ pub static STOP: AtomicBool = AtomicBool::new(false);
 pub enum Model {
     Arm(Arm),
     Vae(Box<arm_vae::Vae>),
+    /// An ARM trained with distribution augmentation (`train.augment`); evaluated, saved and
+    /// sampled at the identity.
+    Augmented(Box<arm_train::DistAug>),
 }
 
 impl Model {
@@ -37,30 +40,35 @@ impl Model {
         match self {
             Model::Arm(a) => a,
             Model::Vae(v) => v.as_ref(),
+            Model::Augmented(m) => m.as_ref(),
         }
     }
     pub fn shape(&self) -> (usize, usize) {
         match self {
             Model::Arm(a) => a.shape(),
             Model::Vae(v) => v.shape(),
+            Model::Augmented(m) => m.arm().shape(),
         }
     }
     pub fn levels(&self) -> usize {
         match self {
             Model::Arm(a) => a.levels(),
             Model::Vae(v) => v.levels(),
+            Model::Augmented(m) => m.arm().levels(),
         }
     }
     pub fn head(&self) -> &dyn arm_core::Head {
         match self {
             Model::Arm(a) => a.head(),
             Model::Vae(v) => v.head(),
+            Model::Augmented(m) => m.arm().head(),
         }
     }
     /// The ARM, or an error naming `what` for a VAE run.
     pub fn arm(&self, what: &str) -> Result<&Arm> {
         match self {
             Model::Arm(a) => Ok(a),
+            Model::Augmented(m) => Ok(m.arm()),
             Model::Vae(_) => Err(crate::bad_input(format!("{what} is for ARM runs; this run is a VAE (model.kind = \"vae\")"))),
         }
     }
@@ -70,6 +78,7 @@ impl Model {
     pub fn draw(&self, n: usize, seed: u64, sampler: Sampler) -> Result<(Vec<Vec<u8>>, usize, f64)> {
         match self {
             Model::Arm(a) => draw_samples(a, n, seed, sampler),
+            Model::Augmented(m) => draw_samples(m.arm(), n, seed, sampler),
             Model::Vae(v) => {
                 let out = v.sample(n, seed, sampler).map_err(|e| crate::bad_input(format!("{e}")))?;
                 Ok((levels_of(&out.images)?, out.iterations, out.calls))
@@ -97,6 +106,7 @@ fn levels_of(images: &Tensor) -> Result<Vec<Vec<u8>>> {
 pub fn build(cfg: &RunConfig, device: &Device) -> Result<(Arm, VarMap, Dataset)> {
     match build_model(cfg, device)? {
         (Model::Arm(a), map, data) => Ok((a, map, data)),
+        (Model::Augmented(m), map, data) => Ok((m.into_arm(), map, data)),
         (Model::Vae(_), ..) => Err(anyhow!("model.kind: expected an ARM here, got a VAE")),
     }
 }
@@ -121,6 +131,7 @@ pub fn build_model(cfg: &RunConfig, device: &Device) -> Result<(Model, VarMap, D
         order: None,
         cond_dim: 0,
     };
+    let transforms = augment_transforms(&cfg.train.augment);
     if let Some(vae) = &cfg.model.vae {
         let vcfg: arm_vae::VaeConfig =
             crate::config::from_value(toml::Value::Table(vae.clone())).map_err(|e| anyhow!("model.vae: {e}"))?;
@@ -140,11 +151,37 @@ pub fn build_model(cfg: &RunConfig, device: &Device) -> Result<(Model, VarMap, D
     let plugin = arm_backends::plugin(&cfg.model.backend)?;
     let orderings = crate::config::orderings(&cfg.data);
     let eval_orders = cfg.data.eval_orders.unwrap_or(1);
+    let classes = if transforms.is_empty() { 0 } else { transforms.len() + 1 };
     let cond = plugin
-        .build_ordered(&cfg.model.plugin, ctx, &orderings, eval_orders)
+        .build_ordered(&cfg.model.plugin, BuildCtx { cond_dim: classes, ..ctx }, &orderings, eval_orders)
         .map_err(|e| anyhow!("model.{}: {e}", cfg.model.backend))?;
-    let arm = Arm::new(cond, head, data.levels, (data.height, data.width), orderings[0])?;
-    Ok((Model::Arm(arm), map, data))
+    if classes == 0 {
+        let arm = Arm::new(cond, head, data.levels, (data.height, data.width), orderings[0])?;
+        return Ok((Model::Arm(arm), map, data));
+    }
+    if cond.cond_dim() != classes {
+        return Err(anyhow!("train.augment: model.{} built without the conditioning input", cfg.model.backend));
+    }
+    let net: std::sync::Arc<dyn arm_core::Conditional> = std::sync::Arc::from(cond);
+    // The Arm's own network is replaced by DistAug's identity-conditioned one.
+    let shell = Arm::new(
+        Box::new(arm_core::Conditioned::new(net.clone(), arm_train::identity_condition(classes, device)?)?),
+        head,
+        data.levels,
+        (data.height, data.width),
+        orderings[0],
+    )?;
+    let aug = arm_train::DistAug::new(&shell, net, &transforms, cfg.train.augment_prob, cfg.seed ^ AUGMENT_STREAM)
+        .map_err(|e| crate::bad_input(format!("train.augment: {e}")))?;
+    Ok((Model::Augmented(Box::new(aug)), map, data))
+}
+
+/// Separates the augmentation draws from the other streams of the run's seed.
+const AUGMENT_STREAM: u64 = 0x6175_676d_656e_74;
+
+/// The transforms of `train.augment`'s groups, in order (the groups were validated).
+pub fn augment_transforms(groups: &[String]) -> Vec<arm_data::augment::Transform> {
+    groups.iter().flat_map(|g| arm_data::augment::Transform::group(g).unwrap_or_default()).collect()
 }
 
 pub fn n_params(map: &VarMap) -> u64 {

@@ -75,8 +75,12 @@ pub fn sample(run_dir: &std::path::Path, device: &Device, opts: &Options) -> Res
 /// Fits the predictive sampler's forecaster to fixed-point sampling runs of the model (seeded
 /// with the sampling seed) and gives it to the model.
 fn fit_forecaster(t: &mut trained::Trained, opts: &Options) -> Result<()> {
-    let crate::run::Model::Arm(arm) = &mut t.model else {
-        return Err(bad_input("--sampler predictive: a VAE's decoder samples with naive, cached or jacobi"));
+    let arm = match &mut t.model {
+        crate::run::Model::Arm(arm) => arm,
+        crate::run::Model::Augmented(m) => m.arm_mut(),
+        crate::run::Model::Vae(_) => {
+            return Err(bad_input("--sampler predictive: a VAE's decoder samples with naive, cached or jacobi"))
+        }
     };
     let d = arm.dims();
     let fit = FitOptions::for_shape(arm.shape(), opts.seed);

@@ -485,6 +485,7 @@ fn resolve_point(ef: &ExperimentFile) -> Result<(DataConfig, ModelConfig, TrainC
         arm_backends::PluginError::Invalid { key, msg } => KeyError::at(format!("model.{}.{key}", plugin.name), msg),
         other => KeyError::at(format!("model.{}", plugin.name), other),
     })?;
+    check_augment(ef, &plugin, vae, h, w)?;
     let vae = if vae {
         if !plugin.conditioning {
             let takes: Vec<&str> = arm_backends::registry().iter().filter(|p| p.conditioning).map(|p| p.name).collect();
@@ -502,6 +503,37 @@ fn resolve_point(ef: &ExperimentFile) -> Result<(DataConfig, ModelConfig, TrainC
         ef.train.clone(),
         ef.sample.clone(),
     ))
+}
+
+/// `train.augment` needs an ARM whose network reads a conditioning vector (the transform),
+/// and transforms that keep the image's shape.
+fn check_augment(ef: &ExperimentFile, plugin: &arm_backends::Plugin, vae: bool, h: usize, w: usize) -> Result<(), KeyError> {
+    if ef.train.augment.is_empty() {
+        return Ok(());
+    }
+    if vae {
+        return Err(KeyError::at("train.augment", "is for ARMs; a VAE's decoder reads the latent"));
+    }
+    if !plugin.conditioning {
+        let takes: Vec<&str> = arm_backends::registry().iter().filter(|p| p.conditioning).map(|p| p.name).collect();
+        let msg = format!(
+            "{:?} reads no conditioning input, which distribution augmentation gives the transform through; expected a backend among {}",
+            plugin.name,
+            takes.join(", ")
+        );
+        return Err(KeyError::at("train.augment", msg));
+    }
+    for g in &ef.train.augment {
+        let fits = transforms_fit(g, h, w);
+        if !fits {
+            return Err(KeyError::at("train.augment", format!("{g:?} needs a square image, the data is {h}x{w}")));
+        }
+    }
+    Ok(())
+}
+
+fn transforms_fit(group: &str, h: usize, w: usize) -> bool {
+    arm_data::augment::Transform::group(group).is_none_or(|ts| ts.iter().all(|t| t.fits(h, w)))
 }
 
 /// A VAE with the factorized decoder (which has no table of its own).
