@@ -25,6 +25,9 @@ EXPERIMENTS=(
     vae_mnist   # the same on mnist10k-binary (a 5-epoch budget)
     attention   # "Attention against convolutions": digits, 3 seeds
     attention_mnist  # the same on mnist10k-binary (a 1-epoch budget)
+    best        # "PixelCNN++ and PixelSNAIL"
+    best_gated  # "The gated PixelCNN for longer, and distribution augmentation": the heads
+    augment     # the same section: distribution augmentation
 )
 
 # --quick: every experiment gets these overrides (later --set wins over the file, its grid
