@@ -159,9 +159,6 @@ pub fn build_model(cfg: &RunConfig, device: &Device) -> Result<(Model, VarMap, D
         let arm = Arm::new(cond, head, data.levels, (data.height, data.width), orderings[0])?;
         return Ok((Model::Arm(arm), map, data));
     }
-    if cond.cond_dim() != classes {
-        return Err(anyhow!("train.augment: model.{} built without the conditioning input", cfg.model.backend));
-    }
     let net: std::sync::Arc<dyn arm_core::Conditional> = std::sync::Arc::from(cond);
     // The Arm's own network is replaced by DistAug's identity-conditioned one.
     let shell = Arm::new(
@@ -180,7 +177,7 @@ pub fn build_model(cfg: &RunConfig, device: &Device) -> Result<(Model, VarMap, D
 const AUGMENT_STREAM: u64 = 0x6175_676d_656e_74;
 
 /// The transforms of `train.augment`'s groups, in order (the groups were validated).
-pub fn augment_transforms(groups: &[String]) -> Vec<arm_data::augment::Transform> {
+fn augment_transforms(groups: &[String]) -> Vec<arm_data::augment::Transform> {
     groups.iter().flat_map(|g| arm_data::augment::Transform::group(g).unwrap_or_default()).collect()
 }
 

@@ -524,16 +524,12 @@ fn check_augment(ef: &ExperimentFile, plugin: &arm_backends::Plugin, vae: bool, 
         return Err(KeyError::at("train.augment", msg));
     }
     for g in &ef.train.augment {
-        let fits = transforms_fit(g, h, w);
-        if !fits {
+        let group = arm_data::augment::Transform::group(g).unwrap_or_default();
+        if !group.iter().all(|t| t.fits(h, w)) {
             return Err(KeyError::at("train.augment", format!("{g:?} needs a square image, the data is {h}x{w}")));
         }
     }
     Ok(())
-}
-
-fn transforms_fit(group: &str, h: usize, w: usize) -> bool {
-    arm_data::augment::Transform::group(group).is_none_or(|ts| ts.iter().all(|t| t.fits(h, w)))
 }
 
 /// A VAE with the factorized decoder (which has no table of its own).
