@@ -325,6 +325,7 @@ fn list_names_every_plugin_with_keys_and_defaults() {
     assert!(s.contains("causal_conv1d") && s.contains("kernel_size") && s.contains("default 7"), "{s}");
     assert!(s.contains("categorical"), "{s}");
     assert!(s.contains("augment = [GROUP, ...]") && s.contains("shifts, flips, transpose, rotations"), "{s}");
+    assert!(s.contains("augment_eval = \"identity\"") && s.contains("\"mixture\""), "{s}");
 }
 
 fn user_file_experiment(dir: &Path, data_path: &Path, extra: &str) -> PathBuf {

@@ -230,17 +230,56 @@ fn augmented_run_evaluates_and_samples_at_the_identity() {
     let plain = train_fixture(&tmp.path().join("c"), "tiny_augment.toml", &["--set", "train.augment=[]"]);
     assert!(rel(status_value(&plain, "test_nll"), test_nll) > 1e-4, "augmentation changed nothing");
 
-    let png = |sampler: &str| {
-        let out = tmp.path().join(format!("{sampler}.png"));
-        let o = runner(tmp.path())
-            .arg("sample")
-            .arg(&run)
-            .args(["--n", "4", "--sampler", sampler, "--seed", "5", "--out"])
-            .arg(&out)
-            .output()
-            .expect("run");
-        assert!(o.status.success(), "{sampler}: {}", stderr(&o));
-        std::fs::read(&out).expect("png")
-    };
+    let png = |sampler: &str| sample_png(tmp.path(), &run, 4, sampler);
     assert!(png("naive") == png("cached"), "cached differs from naive");
+}
+
+/// The bytes of the PNG of `n` samples (seed 5) that `sampler` draws from `run`.
+fn sample_png(tmp: &Path, run: &Path, n: usize, sampler: &str) -> Vec<u8> {
+    let out = tmp.join(format!("{}-{n}-{sampler}.png", run.file_name().expect("a run folder").to_string_lossy()));
+    let o = runner(tmp)
+        .arg("sample")
+        .arg(run)
+        .args(["--n", &n.to_string(), "--sampler", sampler, "--seed", "5", "--out"])
+        .arg(&out)
+        .output()
+        .expect("run");
+    assert!(o.status.success(), "{sampler}: {}", stderr(&o));
+    std::fs::read(&out).expect("png")
+}
+
+/// `train.augment_eval = "mixture"`: the run trains as with the identity (the same weights),
+/// its test NLL is the mixture over the identity and the three quarter turns (`runner eval`
+/// reproduces it; `--members 1` is the identity run's figure), and sampling draws each image
+/// from a member: cached equals naive, and the images differ from the identity's.
+#[test]
+fn a_mixture_run_evaluates_and_samples_the_transform_mixture() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let id = train_fixture(&tmp.path().join("a"), "tiny_augment.toml", &[]);
+    let mix = train_fixture(&tmp.path().join("b"), "tiny_augment.toml", &["--set", "train.augment_eval=\"mixture\""]);
+    let cfg = std::fs::read_to_string(mix.join("config.toml")).expect("config");
+    assert!(cfg.contains("augment_eval = \"mixture\""), "{cfg}");
+    let w = |d: &Path| std::fs::read(d.join("model.safetensors")).expect("weights");
+    let best = |d: &Path| std::fs::read_to_string(d.join("status.toml")).expect("status").contains("best_epoch = 2");
+    assert!(best(&id) && best(&mix), "both runs keep their last epoch's weights");
+    assert!(w(&id) == w(&mix), "the evaluation changed the training");
+
+    let eval = |args: &[&str]| {
+        let o = runner(tmp.path()).current_dir(tmp.path()).arg("eval").arg(&mix).args(args).output().expect("run");
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o)
+    };
+    let all = eval(&[]);
+    assert!(all.contains("ensemble of 4 of 4 members"), "{all}");
+    let test_nll = status_value(&mix, "test_nll");
+    assert!(rel(printed_mean(&all), test_nll) < 1e-6, "eval vs status.toml {test_nll}");
+    let identity = printed_mean(&eval(&["--members", "1", "--out", "m1.csv"]));
+    assert!(rel(identity, status_value(&id, "test_nll")) < 1e-6, "member 0 is not the identity model");
+    assert!(tmp.path().join("m1.csv").is_file(), "--out with a bare file name writes into the working folder");
+    assert!(rel(identity, test_nll) > 1e-4, "the mixture equals its identity member");
+
+    let png = |run: &Path, sampler: &str| sample_png(tmp.path(), run, 8, sampler);
+    let cached = png(&mix, "cached");
+    assert!(png(&mix, "naive") == cached, "cached differs from naive");
+    assert!(png(&id, "cached") != cached, "the mixture sampled the identity alone");
 }

@@ -178,8 +178,9 @@ impl Arm {
     }
 
     /// (B,) log p(x) of the ensemble of the network's first `n` members, log (1/n) sum_m p_m(x)
-    /// (the log of the mean probability, not the mean of the logs), from a stable
-    /// log-sum-exp over members.
+    /// (the log of the mean probability, not the mean of the logs), or log sum_m w_m p_m(x)
+    /// with the network's member weights renormalised over the n, from a stable log-sum-exp
+    /// over members.
     pub fn log_prob_members(&self, x: &Tensor, n: usize) -> Result<Tensor> {
         let available = self.conditional.members().1;
         if n == 0 || n > available {
@@ -189,10 +190,17 @@ impl Arm {
             return self.log_prob_pixels(x, false)?.sum(1);
         }
         let per_member = (0..n).map(|m| self.log_prob_member(x, m)).collect::<Result<Vec<_>>>()?; // n x (B,)
-        let lp = Tensor::stack(&per_member, 1)?.to_dtype(DType::F64)?; // (B, n)
+        let mut lp = Tensor::stack(&per_member, 1)?.to_dtype(DType::F64)?; // (B, n)
+        let weights = self.conditional.member_weights().map(|w| w[..n].to_vec()).unwrap_or_else(|| vec![1.0; n]);
+        let total: f64 = weights.iter().sum();
+        if weights.iter().any(|&w| w.is_nan() || w < 0.0) || total.is_nan() || total <= 0.0 {
+            candle_core::bail!("member weights {weights:?}: expected non-negative numbers with a positive sum");
+        }
+        let log_w: Vec<f64> = weights.iter().map(|w| (w / total).ln()).collect();
+        lp = lp.broadcast_add(&Tensor::from_vec(log_w, (1, n), lp.device())?)?;
         let top = lp.max_keepdim(1)?; // (B, 1)
         let lse = (lp.broadcast_sub(&top)?.exp()?.sum_keepdim(1)?.log()? + top)?; // (B, 1)
-        (lse.squeeze(1)? - (n as f64).ln())?.to_dtype(DType::F32)
+        lse.squeeze(1)?.to_dtype(DType::F32)
     }
 
     /// Mean negative log-likelihood in nats per image (the training loss).
@@ -320,6 +328,44 @@ mod tests {
             let b = x.dim(0)?;
             Tensor::new(&[[[0f32, self.logits[m]]]], x.device())?.broadcast_as((b, 1, 2))?.contiguous()
         }
+    }
+
+    /// The same members weighted 3 : 1.
+    struct Weighted(TwoMembers);
+
+    impl Conditional for Weighted {
+        fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+            self.0.forward_t(x, train)
+        }
+        fn seq_len(&self) -> usize {
+            1
+        }
+        fn device(&self) -> &Device {
+            &Device::Cpu
+        }
+        fn members(&self) -> (usize, usize) {
+            (2, 2)
+        }
+        fn member_weights(&self) -> Option<Vec<f64>> {
+            Some(vec![3.0, 1.0])
+        }
+        fn forward_member(&self, x: &Tensor, m: usize) -> Result<Tensor> {
+            self.0.forward_member(x, m)
+        }
+    }
+
+    #[test]
+    fn a_weighted_ensemble_is_the_log_of_the_weighted_probability() -> Result<()> {
+        // p(0) = 3/4 * 1/4 + 1/4 * 1/2 = 5/16, p(1) = 11/16; the first member alone: 1/4.
+        let net = Weighted(TwoMembers { logits: [3f32.ln(), 0.0] });
+        let arm = Arm::new(Box::new(net), Box::new(Categorical::new(2)), 2, (1, 1), Ordering::Raster)?;
+        let x = Tensor::new(&[[0f32], [1.0]], &Device::Cpu)?;
+        let lp = arm.log_prob(&x)?.to_vec1::<f32>()?;
+        assert!((lp[0] - (5f32 / 16.0).ln()).abs() < 1e-6, "{}", lp[0]);
+        assert!((lp[1] - (11f32 / 16.0).ln()).abs() < 1e-6, "{}", lp[1]);
+        let one = arm.log_prob_members(&x, 1)?.to_vec1::<f32>()?;
+        assert!((one[0] - 0.25f32.ln()).abs() < 1e-6);
+        Ok(())
     }
 
     #[test]

@@ -50,11 +50,18 @@ pub trait Conditional: Send + Sync {
     }
 
     /// Members of the ensemble this network defines with shared weights (MADE's connectivity
-    /// masks): p(x) = mean_m p_m(x) over the first `n` members. Member 0 is `forward_t` in
+    /// masks): p(x) = mean_m p_m(x) over the first `n` members, or their weighted mean
+    /// ([`Self::member_weights`]). Member 0 is `forward_t` in
     /// evaluation mode, autoregressive in sequence order; the others may follow other orders
     /// ([`Self::member_order`]). Returns (members evaluated by default, members available).
     fn members(&self) -> (usize, usize) {
         (1, 1)
+    }
+
+    /// Mixture weights of the members, one per available member (they need not sum to one:
+    /// an ensemble of the first n renormalises its n). None: equal weights.
+    fn member_weights(&self) -> Option<Vec<f64>> {
+        None
     }
 
     /// Evaluation-mode forward pass of member `m` (< the available members), (B, D, P).
@@ -129,6 +136,7 @@ impl<C: Conditional + ?Sized> Stepper for NaiveStepper<'_, C> {
 
 /// A conditional network with its conditioning vector fixed: an ordinary `Conditional` of x
 /// alone, so the samplers, the `Arm` and the conformance checks take it as they are.
+#[derive(Clone)]
 pub struct Conditioned {
     net: std::sync::Arc<dyn Conditional>,
     /// (B, cond_dim) or (1, cond_dim).

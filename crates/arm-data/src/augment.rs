@@ -53,6 +53,12 @@ impl Transform {
         !matches!(self, Transform::Transpose | Transform::Rot90 | Transform::Rot270) || height == width
     }
 
+    /// Whether it is a bijection of images (every output pixel reads a distinct input pixel):
+    /// all but the shifts, which bring in a border.
+    pub fn is_permutation(self) -> bool {
+        !matches!(self, Transform::Shift { .. })
+    }
+
     /// src[p] = the input pixel that output pixel p takes, None for a border brought in.
     pub fn source_map(self, height: usize, width: usize) -> Vec<Option<usize>> {
         assert!(self.fits(height, width), "{self:?} needs a square image, got {height}x{width}");
@@ -133,5 +139,13 @@ mod tests {
         }
         assert!(Transform::group("shift").is_none());
         assert!(!Transform::Rot90.fits(2, 3) && Transform::Rot180.fits(2, 3) && Transform::Transpose.fits(3, 3));
+        // A permutation's map reads every input pixel once; a shift's does not.
+        for name in AUGMENT_NAMES {
+            for t in Transform::group(name).unwrap() {
+                let mut seen: Vec<usize> = t.source_map(3, 3).into_iter().flatten().collect();
+                seen.sort_unstable();
+                assert_eq!(seen == (0..9).collect::<Vec<_>>(), t.is_permutation(), "{t:?}");
+            }
+        }
     }
 }

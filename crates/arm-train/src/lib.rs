@@ -20,6 +20,7 @@ mod dist_aug;
 mod ema;
 mod model;
 mod schedule;
+mod transform_mixture;
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -34,10 +35,11 @@ use serde::{Deserialize, Serialize};
 pub use adam::{Adam, ParamsAdam};
 pub use adamax::{Adamax, ParamsAdamax};
 pub use clip::clip_grad_norm;
-pub use dist_aug::{identity_condition, DistAug};
+pub use dist_aug::{identity_condition, AugmentEval, DistAug};
 pub use ema::Ema;
 pub use model::Model;
 pub use schedule::{lr_at, Schedule};
+pub use transform_mixture::TransformMixture;
 use arm_core::bits_per_dim;
 
 use arm_data::{Dataset, Split};
@@ -95,6 +97,10 @@ pub struct TrainConfig {
     /// uniformly); otherwise it is kept as it is, conditioned on the identity.
     #[serde(skip_serializing_if = "is_half")]
     pub augment_prob: f64,
+    /// What an augmented model is evaluated and sampled as: p(x | identity), or the exact
+    /// mixture over the identity and the listed transforms that permute pixels.
+    #[serde(skip_serializing_if = "is_default")]
+    pub augment_eval: AugmentEval,
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
@@ -130,6 +136,7 @@ impl Default for TrainConfig {
             ema: None,
             augment: Vec::new(),
             augment_prob: 0.5,
+            augment_eval: AugmentEval::Identity,
         }
     }
 }
@@ -239,6 +246,18 @@ impl TrainConfig {
         }
         if !(self.augment_prob > 0.0 && self.augment_prob < 1.0) {
             return fail("augment_prob", Problem::NotInUnitInterval(self.augment_prob));
+        }
+        if self.augment_eval == AugmentEval::Mixture {
+            let permutes = |g: &String| {
+                arm_data::augment::Transform::group(g).unwrap_or_default().iter().any(|t| t.is_permutation())
+            };
+            if !self.augment.iter().any(permutes) {
+                let msg = format!(
+                    "\"mixture\" averages over the transforms that permute pixels (flips, transpose, rotations); train.augment lists {}",
+                    if self.augment.is_empty() { "none".to_string() } else { format!("{:?}", self.augment) }
+                );
+                return fail("augment_eval", other(msg));
+            }
         }
         Ok(())
     }

@@ -78,7 +78,10 @@ impl Model {
     pub fn draw(&self, n: usize, seed: u64, sampler: Sampler) -> Result<(Vec<Vec<u8>>, usize, f64)> {
         match self {
             Model::Arm(a) => draw_samples(a, n, seed, sampler),
-            Model::Augmented(m) => draw_samples(m.arm(), n, seed, sampler),
+            Model::Augmented(m) => {
+                let out = m.sample(&sample_noise(m.arm(), n, seed)?, seed, sampler)?;
+                Ok((levels_of(&out.images)?, out.iterations, out.calls))
+            }
             Model::Vae(v) => {
                 let out = v.sample(n, seed, sampler).map_err(|e| crate::bad_input(format!("{e}")))?;
                 Ok((levels_of(&out.images)?, out.iterations, out.calls))
@@ -168,13 +171,14 @@ pub fn build_model(cfg: &RunConfig, device: &Device) -> Result<(Model, VarMap, D
         (data.height, data.width),
         orderings[0],
     )?;
-    let aug = arm_train::DistAug::new(&shell, net, &transforms, cfg.train.augment_prob, cfg.seed ^ AUGMENT_STREAM)
+    let (prob, seed) = (cfg.train.augment_prob, cfg.seed ^ AUGMENT_STREAM);
+    let aug = arm_train::DistAug::new(&shell, net, &transforms, prob, seed, cfg.train.augment_eval)
         .map_err(|e| crate::bad_input(format!("train.augment: {e}")))?;
     Ok((Model::Augmented(Box::new(aug)), map, data))
 }
 
 /// Separates the augmentation draws from the other streams of the run's seed.
-const AUGMENT_STREAM: u64 = 0x6175_676d_656e_74;
+const AUGMENT_STREAM: u64 = 0x61_7567_6d65_6e74;
 
 /// The transforms of `train.augment`'s groups, in order (the groups were validated).
 fn augment_transforms(groups: &[String]) -> Vec<arm_data::augment::Transform> {
