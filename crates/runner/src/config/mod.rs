@@ -523,6 +523,15 @@ fn check_augment(ef: &ExperimentFile, plugin: &arm_backends::Plugin, vae: bool, 
         );
         return Err(KeyError::at("train.augment", msg));
     }
+    let list = orderings(&ef.data);
+    if list != [Ordering::Raster] {
+        let names: Vec<String> = list.iter().map(|o| o.name()).collect();
+        let msg = format!(
+            "needs the raster ordering alone (the transform reaches the network as a conditioning input, which order-wrapped networks do not read); data.ordering(s) give {}",
+            names.join(", ")
+        );
+        return Err(KeyError::at("train.augment", msg));
+    }
     for g in &ef.train.augment {
         let group = arm_data::augment::Transform::group(g).unwrap_or_default();
         if !group.iter().all(|t| t.fits(h, w)) {
