@@ -248,9 +248,18 @@ fn sample_png(tmp: &Path, run: &Path, n: usize, sampler: &str) -> Vec<u8> {
     std::fs::read(&out).expect("png")
 }
 
+/// The nll_nats column of a `runner eval --out X.csv` file.
+fn per_image(csv: &Path) -> Vec<f64> {
+    let text = std::fs::read_to_string(csv).expect("csv");
+    let mut lines = text.lines();
+    let col = lines.next().expect("header").split(',').position(|c| c == "nll_nats").expect("nll_nats column");
+    lines.map(|l| l.split(',').nth(col).and_then(|v| v.parse().ok()).expect("a number")).collect()
+}
+
 /// `train.augment_eval = "mixture"`: the run trains as with the identity (the same weights),
 /// its test NLL is the mixture over the identity and the three quarter turns (`runner eval`
-/// reproduces it; `--members 1` is the identity run's figure), and sampling draws each image
+/// reproduces it; `--members 1` is the identity run's figure; `--member K` gives each member,
+/// and the mixture is their average weighted by the training draws), and sampling draws each image
 /// from a member: cached equals naive, and the images differ from the identity's.
 #[test]
 fn a_mixture_run_evaluates_and_samples_the_transform_mixture() {
@@ -276,6 +285,25 @@ fn a_mixture_run_evaluates_and_samples_the_transform_mixture() {
     let identity = printed_mean(&eval(&["--members", "1", "--out", "m1.csv"]));
     assert!(rel(identity, status_value(&id, "test_nll")) < 1e-6, "member 0 is not the identity model");
     assert!(tmp.path().join("m1.csv").is_file(), "--out with a bare file name writes into the working folder");
+    // The mixture's weights: the identity 0.3, each of the 11 transforms (8 shifts, 3 turns)
+    // 0.7 / 11 (prob 0.7), renormalised over the identity and the three quarter turns.
+    let member = |k: usize| {
+        let out = eval(&["--member", &k.to_string(), "--out", &format!("member{k}.csv")]);
+        assert!(out.contains(&format!("member {k} of 4 alone")), "{out}");
+        per_image(&tmp.path().join(format!("member{k}.csv")))
+    };
+    let members: Vec<Vec<f64>> = (0..4).map(member).collect();
+    assert_eq!(members[0], per_image(&tmp.path().join("m1.csv")), "member 0 alone is the first member's ensemble");
+    eval(&["--out", "mix.csv"]);
+    let turn = 0.7 / 11.0;
+    let pi = [0.3, turn, turn, turn].map(|w| w / (0.3 + 3.0 * turn));
+    for (i, nll) in per_image(&tmp.path().join("mix.csv")).iter().enumerate() {
+        let p: f64 = members.iter().zip(pi).map(|(m, w)| w * (-m[i]).exp()).sum();
+        assert!((nll + p.ln()).abs() < 1e-3, "image {i}: {nll} vs {}", -p.ln());
+    }
+    let o = runner(tmp.path()).arg("eval").arg(&mix).args(["--member", "4"]).output().expect("run");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--member 4: expected 0..=3"), "{}", stderr(&o));
     assert!(rel(identity, test_nll) > 1e-4, "the mixture equals its identity member");
 
     let png = |run: &Path, sampler: &str| sample_png(tmp.path(), run, 8, sampler);

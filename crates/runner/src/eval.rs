@@ -21,6 +21,8 @@ pub struct Options {
     pub out: Option<PathBuf>,
     /// Ensemble members to average (MADE's masks); None: the run's own `eval_masks`.
     pub members: Option<usize>,
+    /// One member alone (0-based).
+    pub member: Option<usize>,
     /// Samples per image of a VAE's importance-weighted bound; None: the run's `iw_samples`.
     pub iw_samples: Option<usize>,
 }
@@ -77,6 +79,13 @@ pub fn eval(run_dir: &Path, device: &Device, opts: &Options) -> Result<()> {
             run_dir.display()
         )));
     }
+    if let Some(k) = opts.member.filter(|&k| k >= available) {
+        return Err(bad_input(format!(
+            "--member {k}: expected 0..={}, the members (mask sets, orderings or transforms) of the model in {}",
+            available - 1,
+            run_dir.display()
+        )));
+    }
     let (data_name, data, own) = eval_data(run_dir, &t, opts.data.as_deref())?;
     let split = data.split(opts.split);
     if split.n == 0 {
@@ -90,7 +99,7 @@ pub fn eval(run_dir: &Path, device: &Device, opts: &Options) -> Result<()> {
         }
     });
     let format = out_format(&out)?;
-    let nll = per_image_nll(&t, split, device, members)?;
+    let nll = per_image_nll(&t, split, device, members, opts.member)?;
     let dims = arm.dims();
     let mean = nll.iter().sum::<f64>() / nll.len() as f64;
     let mut df = frame(&nll, dims)?;
@@ -98,7 +107,11 @@ pub fn eval(run_dir: &Path, device: &Device, opts: &Options) -> Result<()> {
         OutFormat::Parquet => store::write_parquet(&out, &mut df)?,
         OutFormat::Csv => write_csv(&out, &mut df)?,
     }
-    let ensemble = if available > 1 { format!(", ensemble of {members} of {available} members") } else { String::new() };
+    let ensemble = match opts.member {
+        Some(k) => format!(", member {k} of {available} alone"),
+        None if available > 1 => format!(", ensemble of {members} of {available} members"),
+        None => String::new(),
+    };
     if arm.head().likelihood() {
         println!(
             "{data_name} {}: {} images, mean NLL {mean:.6} nats ({:.6} bits/dim){ensemble}",
@@ -110,7 +123,7 @@ pub fn eval(run_dir: &Path, device: &Device, opts: &Options) -> Result<()> {
         // The nll_nats column holds the quantile loss: the head has no likelihood.
         println!("{data_name} {}: {} images, mean quantile loss {mean:.6} (no likelihood: not nats)", opts.split, nll.len());
     }
-    if own && opts.split == SplitName::Test && members == default_members {
+    if own && opts.split == SplitName::Test && members == default_members && opts.member.is_none() {
         if let Some(s) = t.status.as_ref().and_then(|s| s.test_nll) {
             println!("status.toml test figure {s:.6} (relative difference {:.1e})", ((mean - s) / s).abs());
         }
@@ -146,8 +159,9 @@ pub fn vae_bounds(vae: &arm_vae::Vae, split: &Split, samples: usize) -> Result<(
 /// `runner eval` of a VAE run: per image, minus the importance-weighted bound (nll_nats, an
 /// upper bound of the NLL), bits/dim, minus the ELBO (neg_elbo_nats) and its KL term (kl_nats).
 fn eval_vae(run_dir: &Path, t: &trained::Trained, vae: &arm_vae::Vae, opts: &Options) -> Result<()> {
-    if opts.members.is_some() {
-        return Err(bad_input(format!("--members / --orders: {} holds a VAE, which has no ensemble", run_dir.display())));
+    if opts.members.is_some() || opts.member.is_some() {
+        let flag = if opts.member.is_some() { "--member" } else { "--members / --orders" };
+        return Err(bad_input(format!("{flag}: {} holds a VAE, which has no ensemble", run_dir.display())));
     }
     let samples = opts.iw_samples.unwrap_or(vae.config().iw_samples);
     if samples == 0 {
@@ -257,11 +271,22 @@ fn eval_data(run_dir: &Path, t: &trained::Trained, name: Option<&str>) -> Result
 }
 
 /// Per-image NLL in nats, in the batches training evaluated with.
-fn per_image_nll(t: &trained::Trained, split: &Split, device: &Device, members: usize) -> Result<Vec<f64>> {
+/// -log p per image of the ensemble of the first `members`, or of member `one` alone.
+fn per_image_nll(
+    t: &trained::Trained,
+    split: &Split,
+    device: &Device,
+    members: usize,
+    one: Option<usize>,
+) -> Result<Vec<f64>> {
     let mut nll = Vec::with_capacity(split.n);
     let arm = t.model.arm("per-image NLL")?;
     for x in split.batches(t.cfg.train.eval_batch_size, device) {
-        let lp = arm.log_prob_members(&x?, members)?; // (B,) nats
+        let x = x?;
+        let lp = match one {
+            Some(k) => arm.log_prob_member(&x, k)?,
+            None => arm.log_prob_members(&x, members)?,
+        }; // (B,) nats
         nll.extend(lp.to_dtype(DType::F64)?.to_vec1::<f64>()?.into_iter().map(|v| -v));
     }
     Ok(nll)

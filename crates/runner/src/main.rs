@@ -266,6 +266,10 @@ enum Command {
         /// `eval_masks` / `data.eval_orders`). 1 evaluates the first alone.
         #[arg(long, visible_alias = "orders")]
         members: Option<usize>,
+        /// Evaluate ensemble member K alone (0-based: member 0 is the first ordering, mask
+        /// set or, for `train.augment_eval = "mixture"`, the identity).
+        #[arg(long, value_name = "K", conflicts_with = "members")]
+        member: Option<usize>,
         /// Samples per image of a VAE's importance-weighted bound (default: the run's
         /// `model.vae.iw_samples`).
         #[arg(long)]
