@@ -229,6 +229,9 @@ fn augmented_run_evaluates_and_samples_at_the_identity() {
     assert!(w(&resumed) == w(&run), "best weights differ");
     let plain = train_fixture(&tmp.path().join("c"), "tiny_augment.toml", &["--set", "train.augment=[]"]);
     assert!(rel(status_value(&plain, "test_nll"), test_nll) > 1e-4, "augmentation changed nothing");
+    let o = runner(tmp.path()).arg("eval").arg(&plain).args(["--augment-eval", "mixture"]).output().expect("run");
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("trained without train.augment") && stderr(&o).lines().count() == 1, "{}", stderr(&o));
 
     let png = |sampler: &str| sample_png(tmp.path(), &run, 4, sampler);
     assert!(png("naive") == png("cached"), "cached differs from naive");
@@ -259,7 +262,8 @@ fn per_image(csv: &Path) -> Vec<f64> {
 /// `train.augment_eval = "mixture"`: the run trains as with the identity (the same weights),
 /// its test NLL is the mixture over the identity and the three quarter turns (`runner eval`
 /// reproduces it; `--members 1` is the identity run's figure; `--member K` gives each member,
-/// and the mixture is their average weighted by the training draws), and sampling draws each image
+/// and the mixture is their average weighted by the training draws; `--augment-eval` turns
+/// one run into the other), and sampling draws each image
 /// from a member: cached equals naive, and the images differ from the identity's.
 #[test]
 fn a_mixture_run_evaluates_and_samples_the_transform_mixture() {
@@ -301,6 +305,13 @@ fn a_mixture_run_evaluates_and_samples_the_transform_mixture() {
         let p: f64 = members.iter().zip(pi).map(|(m, w)| w * (-m[i]).exp()).sum();
         assert!((nll + p.ln()).abs() < 1e-3, "image {i}: {nll} vs {}", -p.ln());
     }
+    // The identity run evaluated as the mixture is the mixture run (the same weights).
+    let o = runner(tmp.path()).arg("eval").arg(&id).args(["--augment-eval", "mixture"]).output().expect("run");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(rel(printed_mean(&stdout(&o)), test_nll) < 1e-6, "{}", stdout(&o));
+    assert!(id.join("eval_test_mixture.parquet").is_file(), "the mode is in the default file name");
+    let o = runner(tmp.path()).arg("eval").arg(&mix).args(["--augment-eval", "identity"]).output().expect("run");
+    assert!(rel(printed_mean(&stdout(&o)), status_value(&id, "test_nll")) < 1e-6, "{}", stdout(&o));
     let o = runner(tmp.path()).arg("eval").arg(&mix).args(["--member", "4"]).output().expect("run");
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--member 4: expected 0..=3"), "{}", stderr(&o));

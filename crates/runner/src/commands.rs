@@ -145,9 +145,9 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             let device = parse_device(&device)?;
             crate::sample::sample(&run_dir, &device, &crate::sample::Options { n, sampler, seed, out, offsets })
         }
-        Command::Eval { run_dir, data, split, out, members, member, iw_samples } => {
+        Command::Eval { run_dir, data, split, out, members, member, augment_eval, iw_samples } => {
             let device = parse_device(&device)?;
-            crate::eval::eval(&run_dir, &device, &crate::eval::Options { data, split, out, members, member, iw_samples })
+            crate::eval::eval(&run_dir, &device, &crate::eval::Options { data, split, out, members, member, augment_eval, iw_samples })
         }
         Command::Encode { run_dir, split, out } => {
             let device = parse_device(&device)?;

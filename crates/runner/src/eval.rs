@@ -23,6 +23,8 @@ pub struct Options {
     pub members: Option<usize>,
     /// One member alone (0-based).
     pub member: Option<usize>,
+    /// "identity" or "mixture" in place of the run's `train.augment_eval`.
+    pub augment_eval: Option<String>,
     /// Samples per image of a VAE's importance-weighted bound; None: the run's `iw_samples`.
     pub iw_samples: Option<usize>,
 }
@@ -63,7 +65,10 @@ pub fn eval(run_dir: &Path, device: &Device, opts: &Options) -> Result<()> {
     if let Some(out) = &opts.out {
         out_format(out)?;
     }
-    let t = trained::open(run_dir, device)?;
+    let (t, as_trained) = match &opts.augment_eval {
+        None => (trained::open(run_dir, device)?, true),
+        Some(mode) => trained::open_augmented_as(run_dir, device, mode)?,
+    };
     if let crate::run::Model::Vae(vae) = &t.model {
         return eval_vae(run_dir, &t, vae, opts);
     }
@@ -92,10 +97,14 @@ pub fn eval(run_dir: &Path, device: &Device, opts: &Options) -> Result<()> {
         return Err(bad_input(format!("--data {data_name} --split {}: the split is empty", opts.split)));
     }
     let out = opts.out.clone().unwrap_or_else(|| {
+        let mode = match (&opts.augment_eval, as_trained) {
+            (Some(m), false) => format!("_{m}"),
+            _ => String::new(),
+        };
         if own {
-            run_dir.join(format!("eval_{}.parquet", opts.split))
+            run_dir.join(format!("eval_{}{mode}.parquet", opts.split))
         } else {
-            run_dir.join(format!("eval_{data_name}_{}.parquet", opts.split))
+            run_dir.join(format!("eval_{data_name}_{}{mode}.parquet", opts.split))
         }
     });
     let format = out_format(&out)?;
@@ -123,7 +132,7 @@ pub fn eval(run_dir: &Path, device: &Device, opts: &Options) -> Result<()> {
         // The nll_nats column holds the quantile loss: the head has no likelihood.
         println!("{data_name} {}: {} images, mean quantile loss {mean:.6} (no likelihood: not nats)", opts.split, nll.len());
     }
-    if own && opts.split == SplitName::Test && members == default_members && opts.member.is_none() {
+    if own && as_trained && opts.split == SplitName::Test && members == default_members && opts.member.is_none() {
         if let Some(s) = t.status.as_ref().and_then(|s| s.test_nll) {
             println!("status.toml test figure {s:.6} (relative difference {:.1e})", ((mean - s) / s).abs());
         }

@@ -270,6 +270,10 @@ enum Command {
         /// set or, for `train.augment_eval = "mixture"`, the identity).
         #[arg(long, value_name = "K", conflicts_with = "members")]
         member: Option<usize>,
+        /// A run trained with `train.augment`: evaluate it at the identity or as the transform
+        /// mixture (default: the run's own `train.augment_eval`).
+        #[arg(long, value_parser = ["identity", "mixture"])]
+        augment_eval: Option<String>,
         /// Samples per image of a VAE's importance-weighted bound (default: the run's
         /// `model.vae.iw_samples`).
         #[arg(long)]

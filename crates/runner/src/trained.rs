@@ -37,6 +37,27 @@ pub fn open(dir: &Path, device: &Device) -> Result<Trained> {
     build_with_weights(dir, cfg, status, device)
 }
 
+/// Opens the run folder `dir` of a run trained with `train.augment`, evaluated as `mode`
+/// ("identity" or "mixture", as `train.augment_eval`) whatever its config says; also whether
+/// that is the run's own mode.
+pub fn open_augmented_as(dir: &Path, device: &Device, mode: &str) -> Result<(Trained, bool)> {
+    if !dir.join("config.toml").is_file() {
+        return open(dir, device).map(|t| (t, true)); // its error
+    }
+    let mut cfg = config::read_run_config(dir).map_err(|e| bad_input(format!("{e:#}")))?;
+    if cfg.train.augment.is_empty() {
+        return Err(bad_input(format!("--augment-eval: {} was trained without train.augment", dir.display())));
+    }
+    let eval: arm_train::AugmentEval = toml::Value::String(mode.to_string())
+        .try_into()
+        .map_err(|e| bad_input(format!("--augment-eval {mode}: {e}")))?;
+    let own = cfg.train.augment_eval == eval;
+    cfg.train.augment_eval = eval;
+    cfg.train.validate().map_err(|e| bad_input(format!("--augment-eval {mode}: {e}")))?;
+    let status = RunStatus::read(dir)?;
+    Ok((build_with_weights(dir, cfg, status, device)?, own))
+}
+
 /// Builds the model of `cfg` (read from `dir/config.toml`) and loads `dir/model.safetensors`
 /// into it.
 pub fn build_with_weights(dir: &Path, cfg: RunConfig, status: Option<RunStatus>, device: &Device) -> Result<Trained> {
