@@ -26,8 +26,8 @@ pub enum AugmentEval {
     /// p(x | identity).
     #[default]
     Identity,
-    /// (1/K) sum_k p(t_k(x) | t_k) over the identity and the trained transforms that permute
-    /// pixels.
+    /// sum_k pi_k p(t_k(x) | t_k) over the identity and the trained transforms that permute
+    /// pixels, pi_k the share of training images drawn with t_k, renormalised.
     Mixture,
 }
 
@@ -112,8 +112,8 @@ impl DistAug {
     }
 
     /// Draws images with `noise` (B, D, Q) as [`Arm::sample`] does. A mixture draws each
-    /// image's member from its weights with `seed` (the same for every sampler), samples t(x) from that
-    /// member's conditional and maps it back to x.
+    /// image's member from its weights with `seed` (the same for every sampler), samples t(x)
+    /// from that member's conditional and maps it back to x.
     pub fn sample(&self, noise: &Tensor, seed: u64, sampler: Sampler) -> Result<SampleOutput> {
         let Some(mix) = &self.mixture else { return self.eval.sample(noise, sampler) };
         let (b, d, _) = noise.dims3()?;
@@ -136,7 +136,7 @@ impl DistAug {
             if idx.is_empty() {
                 continue;
             }
-            let (h, _, gather_out) = mix.member(m);
+            let (h, gather_out) = mix.member(m);
             let arm = self.eval.rebind(Box::new(Conditioned::new(self.net.clone(), h.clone())?))?;
             let sel = Tensor::new(idx.as_slice(), noise.device())?;
             let out = arm.sample(&noise.index_select(&sel, 0)?, sampler)?;

@@ -89,10 +89,11 @@ impl TransformMixture {
         &self.weights
     }
 
-    /// The one-hot condition (1, classes) and the source map of member `m`.
-    pub fn member(&self, m: usize) -> (&Tensor, Option<&Tensor>, Option<&Tensor>) {
+    /// Member `m`'s one-hot condition (1, classes) and the gather from t(x)'s positions back to
+    /// x's (None for the identity).
+    pub fn member(&self, m: usize) -> (&Tensor, Option<&Tensor>) {
         let mem = &self.members[m];
-        (&mem.h, mem.gather_in.as_ref(), mem.gather_out.as_ref())
+        (&mem.h, mem.gather_out.as_ref())
     }
 
     pub fn len(&self) -> usize {
