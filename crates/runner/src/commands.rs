@@ -330,7 +330,8 @@ fn list() {
         "\nDistribution augmentation ([train] augment = [GROUP, ...], augment_prob = 0.5; a plugin marked\n\
          [VAE decoder] reads the transform as its conditioning vector): {}\n\
          augment_eval = \"identity\" (default) evaluates and samples p(x | identity); \"mixture\" the exact mixture\n\
-         (1/K) sum_t p(t(x) | t) over the identity and the listed flips, transpose and rotations.",
+         sum_t pi_t p(t(x) | t) over the identity and the listed flips, transpose and rotations, pi_t the\n\
+         share of training images drawn with t (renormalised).",
         arm_data::augment::AUGMENT_NAMES.join(", ")
     );
     println!("\nData sets ([data] name = NAME): {}", arm_data::DATASET_NAMES.join(", "));
