@@ -28,6 +28,7 @@ EXPERIMENTS=(
     best        # "PixelCNN++ and PixelSNAIL"
     best_gated  # "The gated PixelCNN for longer, and distribution augmentation": the heads
     augment     # the same section: distribution augmentation
+    augment_mixture  # the same section: the transform mixture
 )
 
 # --quick: every experiment gets these overrides (later --set wins over the file, its grid

@@ -136,6 +136,10 @@ impl Arm {
         self.forecaster = forecaster;
     }
 
+    pub fn forecaster(&self) -> Option<&Forecaster> {
+        self.forecaster.as_ref()
+    }
+
     /// (B, D) image layout -> (B, D) sequence order.
     pub fn to_sequence(&self, x: &Tensor) -> Result<Tensor> {
         match &self.perm {

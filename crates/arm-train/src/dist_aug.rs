@@ -137,7 +137,11 @@ impl DistAug {
                 continue;
             }
             let (h, gather_out) = mix.member(m);
-            let arm = self.eval.rebind(Box::new(Conditioned::new(self.net.clone(), h.clone())?))?;
+            let mut arm = self.eval.rebind(Box::new(Conditioned::new(self.net.clone(), h.clone())?))?;
+            if m == 0 {
+                // A forecaster fitted to the model (`runner sample --offsets`) is the identity's.
+                arm.set_forecaster(self.eval.forecaster().cloned());
+            }
             let sel = Tensor::new(idx.as_slice(), noise.device())?;
             let out = arm.sample(&noise.index_select(&sel, 0)?, sampler)?;
             let images = match gather_out {
