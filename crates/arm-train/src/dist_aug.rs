@@ -51,8 +51,13 @@ pub struct DistAug {
 
 /// The one-hot conditioning vector of the identity, (1, classes).
 pub fn identity_condition(classes: usize, device: &candle_core::Device) -> Result<Tensor> {
+    one_hot(0, classes, device)
+}
+
+/// The one-hot conditioning vector of class `k`, (1, classes).
+pub(crate) fn one_hot(k: usize, classes: usize, device: &candle_core::Device) -> Result<Tensor> {
     let mut h = vec![0f32; classes];
-    h[0] = 1.0;
+    h[k] = 1.0;
     Tensor::from_vec(h, (1, classes), device)
 }
 

@@ -65,10 +65,8 @@ impl TransformMixture {
             for (p, &q) in src.iter().enumerate() {
                 inv[q] = p;
             }
-            let mut h = vec![0f32; classes];
-            h[k] = 1.0;
             members.push(Member {
-                h: Tensor::from_vec(h, (1, classes), &dev)?,
+                h: crate::dist_aug::one_hot(k, classes, &dev)?,
                 gather_in: arm_core::gather_index(&src, &dev)?,
                 gather_out: arm_core::gather_index(&inv, &dev)?,
                 order: (k != 0).then_some(src),

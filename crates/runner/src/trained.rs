@@ -26,25 +26,15 @@ pub struct Trained {
 /// Opens the run folder `dir`. A missing folder, config or weights file, or a config or status
 /// file that does not read, is bad input (exit 2).
 pub fn open(dir: &Path, device: &Device) -> Result<Trained> {
-    if !dir.is_dir() {
-        return Err(bad_input(format!("{}: no such run folder", dir.display())));
-    }
-    if !dir.join("config.toml").is_file() {
-        return Err(bad_input(format!("{}: not a run folder (no config.toml inside)", dir.display())));
-    }
-    let cfg = config::read_run_config(dir).map_err(|e| bad_input(format!("{e:#}")))?;
-    let status = RunStatus::read(dir)?;
-    build_with_weights(dir, cfg, status, device)
+    let cfg = read_config(dir)?;
+    build_with_weights(dir, cfg, RunStatus::read(dir)?, device)
 }
 
 /// Opens the run folder `dir` of a run trained with `train.augment`, evaluated as `mode`
 /// ("identity" or "mixture", as `train.augment_eval`) whatever its config says; also whether
 /// that is the run's own mode.
 pub fn open_augmented_as(dir: &Path, device: &Device, mode: &str) -> Result<(Trained, bool)> {
-    if !dir.join("config.toml").is_file() {
-        return open(dir, device).map(|t| (t, true)); // its error
-    }
-    let mut cfg = config::read_run_config(dir).map_err(|e| bad_input(format!("{e:#}")))?;
+    let mut cfg = read_config(dir)?;
     if cfg.train.augment.is_empty() {
         return Err(bad_input(format!("--augment-eval: {} was trained without train.augment", dir.display())));
     }
@@ -54,8 +44,18 @@ pub fn open_augmented_as(dir: &Path, device: &Device, mode: &str) -> Result<(Tra
     let own = cfg.train.augment_eval == eval;
     cfg.train.augment_eval = eval;
     cfg.train.validate().map_err(|e| bad_input(format!("--augment-eval {mode}: {e}")))?;
-    let status = RunStatus::read(dir)?;
-    Ok((build_with_weights(dir, cfg, status, device)?, own))
+    Ok((build_with_weights(dir, cfg, RunStatus::read(dir)?, device)?, own))
+}
+
+/// The run folder's `config.toml`, or bad input naming what is missing.
+fn read_config(dir: &Path) -> Result<RunConfig> {
+    if !dir.is_dir() {
+        return Err(bad_input(format!("{}: no such run folder", dir.display())));
+    }
+    if !dir.join("config.toml").is_file() {
+        return Err(bad_input(format!("{}: not a run folder (no config.toml inside)", dir.display())));
+    }
+    config::read_run_config(dir).map_err(|e| bad_input(format!("{e:#}")))
 }
 
 /// Builds the model of `cfg` (read from `dir/config.toml`) and loads `dir/model.safetensors`
