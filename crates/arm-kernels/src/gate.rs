@@ -23,6 +23,7 @@ struct Gate;
 pub(crate) struct GateGrad;
 
 use crate::fastmath::{gate as gate32, gate_parts};
+use multiversion::target::selected_target;
 
 /// (rows, 2C) of an input of shape `dims` (..., 2C).
 fn rows_c2(dims: &[usize]) -> Result<(usize, usize)> {
@@ -41,10 +42,11 @@ fn rows_c2(dims: &[usize]) -> Result<(usize, usize)> {
     "x86_64+sse4.1"
 ))]
 fn gate_rows(out: &mut [f32], a: &[f32], c: usize) {
+    const FMA: bool = selected_target!().supports_feature_str("fma");
     for (orow, arow) in out.chunks_mut(c.max(1)).zip(a.chunks(2 * c.max(1))) {
         let (f, g) = arow.split_at(c);
         for ((y, &ff), &gg) in orow.iter_mut().zip(f).zip(g) {
-            *y = gate32(ff, gg);
+            *y = gate32::<FMA>(ff, gg);
         }
     }
 }
@@ -56,13 +58,14 @@ fn gate_rows(out: &mut [f32], a: &[f32], c: usize) {
     "x86_64+sse4.1"
 ))]
 fn gate_grad_rows(out: &mut [f32], a: &[f32], grad: &[f32], c: usize) {
+    const FMA: bool = selected_target!().supports_feature_str("fma");
     let c2 = 2 * c.max(1);
     for ((orow, arow), grow) in out.chunks_mut(c2).zip(a.chunks(c2)).zip(grad.chunks(c.max(1))) {
         let (df, dg) = orow.split_at_mut(c);
         let (f, gt) = arow.split_at(c);
         // Zipped iterators (no index bounds checks), so the loop vectorises.
         for ((df, dg), ((&f, &gt), &gr)) in df.iter_mut().zip(dg.iter_mut()).zip(f.iter().zip(gt).zip(grow)) {
-            let (t, sg) = gate_parts(f, gt);
+            let (t, sg) = gate_parts::<FMA>(f, gt);
             *df = gr * sg * (1.0 - t * t);
             *dg = gr * t * sg * (1.0 - sg);
         }
