@@ -37,8 +37,17 @@ fn expm1_small(r: f32) -> f32 {
     expm1_series::<false>(r)
 }
 
+/// With `FMA` the same series in Estrin's form (pairs of terms, then pairs of pairs): a chain
+/// of four dependent steps instead of eight, so that more elements are in flight at once.
 #[inline(always)]
 fn expm1_series<const FMA: bool>(r: f32) -> f32 {
+    if FMA {
+        let (r2, m) = (r * r, |a: f32, b: f32, c: f32| a.mul_add(b, c));
+        let r4 = r2 * r2;
+        let lo = m(m(1.0 / 24.0, r, 1.0 / 6.0), r2, m(0.5, r, 1.0));
+        let hi = m(m(1.0 / 40320.0, r, 1.0 / 5040.0), r2, m(1.0 / 720.0, r, 1.0 / 120.0));
+        return m(hi, r4, lo) * r;
+    }
     let p = 1.0 / 40320.0;
     let p = madd::<FMA>(p, r, 1.0 / 5040.0);
     let p = madd::<FMA>(p, r, 1.0 / 720.0);
@@ -155,8 +164,13 @@ mod tests {
             for (&f, &g) in xs.iter().zip(xs.iter().rev()) {
                 let (fd, gd) = (f as f64, g as f64);
                 let (t, s) = (fd.tanh(), 1.0 / (1.0 + (-gd).exp()));
-                let rel =
-                    |got: f32, want: f64| if want == 0.0 { got.abs() as f64 } else { ((got as f64 - want) / want).abs() };
+                let rel = |got: f32, want: f64| {
+                    if want == 0.0 {
+                        got.abs() as f64
+                    } else {
+                        ((got as f64 - want) / want).abs()
+                    }
+                };
                 e_gate = e_gate.max(rel(gate(f, g), t * s));
                 let (pt, ps) = gate_parts(f, g);
                 e_t = e_t.max(rel(pt, t));

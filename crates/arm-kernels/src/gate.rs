@@ -72,6 +72,43 @@ fn gate_grad_rows(out: &mut [f32], a: &[f32], grad: &[f32], c: usize) {
     }
 }
 
+/// [`gate_rows`] that also replaces each row [f | g] of `a` by [tanh f | sigmoid g], from
+/// which [`grad_from_parts_rows`] takes the derivative without a transcendental function.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma+bmi1+bmi2+lzcnt+popcnt",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.1"
+))]
+fn gate_parts_rows(out: &mut [f32], a: &mut [f32], c: usize) {
+    const FMA: bool = selected_target!().supports_feature_str("fma");
+    for (orow, arow) in out.chunks_mut(c.max(1)).zip(a.chunks_mut(2 * c.max(1))) {
+        let (f, g) = arow.split_at_mut(c);
+        for ((y, f), g) in orow.iter_mut().zip(f).zip(g) {
+            let (t, sg) = gate_parts::<FMA>(*f, *g);
+            (*f, *g) = (t, sg);
+            *y = t * sg;
+        }
+    }
+}
+
+/// [`gate_grad_rows`] from rows [tanh f | sigmoid g] (as [`gate_parts_rows`] leaves them).
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma+bmi1+bmi2+lzcnt+popcnt",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.1"
+))]
+fn grad_from_parts_rows(out: &mut [f32], parts: &[f32], grad: &[f32], c: usize) {
+    let c2 = 2 * c.max(1);
+    for ((orow, prow), grow) in out.chunks_mut(c2).zip(parts.chunks(c2)).zip(grad.chunks(c.max(1))) {
+        let (df, dg) = orow.split_at_mut(c);
+        let (t, sg) = prow.split_at(c);
+        for ((df, dg), ((&t, &sg), &gr)) in df.iter_mut().zip(dg.iter_mut()).zip(t.iter().zip(sg).zip(grow)) {
+            *df = gr * sg * (1.0 - t * t);
+            *dg = gr * t * sg * (1.0 - sg);
+        }
+    }
+}
+
 impl CustomOp1 for Gate {
     fn name(&self) -> &'static str {
         "gate"
@@ -141,6 +178,22 @@ pub(crate) fn gate_into(out: &mut [f32], a: &[f32], c: usize) {
         .for_each(|(o, ai)| gate_rows(o, ai, c));
 }
 
+/// [`gate_into`] that leaves [tanh f | sigmoid g] in `a` for [`gate_grad_from_parts_into`].
+pub(crate) fn gate_parts_into(out: &mut [f32], a: &mut [f32], c: usize) {
+    let rows_per_chunk = (CHUNK / (2 * c).max(1)).max(1);
+    out.par_chunks_mut(rows_per_chunk * c.max(1))
+        .zip(a.par_chunks_mut(rows_per_chunk * 2 * c.max(1)))
+        .for_each(|(o, ai)| gate_parts_rows(o, ai, c));
+}
+
+/// [`gate_grad_into`] from the parts [tanh f | sigmoid g] instead of a: the same values.
+pub(crate) fn gate_grad_from_parts_into(out: &mut [f32], parts: &[f32], g: &[f32], c: usize) {
+    let rows_per_chunk = (CHUNK / (2 * c).max(1)).max(1);
+    out.par_chunks_mut(rows_per_chunk * 2 * c.max(1))
+        .zip(parts.par_chunks(rows_per_chunk * 2 * c.max(1)).zip(g.par_chunks(rows_per_chunk * c.max(1))))
+        .for_each(|(o, (pi, gi))| grad_from_parts_rows(o, pi, gi, c));
+}
+
 /// The gated unit over the last dimension: (..., 2C) -> (..., C). Fused on CPU for f32.
 pub fn gate(a: &Tensor) -> Result<Tensor> {
     let last = a.rank() - 1;
@@ -189,6 +242,29 @@ mod tests {
         assert!((y.to_vec2::<f32>()?[0][0] - t / 2.0).abs() < 1e-7);
         let da = y.sum_all()?.backward()?.get(&a).expect("grad").to_vec2::<f32>()?;
         assert!((da[0][0] - (1.0 - t * t) / 2.0).abs() < 1e-7 && (da[0][1] - t / 4.0).abs() < 1e-7);
+        // The forward that keeps [tanh | sigmoid] gives the gate, and the gradient from those
+        // parts is the gradient from a, bit for bit (both take it from the same parts).
+        let (rows, c) = (53, 7);
+        let a = vals(rows * 2 * c, 5);
+        let g = vals(rows * c, 6);
+        let mut parts = a.clone();
+        let mut y = vec![0f32; rows * c];
+        gate_parts_into(&mut y, &mut parts, c);
+        let want = gate_cpu(&a, c);
+        for (i, (got, want)) in y.iter().zip(&want).enumerate() {
+            assert!(
+                (got - want).abs() <= 2.0 * f32::EPSILON * want.abs(),
+                "row {} col {}: {got} vs {want}",
+                i / c,
+                i % c
+            );
+        }
+        let (r, k) = (17, 3);
+        assert!((parts[r * 2 * c + k] - a[r * 2 * c + k].tanh()).abs() < 1e-6, "tanh part");
+        assert!((parts[r * 2 * c + c + k] - 1.0 / (1.0 + (-a[r * 2 * c + c + k]).exp())).abs() < 1e-6, "sigmoid part");
+        let mut from_parts = vec![0f32; rows * 2 * c];
+        gate_grad_from_parts_into(&mut from_parts, &parts, &g, c);
+        assert_eq!(from_parts, gate_grad_cpu(&a, &g, c));
         // Rank 3 input is handled over its last dimension.
         let y3 = gate(&Tensor::from_vec(vals(2 * 3 * 4, 4), (2, 3, 4), &dev)?)?;
         assert_eq!(y3.dims(), &[2, 3, 2]);

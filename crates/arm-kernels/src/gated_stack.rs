@@ -29,7 +29,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::dense::{bias_act, column_sums};
-use crate::gate::{gate_cpu, gate_grad_into, gate_into};
+use crate::gate::{gate_cpu, gate_grad_from_parts_into, gate_grad_into, gate_into, gate_parts_into};
 use crate::gemm::{f32s, gemm_into, parallelism, weight_grad_sums, with_slices, View};
 use crate::implicit::Padded;
 use crate::{Result, Unfold};
@@ -104,9 +104,10 @@ fn stack_op(x: &Tensor, layers: &[GatedLayer], plans: Vec<Padded>, relu: bool) -
 }
 
 /// A layer's activations, kept by the forward for the backward. Padded layout ([`Padded`],
-/// the one all layers share): v_l and u_l (2C per cell) and gate(u_l) over the span of the
-/// products; gate(v_l) and h_l (C per cell), the next layer's inputs, as whole padded buffers
-/// with zeros at pads.
+/// the one all layers share): v_l and [tanh | sigmoid] of u_l's halves (2C per cell; the
+/// backward needs u_l only through them) and gate(u_l) over the span of the products;
+/// gate(v_l) and h_l (C per cell), the next layer's inputs, as whole padded buffers with
+/// zeros at pads.
 #[derive(Debug, Default)]
 struct Acts {
     v: Vec<f32>,
@@ -298,7 +299,13 @@ impl Stack {
             product_into(&mut u, &v, w.wvh, (ns, 2 * c, 2 * c), false, true)?;
             drop(p);
             let p = crate::profile::scope("stack fwd gate");
-            let gu = gate_cpu(&u, c);
+            let gu = if self.keep {
+                let mut gu = vec![0f32; ns * c];
+                gate_parts_into(&mut gu, &mut u, c);
+                gu
+            } else {
+                gate_cpu(&u, c)
+            };
             drop(p);
             // h starts as the residual (from the second layer on) plus b_o; the product adds to it.
             let p = crate::profile::scope("stack fwd rows");
@@ -346,7 +353,11 @@ impl Stack {
         // Gradients in the padded layout with zeros at pads, so that the products' sums over
         // the span see only the cells of the images.
         let mut dh = grid.pad(dy, b, c);
-        let mut dv_next: Option<Vec<f32>> = None;
+        // Buffers reused by every layer: the products and gates rewrite the span in full, so
+        // the cells outside it stay the zeros they were made with.
+        let mut dgu = vec![0f32; ns * c];
+        let mut du = vec![0f32; full * 2 * c];
+        let mut dv = vec![0f32; full * 2 * c];
         let mut dx = None;
         let missing = || candle_core::Error::Msg("gated_stack: a gradient was not computed".into());
         for (l, (w, (pv, ph))) in weights.iter().zip(self.plans.iter()).enumerate().rev() {
@@ -360,34 +371,26 @@ impl Stack {
             let p = crate::profile::scope("stack bwd rows");
             let dwo = weight_grad_sums(&dh[s1.clone()], c, View::new(&a.gu, 0, c, 1), c, ns, false)?;
             let dbo = column_sums(&dh[s1.clone()], c);
-            let mut dgu = vec![0f32; ns * c];
             product_into(&mut dgu, &dh[s1.clone()], w.wo, (ns, c, c), true, false)?;
             drop(p);
             let p = crate::profile::scope("stack bwd gate");
-            let mut du = vec![0f32; full * 2 * c];
-            gate_grad_into(&mut du[s2.clone()], &a.u, &dgu, c);
+            gate_grad_from_parts_into(&mut du[s2.clone()], &a.u, &dgu, c);
             drop(p);
-            drop(dgu);
             // u = W_h * h_{l-1} + v W_vh + b_h + b_vh.
             let p = crate::profile::scope("stack bwd rows");
             let dwvh = weight_grad_sums(&du[s2.clone()], 2 * c, View::new(&a.v, 0, 2 * c, 1), 2 * c, ns, false)?;
             let dbh = column_sums(&du[s2.clone()], 2 * c);
             // dv: from layer l + 1's vertical convolution (none above the top layer) plus du W_vh^T.
-            let (mut dv, acc) = match dv_next.take() {
-                Some(d) => (d, true),
-                None => (vec![0f32; full * 2 * c], false),
-            };
+            let acc = l + 1 < weights.len();
             product_into(&mut dv[s2.clone()], &du[s2.clone()], w.wvh, (ns, 2 * c, 2 * c), true, acc)?;
             drop(p);
             let inputs = l > 0 || want_dx;
             let p = crate::profile::scope("stack bwd conv");
             let (dhin, dwh) = ph.backward_padded(hin, w.wh, &du, (b, cin, 2 * c), (inputs, true), false, par)?;
-            drop(du);
             // v = W_v * g_{l-1} + b_v.
             let dbv = column_sums(&dv[s2.clone()], 2 * c);
             let (dvin, dwv) = pv.backward_padded(vin, w.wv, &dv, (b, cin, 2 * c), (inputs, true), false, par)?;
             drop(p);
-            drop(dv);
             let mut g = dwv.ok_or_else(missing)?;
             g.extend(dbv);
             g.extend(dwh.ok_or_else(missing)?);
@@ -408,9 +411,8 @@ impl Stack {
                 } else {
                     add_into(&mut dhin, &dh); // the residual
                     dh = dhin;
-                    let mut d = vec![0f32; full * 2 * c];
-                    gate_grad_into(&mut d[s2.clone()], &saved[l - 1].v, &dvin[s1.clone()], c);
-                    dv_next = Some(d);
+                    // dv of layer l - 1, to which its own du W_vh^T adds.
+                    gate_grad_into(&mut dv[s2.clone()], &saved[l - 1].v, &dvin[s1.clone()], c);
                 }
             }
         }
