@@ -72,26 +72,29 @@ fn gate_grad_rows(out: &mut [f32], a: &[f32], grad: &[f32], c: usize) {
     }
 }
 
-/// [`gate_rows`] that also replaces each row [f | g] of `a` by [tanh f | sigmoid g], from
-/// which [`grad_from_parts_rows`] takes the derivative without a transcendental function.
+/// [`gate_rows`] of a + bias (2C, every row), in place of each row [f | g] of `a` leaving
+/// [f + b_f | g + b_g], or with `parts` [tanh | sigmoid] of those, from which
+/// [`grad_from_parts_rows`] takes the derivative without a transcendental function.
 #[multiversion::multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma+bmi1+bmi2+lzcnt+popcnt",
     "x86_64+avx2+fma",
     "x86_64+sse4.1"
 ))]
-fn gate_parts_rows(out: &mut [f32], a: &mut [f32], c: usize) {
+fn bias_gate_rows(out: &mut [f32], a: &mut [f32], bias: &[f32], c: usize, parts: bool) {
     const FMA: bool = selected_target!().supports_feature_str("fma");
+    let (bf, bg) = bias.split_at(c);
     for (orow, arow) in out.chunks_mut(c.max(1)).zip(a.chunks_mut(2 * c.max(1))) {
         let (f, g) = arow.split_at_mut(c);
-        for ((y, f), g) in orow.iter_mut().zip(f).zip(g) {
-            let (t, sg) = gate_parts::<FMA>(*f, *g);
-            (*f, *g) = (t, sg);
+        for (((y, f), g), (&b1, &b2)) in orow.iter_mut().zip(f).zip(g).zip(bf.iter().zip(bg)) {
+            let (pre_f, pre_g) = (*f + b1, *g + b2);
+            let (t, sg) = gate_parts::<FMA>(pre_f, pre_g);
+            (*f, *g) = if parts { (t, sg) } else { (pre_f, pre_g) };
             *y = t * sg;
         }
     }
 }
 
-/// [`gate_grad_rows`] from rows [tanh f | sigmoid g] (as [`gate_parts_rows`] leaves them).
+/// [`gate_grad_rows`] from rows [tanh f | sigmoid g] (as [`bias_gate_rows`] leaves them).
 #[multiversion::multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma+bmi1+bmi2+lzcnt+popcnt",
     "x86_64+avx2+fma",
@@ -178,12 +181,13 @@ pub(crate) fn gate_into(out: &mut [f32], a: &[f32], c: usize) {
         .for_each(|(o, ai)| gate_rows(o, ai, c));
 }
 
-/// [`gate_into`] that leaves [tanh f | sigmoid g] in `a` for [`gate_grad_from_parts_into`].
-pub(crate) fn gate_parts_into(out: &mut [f32], a: &mut [f32], c: usize) {
+/// out = gate(a + bias) with a + bias left in `a`, or with `parts` [tanh | sigmoid] of it for
+/// [`gate_grad_from_parts_into`]: the bias and the kept values cost no pass of their own.
+pub(crate) fn bias_gate_into(out: &mut [f32], a: &mut [f32], bias: &[f32], c: usize, parts: bool) {
     let rows_per_chunk = (CHUNK / (2 * c).max(1)).max(1);
     out.par_chunks_mut(rows_per_chunk * c.max(1))
         .zip(a.par_chunks_mut(rows_per_chunk * 2 * c.max(1)))
-        .for_each(|(o, ai)| gate_parts_rows(o, ai, c));
+        .for_each(|(o, ai)| bias_gate_rows(o, ai, bias, c, parts));
 }
 
 /// [`gate_grad_into`] from the parts [tanh f | sigmoid g] instead of a: the same values.
@@ -242,29 +246,30 @@ mod tests {
         assert!((y.to_vec2::<f32>()?[0][0] - t / 2.0).abs() < 1e-7);
         let da = y.sum_all()?.backward()?.get(&a).expect("grad").to_vec2::<f32>()?;
         assert!((da[0][0] - (1.0 - t * t) / 2.0).abs() < 1e-7 && (da[0][1] - t / 4.0).abs() < 1e-7);
-        // The forward that keeps [tanh | sigmoid] gives the gate, and the gradient from those
-        // parts is the gradient from a, bit for bit (both take it from the same parts).
+        // With a bias: the gate of a + bias, a + bias left behind, or [tanh | sigmoid] of it
+        // from which the gradient is the gradient from a + bias, bit for bit (both take it from
+        // the same parts).
         let (rows, c) = (53, 7);
-        let a = vals(rows * 2 * c, 5);
-        let g = vals(rows * c, 6);
-        let mut parts = a.clone();
-        let mut y = vec![0f32; rows * c];
-        gate_parts_into(&mut y, &mut parts, c);
-        let want = gate_cpu(&a, c);
+        let (a, bias, g) = (vals(rows * 2 * c, 5), vals(2 * c, 7), vals(rows * c, 6));
+        let biased: Vec<f32> = a.iter().enumerate().map(|(i, v)| v + bias[i % (2 * c)]).collect();
+        let want = gate_cpu(&biased, c);
+        let (mut sum, mut parts) = (a.clone(), a.clone());
+        let (mut y, mut y_parts) = (vec![0f32; rows * c], vec![0f32; rows * c]);
+        bias_gate_into(&mut y, &mut sum, &bias, c, false);
+        bias_gate_into(&mut y_parts, &mut parts, &bias, c, true);
+        assert_eq!(sum, biased);
+        assert_eq!(y, y_parts);
         for (i, (got, want)) in y.iter().zip(&want).enumerate() {
-            assert!(
-                (got - want).abs() <= 2.0 * f32::EPSILON * want.abs(),
-                "row {} col {}: {got} vs {want}",
-                i / c,
-                i % c
-            );
+            let close = (got - want).abs() <= 2.0 * f32::EPSILON * want.abs();
+            assert!(close, "row {} col {}: {got} vs {want}", i / c, i % c);
         }
         let (r, k) = (17, 3);
-        assert!((parts[r * 2 * c + k] - a[r * 2 * c + k].tanh()).abs() < 1e-6, "tanh part");
-        assert!((parts[r * 2 * c + c + k] - 1.0 / (1.0 + (-a[r * 2 * c + c + k]).exp())).abs() < 1e-6, "sigmoid part");
+        assert!((parts[r * 2 * c + k] - biased[r * 2 * c + k].tanh()).abs() < 1e-6, "tanh part");
+        let sig = 1.0 / (1.0 + (-biased[r * 2 * c + c + k]).exp());
+        assert!((parts[r * 2 * c + c + k] - sig).abs() < 1e-6, "sigmoid part");
         let mut from_parts = vec![0f32; rows * 2 * c];
         gate_grad_from_parts_into(&mut from_parts, &parts, &g, c);
-        assert_eq!(from_parts, gate_grad_cpu(&a, &g, c));
+        assert_eq!(from_parts, gate_grad_cpu(&biased, &g, c));
         // Rank 3 input is handled over its last dimension.
         let y3 = gate(&Tensor::from_vec(vals(2 * 3 * 4, 4), (2, 3, 4), &dev)?)?;
         assert_eq!(y3.dims(), &[2, 3, 2]);

@@ -29,9 +29,10 @@ use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::dense::{bias_act, column_sums};
-use crate::gate::{gate_cpu, gate_grad_from_parts_into, gate_grad_into, gate_into, gate_parts_into};
+use crate::gate::{bias_gate_into, gate_grad_from_parts_into, gate_grad_into};
 use crate::gemm::{f32s, gemm_into, parallelism, weight_grad_sums, with_slices, View};
 use crate::implicit::Padded;
+use crate::scratch;
 use crate::{Result, Unfold};
 
 /// One gated layer's convolutions and weights: W_v (taps_v C_in, 2C), W_h (taps_h C_in, 2C),
@@ -115,6 +116,14 @@ struct Acts {
     u: Vec<f32>,
     gu: Vec<f32>,
     h: Vec<f32>,
+}
+
+impl Drop for Acts {
+    fn drop(&mut self) {
+        for buf in [&mut self.v, &mut self.gv, &mut self.u, &mut self.gu, &mut self.h] {
+            scratch::give(std::mem::take(buf));
+        }
+    }
 }
 
 /// Per part of the batch ([`PART_IMAGES`] images), its layers' activations.
@@ -288,40 +297,45 @@ impl Stack {
                 None => (&xp, &xp),
                 Some(a) => (&a.gv, &a.h),
             };
-            // The products add to their bias rows.
+            // The products first, each into a pooled buffer that its first run overwrites; the
+            // biases join the passes over the results. v enters u's product without b_v, which
+            // reaches u as b_v W_vh in u's bias.
+            let (s1, s2) = (p0 * c..p1 * c, 0..ns * 2 * c);
             let p = crate::profile::scope("stack fwd conv");
-            let mut v = w.bv.repeat(ns);
-            pv.forward_padded(vin, w.wv, (b, cin, 2 * c), &mut v, true, par)?;
-            let mut u = w.bh.iter().zip(w.bvh).map(|(p, q)| p + q).collect::<Vec<f32>>().repeat(ns);
-            ph.forward_padded(hin, w.wh, (b, cin, 2 * c), &mut u, true, par)?;
+            let mut v = scratch::take(s2.len());
+            pv.forward_padded(vin, w.wv, (b, cin, 2 * c), &mut v, false, par)?;
+            let mut u = scratch::take(s2.len());
+            ph.forward_padded(hin, w.wh, (b, cin, 2 * c), &mut u, false, par)?;
             drop(p);
             let p = crate::profile::scope("stack fwd rows");
             product_into(&mut u, &v, w.wvh, (ns, 2 * c, 2 * c), false, true)?;
             drop(p);
             let p = crate::profile::scope("stack fwd gate");
-            let gu = if self.keep {
-                let mut gu = vec![0f32; ns * c];
-                gate_parts_into(&mut gu, &mut u, c);
-                gu
-            } else {
-                gate_cpu(&u, c)
-            };
-            drop(p);
-            // h starts as the residual (from the second layer on) plus b_o; the product adds to it.
-            let p = crate::profile::scope("stack fwd rows");
-            let mut h = if l == 0 { vec![0f32; full * c] } else { hin.clone() };
-            let span = &mut h[p0 * c..p1 * c];
-            bias_act(span, w.bo, None);
-            product_into(span, &gu, w.wo, (ns, c, c), false, true)?;
-            grid.zero_pads(&mut h, b, c);
-            drop(p);
+            let bu: Vec<f32> = (0..2 * c)
+                .map(|j| w.bh[j] + w.bvh[j] + (0..2 * c).map(|i| w.bv[i] * w.wvh[i * 2 * c + j]).sum::<f32>())
+                .collect();
+            let mut gu = scratch::take(ns * c);
+            bias_gate_into(&mut gu, &mut u, &bu, c, self.keep);
             let mut gv = Vec::new();
             if l + 1 < weights.len() {
-                let _p = crate::profile::scope("stack fwd gate");
-                gv = vec![0f32; full * c];
-                gate_into(&mut gv[p0 * c..p1 * c], &v, c);
+                gv = scratch::take(full * c);
+                bias_gate_into(&mut gv[s1.clone()], &mut v, w.bv, c, false);
                 grid.zero_pads(&mut gv, b, c);
+            } else {
+                bias_act(&mut v, w.bv, None);
             }
+            drop(p);
+            // h = [h_{l-1}] + gate(u) W_o + b_o.
+            let p = crate::profile::scope("stack fwd rows");
+            let mut h = scratch::take(full * c);
+            product_into(&mut h[s1.clone()], &gu, w.wo, (ns, c, c), false, false)?;
+            if l == 0 {
+                bias_act(&mut h[s1.clone()], w.bo, None);
+            } else {
+                crate::simd::add_bias_rows(&mut h[s1.clone()], &hin[s1.clone()], w.bo);
+            }
+            grid.zero_pads(&mut h, b, c);
+            drop(p);
             if !self.keep {
                 acts.clear(); // only the newest layer is read again
             }
@@ -329,7 +343,7 @@ impl Stack {
         }
         let Some(top) = acts.last_mut() else { bail!("gated_stack: no layers") };
         let h = grid.unpad(&top.h[p0 * c..], b, c);
-        top.h = Vec::new(); // h_L is not read by the backward
+        scratch::give(std::mem::take(&mut top.h)); // h_L is not read by the backward
         Ok((h, acts))
     }
 
@@ -355,7 +369,7 @@ impl Stack {
         let mut dh = grid.pad(dy, b, c);
         // Buffers reused by every layer: the products and gates rewrite the span in full, so
         // the cells outside it stay the zeros they were made with.
-        let mut dgu = vec![0f32; ns * c];
+        let mut dgu = scratch::take(ns * c);
         let mut du = vec![0f32; full * 2 * c];
         let mut dv = vec![0f32; full * 2 * c];
         let mut dx = None;
@@ -416,6 +430,7 @@ impl Stack {
                 }
             }
         }
+        scratch::give(dgu);
         grads.reverse();
         Ok((dx, grads.concat()))
     }
@@ -592,6 +607,10 @@ mod tests {
             };
             let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().map_err(candle_core::Error::wrap)?;
             assert!(one.install(pass)? == pass()?, "results depend on the pool");
+            // Pooled buffers hold what the last step left there: filled with NaN, the same bits.
+            let before = pass()?;
+            scratch::fill_pooled(f32::NAN);
+            assert!(pass()? == before, "a pooled buffer was read before it was written");
         }
         Ok(())
     }

@@ -32,6 +32,7 @@ mod gemm;
 mod implicit;
 pub mod profile;
 mod running;
+mod scratch;
 mod simd;
 mod softmax;
 mod threads;

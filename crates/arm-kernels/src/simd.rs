@@ -52,3 +52,15 @@ pub fn add_rows(acc: &mut [f32], block: &[f32]) {
         acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
     }
 }
+
+/// Rows of y (row length = bias length) += x + b.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma+bmi1+bmi2+lzcnt+popcnt",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.1"
+))]
+pub fn add_bias_rows(y: &mut [f32], x: &[f32], bias: &[f32]) {
+    for (row, xrow) in y.chunks_mut(bias.len().max(1)).zip(x.chunks(bias.len().max(1))) {
+        row.iter_mut().zip(xrow).zip(bias).for_each(|((v, &x), &b)| *v += x + b);
+    }
+}
