@@ -300,11 +300,11 @@ impl Stack {
             // The products first, each into a pooled buffer that its first run overwrites; the
             // biases join the passes over the results. v enters u's product without b_v, which
             // reaches u as b_v W_vh in u's bias.
-            let (s1, s2) = (p0 * c..p1 * c, 0..ns * 2 * c);
+            let s1 = p0 * c..p1 * c;
             let p = crate::profile::scope("stack fwd conv");
-            let mut v = scratch::take(s2.len());
+            let mut v = scratch::take(ns * 2 * c);
             pv.forward_padded(vin, w.wv, (b, cin, 2 * c), &mut v, false, par)?;
-            let mut u = scratch::take(s2.len());
+            let mut u = scratch::take(ns * 2 * c);
             ph.forward_padded(hin, w.wh, (b, cin, 2 * c), &mut u, false, par)?;
             drop(p);
             let p = crate::profile::scope("stack fwd rows");
