@@ -29,6 +29,7 @@ EXPERIMENTS=(
     best_gated  # "The gated PixelCNN for longer, and distribution augmentation": the heads
     augment     # the same section: distribution augmentation
     augment_mixture  # the same section: the transform mixture
+    augment_long  # the same section: twice as long, the learning rate decayed half as fast
 )
 
 # --quick: every experiment gets these overrides (later --set wins over the file, its grid
