@@ -51,6 +51,12 @@ fn gate_rows(out: &mut [f32], a: &[f32], c: usize) {
     }
 }
 
+/// d/d[f | g] of tanh(f) sigmoid(g) from (tanh f, sigmoid g) and the output gradient.
+#[inline(always)]
+fn derivative((t, sg): (f32, f32), gr: f32) -> (f32, f32) {
+    (gr * sg * (1.0 - t * t), gr * t * sg * (1.0 - sg))
+}
+
 /// The gradient of [`gate_rows`] with respect to [f | g], given the output gradient.
 #[multiversion::multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma+bmi1+bmi2+lzcnt+popcnt",
@@ -65,9 +71,7 @@ fn gate_grad_rows(out: &mut [f32], a: &[f32], grad: &[f32], c: usize) {
         let (f, gt) = arow.split_at(c);
         // Zipped iterators (no index bounds checks), so the loop vectorises.
         for ((df, dg), ((&f, &gt), &gr)) in df.iter_mut().zip(dg.iter_mut()).zip(f.iter().zip(gt).zip(grow)) {
-            let (t, sg) = gate_parts::<FMA>(f, gt);
-            *df = gr * sg * (1.0 - t * t);
-            *dg = gr * t * sg * (1.0 - sg);
+            (*df, *dg) = derivative(gate_parts::<FMA>(f, gt), gr);
         }
     }
 }
@@ -106,8 +110,7 @@ fn grad_from_parts_rows(out: &mut [f32], parts: &[f32], grad: &[f32], c: usize) 
         let (df, dg) = orow.split_at_mut(c);
         let (t, sg) = prow.split_at(c);
         for ((df, dg), ((&t, &sg), &gr)) in df.iter_mut().zip(dg.iter_mut()).zip(t.iter().zip(sg).zip(grow)) {
-            *df = gr * sg * (1.0 - t * t);
-            *dg = gr * t * sg * (1.0 - sg);
+            (*df, *dg) = derivative((t, sg), gr);
         }
     }
 }
