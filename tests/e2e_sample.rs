@@ -322,3 +322,47 @@ fn a_mixture_run_evaluates_and_samples_the_transform_mixture() {
     assert!(png(&mix, "naive") == cached, "cached differs from naive");
     assert!(png(&id, "cached") != cached, "the mixture sampled the identity alone");
 }
+
+/// The report's mixture column: absent until a run of the group has a mixture figure; the
+/// identity-trained run's comes from `runner eval --augment-eval mixture` and equals the
+/// mixture-trained run's test NLL (same weights); training the run again removes the
+/// evaluation of the weights it replaces, and the column with it.
+#[test]
+fn report_shows_the_transform_mixture_beside_the_identity() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let id = train_fixture(&a, "tiny_augment.toml", &[]);
+    let mix = train_fixture(&b, "tiny_augment.toml", &["--set", "train.augment_eval=\"mixture\""]);
+    // The report's CSV as (header, first row).
+    let report = |results: &Path| {
+        let o = runner(results).args(["report", "--format", "csv", "--samples", "1"]).output().expect("report");
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = stdout(&o);
+        let mut lines = out.lines();
+        let split = |l: Option<&str>| l.expect("a line").split(',').map(String::from).collect::<Vec<_>>();
+        (split(lines.next()), split(lines.next()))
+    };
+    let column =
+        |(h, r): &(Vec<String>, Vec<String>), name: &str| h.iter().position(|c| c == name).map(|i| r[i].clone());
+    let before = report(&a);
+    assert_eq!(column(&before, "mixture test NLL"), None, "{before:?}");
+    let mix_nll = format!("{:.2}", status_value(&mix, "test_nll"));
+    assert_eq!(column(&report(&b), "mixture test NLL").as_deref(), Some(mix_nll.as_str()));
+
+    let o = runner(&a).arg("eval").arg(&id).args(["--augment-eval", "mixture"]).output().expect("run");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let after = report(&a);
+    assert_eq!(column(&after, "mixture test NLL").as_deref(), Some(mix_nll.as_str()), "{after:?}");
+    let identity = format!("{:.2}", status_value(&id, "test_nll"));
+    assert_eq!(
+        column(&after, "test NLL (nats)").as_deref(),
+        Some(identity.as_str()),
+        "the test NLL stays the identity's"
+    );
+    assert_ne!(identity, mix_nll);
+
+    let again = train_fixture(&a, "tiny_augment.toml", &[]);
+    assert_eq!(again, id);
+    assert!(!id.join("eval_test_mixture.parquet").exists(), "the evaluation of the replaced weights survived");
+    assert_eq!(column(&report(&a), "mixture test NLL"), None);
+}

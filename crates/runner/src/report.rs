@@ -200,7 +200,9 @@ pub fn report(results: &Path, dirs: &[PathBuf], device: &Device, opts: &Options)
             .unwrap_or_else(|| if exp_dirs.len() == 1 { exp_dirs[0].clone() } else { results.to_path_buf() });
     let multi = exp_dirs.len() > 1;
     let groups = groups(rows);
-    let table = nll_table(&groups, multi);
+    let mixtures: Vec<Vec<f64>> =
+        groups.iter().map(|g| g.finished().iter().filter_map(|r| mixture_test_nll(&exp_dirs, r)).collect()).collect();
+    let table = nll_table(&groups, &mixtures, multi);
     let problems = problem_lines(&groups);
     print_table(&table, &problems, opts.format);
 
@@ -251,10 +253,31 @@ fn groups(rows: Vec<Row>) -> Vec<Group> {
     groups
 }
 
+/// The test NLL of a run trained with `train.augment` as its transform mixture: its own test
+/// figure when it was trained with `augment_eval = "mixture"`, else the mean of the
+/// `eval_test_mixture.parquet` that `runner eval RUN --augment-eval mixture` wrote (training
+/// removes it when it replaces the weights).
+fn mixture_test_nll(exp_dirs: &[PathBuf], r: &Row) -> Option<f64> {
+    if r.config.train.augment.is_empty() {
+        return None;
+    }
+    if r.config.train.augment_eval == arm_train::AugmentEval::Mixture {
+        return r.status.test_nll;
+    }
+    let df = store::read_parquet(&results_run_dir(exp_dirs, r).join("eval_test_mixture.parquet")).ok()?;
+    let col = df.column("nll_nats").ok()?.f64().ok()?;
+    if col.is_empty() || col.null_count() > 0 {
+        return None;
+    }
+    let nll = col.into_no_null_iter().sum::<f64>() / col.len() as f64;
+    nll.is_finite().then_some(nll)
+}
+
 /// One row per group: seeds finished, NLLs (mean ± std, CI), parameters, epochs, sample
 /// quality; `*` marks the best NLL, `‡` a test loss that is not an NLL. `multi` adds the
-/// experiment column.
-fn nll_table(groups: &[Group], multi: bool) -> Table {
+/// experiment column; `mixtures[g]` (the finished runs' transform-mixture test NLLs) a column
+/// of their own when any group has them.
+fn nll_table(groups: &[Group], mixtures: &[Vec<f64>], multi: bool) -> Table {
     let best = groups.iter().position(|g| g.likelihood() && g.test_mean().is_finite());
     let mut header: Vec<String> = vec![" ".into()];
     if multi {
@@ -278,6 +301,10 @@ fn nll_table(groups: &[Group], multi: bool) -> Table {
         ]
         .map(String::from),
     );
+    let mixture_column = mixtures.iter().any(|m| !m.is_empty());
+    if mixture_column {
+        header.insert(header.len() - 9, "mixture test NLL".into());
+    }
     let mut table = Table { header, rows: vec![] };
     for (i, g) in groups.iter().enumerate() {
         let fin = g.finished();
@@ -311,6 +338,15 @@ fn nll_table(groups: &[Group], multi: bool) -> Table {
             row.push(g.experiment.clone());
         }
         row.extend([g.label.clone(), format!("{}/{}", fin.len(), g.runs.len()), test, ci, kind, elbo, kl, bpd, val, params, epochs, w1, mmd]);
+        if mixture_column {
+            let (m, _) = fmt_pm(&mixtures[i], 2);
+            let seeds = if mixtures[i].is_empty() || mixtures[i].len() == fin.len() {
+                String::new()
+            } else {
+                format!(" ({} of {})", mixtures[i].len(), fin.len())
+            };
+            row.insert(row.len() - 9, m + &seeds);
+        }
         table.rows.push(row);
     }
     table
@@ -334,7 +370,7 @@ fn problem_lines(groups: &[Group]) -> Vec<String> {
         .collect()
 }
 
-pub(crate) const FOOTNOTE: &str = "± is the sample std over seeds; CI is the 95% t-interval of the mean. NLL is: exact for an ARM; for a VAE an upper bound, minus its importance-weighted bound with that many samples (IW-S), beside minus its ELBO (test -ELBO; its validation NLL is minus the ELBO too) and the ELBO's KL term (near 0: the decoder ignores z). ‡ a head without a likelihood (quantile): its quantile loss, not nats, unranked. Sample W1 (per-pixel marginals, [0, 1] scale) and MMD² (Gaussian kernel) compare the samples drawn at the end of each run with up to the first 1000 test images; lower is closer.";
+pub(crate) const FOOTNOTE: &str = "± is the sample std over seeds; CI is the 95% t-interval of the mean. NLL is: exact for an ARM; for a VAE an upper bound, minus its importance-weighted bound with that many samples (IW-S), beside minus its ELBO (test -ELBO; its validation NLL is minus the ELBO too) and the ELBO's KL term (near 0: the decoder ignores z). ‡ a head without a likelihood (quantile): its quantile loss, not nats, unranked. Sample W1 (per-pixel marginals, [0, 1] scale) and MMD² (Gaussian kernel) compare the samples drawn at the end of each run with up to the first 1000 test images; lower is closer. Mixture test NLL (runs trained with train.augment): the transform mixture's, from `runner eval RUN --augment-eval mixture` (or the test NLL of runs trained with augment_eval = \"mixture\"); \"(k of n)\": only k of the n finished seeds have it.";
 
 fn print_table(table: &Table, problems: &[String], format: Format) {
     print!("{}", table.render(format));

@@ -349,6 +349,18 @@ pub fn execute(
     Ok(status)
 }
 
+/// Removes the per-image evaluations `runner eval` wrote into a run folder by default
+/// (`eval_*.parquet`): they describe the weights that new ones replace (a run trained again),
+/// and `runner report` reads them as the run's.
+fn remove_evaluations(dir: &Path) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with("eval_") && name.ends_with(".parquet") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Creates the run folder with its `config.toml` and a running status (returned).
 fn begin(cfg: &RunConfig, dir: &Path) -> Result<RunStatus> {
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create run folder", dir.display()))?;
@@ -477,6 +489,7 @@ fn record_outcome(
 ) -> Result<()> {
     match &outcome.status {
         Status::Finished { .. } => {
+            remove_evaluations(dir);
             save_weights(map, &dir.join("model.safetensors"))?;
             let (imgs, ..) = model.draw(cfg.sample.n, cfg.sample.seed, Sampler::Cached)?;
             let (shape, levels) = (model.shape(), model.levels());
