@@ -141,6 +141,14 @@ for name in "${selected[@]}"; do
     t0=$SECONDS
     "$runner" --results "$results" sweep "experiments/$name.toml" --jobs "$jobs" ${sets[@]+"${sets[@]}"} ||
         die "the sweep of experiments/$name.toml failed (exit $?)"
+    # Augmented runs evaluated at the identity: their transform mixture as well, which the
+    # report shows beside it ("mixture test NLL").
+    for run in "$results/$name"/runs/*/; do
+        [[ -f "$run/model.safetensors" && ! -f "$run/eval_test_mixture.parquet" ]] || continue
+        grep -q '^augment = \["' "$run/config.toml" && ! grep -q '^augment_eval = "mixture"' "$run/config.toml" || continue
+        "$runner" --results "$results" eval "$run" --augment-eval mixture ||
+            die "runner eval $run --augment-eval mixture failed (exit $?)"
+    done
     echo "($name: $((SECONDS - t0)) s)"
 done
 
