@@ -151,6 +151,7 @@ enum Command {
     /// Train every run of an experiment grid (x seeds); finished runs are skipped.
     Sweep {
         file: PathBuf,
+        /// Override a key in every run (after the grid and zips): --set train.ema=0.999.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
         /// Runs trained at the same time (the cores are split between them).
@@ -197,6 +198,7 @@ enum Command {
         cpus: usize,
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Override a key in every run, passed on to each task's sweep.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
     },
