@@ -31,6 +31,7 @@ EXPERIMENTS=(
     augment_mixture  # the same section: the transform mixture
     augment_long  # the same section: twice as long, the learning rate decayed half as fast
     augment_slow  # the same section: augment_long's learning-rate path stretched 5/3
+    augment_dropout  # the same section: augment_long with dropout 0.3 and 0.4
 )
 
 # --quick: every experiment gets these overrides (later --set wins over the file, its grid
