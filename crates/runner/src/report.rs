@@ -301,9 +301,10 @@ fn nll_table(groups: &[Group], mixtures: &[Vec<f64>], multi: bool) -> Table {
         ]
         .map(String::from),
     );
-    let mixture_column = mixtures.iter().any(|m| !m.is_empty());
-    if mixture_column {
-        header.insert(header.len() - 9, "mixture test NLL".into());
+    // The mixture's column goes beside the CI, before the last nine ("NLL is" .. MMD²).
+    let mixture_at = mixtures.iter().any(|m| !m.is_empty()).then(|| header.len() - 9);
+    if let Some(at) = mixture_at {
+        header.insert(at, "mixture test NLL".into());
     }
     let mut table = Table { header, rows: vec![] };
     for (i, g) in groups.iter().enumerate() {
@@ -338,14 +339,14 @@ fn nll_table(groups: &[Group], mixtures: &[Vec<f64>], multi: bool) -> Table {
             row.push(g.experiment.clone());
         }
         row.extend([g.label.clone(), format!("{}/{}", fin.len(), g.runs.len()), test, ci, kind, elbo, kl, bpd, val, params, epochs, w1, mmd]);
-        if mixture_column {
+        if let Some(at) = mixture_at {
             let (m, _) = fmt_pm(&mixtures[i], 2);
             let seeds = if mixtures[i].is_empty() || mixtures[i].len() == fin.len() {
                 String::new()
             } else {
                 format!(" ({} of {})", mixtures[i].len(), fin.len())
             };
-            row.insert(row.len() - 9, m + &seeds);
+            row.insert(at, m + &seeds);
         }
         table.rows.push(row);
     }
