@@ -34,6 +34,7 @@ EXPERIMENTS=(
     augment_dropout  # the same section: augment_long with dropout 0.3 and 0.4
     augment_dropout_long  # the same section: dropout 0.3 for up to 1200 epochs
     augment_deep  # the same section: dropout 0.3 with 7 gated layers
+    augment_deep6  # the same section: the same with 6 gated layers
 )
 
 # --quick: every experiment gets these overrides (later --set wins over the file, its grid
