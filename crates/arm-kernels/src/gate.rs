@@ -193,6 +193,30 @@ pub(crate) fn bias_gate_into(out: &mut [f32], a: &mut [f32], bias: &[f32], c: us
         .for_each(|(o, ai)| bias_gate_rows(o, ai, bias, c, parts));
 }
 
+/// tanh(f) sigmoid(g) from rows [tanh f | sigmoid g] (as [`bias_gate_rows`] leaves them): the
+/// same product, so the same bits as the gate it made.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma+bmi1+bmi2+lzcnt+popcnt",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.1"
+))]
+fn gate_from_parts_rows(out: &mut [f32], parts: &[f32], c: usize) {
+    for (orow, prow) in out.chunks_mut(c.max(1)).zip(parts.chunks(2 * c.max(1))) {
+        let (t, sg) = prow.split_at(c);
+        for (y, (&t, &sg)) in orow.iter_mut().zip(t.iter().zip(sg)) {
+            *y = t * sg;
+        }
+    }
+}
+
+/// [`gate_from_parts_rows`] over rows of 2C parts into rows of C.
+pub(crate) fn gate_from_parts_into(out: &mut [f32], parts: &[f32], c: usize) {
+    let rows_per_chunk = (CHUNK / (2 * c).max(1)).max(1);
+    out.par_chunks_mut(rows_per_chunk * c.max(1))
+        .zip(parts.par_chunks(rows_per_chunk * 2 * c.max(1)))
+        .for_each(|(o, p)| gate_from_parts_rows(o, p, c));
+}
+
 /// [`gate_grad_into`] from the parts [tanh f | sigmoid g] instead of a: the same values.
 pub(crate) fn gate_grad_from_parts_into(out: &mut [f32], parts: &[f32], g: &[f32], c: usize) {
     let rows_per_chunk = (CHUNK / (2 * c).max(1)).max(1);

@@ -23,13 +23,14 @@
 //! takes through every layer (no product split between threads; a part's activations stay in
 //! that core's cache). The parts' weight gradients are summed in part order.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::dense::{bias_act, column_sums};
-use crate::gate::{bias_gate_into, gate_grad_from_parts_into, gate_grad_into};
+use crate::gate::{bias_gate_into, gate_from_parts_into, gate_grad_from_parts_into, gate_grad_into};
 use crate::gemm::{f32s, gemm_into, parallelism, weight_grad_sums, with_slices, View};
 use crate::implicit::Padded;
 use crate::scratch;
@@ -106,21 +107,20 @@ fn stack_op(x: &Tensor, layers: &[GatedLayer], plans: Vec<Padded>, relu: bool) -
 
 /// A layer's activations, kept by the forward for the backward. Padded layout ([`Padded`],
 /// the one all layers share): v_l and [tanh | sigmoid] of u_l's halves (2C per cell; the
-/// backward needs u_l only through them) and gate(u_l) over the span of the products;
-/// gate(v_l) and h_l (C per cell), the next layer's inputs, as whole padded buffers with
-/// zeros at pads.
+/// backward needs u_l only through them, and remakes gate(u_l) from them with one multiply
+/// rather than reading a kept copy back from memory) over the span of the products; gate(v_l)
+/// and h_l (C per cell), the next layer's inputs, as whole padded buffers with zeros at pads.
 #[derive(Debug, Default)]
 struct Acts {
     v: Vec<f32>,
     gv: Vec<f32>,
     u: Vec<f32>,
-    gu: Vec<f32>,
     h: Vec<f32>,
 }
 
 impl Drop for Acts {
     fn drop(&mut self) {
-        for buf in [&mut self.v, &mut self.gv, &mut self.u, &mut self.gu, &mut self.h] {
+        for buf in [&mut self.v, &mut self.gv, &mut self.u, &mut self.h] {
             scratch::give(std::mem::take(buf));
         }
     }
@@ -162,12 +162,23 @@ struct Weights<'a> {
 
 /// f(0), ..., f(n - 1): on one-thread pools side by side, or here in turn when this code
 /// already runs on a pool of one thread (a sweep's job). The same results either way.
+/// Each lane takes the next part not yet taken rather than a fixed share, so that a lane
+/// slowed by another process does not leave the others waiting at the end.
 fn each_part<R: Send>(n: usize, f: impl Fn(usize) -> R + Sync) -> Vec<R> {
     if crate::threads::single() {
-        (0..n).map(f).collect()
-    } else {
-        crate::on_own_threads(n, f)
+        return (0..n).map(f).collect();
     }
+    let next = AtomicUsize::new(0);
+    let lanes = crate::own_threads().min(n);
+    let mut done: Vec<(usize, R)> = crate::on_own_threads(lanes, |_| {
+        let taken = std::iter::from_fn(|| Some(next.fetch_add(1, Ordering::Relaxed)).filter(|&i| i < n));
+        taken.map(|i| (i, f(i))).collect::<Vec<_>>()
+    })
+    .into_iter()
+    .flatten()
+    .collect();
+    done.sort_by_key(|&(i, _)| i);
+    done.into_iter().map(|(_, r)| r).collect()
 }
 
 fn poisoned<T>(_: T) -> candle_core::Error {
@@ -241,15 +252,11 @@ impl Stack {
             let xi = &x[i * per..((i + 1) * per).min(x.len())];
             self.forward_part(xi, (xi.len() / (per / PART_IMAGES), cx), &weights)
         });
-        let mut h = Vec::with_capacity(b * self.plans[0].0.cells() * self.c);
-        let mut saved = Saved::default();
-        for part in parts {
-            let (hi, acts) = part?;
-            h.extend(hi);
-            if self.keep {
-                saved.parts.push(acts);
-            }
-        }
+        let parts = parts.into_iter().collect::<Result<Vec<_>>>()?;
+        // The parts' outputs side by side, copied in parallel (one thread would take ~1 ms).
+        let mut h = vec![0f32; b * self.plans[0].0.cells() * self.c];
+        h.par_chunks_mut(per / cx.max(1) * self.c).zip(&parts).for_each(|(d, (hi, _))| d.copy_from_slice(hi));
+        let saved = Saved { parts: if self.keep { parts.into_iter().map(|(_, a)| a).collect() } else { Vec::new() } };
         Ok((h, saved))
     }
 
@@ -265,32 +272,55 @@ impl Stack {
         want_dx: bool,
     ) -> Result<(Option<Vec<f32>>, Vec<f32>)> {
         let weights = self.split(flat, cx)?;
+        // The convolutions' weights as their input gradients read them, made once for all parts
+        // (none for the first layer when dx is not wanted).
+        let reversed: Vec<(Vec<f32>, Vec<f32>)> = (weights.iter().zip(self.plans.iter()).enumerate())
+            .map(|(l, (w, (pv, ph)))| match (l, want_dx) {
+                (0, false) => (Vec::new(), Vec::new()),
+                _ => {
+                    let cin = if l == 0 { cx } else { self.c };
+                    (pv.reversed_transposed(w.wv, cin, 2 * self.c), ph.reversed_transposed(w.wh, cin, 2 * self.c))
+                }
+            })
+            .collect();
         let (px, py) = (PART_IMAGES * x.len() / b.max(1), PART_IMAGES * dy.len() / b.max(1));
         let parts = each_part(b.div_ceil(PART_IMAGES), |i| {
             let xi = &x[i * px..((i + 1) * px).min(x.len())];
             let dyi = &dy[i * py..((i + 1) * py).min(dy.len())];
-            self.backward_part(xi, (xi.len() / (px / PART_IMAGES), cx), &weights, dyi, &saved.parts[i], want_dx)
+            let n = xi.len() / (px / PART_IMAGES);
+            self.backward_part(xi, (n, cx), (&weights, &reversed), dyi, &saved.parts[i], want_dx)
         });
         let mut dx = want_dx.then(|| Vec::with_capacity(x.len()));
-        let mut dw = vec![0f32; flat.len()];
+        let mut dws = Vec::with_capacity(parts.len());
         for part in parts {
             let (dxi, dwi) = part?;
             if let (Some(dx), Some(dxi)) = (dx.as_mut(), dxi) {
                 dx.extend(dxi);
             }
-            crate::simd::add_assign(&mut dw, &dwi);
+            dws.push(dwi);
         }
+        // Each value is the sum of the parts' in part order, whichever thread adds which chunk.
+        let _p = crate::profile::scope("stack bwd sum parts");
+        const CHUNK: usize = 1 << 12;
+        let mut dw = vec![0f32; flat.len()];
+        dw.par_chunks_mut(CHUNK).enumerate().for_each(|(k, d)| {
+            for dwi in &dws {
+                crate::simd::add_assign(d, &dwi[k * CHUNK..k * CHUNK + d.len()]);
+            }
+        });
         Ok((dx, dw))
     }
 
     /// The stack over b images.
     fn forward_part(&self, x: &[f32], (b, cx): (usize, usize), weights: &[Weights]) -> Result<(Vec<f32>, Vec<Acts>)> {
         let (c, par) = (self.c, parallelism());
+        let _part = crate::profile::scope("stack fwd part");
         let grid = &self.plans[0].0;
         let (p0, p1) = grid.span(b);
         let (ns, full) = (p1 - p0, grid.len(b));
         let xp = grid.pad(x, b, cx);
         let mut acts: Vec<Acts> = Vec::with_capacity(weights.len());
+        let mut gu = scratch::take(ns * c); // gate(u_l), read only by the layer's own product
         for (l, (w, (pv, ph))) in weights.iter().zip(self.plans.iter()).enumerate() {
             let cin = if l == 0 { cx } else { c };
             let (vin, hin) = match acts.last() {
@@ -314,7 +344,6 @@ impl Stack {
             let bu: Vec<f32> = (0..2 * c)
                 .map(|j| w.bh[j] + w.bvh[j] + (0..2 * c).map(|i| w.bv[i] * w.wvh[i * 2 * c + j]).sum::<f32>())
                 .collect();
-            let mut gu = scratch::take(ns * c);
             bias_gate_into(&mut gu, &mut u, &bu, c, self.keep);
             let mut gv = Vec::new();
             if l + 1 < weights.len() {
@@ -339,11 +368,12 @@ impl Stack {
             if !self.keep {
                 acts.clear(); // only the newest layer is read again
             }
-            acts.push(Acts { v, gv, u, gu, h });
+            acts.push(Acts { v, gv, u, h });
         }
         let Some(top) = acts.last_mut() else { bail!("gated_stack: no layers") };
         let h = grid.unpad(&top.h[p0 * c..], b, c);
         scratch::give(std::mem::take(&mut top.h)); // h_L is not read by the backward
+        scratch::give(gu);
         Ok((h, acts))
     }
 
@@ -352,12 +382,13 @@ impl Stack {
         &self,
         x: &[f32],
         (b, cx): (usize, usize),
-        weights: &[Weights],
+        (weights, reversed): (&[Weights], &[(Vec<f32>, Vec<f32>)]),
         dy: &[f32],
         saved: &[Acts],
         want_dx: bool,
     ) -> Result<(Option<Vec<f32>>, Vec<f32>)> {
         let (c, par) = (self.c, parallelism());
+        let _part = crate::profile::scope("stack bwd part");
         let grid = &self.plans[0].0;
         let (p0, p1) = grid.span(b);
         let (ns, full) = (p1 - p0, grid.len(b));
@@ -368,10 +399,13 @@ impl Stack {
         // the span see only the cells of the images.
         let mut dh = grid.pad(dy, b, c);
         // Buffers reused by every layer: the products and gates rewrite the span in full, so
-        // the cells outside it stay the zeros they were made with.
-        let mut dgu = scratch::take(ns * c);
-        let mut du = vec![0f32; full * 2 * c];
-        let mut dv = vec![0f32; full * 2 * c];
+        // the cells outside it stay the zeros written here.
+        let (mut gu, mut dgu) = (scratch::take(ns * c), scratch::take(ns * c));
+        let (mut du, mut dv) = (scratch::take(full * 2 * c), scratch::take(full * 2 * c));
+        for buf in [&mut du, &mut dv] {
+            buf[..s2.start].fill(0.0);
+            buf[s2.end..].fill(0.0);
+        }
         let mut dx = None;
         let missing = || candle_core::Error::Msg("gated_stack: a gradient was not computed".into());
         for (l, (w, (pv, ph))) in weights.iter().zip(self.plans.iter()).enumerate().rev() {
@@ -383,7 +417,8 @@ impl Stack {
             };
             // h = [h_{l-1}] + gate(u) W_o + b_o.
             let p = crate::profile::scope("stack bwd rows");
-            let dwo = weight_grad_sums(&dh[s1.clone()], c, View::new(&a.gu, 0, c, 1), c, ns, false)?;
+            gate_from_parts_into(&mut gu, &a.u, c);
+            let dwo = weight_grad_sums(&dh[s1.clone()], c, View::new(&gu, 0, c, 1), c, ns, false)?;
             let dbo = column_sums(&dh[s1.clone()], c);
             product_into(&mut dgu, &dh[s1.clone()], w.wo, (ns, c, c), true, false)?;
             drop(p);
@@ -400,10 +435,11 @@ impl Stack {
             drop(p);
             let inputs = l > 0 || want_dx;
             let p = crate::profile::scope("stack bwd conv");
-            let (dhin, dwh) = ph.backward_padded(hin, w.wh, &du, (b, cin, 2 * c), (inputs, true), false, par)?;
+            let (wrv, wrh) = &reversed[l];
+            let (dhin, dwh) = ph.backward_padded(hin, wrh, &du, (b, cin, 2 * c), (inputs, true), false, par)?;
             // v = W_v * g_{l-1} + b_v.
             let dbv = column_sums(&dv[s2.clone()], 2 * c);
-            let (dvin, dwv) = pv.backward_padded(vin, w.wv, &dv, (b, cin, 2 * c), (inputs, true), false, par)?;
+            let (dvin, dwv) = pv.backward_padded(vin, wrv, &dv, (b, cin, 2 * c), (inputs, true), false, par)?;
             drop(p);
             let mut g = dwv.ok_or_else(missing)?;
             g.extend(dbv);
@@ -430,7 +466,9 @@ impl Stack {
                 }
             }
         }
-        scratch::give(dgu);
+        for buf in [gu, dgu, du, dv] {
+            scratch::give(buf);
+        }
         grads.reverse();
         Ok((dx, grads.concat()))
     }

@@ -153,16 +153,19 @@ pub(crate) fn weight_grad(dy: &[f32], n: usize, cols: View, k: usize, rows: usiz
 
 /// [`weight_grad`], with the long sums split into blocks (`split`) or in one product on this
 /// thread: for callers whose own parts are fixed (`gated_stack`), whose sums then do not
-/// depend on the thread count either.
+/// depend on the thread count either. Unsplit, dW = cols^T dy is one product straight into
+/// W's layout: for the gated stack's small products the transpose and its buffer cost more
+/// than the operands' layout saves (PERF.md, "On an AVX-512 host").
 pub(crate) fn weight_grad_sums(dy: &[f32], n: usize, cols: View, k: usize, rows: usize, split: bool) -> Result<Vec<f32>> {
     let _p = crate::profile::scope("weight grad");
-    let mut dwt = vec![0f32; n * k];
-    let dyt = View::new(dy, 0, 1, n);
-    if split {
-        gemm_long_k(&mut dwt, (n, k, rows), &[(0, dyt, cols)])?;
-    } else {
-        gemm_into(&mut dwt, 0, k, (n, k, rows), dyt, cols, false, Parallelism::None)?;
+    if !split {
+        let mut dw = vec![0f32; k * n];
+        let cols_t = View::new(cols.data, cols.off, cols.cs, cols.rs);
+        gemm_into(&mut dw, 0, n, (k, n, rows), cols_t, View::new(dy, 0, n, 1), false, Parallelism::None)?;
+        return Ok(dw);
     }
+    let mut dwt = vec![0f32; n * k];
+    gemm_long_k(&mut dwt, (n, k, rows), &[(0, View::new(dy, 0, 1, n), cols)])?;
     let mut dw = vec![0f32; k * n];
     dw.par_chunks_mut(n.max(1)).enumerate().for_each(|(i, row)| {
         for (o, v) in row.iter_mut().enumerate() {
@@ -259,6 +262,15 @@ mod tests {
         let rows: Vec<f32> = (0..m).flat_map(|i| dst[3 + i * (n + 4)..3 + i * (n + 4) + n].to_vec()).collect();
         let twice: Vec<f64> = want.iter().map(|w| 2.0 * w).collect();
         assert!(close(&rows, &twice), "gemm_into");
+        // dW = cols^T dy (k x n, W's layout) for overlapping rows of cols, both routes.
+        let (cells, kw, nw) = (301, 12, 7);
+        let cols = View::new(&a, 3, 4, 1); // rows overlap: stride 4 < kw
+        let dy = vals(cells * nw, 3);
+        let want_dw = naive(kw, nw, cells, View::new(&a, 3, 1, 4), View::new(&dy, 0, nw, 1));
+        for split in [true, false] {
+            let dw = weight_grad_sums(&dy, nw, cols, kw, cells, split)?;
+            assert!(close(&dw, &want_dw), "weight_grad_sums, split {split}");
+        }
         // A view reaching past the slice is an error, not a read out of bounds.
         let short = View::new(&b, 6, n, 1);
         assert!(gemm_into(&mut long, 0, n, (m, n, k), lhs_t, short, false, Parallelism::None).is_err());

@@ -192,19 +192,22 @@ impl Padded {
         }
         let dyp = self.pad(dy, b, cout);
         let xp = if want_dw { self.pad(x, b, cin) } else { Vec::new() };
-        let (dxp, dw) = self.backward_padded(&xp, w, &dyp, (b, cin, cout), (want_dx, want_dw), true, par)?;
+        let wr = if want_dx { self.reversed_transposed(w, cin, cout) } else { Vec::new() };
+        let (dxp, dw) = self.backward_padded(&xp, &wr, &dyp, (b, cin, cout), (want_dx, want_dw), true, par)?;
         let p0 = self.span(b).0;
         Ok((dxp.map(|d| self.unpad(&d[p0 * cin..], b, cin)), dw))
     }
 
     /// (dx, dW) of conv(x) on padded buffers: x and dy with zeros at pads; dx is a padded buffer
     /// whose pads hold what the products left there ([`Padded::zero_pads`] clears them). b > 0.
+    /// `wr`: W as [`Padded::reversed_transposed`] lays it out (made once by a caller that
+    /// runs many parts with the same weights; read only for dx).
     /// `split`: the weight gradients' sums as [`weight_grad_sums`] takes them.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn backward_padded(
         &self,
         xp: &[f32],
-        w: &[f32],
+        wr: &[f32],
         dyp: &[f32],
         (b, cin, cout): (usize, usize, usize),
         (want_dx, want_dw): (bool, bool),
@@ -226,12 +229,11 @@ impl Padded {
         let dx = if want_dx {
             // Run taps t..t+len read cells q + off + j; so cell q of dx gathers dy at
             // q - off - j: the view starting at q - off - (len - 1) meets the taps reversed.
-            let wr = self.reversed_transposed(w, cin, cout);
             let mut dxp = vec![0f32; self.len(b) * cin];
             for (i, &(t, len, off)) in self.runs.iter().enumerate() {
                 let start = p0 as isize - off - (len as isize - 1);
                 let lhs = View::new(dyp, start as usize * cout, cout, 1);
-                let rhs = View::new(&wr, t * cout * cin, cin, 1);
+                let rhs = View::new(wr, t * cout * cin, cin, 1);
                 gemm_into(&mut dxp, p0 * cin, cin, (p1 - p0, cin, len * cout), lhs, rhs, i > 0, par)?;
             }
             Some(dxp)
@@ -275,7 +277,7 @@ impl Padded {
 
     /// Per run, the blocks W_t^T (C_out x C_in) of its taps in reversed order, run after run:
     /// block i of the run starting at tap t is W_{t + len - 1 - i}^T.
-    fn reversed_transposed(&self, w: &[f32], cin: usize, cout: usize) -> Vec<f32> {
+    pub(crate) fn reversed_transposed(&self, w: &[f32], cin: usize, cout: usize) -> Vec<f32> {
         let mut out = vec![0f32; self.taps * cout * cin];
         for &(t, len, _) in &self.runs {
             for i in 0..len {

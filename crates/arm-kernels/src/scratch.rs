@@ -7,24 +7,25 @@
 //! again. A caller must write every value it later reads (the gated stack's tests run it on
 //! buffers filled with NaN).
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 /// Values the pool holds at most (1 GiB of f32; a step of the 28x28 gated network at batch 64
 /// uses about 300 MB): past that, handed-back buffers are freed.
 const MAX_POOLED: usize = 1 << 28;
 
+/// Buffers by length: a step hands back a few thousand, so `take` must not scan them all.
 struct Pool {
-    bufs: Vec<Vec<f32>>,
+    bufs: BTreeMap<usize, Vec<Vec<f32>>>,
     held: usize,
 }
 
-static POOL: Mutex<Pool> = Mutex::new(Pool { bufs: Vec::new(), held: 0 });
+static POOL: Mutex<Pool> = Mutex::new(Pool { bufs: BTreeMap::new(), held: 0 });
 
 /// A buffer of `len` values whose contents are unspecified (a pooled one, or zeros).
 pub(crate) fn take(len: usize) -> Vec<f32> {
     if let Ok(mut pool) = POOL.lock() {
-        if let Some(i) = pool.bufs.iter().rposition(|b| b.len() == len) {
-            let buf = pool.bufs.swap_remove(i);
+        if let Some(buf) = pool.bufs.get_mut(&len).and_then(Vec::pop) {
             pool.held -= len;
             return buf;
         }
@@ -40,7 +41,7 @@ pub(crate) fn give(buf: Vec<f32>) {
     if let Ok(mut pool) = POOL.lock() {
         if pool.held + buf.len() <= MAX_POOLED {
             pool.held += buf.len();
-            pool.bufs.push(buf);
+            pool.bufs.entry(buf.len()).or_default().push(buf);
         }
     }
 }
@@ -49,7 +50,7 @@ pub(crate) fn give(buf: Vec<f32>) {
 #[cfg(test)]
 pub(crate) fn fill_pooled(value: f32) {
     if let Ok(mut pool) = POOL.lock() {
-        pool.bufs.iter_mut().for_each(|b| b.fill(value));
+        pool.bufs.values_mut().flatten().for_each(|b| b.fill(value));
     }
 }
 
