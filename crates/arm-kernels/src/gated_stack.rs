@@ -255,7 +255,13 @@ impl Stack {
         let parts = parts.into_iter().collect::<Result<Vec<_>>>()?;
         // The parts' outputs side by side, copied in parallel (one thread would take ~1 ms).
         let mut h = vec![0f32; b * self.plans[0].0.cells() * self.c];
-        h.par_chunks_mut(per / cx.max(1) * self.c).zip(&parts).for_each(|(d, (hi, _))| d.copy_from_slice(hi));
+        h.par_chunks_mut(per / cx.max(1) * self.c).zip(&parts).for_each(|(d, (hi, _))| {
+            if self.relu {
+                d.iter_mut().zip(hi).for_each(|(d, v)| *d = v.max(0.0));
+            } else {
+                d.copy_from_slice(hi);
+            }
+        });
         let saved = Saved { parts: if self.keep { parts.into_iter().map(|(_, a)| a).collect() } else { Vec::new() } };
         Ok((h, saved))
     }
@@ -267,11 +273,14 @@ impl Stack {
         x: &[f32],
         (b, cx): (usize, usize),
         flat: &[f32],
-        dy: &[f32],
+        (dy, out): (&[f32], Option<&[f32]>),
         saved: &Saved,
         want_dx: bool,
     ) -> Result<(Option<Vec<f32>>, Vec<f32>)> {
         let weights = self.split(flat, cx)?;
+        if out.is_some_and(|o| o.len() != dy.len()) {
+            bail!("gated_stack: {} output gradients for {} outputs", dy.len(), out.map_or(0, <[f32]>::len));
+        }
         // The convolutions' weights as their input gradients read them, made once for all parts
         // (none for the first layer when dx is not wanted).
         let reversed: Vec<(Vec<f32>, Vec<f32>)> = (weights.iter().zip(self.plans.iter()).enumerate())
@@ -286,9 +295,10 @@ impl Stack {
         let (px, py) = (PART_IMAGES * x.len() / b.max(1), PART_IMAGES * dy.len() / b.max(1));
         let parts = each_part(b.div_ceil(PART_IMAGES), |i| {
             let xi = &x[i * px..((i + 1) * px).min(x.len())];
-            let dyi = &dy[i * py..((i + 1) * py).min(dy.len())];
+            let part = i * py..((i + 1) * py).min(dy.len());
+            let (dyi, outi) = (&dy[part.clone()], out.map(|o| &o[part]));
             let n = xi.len() / (px / PART_IMAGES);
-            self.backward_part(xi, (n, cx), (&weights, &reversed), dyi, &saved.parts[i], want_dx)
+            self.backward_part(xi, (n, cx), (&weights, &reversed), (dyi, outi), &saved.parts[i], want_dx)
         });
         let mut dx = want_dx.then(|| Vec::with_capacity(x.len()));
         let mut dws = Vec::with_capacity(parts.len());
@@ -383,7 +393,7 @@ impl Stack {
         x: &[f32],
         (b, cx): (usize, usize),
         (weights, reversed): (&[Weights], &[(Vec<f32>, Vec<f32>)]),
-        dy: &[f32],
+        (dy, out): (&[f32], Option<&[f32]>),
         saved: &[Acts],
         want_dx: bool,
     ) -> Result<(Option<Vec<f32>>, Vec<f32>)> {
@@ -397,7 +407,16 @@ impl Stack {
         let mut grads: Vec<Vec<f32>> = Vec::with_capacity(weights.len());
         // Gradients in the padded layout with zeros at pads, so that the products' sums over
         // the span see only the cells of the images.
-        let mut dh = grid.pad(dy, b, c);
+        let mut dh = match out {
+            Some(y) => {
+                let mut g = scratch::take(dy.len());
+                crate::simd::leaky_grad(&mut g, dy, y, 0.0);
+                let dh = grid.pad(&g, b, c);
+                scratch::give(g);
+                dh
+            }
+            None => grid.pad(dy, b, c),
+        };
         // Buffers reused by every layer: the products and gates rewrite the span in full, so
         // the cells outside it stay the zeros written here.
         let (mut gu, mut dgu) = (scratch::take(ns * c), scratch::take(ns * c));
@@ -486,11 +505,8 @@ impl CustomOp2 for Stack {
         if n != grid.cells() {
             bail!("gated_stack: input {:?}, built for {} cells", lx.shape(), grid.cells());
         }
-        let (mut h, saved) =
+        let (h, saved) =
             self.forward(f32s(sx, lx, "gated_stack: x")?, (b, cx), f32s(sw, lw, "gated_stack: weights")?)?;
-        if self.relu {
-            h.par_chunks_mut(1 << 14).for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0)));
-        }
         if self.keep {
             *self.saved.lock().map_err(poisoned)? = saved;
         }
@@ -504,10 +520,10 @@ impl CustomOp2 for Stack {
         if saved.parts.len() != b.div_ceil(PART_IMAGES) || saved.parts.iter().any(|p| p.len() != self.plans.len()) {
             bail!("gated_stack: the forward's activations were not kept for the backward");
         }
-        // Through the ReLU: its output is positive exactly where h_L is.
-        let dy = if self.relu { dy.apply_op2_no_bwd(res, &crate::dense::LeakyGrad(0.0))? } else { dy.clone() };
-        let (dx, dw) = with_slices(&[x, w, &dy], "gated_stack", |s| {
-            self.backward(s[0], (b, cx), s[1], s[2], &saved, x.track_op())
+        let (dx, dw) = with_slices(&[x, w, dy, res], "gated_stack", |s| {
+            // Through the ReLU (in each part): its output is positive exactly where h_L is.
+            let out = self.relu.then_some(s[3]);
+            self.backward(s[0], (b, cx), s[1], (s[2], out), &saved, x.track_op())
         })?;
         let dev = x.device();
         Ok((dx.map(|d| Tensor::from_vec(d, x.shape(), dev)).transpose()?, Some(Tensor::from_vec(dw, w.shape(), dev)?)))
