@@ -254,8 +254,9 @@ impl Stack {
         });
         let parts = parts.into_iter().collect::<Result<Vec<_>>>()?;
         // The parts' outputs side by side, copied in parallel (one thread would take ~1 ms).
-        let mut h = vec![0f32; b * self.plans[0].0.cells() * self.c];
-        h.par_chunks_mut(per / cx.max(1) * self.c).zip(&parts).for_each(|(d, (hi, _))| {
+        let out_per_image = self.plans[0].0.cells() * self.c;
+        let mut h = vec![0f32; b * out_per_image];
+        h.par_chunks_mut(PART_IMAGES * out_per_image).zip(&parts).for_each(|(d, (hi, _))| {
             if self.relu {
                 d.iter_mut().zip(hi).for_each(|(d, v)| *d = v.max(0.0));
             } else {
